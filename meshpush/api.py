@@ -1,0 +1,222 @@
+"""The HTTP API of a node (Starlette app served by hypercorn's trio worker).
+
+``POST /v1/publish``, ``POST /v1/broadcast`` (API key), ``GET /v1/route``, ``GET /v1/nodes``,
+``GET /metrics``, ``GET /healthz``, ``GET /readyz``. Errors are JSON
+``{"error": code, "detail": text}``; every code is listed in docs/protocol.md. Bodies are read
+with a size limit (413) and validated strictly (400 names the field); nothing is stored unless
+the whole request is valid.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .auth import AuthError, bearer, check_api_key
+from .bus import Bus, StoreUnavailable
+from .encoding import BadId, check_id
+from .metrics import Metrics
+from .ring import slot
+from .router import Router
+from .settings import Settings
+
+MAX_MSG_ID = 256
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+def _error(status: int, code: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """Read at most ``limit`` bytes of body and parse a JSON object, or raise ApiError."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise ApiError(413, "too_large", f"body larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "too_large", f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "bad_json", "body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_body", "body must be a JSON object")
+    return body
+
+
+def check_fields(body: dict[str, Any], required: set[str], optional: set[str]) -> None:
+    unknown = set(body) - required - optional
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
+    missing = required - set(body)
+    if missing:
+        raise ApiError(400, "missing_field", f"missing field(s): {', '.join(sorted(missing))}")
+
+
+def message_id(body: dict[str, Any]) -> str:
+    given = body.get("id")
+    if given is None:
+        return uuid.uuid4().hex
+    if not isinstance(given, str) or not 1 <= len(given.encode()) <= MAX_MSG_ID:
+        raise ApiError(400, "bad_id", f"id must be a string of 1..{MAX_MSG_ID} bytes")
+    return given
+
+
+def data_json(body: dict[str, Any]) -> str:
+    return json.dumps(body["data"], ensure_ascii=False, separators=(",", ":"))
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Api:
+    """Routes and handlers; the node's services are passed in, nothing is global."""
+
+    def __init__(self, settings: Settings, router: Router, bus: Bus, metrics: Metrics) -> None:
+        self.settings = settings
+        self.router = router
+        self.bus = bus
+        self.metrics = metrics
+        self.port = settings.http_port
+        routes = [
+            Route("/v1/publish", self._guard(self.publish, write=True), methods=["POST"]),
+            Route("/v1/broadcast", self._guard(self.broadcast, write=True), methods=["POST"]),
+            Route("/v1/route", self._guard(self.route), methods=["GET"]),
+            Route("/v1/nodes", self._guard(self.nodes), methods=["GET"]),
+            Route("/metrics", self.metrics_page, methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+        ]
+        self.app = Starlette(routes=routes)
+
+    def _guard(self, handler: Handler, write: bool = False) -> Handler:
+        async def guarded(request: Request) -> Response:
+            try:
+                if write:
+                    self._authorize(request)
+                return await handler(request)
+            except ApiError as exc:
+                self.metrics.publish_errors.labels(reason=exc.code).inc()
+                return _error(exc.status, exc.code, exc.detail)
+
+        return guarded
+
+    def _authorize(self, request: Request) -> None:
+        try:
+            check_api_key(self.settings.api_keys, bearer(request.headers.get("authorization")))
+        except AuthError as exc:
+            raise ApiError(401, exc.reason, exc.detail) from None
+
+    # ------------------------------------------------------------ handlers
+
+    async def publish(self, request: Request) -> Response:
+        body = await read_json(request, self.settings.max_body_bytes)
+        check_fields(body, {"user", "data"}, {"id"})
+        try:
+            user = check_id(body["user"], "user")
+        except BadId as exc:
+            raise ApiError(400, "bad_user", str(exc)) from None
+        msg_id, payload = message_id(body), data_json(body)
+        stored = await self._store(lambda: self.bus.store_user(user, msg_id, payload), "user")
+        return JSONResponse(
+            {"seq": stored.seq, "duplicate": stored.duplicate, "id": msg_id}, status_code=202
+        )
+
+    async def broadcast(self, request: Request) -> Response:
+        body = await read_json(request, self.settings.max_body_bytes)
+        check_fields(body, {"data"}, {"id"})
+        msg_id, payload = message_id(body), data_json(body)
+        stored = await self._store(lambda: self.bus.store_broadcast(msg_id, payload), "broadcast")
+        return JSONResponse(
+            {"seq": stored.seq, "duplicate": stored.duplicate, "id": msg_id}, status_code=202
+        )
+
+    async def _store(self, op: Callable[[], Awaitable[Any]], ch: str) -> Any:
+        started = time.perf_counter()
+        try:
+            stored = await op()
+        except StoreUnavailable as exc:
+            raise ApiError(503, "store_unavailable", str(exc)) from None
+        self.metrics.publish_latency.observe(time.perf_counter() - started)
+        if not stored.duplicate:
+            self.metrics.published.labels(ch=ch).inc()
+        return stored
+
+    async def route(self, request: Request) -> Response:
+        try:
+            user = check_id(request.query_params.get("user"), "user")
+        except BadId as exc:
+            raise ApiError(400, "bad_user", str(exc)) from None
+        info = self.router.owner_info(user)
+        if info is None:
+            raise ApiError(503, "no_ring", "this node does not know the ring yet")
+        return JSONResponse({"node": info.id, "ws_url": info.ws_url, "slot": slot(user)})
+
+    async def nodes(self, request: Request) -> Response:
+        r = self.router
+        nodes = [
+            {
+                "id": n.id,
+                "ws_url": n.ws_url,
+                "http_url": n.http_url,
+                "started_at": n.started_at,
+                "slots": len(r.ring.slots_of(n.id)),
+            }
+            for n in sorted(r.view.values(), key=lambda n: n.id)
+        ]
+        return JSONResponse(
+            {"self": r.me, "ready": r.ready, "draining": r.draining, "nodes": nodes}
+        )
+
+    async def metrics_page(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "node": self.settings.node_id})
+
+    async def readyz(self, request: Request) -> Response:
+        checks = self.router.readiness()
+        ready = self.router.ready
+        return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+
+    # ------------------------------------------------------------ serving
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        config = Config()
+        config.bind = [f"{_bind_host(self.settings.http_host)}:{self.settings.http_port}"]
+        config.accesslog = None
+        config.errorlog = None
+        config.graceful_timeout = 1.0
+        config.h11_max_incomplete_size = 16 * 1024
+
+        async def started(task_status: trio.TaskStatus[list[str]]) -> None:
+            await serve(self.app, config, task_status=task_status)  # type: ignore[arg-type]
+
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(started)
+            self.port = int(binds[0].rsplit(":", 1)[1])
+            task_status.started(self.port)
+
+
+def _bind_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

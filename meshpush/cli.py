@@ -1,0 +1,207 @@
+"""``meshpush`` command line: node, dev, token, publish, listen."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import settings as settings_mod
+from .auth import issue_token
+
+DEV_JSON = Path(".meshpush/dev.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except (ValueError, OSError, CliError) as exc:
+        print(f"meshpush: {exc}", file=sys.stderr)
+        return 2
+
+
+class CliError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshpush", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    node = sub.add_parser("node", help="run one node (flags or MESHPUSH_* env vars)")
+    settings_mod.add_arguments(node)
+    node.set_defaults(func=cmd_node)
+
+    dev = sub.add_parser("dev", help="run etcd, NATS and N nodes on 127.0.0.1 until Ctrl-C")
+    dev.add_argument("--nodes", type=int, default=3)
+    dev.add_argument("--dir", type=Path, default=DEV_JSON.parent, help="state and logs")
+    dev.set_defaults(func=cmd_dev)
+
+    token = sub.add_parser("token", help="print a client token for the dev cluster")
+    token.add_argument("--user", required=True)
+    token.add_argument("--ttl", type=float, default=3600.0)
+    _config_flag(token)
+    token.set_defaults(func=cmd_token)
+
+    pub = sub.add_parser("publish", help="publish to a user or broadcast; prints the seq")
+    target = pub.add_mutually_exclusive_group(required=True)
+    target.add_argument("--user")
+    target.add_argument("--broadcast", action="store_true")
+    pub.add_argument("--id", help="idempotency id")
+    pub.add_argument("data", help="JSON value (a bare word is sent as a string)")
+    _config_flag(pub)
+    pub.set_defaults(func=cmd_publish)
+
+    listen = sub.add_parser("listen", help="print a user's messages as JSON lines, forever")
+    listen.add_argument("--user", required=True)
+    listen.add_argument("--device", default="cli")
+    listen.add_argument("--count", type=int, default=0, help="exit after N messages (0: never)")
+    _config_flag(listen)
+    listen.set_defaults(func=cmd_listen)
+    return parser
+
+
+def _config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=DEV_JSON, help="dev.json to read")
+
+
+def load_dev(path: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CliError(f"{path} not found: start a cluster with `meshpush dev`") from None
+    if not data.get("nodes"):
+        raise CliError(f"{path} lists no running node")
+    return data
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from .node import main as node_main
+
+    return node_main(settings_mod.from_sources(args))
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from .devcluster import LocalCluster
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    workdir: Path = args.dir.resolve()
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with LocalCluster(workdir / "run", nodes=args.nodes) as cluster:
+        cluster.write_json(workdir / "dev.json")
+        print(_summary(cluster.describe(), workdir), flush=True)
+        while not stop:
+            time.sleep(0.2)
+        print("stopping...", flush=True)
+    (workdir / "dev.json").unlink(missing_ok=True)
+    print("stopped", flush=True)
+    return 0
+
+
+def _summary(info: dict[str, Any], workdir: Path) -> str:
+    lines = [
+        f"meshpush dev cluster '{info['cluster']}' is up",
+        f"  etcd   {info['etcd']}",
+        f"  nats   {info['nats']}",
+    ]
+    for n in info["nodes"]:
+        lines.append(f"  node {n['id']:4} ws {n['ws_url']:32} http {n['http_url']}")
+    lines += [
+        f"  state  {workdir}/dev.json (api_key, token_secret), logs in {workdir}/run/",
+        "try:   meshpush listen --user alice     (in another terminal)",
+        '       meshpush publish --user alice \'{"hello": "world"}\'',
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    dev = load_dev(args.config)
+    print(issue_token(dev["token_secret"], args.user, args.ttl))
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    dev = load_dev(args.config)
+    try:
+        data = json.loads(args.data)
+    except ValueError:
+        data = args.data
+    body: dict[str, Any] = {"data": data}
+    if args.user is not None:
+        body["user"] = args.user
+    if args.id:
+        body["id"] = args.id
+    path = "/v1/broadcast" if args.broadcast else "/v1/publish"
+    answer = post_json(dev["nodes"][0]["http_url"] + path, body, dev["api_key"])
+    print(answer["seq"])
+    return 0
+
+
+def post_json(url: str, body: dict[str, Any], api_key: str) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"content-type": "application/json", "authorization": f"Bearer {api_key}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            result: dict[str, Any] = json.loads(resp.read())
+            return result
+    except urllib.error.HTTPError as exc:
+        raise CliError(f"{exc.code}: {exc.read().decode(errors='replace')}") from None
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from .client import open_client
+
+    dev = load_dev(args.config)
+    secret, user = dev["token_secret"], args.user
+
+    async def token() -> str:
+        return issue_token(secret, user, 3600)
+
+    async def run() -> None:
+        seen = 0
+        async with open_client(dev["nodes"][0]["ws_url"], token=token, device=args.device) as c:
+            async for msg in c:
+                line = {
+                    "ch": msg.ch,
+                    "seq": msg.seq,
+                    "id": msg.id,
+                    "data": msg.data,
+                    "node": c.node,
+                }
+                print(json.dumps(line, ensure_ascii=False), flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    return
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,288 @@
+"""The Python client SDK (trio): connect anywhere, follow redirects, reconnect forever.
+
+::
+
+    async with open_client("ws://127.0.0.1:8801/ws", token=token, device="phone") as client:
+        async for msg in client:
+            print(msg.ch, msg.seq, msg.data)
+
+* Any node is a bootstrap: a ``redirect`` frame (close 4302) sends the client to the owner,
+  at most ``max_hops`` times in a row before it backs off and starts again from bootstrap.
+* After any drop it reconnects with exponential backoff and full jitter (capped); the delay
+  resets once a session reached ``welcome``.
+* It answers the server's pings (trio-websocket does) and pings the server itself; a server
+  that does not answer within the heartbeat timeout is treated as gone.
+* It never yields a ``seq`` it has already yielded on the same channel (and epoch), so server
+  replays after a reconnect cannot duplicate a message for the application.
+* ``state`` is one of :class:`State`; ``on_state`` (optional) is called on every change.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import ssl
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from .protocol import Close, ProtocolError, parse_server_frame
+
+log = logging.getLogger(__name__)
+
+TokenSource = str | Callable[[], Awaitable[str]]
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"
+    ONLINE = "online"
+    REDIRECTING = "redirecting"
+    BACKING_OFF = "backing_off"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    ch: str
+    seq: int
+    id: str
+    data: Any
+    prev: int | None = None
+
+
+@dataclass
+class ClientStats:
+    connects: int = 0
+    welcomes: int = 0
+    redirects: int = 0
+    rejections: int = 0
+    duplicates: int = 0
+    last_close: int | None = None
+    last_error: str = ""
+    nodes: list[str] = field(default_factory=list)
+
+
+class _Redirect(Exception):
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.url = url
+
+
+class Client:
+    """A resilient session for one (user, device). Create with :func:`open_client`."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: TokenSource,
+        device: str = "default",
+        max_hops: int = 5,
+        backoff_base: float = 0.05,
+        backoff_cap: float = 5.0,
+        connect_timeout: float = 5.0,
+        buffer: int = 1024,
+        ssl_context: ssl.SSLContext | None = None,
+        on_state: Callable[[State], None] | None = None,
+    ) -> None:
+        self.bootstrap = url
+        self.device = device
+        self.max_hops = max_hops
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.connect_timeout = connect_timeout
+        self.ssl_context = ssl_context
+        self.on_state = on_state
+        self._token = token
+        self.state = State.CONNECTING
+        self.node: str | None = None
+        self.epoch: str | None = None
+        self.last: dict[str, int] = {"user": 0, "broadcast": 0}
+        self.stats = ClientStats()
+        self._send, self._recv = trio.open_memory_channel[Message](buffer)
+        self._online = trio.Event()
+
+    # ------------------------------------------------------------ public
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        async for msg in self._recv:
+            yield msg
+
+    async def receive(self) -> Message:
+        return await self._recv.receive()
+
+    async def wait_online(self) -> None:
+        """Wait until the current (or next) session has been welcomed."""
+        await self._online.wait()
+
+    # ------------------------------------------------------------ connection loop
+
+    async def run(self) -> None:
+        """Connect, follow redirects and reconnect until cancelled."""
+        attempt = 0
+        url, hops = self.bootstrap, 0
+        while True:
+            self._set_state(State.REDIRECTING if hops else State.CONNECTING)
+            try:
+                await self._session(url)
+            except _Redirect as redirect:
+                if hops < self.max_hops:
+                    url, hops = redirect.url, hops + 1
+                    continue
+            except (
+                OSError,
+                HandshakeError,
+                ConnectionClosed,
+                trio.TooSlowError,
+                ProtocolError,
+            ) as exc:
+                self.stats.last_error = repr(exc)
+                log.debug("session to %s ended: %r", url, exc)
+            if self._online.is_set():
+                attempt = 0
+                self._online = trio.Event()
+            url, hops = self.bootstrap, 0
+            attempt += 1
+            self._set_state(State.BACKING_OFF)
+            await trio.sleep(
+                random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** min(attempt, 20)))
+            )
+
+    async def _session(self, url: str) -> None:
+        self.stats.connects += 1
+        target = await self._target(url)
+        try:
+            async with open_websocket_url(
+                target,
+                ssl_context=self.ssl_context,
+                connect_timeout=self.connect_timeout,
+                disconnect_timeout=1.0,
+            ) as ws:
+                await self._serve(ws)
+        except ConnectionRejected as exc:
+            self.stats.rejections += 1
+            self.stats.last_error = f"rejected {exc.status_code}"
+            raise HandshakeError(f"handshake rejected with {exc.status_code}") from None
+
+    async def _target(self, url: str) -> str:
+        token = self._token if isinstance(self._token, str) else await self._token()
+        params = {
+            "token": token,
+            "device": self.device,
+            "last": str(self.last["user"]),
+            "blast": str(self.last["broadcast"]),
+        }
+        if self.epoch:
+            params["epoch"] = self.epoch
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.urlencode(params)
+        return urllib.parse.urlunsplit(parts._replace(query=query))
+
+    async def _serve(self, ws: WebSocketConnection) -> None:
+        async with trio.open_nursery() as nursery:
+            redirect: str | None = None
+            try:
+                while True:
+                    frame = parse_server_frame(await ws.get_message())
+                    redirect = await self._on_frame(ws, frame.type, frame.fields, nursery)
+                    if redirect:
+                        break
+            except ConnectionClosed as exc:
+                code = exc.reason.code if exc.reason else None
+                self.stats.last_close = code
+                if code == Close.REDIRECT and redirect is None:
+                    redirect = self.bootstrap
+                if redirect is None:
+                    raise
+            finally:
+                nursery.cancel_scope.cancel()
+        if redirect is not None:
+            self.stats.redirects += 1
+            raise _Redirect(redirect)
+
+    async def _on_frame(
+        self, ws: WebSocketConnection, kind: str, f: dict[str, Any], nursery: trio.Nursery
+    ) -> str | None:
+        if kind == "msg":
+            await self._on_message(f)
+        elif kind == "welcome":
+            self._on_welcome(ws, f, nursery)
+        elif kind == "redirect":
+            return str(f.get("url") or self.bootstrap)
+        elif kind == "error":
+            log.warning("server error frame: %s", f)
+        return None
+
+    def _on_welcome(
+        self, ws: WebSocketConnection, f: dict[str, Any], nursery: trio.Nursery
+    ) -> None:
+        self.stats.welcomes += 1
+        self.node = str(f.get("node"))
+        self.stats.nodes.append(self.node)
+        epoch = str(f.get("epoch") or "")
+        if self.epoch and epoch and epoch != self.epoch:
+            log.warning("epoch changed %s -> %s: cursors reset", self.epoch, epoch)
+            self.last = {"user": 0, "broadcast": 0}
+        self.epoch = epoch or self.epoch
+        hb = f.get("heartbeat") or {}
+        interval = float(hb.get("interval", 25.0))
+        timeout = float(hb.get("timeout", 60.0))
+        nursery.start_soon(self._pinger, ws, interval, timeout)
+        self._online.set()
+        self._set_state(State.ONLINE)
+
+    async def _on_message(self, f: dict[str, Any]) -> None:
+        ch, seq = str(f.get("ch")), f.get("seq")
+        if not isinstance(seq, int) or ch not in self.last:
+            raise ProtocolError("bad_msg", "msg frame without a valid ch/seq")
+        if seq <= self.last[ch]:
+            self.stats.duplicates += 1
+            return
+        self.last[ch] = seq
+        msg = Message(ch=ch, seq=seq, id=str(f.get("id")), data=f.get("data"), prev=f.get("prev"))
+        await self._send.send(msg)
+
+    async def _pinger(self, ws: WebSocketConnection, interval: float, timeout: float) -> None:
+        """Ping the node; if it does not answer within ``timeout``, drop the connection."""
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(timeout) as scope:
+                await ws.ping()
+            if scope.cancelled_caught:
+                self.stats.last_error = "server heartbeat timeout"
+                await ws.aclose(Close.HEARTBEAT_TIMEOUT, "server silent")
+                return
+
+    def _set_state(self, state: State) -> None:
+        if state is not self.state:
+            self.state = state
+            if self.on_state is not None:
+                self.on_state(state)
+
+
+@asynccontextmanager
+async def open_client(url: str, **kwargs: Any) -> AsyncIterator[Client]:
+    """Run a :class:`Client` in a nursery for the duration of the block."""
+    client = Client(url, **kwargs)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run)
+        try:
+            yield client
+        finally:
+            client._set_state(State.CLOSED)
+            nursery.cancel_scope.cancel()

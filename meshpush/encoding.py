@@ -1,0 +1,46 @@
+"""Safe encoding of user and device ids for NATS subjects and KV keys, and the id rules.
+
+Ids are arbitrary UTF-8 strings of 1..256 bytes. In a subject or key they become unpadded
+base64url (``A-Z a-z 0-9 - _``), which NATS accepts in both, so ``.``, ``*``, ``>``, spaces
+and emoji cannot change the meaning of a subject.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+MAX_ID_BYTES = 256
+
+
+class BadId(ValueError):
+    """An id is empty, longer than 256 bytes in UTF-8, or contains a NUL or control char."""
+
+
+def check_id(value: object, what: str = "id") -> str:
+    """Return ``value`` if it is a valid user/device id, else raise :class:`BadId`."""
+    if not isinstance(value, str):
+        raise BadId(f"{what} must be a string")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadId(f"{what} is not valid UTF-8") from None
+    if not 1 <= size <= MAX_ID_BYTES:
+        raise BadId(f"{what} must be 1..{MAX_ID_BYTES} bytes of UTF-8")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise BadId(f"{what} must not contain control characters")
+    return value
+
+
+def encode_token(value: str) -> str:
+    """Encode an id as one subject/key token."""
+    return base64.urlsafe_b64encode(value.encode("utf-8")).rstrip(b"=").decode("ascii")
+
+
+def decode_token(token: str) -> str:
+    """Inverse of :func:`encode_token`; raises :class:`BadId` on garbage."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        return raw.decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise BadId("not an encoded id") from None

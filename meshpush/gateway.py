@@ -1,0 +1,253 @@
+"""The WebSocket front door: handshake (token, device, route), then one session until it ends.
+
+Handshake: ``/ws?token=<jwt>&device=<id>`` (or ``Authorization: Bearer``). A bad, expired or
+missing token is refused with HTTP 401 before any upgrade. A user owned by another node gets a
+``redirect`` frame and close 4302; the owner registers the session and sends ``welcome``.
+
+Per session: the handler task writes (queue -> socket, pings, heartbeat and token deadlines)
+and one reader task parses client frames. Closing is always the handler's job: anyone may
+call ``Session.close(code, ...)``, which cancels the session and lets the handler send the
+final frame and the close code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.parse
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+
+from . import protocol
+from .auth import AuthError, bearer, verify_token
+from .encoding import BadId, check_id
+from .metrics import Metrics
+from .protocol import Close, ProtocolError
+from .router import Router
+from .sessions import Registry, Session
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Rejection(Exception):
+    """A handshake refused with an HTTP status and a documented error code."""
+
+    def __init__(self, status: int, code: str, detail: str, retry_after: int | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.retry_after = status, code, detail, retry_after
+
+
+def _query(request: WebSocketRequest) -> tuple[str, dict[str, str]]:
+    path, _, qs = request.path.partition("?")
+    try:
+        pairs = urllib.parse.parse_qsl(
+            qs, keep_blank_values=True, strict_parsing=False, max_num_fields=32
+        )
+    except ValueError:
+        raise Rejection(400, "bad_query", "malformed or too many query parameters") from None
+    return path, dict(pairs)
+
+
+def _header(request: WebSocketRequest, name: bytes) -> str | None:
+    for key, value in request.headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+class Gateway:
+    """Serves ``/ws`` for one node."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        router: Router,
+        metrics: Metrics,
+        epoch: str,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.router = router
+        self.metrics = metrics
+        self.epoch = epoch
+        self.port = settings.ws_port
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        s = self.settings
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                lambda task_status: serve_websocket(
+                    self._handle,
+                    s.ws_host,
+                    s.ws_port,
+                    None,
+                    max_message_size=s.max_frame_bytes,
+                    connect_timeout=s.handshake_timeout,
+                    disconnect_timeout=2.0,
+                    task_status=task_status,
+                )
+            )
+            self.port = server.port
+            task_status.started(self.port)
+
+    # ------------------------------------------------------------ handshake
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        try:
+            user, device, expires_at = self._check(request)
+        except Rejection as rej:
+            await self._reject(request, rej)
+            return
+        route = self.router.route(user)
+        if route.kind == "unavailable":
+            await self._reject(request, Rejection(503, "unavailable", route.reason, 1))
+            return
+        ws = await request.accept()
+        if route.kind == "redirect":
+            await self._redirect_now(ws, route.node.id, route.node.ws_url, route.reason)  # type: ignore[union-attr]
+            return
+        session = Session(user, device, self.settings.session_queue, expires_at)
+        if self.router.route(user).kind != "local":  # the ring moved during accept()
+            self.router.redirect(session)
+        await self._run(ws, session)
+
+    def _check(self, request: WebSocketRequest) -> tuple[str, str, float]:
+        path, query = _query(request)
+        if path != "/ws":
+            raise Rejection(404, "not_found", "WebSocket endpoint is /ws")
+        token = query.get("token") or bearer(_header(request, b"authorization"))
+        try:
+            identity = verify_token(self.settings.token_secret, token)
+        except AuthError as exc:
+            raise Rejection(401, exc.reason, exc.detail) from None
+        try:
+            device = check_id(query.get("device", "default"), "device")
+        except BadId as exc:
+            raise Rejection(400, "bad_device", str(exc)) from None
+        return identity.user, device, identity.expires_at
+
+    async def _reject(self, request: WebSocketRequest, rej: Rejection) -> None:
+        self.metrics.handshakes.labels(result=rej.code).inc()
+        body = json.dumps({"error": rej.code, "detail": rej.detail}).encode()
+        headers = [(b"content-type", b"application/json")]
+        if rej.retry_after is not None:
+            headers.append((b"retry-after", str(rej.retry_after).encode()))
+        with trio.move_on_after(2):
+            await request.reject(rej.status, extra_headers=headers, body=body)
+
+    async def _redirect_now(
+        self, ws: WebSocketConnection, node: str, url: str, reason: str
+    ) -> None:
+        self.metrics.handshakes.labels(result="redirect").inc()
+        self.metrics.redirects.labels(reason=reason).inc()
+        with trio.move_on_after(2):
+            try:
+                await ws.send_message(protocol.redirect(node=node, url=url, reason=reason))
+                await ws.aclose(Close.REDIRECT, reason)
+            except ConnectionClosed:
+                pass
+
+    # ------------------------------------------------------------ session
+
+    async def _run(self, ws: WebSocketConnection, session: Session) -> None:
+        self.metrics.handshakes.labels(result="accepted").inc()
+        self.registry.add(session)
+        self._count()
+        try:
+            with trio.CancelScope() as scope:
+                session.cancel_scope = scope
+                if session.close_request is not None:
+                    scope.cancel()
+                await ws.send_message(self._welcome(session))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._reader, ws, session)
+                    await self._writer(ws, session, nursery)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.registry.remove(session)
+            self._count()
+            await self._finish(ws, session)
+
+    def _welcome(self, session: Session) -> str:
+        s = self.settings
+        return protocol.welcome(
+            node=s.node_id,
+            user=session.user,
+            device=session.device,
+            epoch=self.epoch,
+            interval=s.heartbeat_interval,
+            timeout=s.heartbeat_timeout,
+        )
+
+    async def _writer(
+        self, ws: WebSocketConnection, session: Session, nursery: trio.Nursery
+    ) -> None:
+        s = self.settings
+        next_ping = trio.current_time() + s.heartbeat_interval
+        token_deadline = trio.current_time() + max(0.0, session.expires_at - time.time())
+        while True:
+            silent_deadline = session.last_seen + s.heartbeat_timeout
+            with trio.move_on_at(min(next_ping, silent_deadline, token_deadline)):
+                frame = await session.queue.receive()
+                await ws.send_message(frame)
+                continue
+            now = trio.current_time()
+            if now >= token_deadline:
+                session.close(Close.TOKEN_EXPIRED, "token expired")
+            elif now >= session.last_seen + s.heartbeat_timeout:
+                session.close(Close.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+            elif now >= next_ping:
+                nursery.start_soon(self._ping, ws, session)
+                next_ping = now + s.heartbeat_interval
+
+    async def _ping(self, ws: WebSocketConnection, session: Session) -> None:
+        try:
+            await ws.ping()
+            session.last_seen = trio.current_time()
+        except ConnectionClosed:
+            pass
+
+    async def _reader(self, ws: WebSocketConnection, session: Session) -> None:
+        while True:
+            try:
+                message = await ws.get_message()
+            except ConnectionClosed:
+                session.close(Close.NORMAL, "client closed")
+                return
+            session.last_seen = trio.current_time()
+            try:
+                frame = protocol.parse_client_frame(message)
+            except ProtocolError as exc:
+                self._protocol_error(session, exc)
+                continue
+            if isinstance(frame, protocol.Ping):
+                session.offer(protocol.PONG)
+
+    def _protocol_error(self, session: Session, exc: ProtocolError) -> None:
+        self.metrics.frame_errors.labels(code=exc.code).inc()
+        if exc.close is not None:
+            session.close(exc.close, exc.code, protocol.error(exc.code, exc.detail))
+        else:
+            session.offer(protocol.error(exc.code, exc.detail))
+
+    async def _finish(self, ws: WebSocketConnection, session: Session) -> None:
+        request = session.close_request
+        code = request.code if request else Close.GOING_AWAY
+        self.metrics.closes.labels(code=str(code)).inc()
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            try:
+                if request and request.frame:
+                    await ws.send_message(request.frame)
+                await ws.aclose(code, request.reason if request else "node stopping")
+            except ConnectionClosed:
+                pass
+
+    def _count(self) -> None:
+        stats = self.registry.statistics()
+        self.metrics.sessions.set(stats.sessions)
+        self.metrics.users.set(stats.users)

@@ -1,0 +1,170 @@
+"""Cluster membership in etcd: an ephemeral registration under a lease, and a watched view.
+
+The node grants a lease (TTL ``lease_ttl``), puts ``/meshpush/<cluster>/nodes/<id>`` under it,
+keeps it alive every TTL/3 and watches the prefix; every change (and a periodic re-list, as a
+safety net) becomes a full view passed to ``on_view``. Before registering, the node hands the
+view *with itself added* to ``on_view`` so it subscribes its future slots before anyone is
+redirected to it. If etcd fails, the node keeps its last view (and its sessions), retries with
+capped, jittered backoff and registers again when etcd is back. ``leave()`` revokes the lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aetcd
+import trio
+
+from .bridge import aio
+from .metrics import Metrics
+from .router import NodeInfo, View
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+OnView = Callable[[View, bool], Awaitable[None]]
+
+
+class LeaseLost(Exception):
+    """etcd says our lease no longer exists (it expired while we could not refresh it)."""
+
+
+def prefix(cluster: str) -> bytes:
+    return f"/meshpush/{cluster}/nodes/".encode()
+
+
+class Membership:
+    """Registers this node and feeds every membership view to ``on_view``."""
+
+    def __init__(self, settings: Settings, on_view: OnView, metrics: Metrics) -> None:
+        self.settings = settings
+        self.on_view = on_view
+        self.metrics = metrics
+        self.me = NodeInfo(settings.node_id, settings.ws_url, settings.http_url, time.time())
+        self.prefix = prefix(settings.cluster)
+        self.key = self.prefix + settings.node_id.encode()
+        self.view: View = {}
+        self.registered = False
+        self.registrations = 0
+        self._client: Any = None
+        self._lease: Any = None
+        self._leaving = False
+        self._changed = trio.Event()
+
+    async def run(self) -> None:
+        """Register and watch until cancelled; on any etcd failure, back off and start again."""
+        delay = 0.2
+        while not self._leaving:
+            try:
+                await self._session()
+            except Exception as exc:  # etcd/grpc errors are untyped; logged and counted
+                self.metrics.backend_errors.labels(backend="etcd").inc()
+                log.warning("etcd session ended: %r; retrying", exc)
+            await self._lost()
+            await trio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, 2.0)
+        await trio.sleep_forever()
+
+    async def _session(self) -> None:
+        host, port = self.settings.etcd_host_port
+        self._client = aetcd.Client(host=host, port=port, timeout=2)
+        try:
+            with trio.fail_after(5):
+                await self._on_view(self._with_me(await self._list()), registered=False)
+                await self._register()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keepalive)
+                nursery.start_soon(self._watch)
+                await self._refresh_loop()
+        finally:
+            await self._close_client()
+
+    async def _register(self) -> None:
+        ttl = self.settings.lease_ttl
+        self._lease = await aio(self._client.lease)(ttl)
+        await aio(self._client.put)(self.key, self.me.to_json().encode(), lease=self._lease)
+        self.registered = True
+        self.registrations += 1
+        log.info("registered %s (lease %x, ttl %ss)", self.me.id, self._lease.id, ttl)
+        await self._on_view(self._with_me(await self._list()), registered=True)
+
+    async def _keepalive(self) -> None:
+        interval = max(self.settings.lease_ttl / 3, 0.2)
+        while not self._leaving:
+            await trio.sleep(interval)
+            if self._leaving:
+                return
+            with trio.fail_after(max(interval * 2, 1.0)):
+                reply = await aio(self._client.refresh_lease)(self._lease.id)
+            if reply is None or reply.TTL <= 0:
+                raise LeaseLost("lease expired")
+
+    async def _watch(self) -> None:
+        watch = await aio(self._client.watch_prefix)(self.prefix)
+        try:
+            async for _event in aio(watch):
+                self._changed.set()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await aio(watch.cancel)()
+
+    async def _refresh_loop(self) -> None:
+        """Re-list on every watch event, and at least every TTL (a safety net)."""
+        while True:
+            with trio.move_on_after(self.settings.lease_ttl):
+                await self._changed.wait()
+            self._changed = trio.Event()
+            with trio.fail_after(5):
+                view = await self._list()
+            if self.settings.node_id not in view and not self._leaving:
+                raise LeaseLost("our key vanished from etcd")
+            await self._on_view(view, registered=True)
+
+    async def _list(self) -> View:
+        result = await aio(self._client.get_prefix)(self.prefix)
+        view: View = {}
+        for kv in result:
+            node_id = kv.key[len(self.prefix) :].decode()
+            try:
+                view[node_id] = NodeInfo.from_json(node_id, kv.value)
+            except (ValueError, KeyError) as exc:
+                log.warning("ignoring bad membership entry %r: %r", kv.key, exc)
+        return view
+
+    def _with_me(self, view: View) -> View:
+        return {**view, self.me.id: self.me}
+
+    async def _on_view(self, view: View, registered: bool) -> None:
+        self.view = view
+        await self.on_view(view, registered)
+
+    async def _lost(self) -> None:
+        """etcd is gone: keep serving with the last view, but say we are not registered."""
+        self.registered = False
+        with trio.CancelScope(shield=True):
+            await self.on_view(self.view, False)
+
+    async def _close_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await aio(client.close)()
+
+    async def leave(self) -> None:
+        """Revoke the lease now (clean shutdown / drain): others drop us from the ring at once."""
+        self._leaving = True
+        if self._client is None or self._lease is None:
+            return
+        try:
+            with trio.move_on_after(2):
+                await aio(self._client.revoke_lease)(self._lease.id)
+                log.info("lease revoked")
+        except Exception as exc:
+            self.metrics.backend_errors.labels(backend="etcd").inc()
+            log.warning(
+                "revoke failed (%r); lease will expire after %ss", exc, self.settings.lease_ttl
+            )
+        self.registered = False

@@ -1,0 +1,118 @@
+"""One meshpush node: the services it starts, in order, and how it stops.
+
+Start: bridge -> HTTP API (healthz answers from here on) -> NATS bus -> router -> WebSocket
+gateway -> membership (registers in etcd; /readyz turns 200 once registered, in the ring and
+subscribed). SIGTERM drains (readiness off, lease revoked, sessions redirected over
+``drain_window``, exit 0 within ``drain_timeout``); SIGINT stops at once (lease revoked).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+
+import trio
+import trio_asyncio
+
+from .api import Api
+from .bridge import Bridge
+from .bus import Bus
+from .gateway import Gateway
+from .membership import Membership
+from .metrics import Metrics
+from .router import Router
+from .sessions import Registry
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """The services of one node, started by :meth:`run`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics(settings.node_id)
+        self.bridge = Bridge()
+        self.registry = Registry()
+        self.bus = Bus(settings, self.bridge, self.metrics)
+        self.router = Router(settings, self.registry, self.bus, self.metrics)
+        self.api = Api(settings, self.router, self.bus, self.metrics)
+        self.membership: Membership | None = None
+        self.gateway: Gateway | None = None
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.bridge.run)
+            http_port = await nursery.start(self.api.serve)
+            await nursery.start(self.bus.run)
+            await nursery.start(self.router.run)
+            self.gateway = Gateway(
+                self.settings, self.registry, self.router, self.metrics, self.bus.epoch
+            )
+            ws_port = await nursery.start(self.gateway.serve)
+            public = self.settings.replace(ws_port=ws_port, http_port=http_port)
+            self.membership = Membership(public, self.router.apply, self.metrics)
+            nursery.start_soon(self.membership.run)
+            nursery.start_soon(self._signals)
+            announce(public)
+            task_status.started(self)
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if signum == signal.SIGTERM:
+                    await self.drain()
+                else:
+                    await self.stop()
+                return
+
+    async def drain(self) -> None:
+        """Leave the cluster without losing anyone: redirect every session, then stop."""
+        log.info("draining %d sessions", len(self.registry))
+        with trio.move_on_after(self.settings.drain_timeout):
+            self.router.begin_drain()
+            if self.membership is not None:
+                await self.membership.leave()
+            await self.router.drain()
+            while len(self.registry):
+                await trio.sleep(0.05)
+        log.info("drained; %d sessions left", len(self.registry))
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self.membership is not None:
+            await self.membership.leave()
+        for session in self.registry.all():
+            session.close(1001, "node stopping")
+        await trio.sleep(0.1)
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+
+
+def announce(settings: Settings) -> None:
+    """One JSON line on stdout with where this node listens (read by devcluster and people)."""
+    line = {
+        "event": "listening",
+        "node": settings.node_id,
+        "ws_url": settings.ws_url,
+        "http_url": settings.http_url,
+    }
+    print(json.dumps(line), flush=True)
+    log.info(
+        "node %s listening: ws %s, http %s", settings.node_id, settings.ws_url, settings.http_url
+    )
+
+
+def main(settings: Settings) -> int:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    trio.run(Node(settings).run)
+    return 0

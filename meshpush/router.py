@@ -1,0 +1,211 @@
+"""Ring views in, routes and migrations out; live notifications in, frames to sessions out.
+
+On every membership view the router builds the ring, subscribes the slots it gained *before*
+it accepts sessions for them, then redirects the sessions of slots it lost (spread over a
+jittered window) and only then unsubscribes those slots. ``route(user)`` answers the gateway:
+serve here, redirect there, or not available yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import trio
+
+from . import protocol
+from .bus import Bus, Notification
+from .metrics import Metrics
+from .protocol import Close
+from .ring import EMPTY, Ring, slot
+from .sessions import Registry, Session
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    id: str
+    ws_url: str
+    http_url: str
+    started_at: float
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"ws_url": self.ws_url, "http_url": self.http_url, "started_at": self.started_at}
+        )
+
+    @classmethod
+    def from_json(cls, node_id: str, raw: bytes) -> NodeInfo:
+        obj = json.loads(raw)
+        return cls(node_id, str(obj["ws_url"]), str(obj["http_url"]), float(obj["started_at"]))
+
+
+View = dict[str, NodeInfo]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: Literal["local", "redirect", "unavailable"]
+    node: NodeInfo | None = None
+    reason: str = ""
+
+
+class Router:
+    """Owns the ring view, the slot subscriptions and session migration of one node."""
+
+    def __init__(self, settings: Settings, registry: Registry, bus: Bus, metrics: Metrics) -> None:
+        self.settings = settings
+        self.me = settings.node_id
+        self.registry = registry
+        self.bus = bus
+        self.metrics = metrics
+        self.view: View = {}
+        self.ring: Ring = EMPTY
+        self.owned: frozenset[int] = frozenset()
+        self.registered = False
+        self.draining = False
+        self._drain_ring: Ring = EMPTY
+        self._lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.registered
+            and not self.draining
+            and self.bus.connected
+            and self.me in self.ring.nodes
+            and self.owned <= self.bus.subscribed()
+        )
+
+    def readiness(self) -> dict[str, bool]:
+        return {
+            "registered": self.registered,
+            "in_ring": self.me in self.ring.nodes,
+            "subscribed": self.owned <= self.bus.subscribed(),
+            "nats": self.bus.connected,
+            "draining": self.draining,
+        }
+
+    def route(self, user: str) -> Route:
+        owner = (self._drain_ring if self.draining else self.ring).owner(user)
+        if owner is None:
+            return Route("unavailable", reason="no ring")
+        if owner == self.me:
+            if slot(user) in self.bus.subscribed():
+                return Route("local")
+            return Route("unavailable", reason="slot not subscribed yet")
+        info = self.view.get(owner)
+        if info is None:
+            return Route("unavailable", reason="owner unknown")
+        return Route("redirect", info, "draining" if self.draining else "owner")
+
+    def owner_info(self, user: str) -> NodeInfo | None:
+        owner = self.ring.owner(user)
+        return self.view.get(owner) if owner else None
+
+    # ------------------------------------------------------------ services
+
+    async def run(self, *, task_status: trio.TaskStatus[Router] = trio.TASK_STATUS_IGNORED) -> None:
+        """Dispatch live notifications to sessions; host migration tasks."""
+        await self.bus.subscribe_broadcast()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started(self)
+            await self._dispatch()
+
+    async def _dispatch(self) -> None:
+        async for note in self.bus.inbound:
+            if note is not None:
+                self.deliver(note)
+
+    def deliver(self, note: Notification) -> None:
+        ch: protocol.Channel = "broadcast" if note.ch == "broadcast" else "user"
+        frame = protocol.message(ch=ch, seq=note.seq, id=note.id, data_json=note.data_json)
+        if ch == "broadcast":
+            n = self.registry.deliver_all(frame)
+        elif note.user is not None:
+            n = self.registry.deliver_user(note.user, frame)
+        else:
+            return
+        if n:
+            self.metrics.delivered.labels(ch=ch).inc(n)
+            self.metrics.delivery_latency.observe(max(0.0, time.time() - note.published_at))
+
+    # ------------------------------------------------------------ ring changes
+
+    async def apply(self, view: View, registered: bool) -> None:
+        """Adopt a membership view: subscribe gained slots, then migrate and drop lost ones."""
+        async with self._lock:
+            ring = Ring.build(view) if set(view) != self.ring.nodes else self.ring
+            owned = ring.slots_of(self.me) if not self.draining else frozenset()
+            await self.bus.subscribe_slots(set(owned))
+            lost = self.owned - owned
+            self.view, self.ring, self.owned = dict(view), ring, owned
+            if self.draining:
+                self._drain_ring = ring.without(self.me) if self.me in ring.nodes else ring
+            self.registered = registered
+            self.metrics.members.set(len(ring.nodes))
+            self.metrics.owned_slots.set(len(owned))
+            self.metrics.ready.set(1 if self.ready else 0)
+            if lost:
+                self.metrics.ring_changes.inc()
+                log.info(
+                    "ring: %d nodes, own %d slots, lost %d", len(ring.nodes), len(owned), len(lost)
+                )
+                self._start_migration(lost)
+
+    def _start_migration(self, lost: frozenset[int]) -> None:
+        assert self._nursery is not None
+        sessions = self.registry.in_slots(lost)
+        self._nursery.start_soon(self._migrate, sessions, lost, self.settings.drain_window)
+
+    async def _migrate(self, sessions: list[Session], lost: frozenset[int], window: float) -> None:
+        """Redirect ``sessions`` at jittered times over ``window``, then unsubscribe ``lost``."""
+        await self.redirect_spread(sessions, window)
+        await trio.sleep(0.05)  # let the last sessions' closes leave before the subscription goes
+        still_lost = {s for s in lost if s not in self.owned}
+        await self.bus.unsubscribe_slots(still_lost)
+
+    async def redirect_spread(self, sessions: list[Session], window: float) -> None:
+        start = trio.current_time()
+        schedule = sorted((random.uniform(0.05 * window, window), s.id, s) for s in sessions)
+        for offset, _, session in schedule:
+            await trio.sleep_until(start + offset)
+            self.redirect(session)
+
+    def redirect(self, session: Session) -> None:
+        """Send ``session`` to its current owner (if that is not this node) and close it 4302."""
+        route = self.route(session.user)
+        if route.kind == "local":
+            return
+        if route.node is None:
+            session.close(Close.REDIRECT, "owner unavailable")
+            self.metrics.redirects.labels(reason="unavailable").inc()
+            return
+        frame = protocol.redirect(node=route.node.id, url=route.node.ws_url, reason=route.reason)
+        session.close(Close.REDIRECT, route.reason, frame)
+        self.metrics.redirects.labels(reason=route.reason).inc()
+
+    # ------------------------------------------------------------ drain
+
+    def begin_drain(self) -> None:
+        """Stop owning anything: from now on every handshake is redirected to the next owner."""
+        self._drain_ring = self.ring.without(self.me)
+        self.draining = True
+        self.owned = frozenset()
+        self.metrics.ready.set(0)
+
+    async def drain(self) -> None:
+        """Redirect every session to its next owner, spread over the drain window."""
+        if not self.draining:
+            self.begin_drain()
+        await self.redirect_spread(self.registry.all(), self.settings.drain_window)

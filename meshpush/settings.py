@@ -1,0 +1,154 @@
+"""One typed settings object for a node, filled from defaults, ``MESHPUSH_*`` env vars and flags.
+
+Every field is documented in ``docs/operations.md``; the precedence is flag > env > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "MESHPUSH_"
+
+
+def _default_node_id() -> str:
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a node needs to know, with the documented defaults."""
+
+    node_id: str = field(default_factory=_default_node_id, metadata={"help": "unique node id"})
+    cluster: str = field(default="meshpush", metadata={"help": "cluster name (etcd prefix)"})
+    ws_host: str = field(default="127.0.0.1", metadata={"help": "WebSocket listen address"})
+    ws_port: int = field(default=8800, metadata={"help": "WebSocket listen port (0 = any)"})
+    http_host: str = field(default="127.0.0.1", metadata={"help": "HTTP API listen address"})
+    http_port: int = field(default=8900, metadata={"help": "HTTP API listen port (0 = any)"})
+    public_ws_url: str = field(
+        default="", metadata={"help": "ws URL clients are redirected to (default: from listen)"}
+    )
+    public_http_url: str = field(
+        default="", metadata={"help": "HTTP URL shown in /v1/nodes (default: from listen)"}
+    )
+    etcd: str = field(default="127.0.0.1:2379", metadata={"help": "etcd endpoint host:port"})
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata={"help": "NATS server URL"})
+    token_secret: str = field(default="", metadata={"help": "HS256 secret for client tokens"})
+    api_keys: tuple[str, ...] = field(
+        default=(), metadata={"help": "publisher API keys, comma separated"}
+    )
+    lease_ttl: int = field(default=3, metadata={"help": "etcd lease TTL in seconds"})
+    heartbeat_interval: float = field(
+        default=25.0, metadata={"help": "seconds between server WebSocket pings"}
+    )
+    heartbeat_timeout: float = field(
+        default=60.0, metadata={"help": "close a session silent this long (4408)"}
+    )
+    drain_window: float = field(
+        default=2.0, metadata={"help": "seconds over which redirects are spread on migration"}
+    )
+    drain_timeout: float = field(
+        default=15.0, metadata={"help": "longest a SIGTERM drain waits for sessions to leave"}
+    )
+    max_frame_bytes: int = field(
+        default=65536, metadata={"help": "largest inbound WebSocket frame (1009 above)"}
+    )
+    max_body_bytes: int = field(
+        default=262144, metadata={"help": "largest HTTP API body (413 above)"}
+    )
+    session_queue: int = field(
+        default=1024, metadata={"help": "frames queued for one session before it is cut (4008)"}
+    )
+    handshake_timeout: float = field(
+        default=10.0, metadata={"help": "seconds a client has to finish the WebSocket handshake"}
+    )
+    max_message_age: float = field(
+        default=7 * 24 * 3600.0, metadata={"help": "stored message retention in seconds"}
+    )
+    max_msgs_per_user: int = field(
+        default=1000, metadata={"help": "stored messages kept per user (oldest dropped)"}
+    )
+    duplicate_window: float = field(
+        default=120.0, metadata={"help": "seconds a publish id deduplicates retries"}
+    )
+    stream_replicas: int = field(default=1, metadata={"help": "JetStream stream replicas"})
+    log_level: str = field(default="INFO", metadata={"help": "logging level"})
+
+    @property
+    def ws_url(self) -> str:
+        return self.public_ws_url or f"ws://{_urlhost(self.ws_host)}:{self.ws_port}/ws"
+
+    @property
+    def http_url(self) -> str:
+        return self.public_http_url or f"http://{_urlhost(self.http_host)}:{self.http_port}"
+
+    @property
+    def etcd_host_port(self) -> tuple[str, int]:
+        host, _, port = self.etcd.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _urlhost(host: str) -> str:
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind.startswith("tuple"):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--flag`` per settings field (default None: env and defaults fill the rest)."""
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"))
+
+
+def from_sources(
+    args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Build settings: flag > ``MESHPUSH_<FIELD>`` env var > default. Bad values raise ValueError."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        raw = getattr(args, f.name, None) if args is not None else None
+        if raw is None:
+            raw = env.get(ENV_PREFIX + f.name.upper())
+        if raw is not None:
+            try:
+                values[f.name] = _convert(f, str(raw))
+            except ValueError:
+                raise ValueError(f"bad value for {f.name}: {raw!r}") from None
+    return Settings(**values)
+
+
+def env_for(settings: Settings, names: Sequence[str] | None = None) -> dict[str, str]:
+    """The ``MESHPUSH_*`` env vars that reproduce ``settings`` (used to start node processes)."""
+    out: dict[str, str] = {}
+    for f in fields(Settings):
+        if names is not None and f.name not in names:
+            continue
+        value = getattr(settings, f.name)
+        out[ENV_PREFIX + f.name.upper()] = (
+            ",".join(value) if isinstance(value, tuple) else str(value)
+        )
+    return out
