@@ -204,6 +204,7 @@ class LocalCluster:
         started = [self.start_node(wait=False) for _ in range(self.nodes)]
         for node in started:
             self.wait_ready(node)
+        self.wait_converged()
 
     def start_etcd(self) -> Proc:
         self.etcd_port = self.etcd_port or free_port()
@@ -280,10 +281,28 @@ class LocalCluster:
         self.members.append(node)
         if wait:
             self.wait_ready(node)
+            self.wait_converged()
         return node
 
     def wait_ready(self, node: NodeProc, timeout: float = 30.0) -> None:
         wait_http(f"{node.http_url}/readyz", timeout, node.proc)
+
+    def wait_converged(self, timeout: float = 30.0) -> None:
+        """Wait until every live node's view lists exactly the live nodes."""
+        deadline = time.monotonic() + timeout
+        want = sorted(n.id for n in self.live())
+        while time.monotonic() < deadline:
+            if all(self.view_of(n) == want for n in self.live()):
+                return
+            time.sleep(0.05)
+        raise ClusterError(f"views did not converge on {want}")
+
+    def view_of(self, node: NodeProc) -> list[str] | None:
+        try:
+            with urllib.request.urlopen(f"{node.http_url}/v1/nodes", timeout=2) as resp:
+                return [n["id"] for n in json.loads(resp.read())["nodes"]]
+        except (OSError, ValueError, KeyError):
+            return None
 
     def node(self, node_id: str) -> NodeProc:
         return next(n for n in self.members if n.id == node_id)

@@ -1,0 +1,89 @@
+"""Helpers shared by the integration tests (not fixtures: plain functions and classes)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import trio
+
+from meshpush.auth import issue_token
+from meshpush.client import Client, Message, open_client
+from meshpush.devcluster import LocalCluster, NodeProc
+
+_users = itertools.count()
+
+
+def token(cluster: LocalCluster, user: str, ttl: float = 600) -> str:
+    return issue_token(cluster.token_secret, user, ttl)
+
+
+async def api(cluster: LocalCluster, node: NodeProc, method: str, path: str,
+              **kwargs: Any) -> httpx.Response:
+    headers = {"authorization": f"Bearer {cluster.api_key}", **kwargs.pop("headers", {})}
+    async with httpx.AsyncClient(base_url=node.http_url, timeout=10) as http:
+        return await http.request(method, path, headers=headers, **kwargs)
+
+
+async def publish(cluster: LocalCluster, node: NodeProc, user: str, data: Any,
+                  msg_id: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"user": user, "data": data}
+    if msg_id is not None:
+        body["id"] = msg_id
+    resp = await api(cluster, node, "POST", "/v1/publish", json=body)
+    assert resp.status_code == 202, resp.text
+    result: dict[str, Any] = resp.json()
+    return result
+
+
+async def owner_of(cluster: LocalCluster, user: str, via: NodeProc | None = None) -> str:
+    resp = await api(cluster, via or cluster.live()[0], "GET", "/v1/route",
+                     params={"user": user})
+    assert resp.status_code == 200, resp.text
+    owner: str = resp.json()["node"]
+    return owner
+
+
+async def user_owned_by(cluster: LocalCluster, node_id: str, prefix: str = "u") -> str:
+    for _ in range(500):
+        user = f"{prefix}-{next(_users)}"
+        if await owner_of(cluster, user) == node_id:
+            return user
+    raise AssertionError(f"no user found for {node_id}")
+
+
+@asynccontextmanager
+async def connected(cluster: LocalCluster, user: str, via: NodeProc | None = None,
+                    device: str = "d1", **kwargs: Any) -> AsyncIterator[Client]:
+    """An SDK client for ``user`` that is online (welcomed) when the block starts."""
+    node = via or cluster.live()[0]
+    secret = cluster.token_secret
+
+    async def fresh_token() -> str:
+        return issue_token(secret, user, 600)
+
+    async with open_client(node.ws_url, token=fresh_token, device=device, **kwargs) as client:
+        with trio.fail_after(15):
+            await client.wait_online()
+        yield client
+
+
+async def receive(client: Client, timeout: float = 10) -> Message:
+    with trio.fail_after(timeout):
+        return await client.receive()
+
+
+async def wait_until(predicate: Any, timeout: float = 15, step: float = 0.05) -> None:
+    with trio.fail_after(timeout):
+        while not await _call(predicate):
+            await trio.sleep(step)
+
+
+async def _call(predicate: Any) -> bool:
+    result = predicate()
+    if hasattr(result, "__await__"):
+        result = await result
+    return bool(result)
