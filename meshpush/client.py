@@ -69,6 +69,7 @@ class ClientStats:
     redirects: int = 0
     rejections: int = 0
     duplicates: int = 0
+    unexpected_errors: int = 0
     last_close: int | None = None
     last_error: str = ""
     nodes: list[str] = field(default_factory=list)
@@ -153,6 +154,10 @@ class Client:
             ) as exc:
                 self.stats.last_error = repr(exc)
                 log.debug("session to %s ended: %r", url, exc)
+            except Exception as exc:  # an SDK reconnects forever: log, count, back off
+                self.stats.last_error = repr(exc)
+                self.stats.unexpected_errors += 1
+                log.warning("session to %s failed unexpectedly: %r", url, exc)
             if self._online.is_set():
                 attempt = 0
                 self._online = trio.Event()
@@ -194,26 +199,34 @@ class Client:
         return urllib.parse.urlunsplit(parts._replace(query=query))
 
     async def _serve(self, ws: WebSocketConnection) -> None:
+        """Read frames until the session ends; raise _Redirect or the reason it ended."""
+        ended: Exception | None = None
+        redirect: str | None = None
         async with trio.open_nursery() as nursery:
-            redirect: str | None = None
             try:
-                while True:
-                    frame = parse_server_frame(await ws.get_message())
-                    redirect = await self._on_frame(ws, frame.type, frame.fields, nursery)
-                    if redirect:
-                        break
-            except ConnectionClosed as exc:
-                code = exc.reason.code if exc.reason else None
-                self.stats.last_close = code
-                if code == Close.REDIRECT and redirect is None:
-                    redirect = self.bootstrap
-                if redirect is None:
-                    raise
+                redirect = await self._read_frames(ws, nursery)
+            except (ConnectionClosed, ProtocolError) as exc:
+                ended = exc
             finally:
                 nursery.cancel_scope.cancel()
+        if isinstance(ended, ConnectionClosed):
+            code = ended.reason.code if ended.reason else None
+            self.stats.last_close = code
+            if code == Close.REDIRECT:
+                redirect = self.bootstrap
+                ended = None
+        if ended is not None:
+            raise ended
         if redirect is not None:
             self.stats.redirects += 1
             raise _Redirect(redirect)
+
+    async def _read_frames(self, ws: WebSocketConnection, nursery: trio.Nursery) -> str:
+        while True:
+            frame = parse_server_frame(await ws.get_message())
+            redirect = await self._on_frame(ws, frame.type, frame.fields, nursery)
+            if redirect:
+                return redirect
 
     async def _on_frame(
         self, ws: WebSocketConnection, kind: str, f: dict[str, Any], nursery: trio.Nursery
@@ -261,11 +274,14 @@ class Client:
         """Ping the node; if it does not answer within ``timeout``, drop the connection."""
         while True:
             await trio.sleep(interval)
-            with trio.move_on_after(timeout) as scope:
-                await ws.ping()
-            if scope.cancelled_caught:
-                self.stats.last_error = "server heartbeat timeout"
-                await ws.aclose(Close.HEARTBEAT_TIMEOUT, "server silent")
+            try:
+                with trio.move_on_after(timeout) as scope:
+                    await ws.ping()
+                if scope.cancelled_caught:
+                    self.stats.last_error = "server heartbeat timeout"
+                    await ws.aclose(Close.HEARTBEAT_TIMEOUT, "server silent")
+                    return
+            except ConnectionClosed:
                 return
 
     def _set_state(self, state: State) -> None:
