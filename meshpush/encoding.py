@@ -40,7 +40,7 @@ def encode_token(value: str) -> str:
 def decode_token(token: str) -> str:
     """Inverse of :func:`encode_token`; raises :class:`BadId` on garbage."""
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
         return raw.decode("utf-8")
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise BadId("not an encoded id") from None

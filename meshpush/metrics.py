@@ -5,7 +5,14 @@ Names are stable: the Grafana dashboard and the alert rules in the Helm chart us
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 
 class Metrics:
@@ -14,6 +21,7 @@ class Metrics:
     def __init__(self, node_id: str) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total
         self.sessions = Gauge("meshpush_sessions", "Open client sessions on this node", registry=r)
         self.users = Gauge("meshpush_users", "Distinct users with a session here", registry=r)
         self.handshakes = Counter(
