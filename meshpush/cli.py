@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -155,9 +156,17 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if args.id:
         body["id"] = args.id
     path = "/v1/broadcast" if args.broadcast else "/v1/publish"
-    answer = post_json(dev["nodes"][0]["http_url"] + path, body, dev["api_key"])
-    print(answer["seq"])
-    return 0
+    for node in dev["nodes"]:  # any node will do; skip one that is down
+        try:
+            answer = post_json(node["http_url"] + path, body, dev["api_key"])
+        except urllib.error.URLError as exc:
+            print(
+                f"meshpush: {node['id']} unreachable ({exc.reason}), trying next", file=sys.stderr
+            )
+            continue
+        print(answer["seq"])
+        return 0
+    raise CliError("no node answered")
 
 
 def post_json(url: str, body: dict[str, Any], api_key: str) -> dict[str, Any]:
@@ -186,7 +195,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         seen = 0
-        async with open_client(dev["nodes"][0]["ws_url"], token=token, device=args.device) as c:
+        urls = [n["ws_url"] for n in dev["nodes"]]
+        async with open_client(urls, token=token, device=args.device) as c:
             async for msg in c:
                 line = {
                     "ch": msg.ch,
@@ -200,8 +210,6 @@ def cmd_listen(args: argparse.Namespace) -> int:
                 if args.count and seen >= args.count:
                     return
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         trio.run(run)
-    except KeyboardInterrupt:
-        pass
     return 0

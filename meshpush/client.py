@@ -6,8 +6,9 @@
         async for msg in client:
             print(msg.ch, msg.seq, msg.data)
 
-* Any node is a bootstrap: a ``redirect`` frame (close 4302) sends the client to the owner,
-  at most ``max_hops`` times in a row before it backs off and starts again from bootstrap.
+* Any node is a bootstrap (give one URL or several): a ``redirect`` frame (close 4302) sends
+  the client to the owner, at most ``max_hops`` times in a row before it backs off and starts
+  again from the next bootstrap URL (they are tried in turn, so one dead node is no trap).
 * After any drop it reconnects with exponential backoff and full jitter (capped); the delay
   resets once a session reached ``welcome``.
 * It answers the server's pings (trio-websocket does) and pings the server itself; a server
@@ -24,7 +25,7 @@ import logging
 import random
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,9 +77,13 @@ class ClientStats:
 
 
 class _Redirect(Exception):
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, node: str = "") -> None:
         super().__init__(url)
         self.url = url
+        self.node = node
+
+
+_SESSION_ERRORS = (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError, ProtocolError)
 
 
 class Client:
@@ -86,19 +91,22 @@ class Client:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         token: TokenSource,
         device: str = "default",
         max_hops: int = 5,
         backoff_base: float = 0.05,
         backoff_cap: float = 5.0,
-        connect_timeout: float = 5.0,
+        connect_timeout: float = 10.0,
         buffer: int = 1024,
         ssl_context: ssl.SSLContext | None = None,
         on_state: Callable[[State], None] | None = None,
     ) -> None:
-        self.bootstrap = url
+        self.bootstraps = [url] if isinstance(url, str) else list(url)
+        if not self.bootstraps:
+            raise ValueError("at least one bootstrap URL is needed")
+        self._next_bootstrap = 0
         self.device = device
         self.max_hops = max_hops
         self.backoff_base = backoff_base
@@ -114,6 +122,10 @@ class Client:
         self.stats = ClientStats()
         self._send, self._recv = trio.open_memory_channel[Message](buffer)
         self._online = trio.Event()
+        self._avoid = ("", "")  # (node id, url) of a node that just proved unreachable
+        self._welcomed = ("", "")  # (node id, url) of the current session
+        self._redirect_node = ""
+        self._url = ""
 
     # ------------------------------------------------------------ public
 
@@ -136,40 +148,66 @@ class Client:
     async def run(self) -> None:
         """Connect, follow redirects and reconnect until cancelled."""
         attempt = 0
-        url, hops = self.bootstrap, 0
+        url, hops, target = self.bootstrap, 0, ("", "")
         while True:
             self._set_state(State.REDIRECTING if hops else State.CONNECTING)
             try:
                 await self._session(url)
             except _Redirect as redirect:
                 if hops < self.max_hops:
-                    url, hops = redirect.url, hops + 1
+                    url, hops, target = redirect.url, hops + 1, (redirect.node, redirect.url)
                     continue
-            except (
-                OSError,
-                HandshakeError,
-                ConnectionClosed,
-                trio.TooSlowError,
-                ProtocolError,
-            ) as exc:
-                self.stats.last_error = repr(exc)
-                log.debug("session to %s ended: %r", url, exc)
+            except _SESSION_ERRORS as exc:
+                self._ended(url, exc)
+                if self._unreachable(exc, target if hops else self._welcomed):
+                    # that node is gone (its lease may not have expired yet): go straight to
+                    # another node and ask it to hold us until the ring no longer names it
+                    url, hops, target = self._rotate(), 0, ("", "")
+                    self._welcomed = ("", "")
+                    continue
             except Exception as exc:  # an SDK reconnects forever: log, count, back off
-                self.stats.last_error = repr(exc)
                 self.stats.unexpected_errors += 1
-                log.warning("session to %s failed unexpectedly: %r", url, exc)
+                self._ended(url, exc, level=logging.WARNING)
             if self._online.is_set():
                 attempt = 0
                 self._online = trio.Event()
-            url, hops = self.bootstrap, 0
+            url, hops, target = self._rotate(), 0, ("", "")
             attempt += 1
-            self._set_state(State.BACKING_OFF)
-            await trio.sleep(
-                random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** min(attempt, 20)))
-            )
+            await self._backoff(attempt)
+
+    def _unreachable(self, exc: Exception, node: tuple[str, str]) -> bool:
+        """Did ``node`` (id, url) just die under us? If so, avoid it until the next welcome."""
+        dead = isinstance(exc, OSError | trio.TooSlowError) or (
+            isinstance(exc, ConnectionClosed)
+            and exc.reason is not None
+            and exc.reason.code in (Close.ABNORMAL, Close.GOING_AWAY)
+        )
+        if not dead or not node[0] or node == self._avoid:
+            return False
+        self._avoid = node
+        return True
+
+    def _ended(self, url: str, exc: Exception, level: int = logging.DEBUG) -> None:
+        self.stats.last_error = repr(exc)
+        log.log(level, "session to %s ended: %r", url, exc)
+
+    def _rotate(self) -> str:
+        """The next bootstrap URL, skipping the node we avoid when there is another."""
+        for _ in range(len(self.bootstraps)):
+            self._next_bootstrap += 1
+            if self.bootstrap != self._avoid[1]:
+                break
+        return self.bootstrap
+
+    async def _backoff(self, attempt: int) -> None:
+        """Full jitter: sleep uniform(0, min(cap, base * 2**attempt))."""
+        self._set_state(State.BACKING_OFF)
+        ceiling = min(self.backoff_cap, self.backoff_base * 2 ** min(attempt, 20))
+        await trio.sleep(random.uniform(0, ceiling))
 
     async def _session(self, url: str) -> None:
         self.stats.connects += 1
+        self._url = url
         target = await self._target(url)
         try:
             async with open_websocket_url(
@@ -194,6 +232,8 @@ class Client:
         }
         if self.epoch:
             params["epoch"] = self.epoch
+        if self._avoid[0]:
+            params["avoid"] = self._avoid[0]
         parts = urllib.parse.urlsplit(url)
         query = urllib.parse.urlencode(params)
         return urllib.parse.urlunsplit(parts._replace(query=query))
@@ -219,7 +259,8 @@ class Client:
             raise ended
         if redirect is not None:
             self.stats.redirects += 1
-            raise _Redirect(redirect)
+            node, self._redirect_node = self._redirect_node, ""
+            raise _Redirect(redirect, node)
 
     async def _read_frames(self, ws: WebSocketConnection, nursery: trio.Nursery) -> str:
         while True:
@@ -236,6 +277,7 @@ class Client:
         elif kind == "welcome":
             self._on_welcome(ws, f, nursery)
         elif kind == "redirect":
+            self._redirect_node = str(f.get("node") or "")
             return str(f.get("url") or self.bootstrap)
         elif kind == "error":
             log.warning("server error frame: %s", f)
@@ -247,6 +289,7 @@ class Client:
         self.stats.welcomes += 1
         self.node = str(f.get("node"))
         self.stats.nodes.append(self.node)
+        self._welcomed, self._avoid = (self.node, self._url), ("", "")
         epoch = str(f.get("epoch") or "")
         if self.epoch and epoch and epoch != self.epoch:
             log.warning("epoch changed %s -> %s: cursors reset", self.epoch, epoch)
@@ -284,6 +327,11 @@ class Client:
             except ConnectionClosed:
                 return
 
+    @property
+    def bootstrap(self) -> str:
+        """The bootstrap URL the next fresh connection starts from."""
+        return self.bootstraps[self._next_bootstrap % len(self.bootstraps)]
+
     def _set_state(self, state: State) -> None:
         if state is not self.state:
             self.state = state
@@ -292,7 +340,7 @@ class Client:
 
 
 @asynccontextmanager
-async def open_client(url: str, **kwargs: Any) -> AsyncIterator[Client]:
+async def open_client(url: str | Sequence[str], **kwargs: Any) -> AsyncIterator[Client]:
     """Run a :class:`Client` in a nursery for the duration of the block."""
     client = Client(url, **kwargs)
     async with trio.open_nursery() as nursery:

@@ -98,11 +98,15 @@ class Gateway:
 
     async def _handle(self, request: WebSocketRequest) -> None:
         try:
-            user, device, expires_at = self._check(request)
+            user, device, expires_at, avoid = self._check(request)
         except Rejection as rej:
             await self._reject(request, rej)
             return
-        route = self.router.route(user)
+        route = (
+            await self.router.route_avoiding(user, avoid, self._patience)
+            if avoid
+            else (self.router.route(user))
+        )
         if route.kind == "unavailable":
             await self._reject(request, Rejection(503, "unavailable", route.reason, 1))
             return
@@ -115,7 +119,12 @@ class Gateway:
             self.router.redirect(session)
         await self._run(ws, session)
 
-    def _check(self, request: WebSocketRequest) -> tuple[str, str, float]:
+    @property
+    def _patience(self) -> float:
+        """How long a handshake that avoids an unreachable owner may wait for the ring."""
+        return min(self.settings.lease_ttl + 1.0, self.settings.handshake_timeout)
+
+    def _check(self, request: WebSocketRequest) -> tuple[str, str, float, str]:
         path, query = _query(request)
         if path != "/ws":
             raise Rejection(404, "not_found", "WebSocket endpoint is /ws")
@@ -128,7 +137,8 @@ class Gateway:
             device = check_id(query.get("device", "default"), "device")
         except BadId as exc:
             raise Rejection(400, "bad_device", str(exc)) from None
-        return identity.user, device, identity.expires_at
+        avoid = query.get("avoid", "")[:256]
+        return identity.user, device, identity.expires_at, avoid
 
     async def _reject(self, request: WebSocketRequest, rej: Rejection) -> None:
         self.metrics.handshakes.labels(result=rej.code).inc()

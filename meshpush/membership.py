@@ -18,6 +18,7 @@ from typing import Any
 
 import aetcd
 import trio
+import trio_asyncio
 
 from .bridge import aio
 from .metrics import Metrics
@@ -105,7 +106,7 @@ class Membership:
     async def _watch(self) -> None:
         watch = await aio(self._client.watch_prefix)(self.prefix)
         try:
-            async for _event in aio(watch):
+            async for _event in trio_asyncio.aio_as_trio(watch):
                 self._changed.set()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):

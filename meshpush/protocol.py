@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import IntEnum
+from collections.abc import Callable
 from typing import Any, Literal
 
 Channel = Literal["user", "broadcast"]
@@ -21,6 +22,7 @@ class Close(IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    ABNORMAL = 1006  # never sent: what a client sees when the TCP connection just drops
     INVALID_DATA = 1007  # a frame that is not valid JSON / UTF-8
     POLICY = 1008  # a forbidden frame (binary, unknown type after repeated errors)
     TOO_BIG = 1009
@@ -100,7 +102,10 @@ def _parse_ping(obj: dict[str, Any]) -> Ping:
     return Ping()
 
 
-_PARSERS = {"ack": _parse_ack, "ping": _parse_ping}
+_PARSERS: dict[str, Callable[[dict[str, Any]], ClientFrame]] = {
+    "ack": _parse_ack,
+    "ping": _parse_ping,
+}
 
 # ---------------------------------------------------------------- server frames
 
@@ -129,7 +134,7 @@ def redirect(*, node: str, url: str, reason: str) -> str:
 
 
 def message(*, ch: Channel, seq: int, id: str, data_json: str, prev: int | None = None) -> str:
-    """A ``msg`` frame. ``data_json`` is already-encoded JSON, spliced in (encode once, send many)."""
+    """A ``msg`` frame; ``data_json`` is encoded JSON, spliced in (encode once, send many)."""
     prev_part = "" if prev is None else f',"prev":{prev}'
     return (
         f'{{"type":"msg","ch":"{ch}","seq":{seq}{prev_part},"id":{json.dumps(id)},'

@@ -71,6 +71,7 @@ class Router:
         self.registered = False
         self.draining = False
         self._drain_ring: Ring = EMPTY
+        self.changed = trio.Event()  # set (and replaced) whenever the ring changes
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
@@ -107,6 +108,16 @@ class Router:
         if info is None:
             return Route("unavailable", reason="owner unknown")
         return Route("redirect", info, "draining" if self.draining else "owner")
+
+    async def route_avoiding(self, user: str, avoid: str, patience: float) -> Route:
+        """Route ``user``, but if the owner is ``avoid`` (a client could not reach it), wait up
+        to ``patience`` seconds for the ring to change before answering with it anyway."""
+        route = self.route(user)
+        with trio.move_on_after(patience):
+            while route.kind == "redirect" and route.node is not None and route.node.id == avoid:
+                await self.changed.wait()
+                route = self.route(user)
+        return route
 
     def owner_info(self, user: str) -> NodeInfo | None:
         owner = self.ring.owner(user)
@@ -149,6 +160,9 @@ class Router:
             owned = ring.slots_of(self.me) if not self.draining else frozenset()
             await self.bus.subscribe_slots(set(owned))
             lost = self.owned - owned
+            if ring is not self.ring:
+                self.changed.set()
+                self.changed = trio.Event()
             self.view, self.ring, self.owned = dict(view), ring, owned
             if self.draining:
                 self._drain_ring = ring.without(self.me) if self.me in ring.nodes else ring

@@ -126,7 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def from_sources(
     args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
 ) -> Settings:
-    """Build settings: flag > ``MESHPUSH_<FIELD>`` env var > default. Bad values raise ValueError."""
+    """Build settings: flag > ``MESHPUSH_<FIELD>`` env > default; bad values raise ValueError."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     for f in fields(Settings):

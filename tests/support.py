@@ -21,15 +21,17 @@ def token(cluster: LocalCluster, user: str, ttl: float = 600) -> str:
     return issue_token(cluster.token_secret, user, ttl)
 
 
-async def api(cluster: LocalCluster, node: NodeProc, method: str, path: str,
-              **kwargs: Any) -> httpx.Response:
+async def api(
+    cluster: LocalCluster, node: NodeProc, method: str, path: str, **kwargs: Any
+) -> httpx.Response:
     headers = {"authorization": f"Bearer {cluster.api_key}", **kwargs.pop("headers", {})}
     async with httpx.AsyncClient(base_url=node.http_url, timeout=10) as http:
         return await http.request(method, path, headers=headers, **kwargs)
 
 
-async def publish(cluster: LocalCluster, node: NodeProc, user: str, data: Any,
-                  msg_id: str | None = None) -> dict[str, Any]:
+async def publish(
+    cluster: LocalCluster, node: NodeProc, user: str, data: Any, msg_id: str | None = None
+) -> dict[str, Any]:
     body: dict[str, Any] = {"user": user, "data": data}
     if msg_id is not None:
         body["id"] = msg_id
@@ -40,8 +42,7 @@ async def publish(cluster: LocalCluster, node: NodeProc, user: str, data: Any,
 
 
 async def owner_of(cluster: LocalCluster, user: str, via: NodeProc | None = None) -> str:
-    resp = await api(cluster, via or cluster.live()[0], "GET", "/v1/route",
-                     params={"user": user})
+    resp = await api(cluster, via or cluster.live()[0], "GET", "/v1/route", params={"user": user})
     assert resp.status_code == 200, resp.text
     owner: str = resp.json()["node"]
     return owner
@@ -56,16 +57,18 @@ async def user_owned_by(cluster: LocalCluster, node_id: str, prefix: str = "u") 
 
 
 @asynccontextmanager
-async def connected(cluster: LocalCluster, user: str, via: NodeProc | None = None,
-                    device: str = "d1", **kwargs: Any) -> AsyncIterator[Client]:
+async def connected(
+    cluster: LocalCluster, user: str, via: NodeProc | None = None, device: str = "d1", **kwargs: Any
+) -> AsyncIterator[Client]:
     """An SDK client for ``user`` that is online (welcomed) when the block starts."""
-    node = via or cluster.live()[0]
+    first = via or cluster.live()[0]
+    urls = [first.ws_url] + [n.ws_url for n in cluster.live() if n is not first]
     secret = cluster.token_secret
 
     async def fresh_token() -> str:
         return issue_token(secret, user, 600)
 
-    async with open_client(node.ws_url, token=fresh_token, device=device, **kwargs) as client:
+    async with open_client(urls, token=fresh_token, device=device, **kwargs) as client:
         with trio.fail_after(15):
             await client.wait_online()
         yield client

@@ -6,11 +6,6 @@ import json
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
-
-from meshpush.auth import issue_token
-from meshpush.devcluster import LocalCluster
-from meshpush.protocol import Close
 from support import (
     api,
     connected,
@@ -21,6 +16,11 @@ from support import (
     user_owned_by,
     wait_until,
 )
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+
+from meshpush.auth import issue_token
+from meshpush.devcluster import LocalCluster
+from meshpush.protocol import Close
 
 pytestmark = pytest.mark.cluster
 
@@ -79,8 +79,9 @@ async def test_broadcast_reaches_users_on_every_node(cluster: LocalCluster) -> N
         connected(cluster, users[2]) as c,
     ):
         assert {a.node, b.node, c.node} == {"n1", "n2", "n3"}
-        resp = await api(cluster, cluster.live()[0], "POST", "/v1/broadcast",
-                         json={"data": {"all": True}})
+        resp = await api(
+            cluster, cluster.live()[0], "POST", "/v1/broadcast", json={"data": {"all": True}}
+        )
         assert resp.status_code == 202, resp.text
         got = [await receive(x) for x in (a, b, c)]
     assert all(m.ch == "broadcast" and m.data == {"all": True} for m in got)

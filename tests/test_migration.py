@@ -8,10 +8,10 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import trio
+from support import connected, owner_of, publish, receive, wait_until
 
 from meshpush.client import Client
 from meshpush.devcluster import LocalCluster
-from support import connected, owner_of, publish, receive, wait_until
 
 pytestmark = pytest.mark.cluster
 USERS = [f"mig-{i}" for i in range(24)]

@@ -1,0 +1,103 @@
+"""`meshpush dev` as a user runs it: up, publish/listen round trip, Ctrl-C, nothing left."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+
+def meshpush(*args: str, **kwargs: object) -> list[str]:
+    return [sys.executable, "-m", "meshpush", *args]
+
+
+def wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "meshpush dev exited early"
+        if path.exists():
+            return json.loads(path.read_text())
+        time.sleep(0.1)
+    raise AssertionError("dev.json never appeared")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is not alive for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_dev_round_trip_and_clean_exit(tmp_path: Path, stop_signal: int) -> None:
+    state = tmp_path / "state"
+    dev = subprocess.Popen(
+        meshpush("dev", "--nodes", "2", "--dir", str(state)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    listen = None
+    try:
+        info = wait_for(state / "dev.json", dev)
+        assert {"cluster", "etcd", "nats", "api_key", "token_secret", "nodes"} <= set(info)
+        assert all({"id", "ws_url", "http_url", "pid"} <= set(n) for n in info["nodes"])
+        config = ["--config", str(state / "dev.json")]
+        token = subprocess.run(
+            meshpush("token", "--user", "zoe", *config),
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+        assert token.count(".") == 2
+        listen = subprocess.Popen(
+            meshpush("listen", "--user", "zoe", "--count", "1", *config),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        seq = None
+        for _ in range(50):  # publish until the listener is connected and prints it
+            seq = subprocess.run(
+                meshpush("publish", "--user", "zoe", '{"x": 1}', *config),
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout
+            try:
+                out, _ = listen.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        line = json.loads(out.splitlines()[0])
+        assert line["data"] == {"x": 1}
+        assert line["ch"] == "user"
+        assert int(seq) >= 1
+        pids = [n["pid"] for n in info["nodes"]] + [info["etcd_pid"], info["nats_pid"]]
+        assert all(alive(p) for p in pids)
+        dev.send_signal(stop_signal)
+        assert dev.wait(40) == 0
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in pids if alive(p)], "meshpush dev left processes behind"
+        assert not (state / "dev.json").exists()
+    finally:
+        for proc in (listen, dev):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
