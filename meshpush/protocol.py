@@ -8,9 +8,9 @@ reference; this module is its executable form. A peer's bad frame becomes a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from collections.abc import Callable
 from typing import Any, Literal
 
 Channel = Literal["user", "broadcast"]
