@@ -24,12 +24,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .auth import AuthError, bearer, check_api_key
-from .bus import Bus, StoreUnavailable
 from .encoding import BadId, check_id
 from .metrics import Metrics
 from .ring import slot
 from .router import Router
 from .settings import Settings
+from .store import Store, StoreUnavailable
 
 MAX_MSG_ID = 256
 
@@ -92,10 +92,10 @@ Handler = Callable[[Request], Awaitable[Response]]
 class Api:
     """Routes and handlers; the node's services are passed in, nothing is global."""
 
-    def __init__(self, settings: Settings, router: Router, bus: Bus, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, router: Router, store: Store, metrics: Metrics) -> None:
         self.settings = settings
         self.router = router
-        self.bus = bus
+        self.store = store
         self.metrics = metrics
         self.port = settings.http_port
         routes = [
@@ -137,7 +137,9 @@ class Api:
         except BadId as exc:
             raise ApiError(400, "bad_user", str(exc)) from None
         msg_id, payload = message_id(body), data_json(body)
-        stored = await self._store(lambda: self.bus.store_user(user, msg_id, payload), "user")
+        stored = await self._store(
+            lambda: self.store.publish("user", user, msg_id, payload), "user"
+        )
         return JSONResponse(
             {"seq": stored.seq, "duplicate": stored.duplicate, "id": msg_id}, status_code=202
         )
@@ -146,7 +148,9 @@ class Api:
         body = await read_json(request, self.settings.max_body_bytes)
         check_fields(body, {"data"}, {"id"})
         msg_id, payload = message_id(body), data_json(body)
-        stored = await self._store(lambda: self.bus.store_broadcast(msg_id, payload), "broadcast")
+        stored = await self._store(
+            lambda: self.store.publish("broadcast", None, msg_id, payload), "broadcast"
+        )
         return JSONResponse(
             {"seq": stored.seq, "duplicate": stored.duplicate, "id": msg_id}, status_code=202
         )

@@ -1,9 +1,7 @@
-"""NATS: live routing (core subjects per slot) and durable storage (JetStream streams).
+"""NATS: the node's connection and live routing (core subjects per slot, and broadcast).
 
-Subjects (``<c>`` = cluster name, ``<slot>`` = 0..4095, ``<u>`` = encoded user id):
+Subjects (``<c>`` = cluster name, ``<slot>`` = 0..4095); storage is in :mod:`meshpush.store`:
 
-* ``mp.<c>.store.u.<slot>.<u>`` — the user stream ``MP_<c>_USER``: every unicast, stored first;
-* ``mp.<c>.store.b`` — the broadcast stream ``MP_<c>_BCAST``;
 * ``mp.<c>.live.u.<slot>`` — live notification of a stored unicast, to the slot's owner;
 * ``mp.<c>.live.b`` — live notification of a stored broadcast, to every node.
 
@@ -19,28 +17,20 @@ import json
 import logging
 import random
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import nats
 import nats.errors
-import nats.js.api
-import nats.js.errors
 import trio
 
 from .bridge import Bridge, aio
-from .encoding import encode_token
 from .metrics import Metrics
 from .ring import slot
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 _CLUSTER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-class StoreUnavailable(Exception):
-    """NATS / JetStream did not accept or confirm a store in time (the API answers 503)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +40,10 @@ class Notification:
     ch: str  # "user" | "broadcast"
     user: str | None
     seq: int
+    prev: int
     id: str
     published_at: float
     data_json: str
-
-
-@dataclass(frozen=True, slots=True)
-class Stored:
-    seq: int
-    duplicate: bool
 
 
 class Subjects:
@@ -68,14 +53,7 @@ class Subjects:
         if not _CLUSTER_RE.match(cluster):
             raise ValueError("cluster name must match [A-Za-z0-9_-]{1,64}")
         self.cluster = cluster
-        self.user_stream = f"MP_{cluster}_USER"
-        self.bcast_stream = f"MP_{cluster}_BCAST"
         self.broadcast_live = f"mp.{cluster}.live.b"
-        self.broadcast_store = f"mp.{cluster}.store.b"
-        self.user_store_all = f"mp.{cluster}.store.u.>"
-
-    def user_store(self, user: str) -> str:
-        return f"mp.{self.cluster}.store.u.{slot(user)}.{encode_token(user)}"
 
     def slot_live(self, s: int) -> str:
         return f"mp.{self.cluster}.live.u.{s}"
@@ -95,6 +73,7 @@ def decode_notification(ch: str, payload: bytes) -> Notification:
         ch=ch,
         user=h.get("u"),
         seq=int(h["s"]),
+        prev=int(h.get("p", 0)),
         id=str(h["i"]),
         published_at=float(h["t"]),
         data_json=data,
@@ -111,7 +90,6 @@ class Bus:
         self.metrics = metrics
         self.nc: Any = None
         self.js: Any = None
-        self.epoch = ""
         self._subs: dict[int, Any] = {}
         self._bcast_sub: Any = None
         self._send, self.inbound = trio.open_memory_channel[Notification | None](16384)
@@ -150,7 +128,11 @@ class Bus:
         async def reconnected() -> None:
             self.connected = True
             self.reconnects += 1
-            log.info("NATS reconnected")
+            log.info("NATS reconnected: catching up every session from the streams")
+            try:
+                self._send.send_nowait(None)  # None = "catch up everyone"
+            except trio.WouldBlock:
+                self.metrics.dropped.inc()
 
         async def error(exc: Exception) -> None:
             self.metrics.backend_errors.labels(backend="nats").inc()
@@ -169,36 +151,6 @@ class Bus:
         )
         self.js = self.nc.jetstream(timeout=5)
         self.connected = True
-        await aio(self._ensure_streams)()
-
-    async def _ensure_streams(self) -> None:
-        s, subj = self.settings, self.subjects
-        common = dict(
-            max_age=s.max_message_age,
-            duplicate_window=s.duplicate_window,
-            num_replicas=s.stream_replicas,
-            storage=nats.js.api.StorageType.FILE,
-        )
-        user_cfg = nats.js.api.StreamConfig(
-            name=subj.user_stream,
-            subjects=[subj.user_store_all],
-            max_msgs_per_subject=s.max_msgs_per_user,
-            **common,  # type: ignore[arg-type]
-        )
-        bcast_cfg = nats.js.api.StreamConfig(
-            name=subj.bcast_stream,
-            subjects=[subj.broadcast_store],
-            max_msgs=s.max_msgs_per_user,
-            **common,  # type: ignore[arg-type]
-        )
-        infos = [await self._add_or_update(cfg) for cfg in (user_cfg, bcast_cfg)]
-        self.epoch = f"{int(infos[0].created.timestamp() * 1000) if infos[0].created else 0}"
-
-    async def _add_or_update(self, cfg: Any) -> Any:
-        try:
-            return await self.js.add_stream(cfg)
-        except nats.js.errors.BadRequestError:
-            return await self.js.update_stream(cfg)
 
     # ------------------------------------------------------------ subscriptions
 
@@ -243,39 +195,11 @@ class Bus:
 
         return on_message
 
-    # ------------------------------------------------------------ publishing
-
-    async def store_user(self, user: str, msg_id: str, data_json: str) -> Stored:
-        """Store a unicast in the user stream, then notify the slot's owner.
-
-        Raises :class:`StoreUnavailable` when NATS or JetStream does not confirm in time.
-        """
-        live = self.subjects.slot_live(slot(user))
-        return await self._store(self.subjects.user_store(user), live, msg_id, data_json, user)
-
-    async def store_broadcast(self, msg_id: str, data_json: str) -> Stored:
-        subj = self.subjects
-        return await self._store(subj.broadcast_store, subj.broadcast_live, msg_id, data_json)
-
-    async def _store(
-        self, store: str, live: str, msg_id: str, data_json: str, user: str | None = None
-    ) -> Stored:
-        if self.js is None or not self.connected:
-            raise StoreUnavailable("not connected to NATS")
-
-        async def work() -> Stored:
-            headers = {"Nats-Msg-Id": msg_id}
-            ack = await self.js.publish(store, data_json.encode(), headers=headers)
-            if not ack.duplicate:
-                head = {"u": user, "s": ack.seq, "i": msg_id, "t": time.time()}
-                await self.nc.publish(live, encode_notification(head, data_json))
-            return Stored(seq=ack.seq, duplicate=bool(ack.duplicate))
-
-        try:
-            return await self.bridge.call(work, timeout=5.0)
-        except (nats.errors.Error, TimeoutError, OSError) as exc:
-            self.metrics.backend_errors.labels(backend="nats").inc()
-            raise StoreUnavailable(f"store failed: {type(exc).__name__}") from None
+    def live_subject(self, ch: str, user: str | None) -> str:
+        if ch == "broadcast":
+            return self.subjects.broadcast_live
+        assert user is not None
+        return self.subjects.slot_live(slot(user))
 
 
 async def _unsubscribe_all(subs: list[Any]) -> None:

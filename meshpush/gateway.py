@@ -16,18 +16,22 @@ import json
 import logging
 import time
 import urllib.parse
+from dataclasses import dataclass
+from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from . import protocol
 from .auth import AuthError, bearer, verify_token
+from .delivery import Feeder
 from .encoding import BadId, check_id
 from .metrics import Metrics
 from .protocol import Close, ProtocolError
-from .router import Router
+from .router import Route, Router
 from .sessions import Registry, Session
 from .settings import Settings
+from .store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,25 @@ def _header(request: WebSocketRequest, name: bytes) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """What a handshake asked for, validated."""
+
+    user: str
+    device: str
+    expires_at: float
+    avoid: str
+    resume: dict[str, int]
+    epoch: str
+
+
+def _seq(query: dict[str, str], name: str) -> int:
+    raw = query.get(name, "0") or "0"
+    if not raw.isdigit() or len(raw) > 19:
+        raise Rejection(400, "bad_resume", f"{name} must be a non-negative integer")
+    return int(raw)
+
+
 class Gateway:
     """Serves ``/ws`` for one node."""
 
@@ -66,14 +89,14 @@ class Gateway:
         settings: Settings,
         registry: Registry,
         router: Router,
+        feeder: Feeder,
         metrics: Metrics,
-        epoch: str,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.router = router
+        self.feeder = feeder
         self.metrics = metrics
-        self.epoch = epoch
         self.port = settings.ws_port
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -98,33 +121,55 @@ class Gateway:
 
     async def _handle(self, request: WebSocketRequest) -> None:
         try:
-            user, device, expires_at, avoid = self._check(request)
+            hello = self._check(request)
         except Rejection as rej:
             await self._reject(request, rej)
             return
-        route = (
-            await self.router.route_avoiding(user, avoid, self._patience)
-            if avoid
-            else (self.router.route(user))
-        )
+        route = await self._route(hello)
         if route.kind == "unavailable":
             await self._reject(request, Rejection(503, "unavailable", route.reason, 1))
+        elif route.kind == "redirect":
+            assert route.node is not None
+            ws = await request.accept()
+            await self._redirect_now(ws, route.node.id, route.node.ws_url, route.reason)
+        else:
+            await self._serve_local(request, hello)
+
+    async def _route(self, hello: Hello) -> Route:
+        if hello.avoid:
+            return await self.router.route_avoiding(hello.user, hello.avoid, self._patience)
+        return self.router.route(hello.user)
+
+    async def _serve_local(self, request: WebSocketRequest, hello: Hello) -> None:
+        """Register first (live notifications now buffer), read where to resume, then welcome."""
+        session = Session(hello.user, hello.device, self.settings.session_queue, hello.expires_at)
+        self.registry.add(session)
+        try:
+            with trio.fail_after(5):
+                first, recovered = await self.feeder.start_points(
+                    session, hello.resume, hello.epoch
+                )
+        except (StoreUnavailable, trio.TooSlowError):
+            self.registry.remove(session)
+            await self._reject(
+                request, Rejection(503, "store_unavailable", "cannot read the stream", 1)
+            )
             return
-        ws = await request.accept()
-        if route.kind == "redirect":
-            await self._redirect_now(ws, route.node.id, route.node.ws_url, route.reason)  # type: ignore[union-attr]
-            return
-        session = Session(user, device, self.settings.session_queue, expires_at)
-        if self.router.route(user).kind != "local":  # the ring moved during accept()
+        try:
+            ws = await request.accept()
+        except BaseException:
+            self.registry.remove(session)
+            raise
+        if self.router.route(hello.user).kind != "local":  # the ring moved meanwhile
             self.router.redirect(session)
-        await self._run(ws, session)
+        await self._run(ws, session, first, recovered)
 
     @property
     def _patience(self) -> float:
         """How long a handshake that avoids an unreachable owner may wait for the ring."""
         return min(self.settings.lease_ttl + 1.0, self.settings.handshake_timeout)
 
-    def _check(self, request: WebSocketRequest) -> tuple[str, str, float, str]:
+    def _check(self, request: WebSocketRequest) -> Hello:
         path, query = _query(request)
         if path != "/ws":
             raise Rejection(404, "not_found", "WebSocket endpoint is /ws")
@@ -137,8 +182,15 @@ class Gateway:
             device = check_id(query.get("device", "default"), "device")
         except BadId as exc:
             raise Rejection(400, "bad_device", str(exc)) from None
-        avoid = query.get("avoid", "")[:256]
-        return identity.user, device, identity.expires_at, avoid
+        resume = {"user": _seq(query, "last"), "broadcast": _seq(query, "blast")}
+        return Hello(
+            user=identity.user,
+            device=device,
+            expires_at=identity.expires_at,
+            avoid=query.get("avoid", "")[:256],
+            resume=resume,
+            epoch=query.get("epoch", "")[:64],
+        )
 
     async def _reject(self, request: WebSocketRequest, rej: Rejection) -> None:
         self.metrics.handshakes.labels(result=rej.code).inc()
@@ -163,35 +215,47 @@ class Gateway:
 
     # ------------------------------------------------------------ session
 
-    async def _run(self, ws: WebSocketConnection, session: Session) -> None:
+    async def _run(
+        self,
+        ws: WebSocketConnection,
+        session: Session,
+        first: dict[str, list[Any]],
+        recovered: bool,
+    ) -> None:
         self.metrics.handshakes.labels(result="accepted").inc()
-        self.registry.add(session)
         self._count()
         try:
             with trio.CancelScope() as scope:
                 session.cancel_scope = scope
                 if session.close_request is not None:
                     scope.cancel()
-                await ws.send_message(self._welcome(session))
+                await ws.send_message(self._welcome(session, recovered))
                 async with trio.open_nursery() as nursery:
+                    session.nursery = nursery
+                    for ch, batch in first.items():
+                        nursery.start_soon(self.feeder.replay, session, ch, batch)
                     nursery.start_soon(self._reader, ws, session)
                     await self._writer(ws, session, nursery)
         except ConnectionClosed:
             pass
         finally:
+            session.nursery = None
             self.registry.remove(session)
             self._count()
+            self.feeder.cursors.flush_soon()
             await self._finish(ws, session)
 
-    def _welcome(self, session: Session) -> str:
+    def _welcome(self, session: Session, recovered: bool) -> str:
         s = self.settings
         return protocol.welcome(
             node=s.node_id,
             user=session.user,
             device=session.device,
-            epoch=self.epoch,
+            epoch=self.feeder.store.epoch,
             interval=s.heartbeat_interval,
             timeout=s.heartbeat_timeout,
+            recovered=recovered,
+            resume={ch: feed.sent for ch, feed in session.feeds.items()},
         )
 
     async def _writer(
@@ -237,6 +301,14 @@ class Gateway:
                 continue
             if isinstance(frame, protocol.Ping):
                 session.offer(protocol.PONG)
+            elif isinstance(frame, protocol.Ack):
+                self._ack(session, frame)
+
+    def _ack(self, session: Session, frame: protocol.Ack) -> None:
+        try:
+            self.feeder.ack(session, frame.ch, frame.seq)
+        except ValueError as exc:
+            self._protocol_error(session, ProtocolError("bad_ack", str(exc)))
 
     def _protocol_error(self, session: Session, exc: ProtocolError) -> None:
         self.metrics.frame_errors.labels(code=exc.code).inc()

@@ -50,6 +50,24 @@ class Metrics:
             "Live notifications dropped (queue full); recovered from the stream",
             registry=r,
         )
+        self.replayed = Counter(
+            "meshpush_messages_replayed_total",
+            "Stored messages read for resumes",
+            ["ch"],
+            registry=r,
+        )
+        self.catch_ups = Counter(
+            "meshpush_catch_ups_total",
+            "Live sessions caught up from the stream, by cause",
+            ["reason"],
+            registry=r,
+        )
+        self.gaps = Counter(
+            "meshpush_gaps_total",
+            "Gaps (messages lost to retention) reported to clients",
+            ["ch"],
+            registry=r,
+        )
         self.publish_latency = Histogram(
             "meshpush_publish_seconds",
             "Time to store and notify one publish",

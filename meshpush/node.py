@@ -19,12 +19,14 @@ import trio_asyncio
 from .api import Api
 from .bridge import Bridge
 from .bus import Bus
+from .delivery import Feeder
 from .gateway import Gateway
 from .membership import Membership
 from .metrics import Metrics
 from .router import Router
 from .sessions import Registry
 from .settings import Settings
+from .store import Cursors, Store
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,13 @@ class Node:
         self.bridge = Bridge()
         self.registry = Registry()
         self.bus = Bus(settings, self.bridge, self.metrics)
-        self.router = Router(settings, self.registry, self.bus, self.metrics)
-        self.api = Api(settings, self.router, self.bus, self.metrics)
+        self.store = Store(settings, self.bus, self.bridge, self.metrics)
+        self.cursors = Cursors(self.store, self.metrics, settings.cursor_flush_interval)
+        self.feeder = Feeder(settings, self.store, self.cursors, self.metrics)
+        self.router = Router(settings, self.registry, self.bus, self.feeder, self.metrics)
+        self.api = Api(settings, self.router, self.store, self.metrics)
+        self.gateway = Gateway(settings, self.registry, self.router, self.feeder, self.metrics)
         self.membership: Membership | None = None
-        self.gateway: Gateway | None = None
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
@@ -50,10 +55,9 @@ class Node:
             await nursery.start(self.bridge.run)
             http_port = await nursery.start(self.api.serve)
             await nursery.start(self.bus.run)
+            await self._setup_store()
+            nursery.start_soon(self.cursors.run)
             await nursery.start(self.router.run)
-            self.gateway = Gateway(
-                self.settings, self.registry, self.router, self.metrics, self.bus.epoch
-            )
             ws_port = await nursery.start(self.gateway.serve)
             public = self.settings.replace(ws_port=ws_port, http_port=http_port)
             self.membership = Membership(public, self.router.apply, self.metrics)
@@ -61,6 +65,17 @@ class Node:
             nursery.start_soon(self._signals)
             announce(public)
             task_status.started(self)
+
+    async def _setup_store(self) -> None:
+        """Create/update streams and the cursor bucket; retry while JetStream is not ready."""
+        for attempt in range(1, 1_000_000):
+            try:
+                await self.store.setup()
+                return
+            except Exception as exc:  # nats/JetStream errors are many; logged and counted
+                self.metrics.backend_errors.labels(backend="jetstream").inc()
+                log.warning("JetStream setup attempt %d failed: %r", attempt, exc)
+                await trio.sleep(min(0.2 * attempt, 3.0))
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -90,6 +105,8 @@ class Node:
         for session in self.registry.all():
             session.close(1001, "node stopping")
         await trio.sleep(0.1)
+        with trio.move_on_after(3):
+            await self.cursors.flush()
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
 

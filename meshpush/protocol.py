@@ -115,7 +115,15 @@ def _dumps(obj: dict[str, Any]) -> str:
 
 
 def welcome(
-    *, node: str, user: str, device: str, epoch: str, interval: float, timeout: float
+    *,
+    node: str,
+    user: str,
+    device: str,
+    epoch: str,
+    interval: float,
+    timeout: float,
+    recovered: bool = True,
+    resume: dict[str, int] | None = None,
 ) -> str:
     return _dumps(
         {
@@ -125,8 +133,15 @@ def welcome(
             "device": device,
             "epoch": epoch,
             "heartbeat": {"interval": interval, "timeout": timeout},
+            "recovered": recovered,
+            "resume": resume or {"user": 0, "broadcast": 0},
         }
     )
+
+
+def gap(*, ch: Channel, first: int, last: int) -> str:
+    """Messages of ``ch`` with seq in [first, last] were lost to retention before delivery."""
+    return _dumps({"type": "gap", "ch": ch, "from": first, "to": last})
 
 
 def redirect(*, node: str, url: str, reason: str) -> str:

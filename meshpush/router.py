@@ -19,6 +19,7 @@ import trio
 
 from . import protocol
 from .bus import Bus, Notification
+from .delivery import Feeder
 from .metrics import Metrics
 from .protocol import Close
 from .ring import EMPTY, Ring, slot
@@ -59,8 +60,11 @@ class Route:
 class Router:
     """Owns the ring view, the slot subscriptions and session migration of one node."""
 
-    def __init__(self, settings: Settings, registry: Registry, bus: Bus, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, registry: Registry, bus: Bus, feeder: Feeder, metrics: Metrics
+    ) -> None:
         self.settings = settings
+        self.feeder = feeder
         self.me = settings.node_id
         self.registry = registry
         self.bus = bus
@@ -135,18 +139,26 @@ class Router:
 
     async def _dispatch(self) -> None:
         async for note in self.bus.inbound:
-            if note is not None:
+            if note is None:  # NATS reconnected: notifications may have been missed
+                self.feeder.catch_up_all(self.registry.all())
+            else:
                 self.deliver(note)
 
     def deliver(self, note: Notification) -> None:
+        """Hand a live notification to the feeds of its sessions; the frame is encoded once."""
         ch: protocol.Channel = "broadcast" if note.ch == "broadcast" else "user"
-        frame = protocol.message(ch=ch, seq=note.seq, id=note.id, data_json=note.data_json)
         if ch == "broadcast":
-            n = self.registry.deliver_all(frame)
+            targets = self.registry.all()
         elif note.user is not None:
-            n = self.registry.deliver_user(note.user, frame)
+            targets = list(self.registry.of_user(note.user))
         else:
             return
+        if not targets:
+            return
+        frame = protocol.message(
+            ch=ch, seq=note.seq, id=note.id, data_json=note.data_json, prev=note.prev
+        )
+        n = sum(self.feeder.live(s, ch, note, frame) for s in targets)
         if n:
             self.metrics.delivered.labels(ch=ch).inc(n)
             self.metrics.delivery_latency.observe(max(0.0, time.time() - note.published_at))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import trio
 
+from .delivery import Feed
 from .protocol import Close
 from .ring import slot
 
@@ -35,8 +36,10 @@ class Session:
         "close_request",
         "device",
         "expires_at",
+        "feeds",
         "id",
         "last_seen",
+        "nursery",
         "outbox",
         "queue",
         "slot",
@@ -53,6 +56,8 @@ class Session:
         self.outbox, self.queue = trio.open_memory_channel[str](queue_size)
         self.cancel_scope: trio.CancelScope | None = None
         self.close_request: CloseRequest | None = None
+        self.feeds: dict[str, Feed] = {"user": Feed(), "broadcast": Feed()}
+        self.nursery: trio.Nursery | None = None  # where this session's replays run
 
     def offer(self, frame: str) -> bool:
         """Queue a frame without waiting. False (and the session is cut 4008) when it is full."""

@@ -78,6 +78,17 @@ class Settings:
         default=120.0, metadata={"help": "seconds a publish id deduplicates retries"}
     )
     stream_replicas: int = field(default=1, metadata={"help": "JetStream stream replicas"})
+    backlog_user: int = field(
+        default=-1,
+        metadata={"help": "stored user messages a brand-new device gets: -1 all, 0 none, N last N"},
+    )
+    backlog_broadcast: int = field(
+        default=0,
+        metadata={"help": "stored broadcasts a brand-new device gets: -1 all, 0 none, N last N"},
+    )
+    cursor_flush_interval: float = field(
+        default=1.0, metadata={"help": "seconds between batched cursor (ack) writes"}
+    )
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
 
     @property

@@ -1,0 +1,393 @@
+"""Durable storage on JetStream: chained publishes, ordered reads and device cursors.
+
+* Every unicast is stored on ``mp.<c>.store.u.<slot>.<user>`` in stream ``MP_<c>_USER``; every
+  broadcast on ``mp.<c>.store.b`` in ``MP_<c>_BCAST``. The stream sequence is the ``seq``.
+* Each stored message carries ``Mp-Prev``: the previous seq on the same subject. The publish
+  sends ``Nats-Expected-Last-Subject-Sequence: <prev>`` so JetStream refuses it if another
+  publisher got there first; the node then retries with the seq JetStream names (bounded).
+  The per-user chain is therefore exact, whoever publishes.
+* ``Nats-Msg-Id`` is the publish id: a retry inside the duplicate window returns the original
+  seq with ``duplicate`` set and is neither stored nor notified again.
+* Only after JetStream confirmed the store is the live notification published: the stream is
+  the truth, notifications are hints.
+* Reads use JetStream's batched direct get (``next_by_subj``): one round trip per batch.
+* Cursors (last acked seq per device and channel) live in the KV bucket ``MP_<c>_CURSORS``;
+  :class:`Cursors` collects acks in memory and writes them in batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import nats.js.api
+import nats.js.errors
+import trio
+
+from .bridge import Bridge, aio
+from .bus import Bus, encode_notification
+from .encoding import encode_token
+from .metrics import Metrics
+from .ring import slot
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+WRONG_LAST = 10071
+MAX_CHAIN_RETRIES = 32
+_LAST_RE = re.compile(r"wrong last sequence: (\d+)")
+
+
+class StoreUnavailable(Exception):
+    """NATS / JetStream did not accept or confirm an operation in time (the API answers 503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    seq: int
+    prev: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message read back from a stream."""
+
+    seq: int
+    prev: int
+    id: str
+    data_json: str
+
+
+class _Locks:
+    """One trio lock per key, created on demand and dropped when nobody holds or waits."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[trio.Lock, int]] = {}
+
+    async def run(self, key: str, fn: Callable[[], Awaitable[Stored]]) -> Stored:
+        lock, users = self._locks.get(key, (trio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                return await fn()
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+class _LastSeqs:
+    """A bounded LRU of the last known seq per subject (a hint; JetStream corrects it)."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self.size = size
+        self._data: OrderedDict[str, int] = OrderedDict()
+
+    def get(self, subject: str) -> int:
+        seq = self._data.get(subject, 0)
+        if subject in self._data:
+            self._data.move_to_end(subject)
+        return seq
+
+    def put(self, subject: str, seq: int) -> None:
+        self._data[subject] = seq
+        self._data.move_to_end(subject)
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+
+def stream_subject(settings: Settings, ch: str, user: str | None) -> str:
+    c = settings.cluster
+    if ch == "broadcast":
+        return f"mp.{c}.store.b"
+    assert user is not None
+    return f"mp.{c}.store.u.{slot(user)}.{encode_token(user)}"
+
+
+class Store:
+    """JetStream side of a node. Needs a connected :class:`Bus`."""
+
+    def __init__(self, settings: Settings, bus: Bus, bridge: Bridge, metrics: Metrics) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.bridge = bridge
+        self.metrics = metrics
+        c = settings.cluster
+        self.streams = {"user": f"MP_{c}_USER", "broadcast": f"MP_{c}_BCAST"}
+        self.bucket = f"MP_{c}_CURSORS"
+        self.epoch = ""
+        self.kv: Any = None
+        self._locks = _Locks()
+        self._last = _LastSeqs()
+        self.chain_retries = 0
+
+    # ------------------------------------------------------------ setup
+
+    async def setup(self) -> None:
+        """Create or update the streams and the cursor bucket (idempotent)."""
+        infos = await aio(self._ensure)()
+        self.epoch = ".".join(str(int(i.created.timestamp() * 1000)) for i in infos)
+
+    async def _ensure(self) -> list[Any]:
+        s, c = self.settings, self.settings.cluster
+        common: dict[str, Any] = dict(
+            max_age=s.max_message_age,
+            duplicate_window=s.duplicate_window,
+            num_replicas=s.stream_replicas,
+            storage=nats.js.api.StorageType.FILE,
+            allow_direct=True,
+        )
+        configs = [
+            nats.js.api.StreamConfig(
+                name=self.streams["user"],
+                subjects=[f"mp.{c}.store.u.>"],
+                max_msgs_per_subject=s.max_msgs_per_user,
+                **common,
+            ),
+            nats.js.api.StreamConfig(
+                name=self.streams["broadcast"],
+                subjects=[f"mp.{c}.store.b"],
+                max_msgs=s.max_msgs_per_user,
+                **common,
+            ),
+        ]
+        infos = [await self._add_or_update(cfg) for cfg in configs]
+        self.kv = await self.bus.js.create_key_value(
+            bucket=self.bucket, history=1, ttl=s.max_message_age, replicas=s.stream_replicas
+        )
+        return infos
+
+    async def _add_or_update(self, cfg: Any) -> Any:
+        try:
+            return await self.bus.js.add_stream(cfg)
+        except nats.js.errors.BadRequestError:
+            return await self.bus.js.update_stream(cfg)
+
+    # ------------------------------------------------------------ publishing
+
+    async def publish(self, ch: str, user: str | None, msg_id: str, data_json: str) -> Stored:
+        """Store (chained on prev), then notify. Raises :class:`StoreUnavailable`."""
+        if self.bus.js is None or not self.bus.connected:
+            raise StoreUnavailable("not connected to NATS")
+        subject = stream_subject(self.settings, ch, user)
+        live = self.bus.live_subject(ch, user)
+        return await self._locks.run(
+            subject, lambda: self._publish_chained(subject, live, user, msg_id, data_json)
+        )
+
+    async def _publish_chained(
+        self, subject: str, live: str, user: str | None, msg_id: str, data_json: str
+    ) -> Stored:
+        first_guess = self._last.get(subject)
+
+        async def work() -> Stored:  # runs on the asyncio loop: one crossing per publish
+            prev = first_guess
+            for _ in range(MAX_CHAIN_RETRIES):
+                outcome = await self._store_once(subject, prev, msg_id, data_json)
+                if isinstance(outcome, int):  # JetStream named the real last seq: chain on it
+                    self.chain_retries += 1
+                    prev = outcome
+                    continue
+                if not outcome.duplicate:
+                    head = {"u": user, "s": outcome.seq, "p": prev, "i": msg_id, "t": time.time()}
+                    await self.bus.nc.publish(live, encode_notification(head, data_json))
+                return outcome
+            raise StoreUnavailable("too many concurrent publishers on one subject; retry")
+
+        stored: Stored = await self._call(work)
+        if not stored.duplicate:
+            self._last.put(subject, stored.seq)
+        return stored
+
+    async def _store_once(
+        self, subject: str, prev: int, msg_id: str, data_json: str
+    ) -> Stored | int:
+        headers = {
+            "Nats-Msg-Id": msg_id,
+            "Nats-Expected-Last-Subject-Sequence": str(prev),
+            "Mp-Prev": str(prev),
+        }
+        try:
+            ack = await self.bus.js.publish(subject, data_json.encode(), headers=headers)
+        except nats.js.errors.APIError as exc:
+            match = _LAST_RE.search(exc.description or "")
+            if exc.err_code == WRONG_LAST and match:
+                return int(match.group(1))
+            raise
+        return Stored(seq=ack.seq, prev=prev, duplicate=bool(ack.duplicate))
+
+    async def _call(self, factory: Callable[[], Awaitable[Any]], timeout: float = 5.0) -> Any:
+        try:
+            return await self.bridge.call(factory, timeout=timeout)
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            self.metrics.backend_errors.labels(backend="nats").inc()
+            raise StoreUnavailable(f"store failed: {type(exc).__name__}") from None
+
+    # ------------------------------------------------------------ reading
+
+    async def read_after(
+        self, ch: str, user: str | None, after: int, limit: int
+    ) -> list[StoredMessage]:
+        """Up to ``limit`` stored messages of the channel with seq > ``after``, in order."""
+        subject = stream_subject(self.settings, ch, user)
+        stream = self.streams[ch]
+        raw = await self._call(lambda: self._direct_batch(stream, subject, after + 1, limit))
+        return [_to_stored(m) for m in raw]
+
+    async def last_seq(self, ch: str, user: str | None) -> int:
+        """The seq of the newest stored message of the channel (0 if there is none)."""
+        subject = stream_subject(self.settings, ch, user)
+        stream = self.streams[ch]
+
+        async def get() -> int:
+            try:
+                msg = await self.bus.js.get_msg(stream, subject=subject, direct=True)
+            except nats.js.errors.NotFoundError:
+                return 0
+            return int(msg.seq or 0)
+
+        result: int = await self._call(get)
+        return result
+
+    async def count(self, ch: str, user: str | None) -> int:
+        """How many messages of the channel are stored now."""
+        subject = stream_subject(self.settings, ch, user)
+
+        async def get() -> int:
+            info = await self.bus.js.stream_info(self.streams[ch], subjects_filter=subject)
+            return int((info.state.subjects or {}).get(subject, 0))
+
+        result: int = await self._call(get)
+        return result
+
+    async def _direct_batch(self, stream: str, subject: str, start: int, limit: int) -> list[Any]:
+        nc = self.bus.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, max_msgs=limit + 1)
+        try:
+            request = {"seq": start, "next_by_subj": subject, "batch": limit}
+            await nc.publish(
+                f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox
+            )
+            out: list[Any] = []
+            while len(out) < limit:
+                msg = await sub.next_msg(timeout=5)
+                status = (msg.headers or {}).get("Status")
+                if status is not None:  # 204 end of batch, 404 nothing (more) to read
+                    if status not in ("204", "404"):
+                        raise nats.errors.Error(f"direct get failed: {status}")
+                    break
+                out.append(msg)
+            return out
+        finally:
+            await sub.unsubscribe()
+
+
+def _to_stored(msg: Any) -> StoredMessage:
+    h = msg.headers or {}
+    return StoredMessage(
+        seq=int(h["Nats-Sequence"]),
+        prev=int(h.get("Mp-Prev", 0)),
+        id=str(h.get("Nats-Msg-Id", "")),
+        data_json=msg.data.decode(),
+    )
+
+
+# ---------------------------------------------------------------- cursors
+
+
+def _cursor_json(c: Cursor) -> bytes:
+    return json.dumps({"u": c.user, "b": c.broadcast, "e": c.epoch}).encode()
+
+
+def cursor_key(user: str, device: str) -> str:
+    return f"{encode_token(user)}.{encode_token(device)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    user: int = 0
+    broadcast: int = 0
+    epoch: str = ""
+
+
+class Cursors:
+    """Per-device acked seqs: read at connect, written in batches (not once per ack)."""
+
+    def __init__(self, store: Store, metrics: Metrics, interval: float = 1.0) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.interval = interval
+        self._dirty: dict[str, Cursor] = {}
+        self._wake = trio.Event()
+        self.writes = 0
+        self.flushes = 0
+
+    async def load(self, user: str, device: str) -> Cursor:
+        key = cursor_key(user, device)
+        pending = self._dirty.get(key)
+        if pending is not None:
+            return pending
+
+        async def get() -> Cursor:
+            try:
+                entry = await self.store.kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                return Cursor()
+            obj = json.loads(entry.value or b"{}")
+            return Cursor(int(obj.get("u", 0)), int(obj.get("b", 0)), str(obj.get("e", "")))
+
+        try:
+            cursor: Cursor = await self.store._call(get)
+        except (StoreUnavailable, ValueError) as exc:
+            self.metrics.backend_errors.labels(backend="cursor_read").inc()
+            log.warning("cursor read failed for a device, resuming from the client's seq: %r", exc)
+            return Cursor()
+        return cursor
+
+    def save(self, user: str, device: str, cursor: Cursor, urgent: bool = False) -> None:
+        self._dirty[cursor_key(user, device)] = cursor
+        if urgent or len(self._dirty) >= 1000:
+            self._wake.set()
+
+    def flush_soon(self) -> None:
+        if self._dirty:
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Flush every ``interval`` (or sooner when asked); one crossing per flush."""
+        while True:
+            with trio.move_on_after(self.interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._dirty or self.store.kv is None:
+            return
+        batch, self._dirty = self._dirty, {}
+        kv = self.store.kv
+
+        async def put_all() -> None:
+            await asyncio.gather(*(kv.put(key, _cursor_json(c)) for key, c in batch.items()))
+
+        try:
+            await self.store._call(put_all, timeout=10.0)
+            self.writes += len(batch)
+            self.flushes += 1
+        except StoreUnavailable as exc:
+            self.metrics.backend_errors.labels(backend="cursor_write").inc()
+            log.warning("cursor flush of %d failed (%r); will retry", len(batch), exc)
+            for key, c in batch.items():
+                self._dirty.setdefault(key, c)
