@@ -20,7 +20,10 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import enum
+import json
 import logging
 import random
 import ssl
@@ -63,6 +66,17 @@ class Message:
     prev: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ClientEvent:
+    """Something the application may want to know: ``gap`` (messages lost to retention),
+    ``epoch_reset`` (the store was recreated; cursors reset), ``not_recovered`` (the resume was
+    incomplete), ``chain_break`` (a seq went missing live; the SDK resumed), ``error``."""
+
+    kind: str
+    ch: str | None
+    detail: dict[str, Any]
+
+
 @dataclass
 class ClientStats:
     connects: int = 0
@@ -70,6 +84,8 @@ class ClientStats:
     redirects: int = 0
     rejections: int = 0
     duplicates: int = 0
+    gaps: int = 0
+    chain_breaks: int = 0
     unexpected_errors: int = 0
     last_close: int | None = None
     last_error: str = ""
@@ -102,6 +118,8 @@ class Client:
         buffer: int = 1024,
         ssl_context: ssl.SSLContext | None = None,
         on_state: Callable[[State], None] | None = None,
+        on_event: Callable[[ClientEvent], None] | None = None,
+        auto_ack: bool = True,
     ) -> None:
         self.bootstraps = [url] if isinstance(url, str) else list(url)
         if not self.bootstraps:
@@ -114,11 +132,20 @@ class Client:
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
         self.on_state = on_state
+        self.on_event = on_event
+        self.auto_ack = auto_ack
+        self.events: collections.deque[ClientEvent] = collections.deque(maxlen=256)
         self._token = token
         self.state = State.CONNECTING
         self.node: str | None = None
         self.epoch: str | None = None
-        self.last: dict[str, int] = {"user": 0, "broadcast": 0}
+        self.last: dict[str, int] = {"user": 0, "broadcast": 0}  # newest seq received
+        self.consumed: dict[str, int] = {"user": 0, "broadcast": 0}  # newest seq acked by app
+        self._acked: dict[str, int] = {"user": 0, "broadcast": 0}  # newest ack sent (session)
+        self._after_gap: set[str] = set()
+        self._handed: Message | None = None
+        self._ack_wake = trio.Event()
+        self._ws: WebSocketConnection | None = None
         self.stats = ClientStats()
         self._send, self._recv = trio.open_memory_channel[Message](buffer)
         self._online = trio.Event()
@@ -133,11 +160,22 @@ class Client:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Message]:
-        async for msg in self._recv:
-            yield msg
+        while True:
+            yield await self.receive()
 
     async def receive(self) -> Message:
-        return await self._recv.receive()
+        """The next message. With ``auto_ack`` the previous one counts as consumed (acked)."""
+        if self.auto_ack and self._handed is not None:
+            self.ack(self._handed)
+        msg = await self._recv.receive()
+        self._handed = msg
+        return msg
+
+    def ack(self, msg: Message) -> None:
+        """Mark ``msg`` (and everything before it on its channel) consumed; sent soon, batched."""
+        if msg.seq > self.consumed[msg.ch]:
+            self.consumed[msg.ch] = msg.seq
+            self._ack_wake.set()
 
     async def wait_online(self) -> None:
         """Wait until the current (or next) session has been welcomed."""
@@ -279,7 +317,10 @@ class Client:
         elif kind == "redirect":
             self._redirect_node = str(f.get("node") or "")
             return str(f.get("url") or self.bootstrap)
+        elif kind == "gap":
+            self._on_gap(f)
         elif kind == "error":
+            self._event("error", None, code=f.get("code"), detail=f.get("detail"))
             log.warning("server error frame: %s", f)
         return None
 
@@ -290,28 +331,102 @@ class Client:
         self.node = str(f.get("node"))
         self.stats.nodes.append(self.node)
         self._welcomed, self._avoid = (self.node, self._url), ("", "")
-        epoch = str(f.get("epoch") or "")
-        if self.epoch and epoch and epoch != self.epoch:
-            log.warning("epoch changed %s -> %s: cursors reset", self.epoch, epoch)
-            self.last = {"user": 0, "broadcast": 0}
-        self.epoch = epoch or self.epoch
+        self._adopt_epoch(str(f.get("epoch") or ""))
+        self._adopt_resume(f.get("resume"))
+        if f.get("recovered") is False:
+            self._event("not_recovered", None)
         hb = f.get("heartbeat") or {}
         interval = float(hb.get("interval", 25.0))
         timeout = float(hb.get("timeout", 60.0))
         nursery.start_soon(self._pinger, ws, interval, timeout)
+        nursery.start_soon(self._acker, ws)
         self._online.set()
         self._set_state(State.ONLINE)
 
+    def _adopt_epoch(self, epoch: str) -> None:
+        if self.epoch and epoch and epoch != self.epoch:
+            log.warning("epoch changed %s -> %s: cursors reset", self.epoch, epoch)
+            self._event("epoch_reset", None, old=self.epoch, new=epoch)
+            self.last = {"user": 0, "broadcast": 0}
+            self.consumed = {"user": 0, "broadcast": 0}
+        self.epoch = epoch or self.epoch
+
+    def _adopt_resume(self, resume: object) -> None:
+        """The node resumes after these seqs: anything up to them was acked by this device."""
+        if not isinstance(resume, dict):
+            return
+        for ch in self.last:
+            seq = resume.get(ch)
+            if isinstance(seq, int) and seq > self.last[ch] and self.last[ch] > 0:
+                self.last[ch] = seq
+
     async def _on_message(self, f: dict[str, Any]) -> None:
-        ch, seq = str(f.get("ch")), f.get("seq")
+        ch, seq, prev = str(f.get("ch")), f.get("seq"), f.get("prev")
         if not isinstance(seq, int) or ch not in self.last:
             raise ProtocolError("bad_msg", "msg frame without a valid ch/seq")
         if seq <= self.last[ch]:
             self.stats.duplicates += 1
             return
+        if self._breaks_chain(ch, prev):
+            self.stats.chain_breaks += 1
+            self._event("chain_break", ch, expected=self.last[ch], prev=prev, seq=seq)
+            raise ProtocolError("chain_break", f"prev {prev} != last {self.last[ch]}: resuming")
+        self._after_gap.discard(ch)
         self.last[ch] = seq
-        msg = Message(ch=ch, seq=seq, id=str(f.get("id")), data=f.get("data"), prev=f.get("prev"))
+        msg = Message(ch=ch, seq=seq, id=str(f.get("id")), data=f.get("data"), prev=prev)
         await self._send.send(msg)
+
+    def _breaks_chain(self, ch: str, prev: object) -> bool:
+        """A msg whose prev is not the last seq we got means one went missing in between."""
+        return (
+            isinstance(prev, int)
+            and self.last[ch] > 0
+            and ch not in self._after_gap
+            and prev != self.last[ch]
+        )
+
+    def _on_gap(self, f: dict[str, Any]) -> None:
+        ch, last = str(f.get("ch")), f.get("to")
+        if ch not in self.last or not isinstance(last, int):
+            raise ProtocolError("bad_gap", "gap frame without a valid ch/to")
+        self.stats.gaps += 1
+        self._event("gap", ch, first=f.get("from"), last=last)
+        self.last[ch] = max(self.last[ch], last)
+        self._after_gap.add(ch)
+
+    def _event(self, kind: str, ch: str | None = None, **detail: Any) -> None:
+        event = ClientEvent(kind, ch, detail)
+        self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    async def _acker(self, ws: WebSocketConnection) -> None:
+        """Send cumulative acks for what the application consumed, at most every 50 ms."""
+        self._acked = dict(self.consumed)  # the server resumed from at least these
+        self._ws = ws
+        try:
+            while True:
+                await self._ack_wake.wait()
+                self._ack_wake = trio.Event()
+                await self._send_acks(ws)
+                await trio.sleep(0.05)
+        finally:
+            self._ws = None
+
+    async def _send_acks(self, ws: WebSocketConnection) -> None:
+        for ch, seq in self.consumed.items():
+            if seq > self._acked[ch] and seq <= self.last[ch]:
+                await ws.send_message(json.dumps({"type": "ack", "ch": ch, "seq": seq}))
+                self._acked[ch] = seq
+
+    async def flush_acks(self, timeout: float = 1.0) -> None:
+        """Send what is consumed but not yet acked (called on a clean close)."""
+        if self.auto_ack and self._handed is not None:
+            self.ack(self._handed)
+        ws = self._ws
+        if ws is not None:
+            with trio.move_on_after(timeout), contextlib.suppress(ConnectionClosed):
+                await self._send_acks(ws)
 
     async def _pinger(self, ws: WebSocketConnection, interval: float, timeout: float) -> None:
         """Ping the node; if it does not answer within ``timeout``, drop the connection."""
@@ -347,6 +462,7 @@ async def open_client(url: str | Sequence[str], **kwargs: Any) -> AsyncIterator[
         nursery.start_soon(client.run)
         try:
             yield client
+            await client.flush_acks()
         finally:
             client._set_state(State.CLOSED)
             nursery.cancel_scope.cancel()

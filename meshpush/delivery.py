@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from . import protocol
+from .bridge import BridgeClosed
 from .metrics import Metrics
 from .settings import Settings
 from .store import Cursor, Cursors, Store, StoredMessage, StoreUnavailable
@@ -165,7 +166,7 @@ class Feeder:
         recovered = True
         for ch, feed in session.feeds.items():
             resume = max(
-                client.get(ch, 0) if client_epoch == epoch else 0,
+                client.get(ch, 0) if client_epoch in ("", epoch) else 0,
                 _cursor_of(stored, ch) if stored.epoch == epoch else 0,
             )
             await self._position(feed, ch, session.user, resume)
@@ -210,8 +211,12 @@ class Feeder:
                     self._spawn(session, ch, None)
 
     def _spawn(self, session: Session, ch: str, first: list[StoredMessage] | None) -> None:
-        if session.nursery is not None and session.close_request is None:
+        if session.nursery is None or session.close_request is not None:
+            return
+        try:
             session.nursery.start_soon(self.replay, session, ch, first)
+        except RuntimeError:  # the session is closing: its next connection resumes anyway
+            log.debug("no replay for closing %r", session)
 
     # ------------------------------------------------------------ replay
 
@@ -238,7 +243,7 @@ class Feeder:
                 if live:
                     return
                 batch = None
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, BridgeClosed) as exc:
             log.warning("replay for %r failed (%s); the session must resume", session, exc)
             self.metrics.backend_errors.labels(backend="replay").inc()
             session.close(protocol.Close.GOING_AWAY, "store unavailable")

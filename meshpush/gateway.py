@@ -120,6 +120,14 @@ class Gateway:
     # ------------------------------------------------------------ handshake
 
     async def _handle(self, request: WebSocketRequest) -> None:
+        """One connection, start to end. Nothing a client does may escape into the server."""
+        try:
+            await self._handshake(request)
+        except Exception as exc:  # a bug, not a client's fault: log it, count it, serve on
+            self.metrics.session_errors.inc()
+            log.exception("session failed: %r", exc)
+
+    async def _handshake(self, request: WebSocketRequest) -> None:
         try:
             hello = self._check(request)
         except Rejection as rej:
@@ -268,7 +276,10 @@ class Gateway:
             silent_deadline = session.last_seen + s.heartbeat_timeout
             with trio.move_on_at(min(next_ping, silent_deadline, token_deadline)):
                 frame = await session.queue.receive()
-                await ws.send_message(frame)
+                try:
+                    await ws.send_message(frame)
+                except ConnectionClosed:
+                    session.close(Close.GOING_AWAY, "connection lost")
                 continue
             now = trio.current_time()
             if now >= token_deadline:

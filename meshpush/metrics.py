@@ -33,6 +33,11 @@ class Metrics:
         self.closes = Counter(
             "meshpush_session_closes_total", "Sessions closed, by close code", ["code"], registry=r
         )
+        self.session_errors = Counter(
+            "meshpush_session_errors_total",
+            "Sessions ended by an unexpected error (bugs)",
+            registry=r,
+        )
         self.frame_errors = Counter(
             "meshpush_frame_errors_total", "Bad client frames, by error code", ["code"], registry=r
         )

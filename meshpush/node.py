@@ -50,7 +50,23 @@ class Node:
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        async with trio_asyncio.open_loop() as loop:
+            loop.set_exception_handler(self._asyncio_error)
+            try:
+                await self._services(task_status)
+            except Exception:
+                log.exception("node %s failed", self.settings.node_id)
+                raise
+
+    def _asyncio_error(self, loop: object, context: dict[str, object]) -> None:
+        """An asyncio task failed with nobody awaiting it (e.g. a read cut off by shutdown).
+
+        trio-asyncio would re-raise it into the loop and stop the node; log and count it."""
+        self.metrics.backend_errors.labels(backend="asyncio").inc()
+        log.warning("asyncio: %s %r", context.get("message"), context.get("exception"))
+
+    async def _services(self, task_status: trio.TaskStatus[Node]) -> None:
+        async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.bridge.run)
             http_port = await nursery.start(self.api.serve)

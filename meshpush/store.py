@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 WRONG_LAST = 10071
 MAX_CHAIN_RETRIES = 32
+CURSOR_TTL_FACTOR = 4
 _LAST_RE = re.compile(r"wrong last sequence: (\d+)")
 
 
@@ -164,7 +166,10 @@ class Store:
         ]
         infos = [await self._add_or_update(cfg) for cfg in configs]
         self.kv = await self.bus.js.create_key_value(
-            bucket=self.bucket, history=1, ttl=s.max_message_age, replicas=s.stream_replicas
+            bucket=self.bucket,
+            history=1,
+            ttl=CURSOR_TTL_FACTOR * s.max_message_age,  # outlive messages: gaps stay visible
+            replicas=s.stream_replicas,
         )
         return infos
 
@@ -291,7 +296,8 @@ class Store:
                 out.append(msg)
             return out
         finally:
-            await sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
 
 def _to_stored(msg: Any) -> StoredMessage:
@@ -330,13 +336,14 @@ class Cursors:
         self.metrics = metrics
         self.interval = interval
         self._dirty: dict[str, Cursor] = {}
+        self._inflight: dict[str, Cursor] = {}  # being written now: still the freshest we know
         self._wake = trio.Event()
         self.writes = 0
         self.flushes = 0
 
     async def load(self, user: str, device: str) -> Cursor:
         key = cursor_key(user, device)
-        pending = self._dirty.get(key)
+        pending = self._dirty.get(key) or self._inflight.get(key)
         if pending is not None:
             return pending
 
@@ -377,6 +384,7 @@ class Cursors:
         if not self._dirty or self.store.kv is None:
             return
         batch, self._dirty = self._dirty, {}
+        self._inflight = batch
         kv = self.store.kv
 
         async def put_all() -> None:
@@ -391,3 +399,5 @@ class Cursors:
             log.warning("cursor flush of %d failed (%r); will retry", len(batch), exc)
             for key, c in batch.items():
                 self._dirty.setdefault(key, c)
+        finally:
+            self._inflight = {}

@@ -20,6 +20,8 @@ FAST = {
     "heartbeat_timeout": 3.0,
     "drain_window": 0.5,
     "drain_timeout": 8.0,
+    "session_queue": 64,
+    "cursor_flush_interval": 0.2,
 }
 
 
@@ -31,6 +33,8 @@ def make_cluster(workdir: Path, nodes: int = 3, **overrides: object) -> LocalClu
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with make_cluster(tmp_path_factory.mktemp("cluster")) as c:
         yield c
+        crashed = [n.id for n in c.members if not n.proc.alive()]
+        assert not crashed, f"nodes died during the module: {crashed}"
 
 
 @pytest.fixture

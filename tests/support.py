@@ -90,3 +90,28 @@ async def _call(predicate: Any) -> bool:
     if hasattr(result, "__await__"):
         result = await result
     return bool(result)
+
+
+class Collector:
+    """Consumes an SDK client's messages in the background (auto-acking them)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.messages: list[Message] = []
+
+    async def run(self) -> None:
+        async for msg in self.client:
+            self.messages.append(msg)
+
+    def seqs(self, ch: str = "user") -> list[int]:
+        return [m.seq for m in self.messages if m.ch == ch]
+
+    async def wait_for(self, count: int, ch: str = "user", timeout: float = 30) -> None:
+        await wait_until(lambda: len(self.seqs(ch)) >= count, timeout=timeout)
+
+
+def assert_exact_chain(messages: list[Message]) -> None:
+    """Strictly increasing seqs, each prev equal to the seq before it (after the first)."""
+    for before, after in zip(messages, messages[1:], strict=False):
+        assert after.seq > before.seq, (before, after)
+        assert after.prev == before.seq, (before, after)
