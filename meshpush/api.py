@@ -188,8 +188,17 @@ class Api:
             }
             for n in sorted(r.view.values(), key=lambda n: n.id)
         ]
+        stats = r.registry.statistics()
         return JSONResponse(
-            {"self": r.me, "ready": r.ready, "draining": r.draining, "nodes": nodes}
+            {
+                "self": r.me,
+                "ready": r.ready,
+                "draining": r.draining,
+                "sessions": stats.sessions,
+                "users": stats.users,
+                "misplaced_sessions": r.misplaced_sessions(),
+                "nodes": nodes,
+            }
         )
 
     async def metrics_page(self, request: Request) -> Response:

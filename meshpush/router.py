@@ -123,6 +123,11 @@ class Router:
                 route = self.route(user)
         return route
 
+    def misplaced_sessions(self) -> int:
+        """Sessions here whose slot this node does not own (0 once membership is stable)."""
+        foreign = self.registry.occupied_slots() - self.owned
+        return len(self.registry.in_slots(foreign))
+
     def owner_info(self, user: str) -> NodeInfo | None:
         owner = self.ring.owner(user)
         return self.view.get(owner) if owner else None

@@ -112,6 +112,6 @@ class Collector:
 
 def assert_exact_chain(messages: list[Message]) -> None:
     """Strictly increasing seqs, each prev equal to the seq before it (after the first)."""
-    for before, after in zip(messages, messages[1:], strict=False):
+    for before, after in itertools.pairwise(messages):
         assert after.seq > before.seq, (before, after)
         assert after.prev == before.seq, (before, after)
