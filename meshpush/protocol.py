@@ -33,10 +33,6 @@ class Close(IntEnum):
     RATE_LIMITED = 4429
 
 
-#: Close codes after which a client should reconnect (all but a few final ones).
-FINAL_CLOSES = frozenset({Close.POLICY})
-
-
 class ProtocolError(Exception):
     """A client sent something the protocol forbids.
 
