@@ -26,6 +26,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/failover.py
+	$(BIN)/python bench/throughput.py
 
 clean:
 	rm -rf $(VENV) .meshpush .pytest_cache .mypy_cache .ruff_cache
