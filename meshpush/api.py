@@ -99,20 +99,24 @@ class Api:
         self.metrics = metrics
         self.port = settings.http_port
         routes = [
-            Route("/v1/publish", self._guard(self.publish, write=True), methods=["POST"]),
-            Route("/v1/broadcast", self._guard(self.broadcast, write=True), methods=["POST"]),
+            Route("/v1/publish", self._guard(self.publish, auth=True), methods=["POST"]),
+            Route("/v1/broadcast", self._guard(self.broadcast, auth=True), methods=["POST"]),
             Route("/v1/route", self._guard(self.route), methods=["GET"]),
             Route("/v1/nodes", self._guard(self.nodes), methods=["GET"]),
-            Route("/metrics", self.metrics_page, methods=["GET"]),
+            Route(
+                "/metrics",
+                self._guard(self.metrics_page, auth=settings.protect_metrics),
+                methods=["GET"],
+            ),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
         ]
         self.app = Starlette(routes=routes)
 
-    def _guard(self, handler: Handler, write: bool = False) -> Handler:
+    def _guard(self, handler: Handler, auth: bool = False) -> Handler:
         async def guarded(request: Request) -> Response:
             try:
-                if write:
+                if auth:
                     self._authorize(request)
                 return await handler(request)
             except ApiError as exc:
@@ -221,6 +225,10 @@ class Api:
         config.errorlog = None
         config.graceful_timeout = 1.0
         config.h11_max_incomplete_size = 16 * 1024
+        config.read_timeout = int(max(1, self.settings.handshake_timeout))  # slowloris
+        if self.settings.tls:
+            config.certfile = self.settings.tls_cert_file
+            config.keyfile = self.settings.tls_key_file
 
         async def started(task_status: trio.TaskStatus[list[str]]) -> None:
             await serve(self.app, config, task_status=task_status)  # type: ignore[arg-type]

@@ -1,22 +1,27 @@
 """Client tokens (JWT) and publisher API keys.
 
-A client token is a JWT signed with HS256 and the cluster's ``token_secret``: ``sub`` is the user
-id, ``exp`` is required. Verification failures are :class:`AuthError` with a short reason that
+A client token is a JWT: HS256 with the cluster's secret(s), or RS256/ES256 checked with a
+public key or a JWKS file; ``sub`` is the user id, ``exp`` is required. Verification failures
+are :class:`AuthError` with a short reason that
 becomes the 401 body and a metric label; the token itself is never logged.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import jwt
 
 from .encoding import BadId, check_id
 
-ALGORITHMS = ["HS256"]
+HMAC_ALGORITHMS = frozenset({"HS256"})
+PUBLIC_ALGORITHMS = frozenset({"RS256", "ES256"})
 
 
 class AuthError(Exception):
@@ -32,38 +37,157 @@ class AuthError(Exception):
 class Identity:
     user: str
     expires_at: float
+    devices: frozenset[str] | None = None  # the token's optional "devices" claim
+
+    def allows_device(self, device: str) -> bool:
+        return self.devices is None or device in self.devices
 
 
-def issue_token(secret: str, user: str, ttl: float = 3600.0, now: float | None = None) -> str:
-    """Make a client token (used by ``meshpush token`` and tests)."""
+def issue_token(
+    secret: str, user: str, ttl: float = 3600.0, now: float | None = None, **claims: Any
+) -> str:
+    """Make an HS256 client token (used by ``meshpush token`` and tests)."""
     issued = time.time() if now is None else now
-    claims = {"sub": user, "iat": int(issued), "exp": int(issued + ttl)}
-    return jwt.encode(claims, secret, algorithm="HS256")
+    body = {"sub": user, "iat": int(issued), "exp": int(issued + ttl), **claims}
+    return jwt.encode(body, secret, algorithm="HS256")
 
 
-def verify_token(secret: str, token: str | None, leeway: float = 0.0) -> Identity:
-    """Check a client token; return who it names, or raise :class:`AuthError`."""
-    if not token:
-        raise AuthError("missing_token", "no token given")
-    if not secret:
-        raise AuthError("no_secret", "node has no token secret configured")
-    try:
-        claims = jwt.decode(
-            token,
-            secret,
-            algorithms=ALGORITHMS,
-            leeway=leeway,
-            options={"require": ["exp", "sub"]},
+class TokenVerifier:
+    """Checks client tokens against the configured keys.
+
+    * HS256 with ``secret`` or any of ``old_secrets`` (rotation: issue with the new secret,
+      keep accepting the old ones until their tokens expired);
+    * RS256 / ES256 with the PEM ``public_key`` or the JWKS keys (chosen by the token's kid);
+    * an algorithm is only ever checked against keys of its family, so a public key can never
+      be used as an HMAC secret, and ``alg: none`` is refused;
+    * ``exp`` and ``sub`` required; ``aud`` / ``iss`` required when configured; ``leeway``
+      seconds of clock skew.
+    """
+
+    def __init__(
+        self,
+        secret: str = "",
+        old_secrets: tuple[str, ...] = (),
+        public_key: str = "",
+        jwks: dict[str, Any] | None = None,
+        audience: str = "",
+        issuer: str = "",
+        leeway: float = 0.0,
+    ) -> None:
+        self.secrets = [k for k in (secret, *old_secrets) if k]
+        self.public_keys: list[Any] = []
+        if public_key:
+            self.public_keys.append(load_public_key(public_key))
+        self.jwks: dict[str, Any] = {}
+        for key in (jwks or {}).get("keys", []):
+            jwk = jwt.PyJWK.from_dict(key)
+            self.jwks[str(key.get("kid", ""))] = jwk.key
+        self.audience = audience or None
+        self.issuer = issuer or None
+        self.leeway = leeway
+
+    @classmethod
+    def from_settings(cls, s: Any) -> TokenVerifier:
+        jwks = json.loads(Path(s.token_jwks_file).read_text()) if s.token_jwks_file else None
+        pem = Path(s.token_public_key_file).read_text() if s.token_public_key_file else ""
+        return cls(
+            s.token_secret,
+            s.token_old_secrets,
+            pem,
+            jwks,
+            s.token_audience,
+            s.token_issuer,
+            s.token_leeway,
         )
-    except jwt.ExpiredSignatureError:
-        raise AuthError("expired_token", "token has expired") from None
-    except jwt.InvalidTokenError as exc:
-        raise AuthError("invalid_token", f"token rejected: {type(exc).__name__}") from None
+
+    def verify(self, token: str | None) -> Identity:
+        if not token:
+            raise AuthError("missing_token", "no token given")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise AuthError("invalid_token", "token rejected: not a JWT") from None
+        alg = header.get("alg")
+        keys = self._keys_for(alg, header.get("kid"))
+        if not keys:
+            raise AuthError("invalid_token", f"token rejected: algorithm {alg!r} not accepted")
+        error: AuthError | None = None
+        for key in keys:
+            try:
+                return self._decode(token, key, str(alg))
+            except AuthError as exc:
+                error = exc
+                if exc.reason != "bad_signature":
+                    break
+        assert error is not None
+        raise AuthError(
+            "invalid_token" if error.reason == "bad_signature" else error.reason, error.detail
+        )
+
+    def _keys_for(self, alg: object, kid: object) -> list[Any]:
+        if alg in HMAC_ALGORITHMS:
+            return list(self.secrets)
+        if alg in PUBLIC_ALGORITHMS:
+            if kid is not None and str(kid) in self.jwks:
+                return [self.jwks[str(kid)]]
+            return [*self.public_keys, *self.jwks.values()]
+        return []
+
+    def _decode(self, token: str, key: Any, alg: str) -> Identity:
+        options = {
+            "require": ["exp", "sub"]
+            + (["aud"] if self.audience else [])
+            + (["iss"] if self.issuer else [])
+        }
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                leeway=self.leeway,
+                audience=self.audience,
+                issuer=self.issuer,
+                options=options,  # type: ignore[arg-type]
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("expired_token", "token has expired") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError("bad_signature", "token rejected: bad signature") from None
+        except (jwt.InvalidTokenError, ValueError, TypeError) as exc:
+            raise AuthError("invalid_token", f"token rejected: {type(exc).__name__}") from None
+        return _identity(claims, self.leeway)
+
+
+def _identity(claims: dict[str, Any], leeway: float) -> Identity:
     try:
         user = check_id(claims["sub"], "sub")
     except BadId as exc:
         raise AuthError("invalid_token", str(exc)) from None
-    return Identity(user=user, expires_at=float(claims["exp"]))
+    devices = claims.get("devices")
+    if devices is not None and (
+        not isinstance(devices, list) or not all(isinstance(d, str) for d in devices)
+    ):
+        raise AuthError("invalid_token", "devices claim must be a list of strings")
+    allowed = frozenset(devices) if devices is not None else None
+    return Identity(user=user, expires_at=float(claims["exp"]) + leeway, devices=allowed)
+
+
+def load_public_key(pem: str) -> Any:
+    """An RSA or EC public key from PEM text (ValueError if it is neither)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    key = load_pem_public_key(pem.encode())
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise ValueError("token_public_key_file must hold an RSA or EC public key")
+    return key
+
+
+def verify_token(secret: str, token: str | None, leeway: float = 0.0) -> Identity:
+    """Check an HS256 client token with one secret (see :class:`TokenVerifier` for the rest)."""
+    if not secret:
+        raise AuthError("no_secret", "node has no token secret configured")
+    return TokenVerifier(secret, leeway=leeway).verify(token)
 
 
 def check_api_key(keys: Iterable[str], presented: str | None) -> None:

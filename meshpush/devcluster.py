@@ -28,6 +28,11 @@ from typing import Any
 from .settings import Settings, env_for
 
 
+#: On one machine every client is 127.0.0.1, so the per-IP handshake limits of a local
+#: cluster are raised (tests of the limits set their own values).
+LOCAL_DEFAULTS: dict[str, Any] = {"handshake_rate": 1000.0, "handshake_burst": 2000}
+
+
 class ClusterError(Exception):
     """A local process did not start, or did not become ready in time."""
 
@@ -265,7 +270,7 @@ class LocalCluster:
             nats_url=self.nats_url,
             token_secret=self.token_secret,
             api_keys=(self.api_key,),
-            **self.node_settings,
+            **{**LOCAL_DEFAULTS, **self.node_settings},
         )
 
     def start_node(self, wait: bool = True, node_id: str | None = None) -> NodeProc:
@@ -314,6 +319,57 @@ class LocalCluster:
         node.proc.send(signals.SIGKILL)
         node.proc.popen.wait(10)
 
+    # The chaos suite's operations. Note: every child gets PR_SET_PDEATHSIG, which Linux sends
+    # when the *thread* that spawned it exits, so call the methods that spawn (start_*, restart_*)
+    # from a thread that outlives the processes (the main thread, or one long-lived worker).
+
+    def restart_node(self, node: NodeProc, wait: bool = True) -> NodeProc:
+        """Start a stopped node again: same id, same settings and ports (it rejoins)."""
+        if node.proc.alive():
+            raise ClusterError(f"{node.id} is still running")
+        node.proc = spawn(
+            node.id,
+            [sys.executable, "-m", "meshpush", "node"],
+            self.workdir,
+            env_for(node.settings),
+        )
+        if wait:
+            self.wait_ready(node)
+            self.wait_converged()
+        return node
+
+    def stop_node(
+        self, node: NodeProc, signum: int = signals.SIGTERM, timeout: float = 30.0
+    ) -> int | None:
+        """Signal a node (SIGTERM drains it) and wait for it to exit; SIGKILL after ``timeout``.
+
+        Returns the exit code (negative: killed by that signal)."""
+        return node.proc.stop(signum, timeout)
+
+    def pause(self, node: NodeProc) -> None:
+        """SIGSTOP: the process keeps its sockets but does nothing (its lease expires)."""
+        node.proc.send(signals.SIGSTOP)
+
+    def resume(self, node: NodeProc) -> None:
+        """SIGCONT a paused node."""
+        node.proc.send(signals.SIGCONT)
+
+    def restart_etcd(self, down: float = 0.0, signum: int = signals.SIGKILL) -> Proc:
+        """Stop etcd (SIGKILL by default), stay down ``down`` seconds, start it again on the same
+        port and data directory."""
+        if self.etcd is not None:
+            self.etcd.stop(signum, timeout=10)
+        time.sleep(down)
+        return self.start_etcd()
+
+    def restart_nats(self, down: float = 0.0, signum: int = signals.SIGKILL) -> Proc:
+        """Stop NATS (SIGKILL by default), stay down ``down`` seconds, start it again on the same
+        port and JetStream store directory (stored messages survive)."""
+        if self.nats is not None:
+            self.nats.stop(signum, timeout=10)
+        time.sleep(down)
+        return self.start_nats()
+
     def describe(self) -> dict[str, Any]:
         return {
             "cluster": self.cluster,
@@ -335,6 +391,7 @@ class LocalCluster:
     def stop(self) -> None:
         """Stop every process this cluster started: nodes first (SIGINT), then NATS and etcd."""
         for node in self.members:
+            node.proc.send(signals.SIGCONT)  # a paused node could not act on SIGINT
             node.proc.send(signals.SIGINT)
         for node in self.members:
             node.proc.stop(signals.SIGINT, timeout=10)

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
-from . import protocol
-from .auth import AuthError, bearer, verify_token
+from . import listener, protocol
+from .auth import AuthError, TokenVerifier, bearer
 from .delivery import Feeder
 from .encoding import BadId, check_id
+from .limits import TokenBucket, origin_allowed
+from .listener import Doorman, Refusal
 from .metrics import Metrics
 from .protocol import Close, ProtocolError
 from .router import Route, Router
@@ -36,14 +38,6 @@ from .store import StoreUnavailable
 log = logging.getLogger(__name__)
 
 
-class Rejection(Exception):
-    """A handshake refused with an HTTP status and a documented error code."""
-
-    def __init__(self, status: int, code: str, detail: str, retry_after: int | None = None):
-        super().__init__(detail)
-        self.status, self.code, self.detail, self.retry_after = status, code, detail, retry_after
-
-
 def _query(request: WebSocketRequest) -> tuple[str, dict[str, str]]:
     path, _, qs = request.path.partition("?")
     try:
@@ -51,7 +45,7 @@ def _query(request: WebSocketRequest) -> tuple[str, dict[str, str]]:
             qs, keep_blank_values=True, strict_parsing=False, max_num_fields=32
         )
     except ValueError:
-        raise Rejection(400, "bad_query", "malformed or too many query parameters") from None
+        raise Refusal(400, "bad_query", "malformed or too many query parameters") from None
     return path, dict(pairs)
 
 
@@ -77,7 +71,7 @@ class Hello:
 def _seq(query: dict[str, str], name: str) -> int:
     raw = query.get(name, "0") or "0"
     if not raw.isdigit() or len(raw) > 19:
-        raise Rejection(400, "bad_resume", f"{name} must be a non-negative integer")
+        raise Refusal(400, "bad_resume", f"{name} must be a non-negative integer")
     return int(raw)
 
 
@@ -97,29 +91,15 @@ class Gateway:
         self.router = router
         self.feeder = feeder
         self.metrics = metrics
-        self.port = settings.ws_port
+        self.doorman = Doorman(settings, metrics)
+        self.verifier = TokenVerifier.from_settings(settings)
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        s = self.settings
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                lambda task_status: serve_websocket(
-                    self._handle,
-                    s.ws_host,
-                    s.ws_port,
-                    None,
-                    max_message_size=s.max_frame_bytes,
-                    connect_timeout=s.handshake_timeout,
-                    disconnect_timeout=2.0,
-                    task_status=task_status,
-                )
-            )
-            self.port = server.port
-            task_status.started(self.port)
+        await listener.serve(self.settings, self.doorman, self._handle, task_status=task_status)
 
     # ------------------------------------------------------------ handshake
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle(self, request: WebSocketRequest, ip: str) -> None:
         """One connection, start to end. Nothing a client does may escape into the server."""
         try:
             await self._handshake(request)
@@ -130,12 +110,12 @@ class Gateway:
     async def _handshake(self, request: WebSocketRequest) -> None:
         try:
             hello = self._check(request)
-        except Rejection as rej:
+        except Refusal as rej:
             await self._reject(request, rej)
             return
         route = await self._route(hello)
         if route.kind == "unavailable":
-            await self._reject(request, Rejection(503, "unavailable", route.reason, 1))
+            await self._reject(request, Refusal(503, "unavailable", route.reason, 1))
         elif route.kind == "redirect":
             assert route.node is not None
             ws = await request.accept()
@@ -150,7 +130,14 @@ class Gateway:
 
     async def _serve_local(self, request: WebSocketRequest, hello: Hello) -> None:
         """Register first (live notifications now buffer), read where to resume, then welcome."""
+        if self.registry.count_of_user(hello.user) >= self.settings.max_sessions_per_user:
+            self.metrics.rate_limited.labels(kind="user_sessions").inc()
+            await self._reject(request, Refusal(429, "too_many_sessions", "session cap reached", 5))
+            return
         session = Session(hello.user, hello.device, self.settings.session_queue, hello.expires_at)
+        session.frames = TokenBucket(
+            self.settings.frame_rate, self.settings.frame_burst, trio.current_time()
+        )
         self.registry.add(session)
         try:
             with trio.fail_after(5):
@@ -160,7 +147,7 @@ class Gateway:
         except (StoreUnavailable, trio.TooSlowError):
             self.registry.remove(session)
             await self._reject(
-                request, Rejection(503, "store_unavailable", "cannot read the stream", 1)
+                request, Refusal(503, "store_unavailable", "cannot read the stream", 1)
             )
             return
         try:
@@ -180,16 +167,20 @@ class Gateway:
     def _check(self, request: WebSocketRequest) -> Hello:
         path, query = _query(request)
         if path != "/ws":
-            raise Rejection(404, "not_found", "WebSocket endpoint is /ws")
+            raise Refusal(404, "not_found", "WebSocket endpoint is /ws")
+        if not origin_allowed(_header(request, b"origin"), self.settings.allowed_origins):
+            raise Refusal(403, "origin_not_allowed", "this Origin may not connect")
         token = query.get("token") or bearer(_header(request, b"authorization"))
         try:
-            identity = verify_token(self.settings.token_secret, token)
+            identity = self.verifier.verify(token)
         except AuthError as exc:
-            raise Rejection(401, exc.reason, exc.detail) from None
+            raise Refusal(401, exc.reason, exc.detail) from None
         try:
             device = check_id(query.get("device", "default"), "device")
         except BadId as exc:
-            raise Rejection(400, "bad_device", str(exc)) from None
+            raise Refusal(400, "bad_device", str(exc)) from None
+        if not identity.allows_device(device):
+            raise Refusal(403, "device_not_allowed", "the token does not allow this device")
         resume = {"user": _seq(query, "last"), "broadcast": _seq(query, "blast")}
         return Hello(
             user=identity.user,
@@ -200,8 +191,9 @@ class Gateway:
             epoch=query.get("epoch", "")[:64],
         )
 
-    async def _reject(self, request: WebSocketRequest, rej: Rejection) -> None:
+    async def _reject(self, request: WebSocketRequest, rej: Refusal) -> None:
         self.metrics.handshakes.labels(result=rej.code).inc()
+        self.doorman.sampled.log(trio.current_time(), rej.code, "handshake refused: %s", rej.code)
         body = json.dumps({"error": rej.code, "detail": rej.detail}).encode()
         headers = [(b"content-type", b"application/json")]
         if rej.retry_after is not None:
@@ -305,6 +297,10 @@ class Gateway:
                 session.close(Close.NORMAL, "client closed")
                 return
             session.last_seen = trio.current_time()
+            if session.frames is not None and not session.frames.take(session.last_seen):
+                self.metrics.rate_limited.labels(kind="frames").inc()
+                session.close(Close.RATE_LIMITED, "too many frames")
+                return
             try:
                 frame = protocol.parse_client_frame(message)
             except ProtocolError as exc:

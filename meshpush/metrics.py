@@ -27,6 +27,21 @@ class Metrics:
         self.handshakes = Counter(
             "meshpush_handshakes_total", "WebSocket handshakes by result", ["result"], registry=r
         )
+        self.connections = Gauge(
+            "meshpush_connections", "Open WebSocket TCP connections (admitted)", registry=r
+        )
+        self.rate_limited = Counter(
+            "meshpush_rate_limited_total",
+            "Clients refused or cut by a limit (handshake, connections, user_sessions, frames)",
+            ["kind"],
+            registry=r,
+        )
+        self.blocked = Counter(
+            "meshpush_blocked_total",
+            "Connections refused by the IP filter",
+            ["reason"],
+            registry=r,
+        )
         self.redirects = Counter(
             "meshpush_redirects_total", "Sessions redirected, by reason", ["reason"], registry=r
         )

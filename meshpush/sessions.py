@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import trio
 
 from .delivery import Feed
+from .limits import TokenBucket
 from .protocol import Close
 from .ring import slot
 
@@ -37,6 +38,7 @@ class Session:
         "device",
         "expires_at",
         "feeds",
+        "frames",
         "id",
         "last_seen",
         "nursery",
@@ -58,6 +60,7 @@ class Session:
         self.close_request: CloseRequest | None = None
         self.feeds: dict[str, Feed] = {"user": Feed(), "broadcast": Feed()}
         self.nursery: trio.Nursery | None = None  # where this session's replays run
+        self.frames: TokenBucket | None = None  # inbound frame rate limit
 
     def offer(self, frame: str) -> bool:
         """Queue a frame without waiting. False (and the session is cut 4008) when it is full."""
@@ -122,6 +125,9 @@ class Registry:
     def of_user(self, user: str) -> Iterator[Session]:
         for sessions in self._by_user.get(user, {}).values():
             yield from sessions
+
+    def count_of_user(self, user: str) -> int:
+        return sum(len(ss) for ss in self._by_user.get(user, {}).values())
 
     def in_slots(self, slots: Iterable[int]) -> list[Session]:
         return [s for sl in slots for user in self._by_slot.get(sl, ()) for s in self.of_user(user)]

@@ -89,15 +89,68 @@ class Settings:
     cursor_flush_interval: float = field(
         default=1.0, metadata={"help": "seconds between batched cursor (ack) writes"}
     )
+    token_old_secrets: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "previous HS256 secrets still accepted (rotation), comma separated"},
+    )
+    token_public_key_file: str = field(
+        default="", metadata={"help": "PEM public key for RS256/ES256 client tokens"}
+    )
+    token_jwks_file: str = field(
+        default="", metadata={"help": "JWKS file (keys chosen by kid) for RS256/ES256 tokens"}
+    )
+    token_audience: str = field(default="", metadata={"help": "required token aud (empty: none)"})
+    token_issuer: str = field(default="", metadata={"help": "required token iss (empty: none)"})
+    token_leeway: float = field(
+        default=10.0, metadata={"help": "seconds of clock skew allowed on exp/nbf/iat"}
+    )
+    tls_cert_file: str = field(
+        default="", metadata={"help": "PEM certificate chain: serve wss:// and https://"}
+    )
+    tls_key_file: str = field(default="", metadata={"help": "PEM private key for tls_cert_file"})
+    protect_metrics: bool = field(
+        default=False, metadata={"help": "require an API key on GET /metrics"}
+    )
+    handshake_rate: float = field(
+        default=20.0, metadata={"help": "WebSocket handshakes per second per client IP"}
+    )
+    handshake_burst: int = field(
+        default=40, metadata={"help": "handshakes a client IP may make in a burst"}
+    )
+    max_connections_per_ip: int = field(
+        default=1000, metadata={"help": "open WebSocket connections per client IP"}
+    )
+    max_connections: int = field(
+        default=100_000, metadata={"help": "open WebSocket connections per node (503 above)"}
+    )
+    max_sessions_per_user: int = field(
+        default=32, metadata={"help": "concurrent sessions per user on its owner (429 above)"}
+    )
+    frame_rate: float = field(
+        default=20.0, metadata={"help": "inbound frames per second per session (4429 above)"}
+    )
+    frame_burst: int = field(default=60, metadata={"help": "inbound frames in a burst"})
+    ip_filter_file: str = field(
+        default="", metadata={"help": "file of 'allow <cidr>'/'block <cidr>' lines (reloaded)"}
+    )
+    allowed_origins: tuple[str, ...] = field(
+        default=(), metadata={"help": "browser Origins allowed, comma separated (empty: any)"}
+    )
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
 
     @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file and self.tls_key_file)
+
+    @property
     def ws_url(self) -> str:
-        return self.public_ws_url or f"ws://{_urlhost(self.ws_host)}:{self.ws_port}/ws"
+        scheme = "wss" if self.tls else "ws"
+        return self.public_ws_url or f"{scheme}://{_urlhost(self.ws_host)}:{self.ws_port}/ws"
 
     @property
     def http_url(self) -> str:
-        return self.public_http_url or f"http://{_urlhost(self.http_host)}:{self.http_port}"
+        scheme = "https" if self.tls else "http"
+        return self.public_http_url or f"{scheme}://{_urlhost(self.http_host)}:{self.http_port}"
 
     @property
     def etcd_host_port(self) -> tuple[str, int]:
@@ -116,12 +169,29 @@ def _urlhost(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+_BOOLS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+    "": False,
+}
+
+
 def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     if kind == "int":
         return int(raw)
     if kind == "float":
         return float(raw)
+    if kind == "bool":
+        if raw.strip().lower() not in _BOOLS:
+            raise ValueError(raw)
+        return _BOOLS[raw.strip().lower()]
     if kind.startswith("tuple"):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw

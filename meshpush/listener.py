@@ -1,0 +1,212 @@
+"""The TCP front of the WebSocket server: admission, TLS and the upgrade, all bounded.
+
+Before a single byte is parsed, the :class:`Doorman` decides whether the peer may speak at
+all: IP block/allow list (CIDR file, reloaded while running), a per-IP handshake rate (token
+bucket), a per-IP connection cap and a node-wide connection cap. A refused peer gets a short
+raw HTTP response with the documented status and JSON body (403, 429 or 503 with
+``Retry-After``), written without reading its request, so refusing is cheaper than serving.
+
+An admitted connection must finish TLS (if configured) and the HTTP upgrade request within
+``handshake_timeout`` — a client that trickles its headers (slowloris) is dropped — and the
+request itself is bounded by h11's limits inside trio-websocket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import trio
+from trio_websocket import WebSocketRequest, wrap_server_stream
+
+from .limits import Counter, FilterError, IpFilter, KeyedBuckets, SampledLog
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+Handler = Callable[[WebSocketRequest, str], Awaitable[None]]
+_REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    429: "Too Many Requests",
+    503: "Service Unavailable",
+}
+
+
+class Refusal(Exception):
+    """A connection or handshake refused with an HTTP status and a documented error code."""
+
+    def __init__(self, status: int, code: str, detail: str, retry_after: int | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.retry_after = status, code, detail, retry_after
+
+    def http(self) -> bytes:
+        """The whole raw HTTP/1.1 response."""
+        body = json.dumps({"error": self.code, "detail": self.detail}).encode()
+        lines = [
+            f"HTTP/1.1 {self.status} {_REASONS.get(self.status, 'Error')}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+        ]
+        if self.retry_after is not None:
+            lines.append(f"Retry-After: {self.retry_after}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class Doorman:
+    """Admission at TCP accept. Pure bookkeeping plus a reloader for the IP filter file."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.buckets = KeyedBuckets(settings.handshake_rate, settings.handshake_burst)
+        self.connections = Counter(settings.max_connections_per_ip, settings.max_connections)
+        self.filter = IpFilter()
+        self.sampled = SampledLog(log)
+        self._filter_mtime: float | None = None
+        if settings.ip_filter_file:
+            self.reload_filter()
+
+    def admit(self, ip: str) -> Refusal | None:
+        """None and one connection counted for ``ip``; or the refusal to send."""
+        verdict = self.filter.verdict(ip)
+        if verdict is not None:
+            self.metrics.blocked.labels(reason=verdict).inc()
+            return Refusal(403, "ip_blocked", "this address may not connect")
+        allowed, wait = self.buckets.take(ip, trio.current_time())
+        if not allowed:
+            self.metrics.rate_limited.labels(kind="handshake").inc()
+            return Refusal(429, "rate_limited", "too many handshakes", max(1, round(wait)))
+        over = self.connections.acquire(ip)
+        if over == "total":
+            return Refusal(503, "node_full", "this node is at its connection limit", 5)
+        if over == "per_key":
+            self.metrics.rate_limited.labels(kind="connections").inc()
+            return Refusal(429, "too_many_connections", "too many connections from this address", 5)
+        self.metrics.connections.set(self.connections.total)
+        return None
+
+    def release(self, ip: str) -> None:
+        self.connections.release(ip)
+        self.metrics.connections.set(self.connections.total)
+
+    def reload_filter(self) -> bool:
+        """Re-read the IP filter file if it changed; keep the old filter if it is invalid."""
+        path = self.settings.ip_filter_file
+        try:
+            mtime = os.stat(path).st_mtime
+            if mtime == self._filter_mtime:
+                return False
+            with open(path, encoding="utf-8") as f:
+                self.filter = IpFilter.parse(f.read())
+        except (OSError, FilterError, UnicodeDecodeError) as exc:
+            self.metrics.backend_errors.labels(backend="ip_filter").inc()
+            log.error("IP filter %s not (re)loaded, keeping the previous one: %s", path, exc)
+            return False
+        self._filter_mtime = mtime
+        log.info(
+            "IP filter loaded: %d allow, %d block", len(self.filter.allow), len(self.filter.block)
+        )
+        return True
+
+    async def watch_filter(self, interval: float = 2.0) -> None:
+        """Poll the filter file's mtime (ConfigMap updates, editors): reload without restart."""
+        if not self.settings.ip_filter_file:
+            return
+        while True:
+            await trio.sleep(interval)
+            self.reload_filter()
+
+
+def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.tls:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    return context
+
+
+async def serve(
+    settings: Settings,
+    doorman: Doorman,
+    handler: Handler,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on ``ws_host:ws_port``; run ``handler(request, ip)`` for each admitted upgrade."""
+    context = server_ssl_context(settings)
+    listeners = await trio.open_tcp_listeners(settings.ws_port, host=settings.ws_host or None)
+    port = listeners[0].socket.getsockname()[1]
+    task_status.started(port)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(doorman.watch_filter)
+        await trio.serve_listeners(
+            partial(_connection, settings, doorman, handler, context),
+            listeners,
+            handler_nursery=nursery,
+        )
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "?"
+
+
+async def _connection(
+    settings: Settings,
+    doorman: Doorman,
+    handler: Handler,
+    context: ssl.SSLContext | None,
+    tcp: trio.SocketStream,
+) -> None:
+    ip = _peer(tcp)
+    refusal = doorman.admit(ip)
+    try:
+        stream: trio.abc.Stream = tcp
+        with trio.move_on_after(settings.handshake_timeout) as timer:
+            if context is not None:
+                stream = trio.SSLStream(tcp, context, server_side=True, https_compatible=True)
+                await stream.do_handshake()
+            if refusal is not None:
+                doorman.sampled.log(
+                    trio.current_time(), refusal.code, "refused %s: %s", ip, refusal.code
+                )
+                doorman.metrics.handshakes.labels(result=refusal.code).inc()
+                await _send_refusal(stream, refusal)
+                return
+            async with trio.open_nursery() as nursery:
+                request = await wrap_server_stream(
+                    nursery, stream, max_message_size=settings.max_frame_bytes
+                )
+                timer.deadline = float("inf")  # upgrade request complete: no more deadline
+                await handler(request, ip)
+                nursery.cancel_scope.cancel()
+        if timer.cancelled_caught:
+            doorman.metrics.handshakes.labels(result="handshake_timeout").inc()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
+        doorman.metrics.handshakes.labels(result="transport_error").inc()
+        log.debug("connection from %s failed: %r", ip, exc)
+    finally:
+        if refusal is None:
+            doorman.release(ip)
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await tcp.aclose()
+
+
+async def _send_refusal(stream: trio.abc.Stream, refusal: Refusal) -> None:
+    """Write the refusal, half-close, and drain briefly so the peer can read it (not a RST)."""
+    await stream.send_all(refusal.http())
+    if isinstance(stream, trio.SocketStream):
+        await stream.send_eof()
+    with trio.move_on_after(0.5):
+        for _ in range(16):
+            if not await stream.receive_some(65536):
+                break
