@@ -1,4 +1,4 @@
-"""``meshpush`` command line: node, dev, token, publish, listen."""
+"""``meshpush`` command line: node, dev, token, publish, listen, chaos."""
 
 from __future__ import annotations
 
@@ -71,6 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--count", type=int, default=0, help="exit after N messages (0: never)")
     _config_flag(listen)
     listen.set_defaults(func=cmd_listen)
+
+    chaos = sub.add_parser(
+        "chaos",
+        help="run a chaos scenario on a local cluster it starts itself (see docs/chaos.md)",
+    )
+    chaos.add_argument("--scenario", default="mixed", help="scenario name (--list shows them)")
+    chaos.add_argument("--duration", type=float, help="seconds of load and faults")
+    chaos.add_argument("--seed", type=int, help="seed of the fault schedule (default: random)")
+    chaos.add_argument("--json", type=Path, help="also write the report as JSON here")
+    chaos.add_argument("--nodes", type=int, help="meshpush nodes to start")
+    chaos.add_argument("--users", type=int, help="simulated users (1-3 devices each)")
+    chaos.add_argument("--rate", type=float, help="unicast publishes per second")
+    chaos.add_argument("--memory-mb", type=float, default=400.0, help="RSS bound per node")
+    chaos.add_argument("--workdir", type=Path, help="logs and event log (default: a temp dir)")
+    chaos.add_argument("--keep", action="store_true", help="keep the workdir after a pass")
+    chaos.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    chaos.set_defaults(func=cmd_chaos)
     return parser
 
 
@@ -213,3 +230,27 @@ def cmd_listen(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(run)
     return 0
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    try:
+        from chaos.faults import SCENARIOS
+        from chaos.run import run_scenario
+    except ImportError as exc:  # httpx and the server binaries come with the test extras
+        raise CliError(f"chaos needs: pip install -e '.[local,test]' ({exc})") from None
+    if args.list:
+        for scenario in SCENARIOS.values():
+            print(f"{scenario.name:<13} {scenario.about} (default {scenario.duration:g}s)")
+        return 0
+    return run_scenario(
+        args.scenario,
+        duration=args.duration,
+        seed=args.seed,
+        json_path=args.json,
+        nodes=args.nodes,
+        users=args.users,
+        rate=args.rate,
+        memory_mb=args.memory_mb,
+        workdir=args.workdir,
+        keep=args.keep,
+    )

@@ -29,6 +29,7 @@ import random
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager as AsyncContextManager
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ from trio_websocket import (
     HandshakeError,
     WebSocketConnection,
     open_websocket_url,
+    wrap_client_stream,
 )
 
 from .protocol import Close, ProtocolError, parse_server_frame
@@ -117,6 +119,7 @@ class Client:
         connect_timeout: float = 10.0,
         buffer: int = 1024,
         ssl_context: ssl.SSLContext | None = None,
+        ca_file: str | None = None,
         on_state: Callable[[State], None] | None = None,
         on_event: Callable[[ClientEvent], None] | None = None,
         auto_ack: bool = True,
@@ -130,7 +133,9 @@ class Client:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.connect_timeout = connect_timeout
-        self.ssl_context = ssl_context
+        if ssl_context is None and ca_file is not None:
+            ssl_context = ssl.create_default_context(cafile=ca_file)  # verifies, custom CA
+        self.ssl_context = ssl_context  # None: wss:// verifies against the system CAs
         self.on_state = on_state
         self.on_event = on_event
         self.auto_ack = auto_ack
@@ -248,17 +253,39 @@ class Client:
         self._url = url
         target = await self._target(url)
         try:
-            async with open_websocket_url(
-                target,
-                ssl_context=self.ssl_context,
-                connect_timeout=self.connect_timeout,
-                disconnect_timeout=1.0,
-            ) as ws:
+            async with self._open(target) as ws:
                 await self._serve(ws)
         except ConnectionRejected as exc:
             self.stats.rejections += 1
             self.stats.last_error = f"rejected {exc.status_code}"
             raise HandshakeError(f"handshake rejected with {exc.status_code}") from None
+
+    def _open(self, target: str) -> AsyncContextManager[WebSocketConnection]:
+        if urllib.parse.urlsplit(target).scheme == "wss":
+            return self._open_tls(target)
+        return open_websocket_url(
+            target, connect_timeout=self.connect_timeout, disconnect_timeout=1.0
+        )
+
+    @asynccontextmanager
+    async def _open_tls(self, target: str) -> AsyncIterator[WebSocketConnection]:
+        """wss://: finish (and verify) TLS ourselves first, so a bad certificate fails at once
+        with its real reason instead of as a handshake timeout."""
+        parts = urllib.parse.urlsplit(target)
+        host, port = parts.hostname or "", parts.port or 443
+        context = self.ssl_context or ssl.create_default_context()
+        with trio.fail_after(self.connect_timeout):
+            stream = await trio.open_ssl_over_tcp_stream(
+                host, port, ssl_context=context, https_compatible=True
+            )
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                await trio.aclose_forcefully(stream)
+                raise OSError(f"TLS handshake failed: {exc.__cause__!r}") from None
+        resource = parts.path + (f"?{parts.query}" if parts.query else "")
+        async with open_websocket_over(stream, host, resource, self.connect_timeout) as ws:
+            yield ws
 
     async def _target(self, url: str) -> str:
         token = self._token if isinstance(self._token, str) else await self._token()
@@ -452,6 +479,30 @@ class Client:
             self.state = state
             if self.on_state is not None:
                 self.on_state(state)
+
+
+@asynccontextmanager
+async def open_websocket_over(
+    stream: trio.SSLStream[trio.SocketStream] | trio.SocketStream,
+    host: str,
+    resource: str,
+    timeout: float,
+) -> AsyncIterator[WebSocketConnection]:
+    """A client WebSocket over an already connected stream (trio-websocket's lower layer)."""
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(timeout):
+                ws = await wrap_client_stream(nursery, stream, host, resource)
+            try:
+                yield ws
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # the reader task's error (e.g. ConnectionRejected)
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+            raise group.exceptions[0] from None
+        raise
 
 
 @asynccontextmanager
