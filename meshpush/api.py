@@ -57,7 +57,7 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         chunks.append(chunk)
     try:
         body = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ApiError(400, "bad_json", "body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_body", "body must be a JSON object")

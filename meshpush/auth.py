@@ -105,7 +105,7 @@ class TokenVerifier:
             raise AuthError("missing_token", "no token given")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError:
+        except (jwt.InvalidTokenError, ValueError, TypeError, RecursionError):
             raise AuthError("invalid_token", "token rejected: not a JWT") from None
         alg = header.get("alg")
         keys = self._keys_for(alg, header.get("kid"))
@@ -153,7 +153,7 @@ class TokenVerifier:
             raise AuthError("expired_token", "token has expired") from None
         except jwt.InvalidSignatureError:
             raise AuthError("bad_signature", "token rejected: bad signature") from None
-        except (jwt.InvalidTokenError, ValueError, TypeError) as exc:
+        except (jwt.InvalidTokenError, ValueError, TypeError, RecursionError) as exc:
             raise AuthError("invalid_token", f"token rejected: {type(exc).__name__}") from None
         return _identity(claims, self.leeway)
 

@@ -28,7 +28,6 @@ from typing import Any
 
 from .settings import Settings, env_for
 
-
 #: On one machine every client is 127.0.0.1, so the per-IP handshake limits of a local
 #: cluster are raised (tests of the limits set their own values).
 LOCAL_DEFAULTS: dict[str, Any] = {"handshake_rate": 1000.0, "handshake_burst": 2000}
@@ -80,9 +79,10 @@ class Proc:
             with contextlib.suppress(ProcessLookupError):
                 self.popen.send_signal(signum)
 
-    def stop(self, signum: int = signals.SIGTERM, timeout: float = 10.0) -> int | None:
-        """Signal, wait up to ``timeout``, then SIGKILL. Returns the exit code."""
-        self.send(signum)
+    def stop(self, signum: int | None = signals.SIGTERM, timeout: float = 10.0) -> int | None:
+        """Signal (unless None), wait up to ``timeout``, then SIGKILL. Returns the exit code."""
+        if signum is not None:
+            self.send(signum)
         try:
             return self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -122,7 +122,7 @@ def _local_probe_context() -> ssl.SSLContext:
 
 def _get(url: str, timeout: float) -> Any:
     context = _local_probe_context() if url.startswith("https:") else None
-    return urllib.request.urlopen(url, timeout=timeout, context=context)  # noqa: S310
+    return urllib.request.urlopen(url, timeout=timeout, context=context)
 
 
 def wait_http(url: str, timeout: float, proc: Proc | None = None, status: int = 200) -> None:
@@ -410,7 +410,7 @@ class LocalCluster:
             node.proc.send(signals.SIGCONT)  # a paused node could not act on SIGINT
             node.proc.send(signals.SIGINT)
         for node in self.members:
-            node.proc.stop(signals.SIGINT, timeout=10)
+            node.proc.stop(None, timeout=10)  # one SIGINT each: a second one would interrupt
         for proc in (self.nats, self.etcd):
             if proc is not None:
                 proc.stop(signals.SIGTERM, timeout=10)

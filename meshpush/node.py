@@ -94,13 +94,16 @@ class Node:
                 await trio.sleep(min(0.2 * attempt, 3.0))
 
     async def _signals(self) -> None:
+        """SIGTERM drains, SIGINT stops; signals after the first are logged and ignored."""
+        assert self._nursery is not None
+        stopping = False
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                if signum == signal.SIGTERM:
-                    await self.drain()
-                else:
-                    await self.stop()
-                return
+                if stopping:
+                    log.info("already stopping; ignoring signal %d", signum)
+                    continue
+                stopping = True
+                self._nursery.start_soon(self.drain if signum == signal.SIGTERM else self.stop)
 
     async def drain(self) -> None:
         """Leave the cluster without losing anyone: redirect every session, then stop."""
@@ -147,5 +150,8 @@ def main(settings: Settings) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    trio.run(Node(settings).run)
+    try:
+        trio.run(Node(settings).run)
+    except KeyboardInterrupt:  # a signal arrived after the signal handler was gone
+        return 130
     return 0

@@ -71,7 +71,7 @@ def parse_client_frame(message: str | bytes) -> ClientFrame:
         raise ProtocolError("binary_frame", "binary frames are not accepted", Close.POLICY)
     try:
         obj = json.loads(message)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
         raise ProtocolError("bad_json", "frame is not valid JSON", Close.INVALID_DATA) from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_frame", "frame must be a JSON object")
@@ -175,7 +175,7 @@ def parse_server_frame(message: str | bytes) -> ServerFrame:
     """Parse a node's frame (used by the SDK); raises :class:`ProtocolError` on garbage."""
     try:
         obj = json.loads(message)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ProtocolError("bad_json", "server frame is not JSON") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
         raise ProtocolError("bad_frame", "server frame has no type")

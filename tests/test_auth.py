@@ -10,6 +10,12 @@ from meshpush.auth import AuthError, bearer, check_api_key, issue_token, verify_
 SECRET = "s" * 32
 
 
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
+
+
 def test_round_trip() -> None:
     ident = verify_token(SECRET, issue_token(SECRET, "alice", 60))
     assert ident.user == "alice"
@@ -28,6 +34,8 @@ def test_round_trip() -> None:
         (jwt.encode({"sub": "", "exp": 2**40}, SECRET, algorithm="HS256"), "invalid_token"),
         (jwt.encode({"sub": 5, "exp": 2**40}, SECRET, algorithm="HS256"), "invalid_token"),
         (jwt.encode({"sub": "a", "exp": 2**40}, None, algorithm="none"), "invalid_token"),
+        (_b64("[" * 5000) + "." + _b64("{}") + ".x", "invalid_token"),  # deep header
+        (_b64('{"alg":"HS256"}') + ".!!!." + "x", "invalid_token"),
     ],
 )
 def test_bad_tokens(token: str | None, reason: str) -> None:

@@ -215,6 +215,7 @@ API_ERRORS = [
     ({"authorization": ""}, {"user": "u", "data": 1}, 401, "missing_api_key"),
     ({"authorization": "Bearer nope"}, {"user": "u", "data": 1}, 401, "invalid_api_key"),
     ({}, b"{nope", 400, "bad_json"),
+    ({}, b"[" * 100_000, 400, "bad_json"),
     ({}, [1, 2], 400, "bad_body"),
     ({}, {"user": "u"}, 400, "missing_field"),
     ({}, {"user": "u", "data": 1, "extra": 2}, 400, "unknown_field"),

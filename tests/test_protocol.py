@@ -24,6 +24,7 @@ def test_ack_and_ping_parse() -> None:
     [
         (b"\x00", "binary_frame", Close.POLICY),
         ("{nope", "bad_json", Close.INVALID_DATA),
+        ("[" * 100_000, "bad_json", Close.INVALID_DATA),  # nested too deep for the parser
         ("[1,2]", "bad_frame", None),
         ('"ack"', "bad_frame", None),
         ('{"type":"nope"}', "unknown_type", None),
