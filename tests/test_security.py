@@ -90,7 +90,8 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         nodes=1,
         handshake_rate=2.0,
         handshake_burst=6,
-        max_connections_per_ip=8,
+        max_connections_per_ip=6,
+        max_connections=8,
         max_sessions_per_user=2,
         frame_rate=5.0,
         frame_burst=10,
@@ -317,8 +318,9 @@ async def test_wrong_path_is_404(strict: LocalCluster) -> None:
 # ---------------------------------------------------------------- limits and floods
 
 
-def raw_connect(port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=5)
+def raw_connect(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A TCP connection to the node from ``source`` (any 127.x address is this machine)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
 
 
 def ws_port(cluster: LocalCluster) -> int:
@@ -365,13 +367,27 @@ async def test_connection_cap_per_ip(limited: LocalCluster) -> None:
                 await ws.get_message()
                 await trio.sleep_forever()
 
-        for i in range(8):  # max_connections_per_ip = 8
+        for i in range(6):  # max_connections_per_ip = 6
             nursery.start_soon(hold, i)
             await trio.sleep(0.55)  # stay under 2 handshakes/s
         await trio.sleep(0.5)
         status, _, body = read_status(raw_connect(port))
         nursery.cancel_scope.cancel()
     assert (status, body["error"]) in {(429, "too_many_connections")}
+    await trio.sleep(3.5)
+
+
+async def test_node_connection_cap_answers_503_with_retry_after(limited: LocalCluster) -> None:
+    port = ws_port(limited)
+    held = [raw_connect(port, "127.0.0.1") for _ in range(6)]
+    held += [raw_connect(port, "127.0.0.2") for _ in range(2)]  # 8 = max_connections
+    await trio.sleep(0.3)  # let the node admit them (its accept tasks run in any order)
+    try:
+        status, headers, body = read_status(raw_connect(port, "127.0.0.3"))
+    finally:
+        for s in held:
+            s.close()
+    assert (status, body["error"], headers["Retry-After"]) == (503, "node_full", "5")
     await trio.sleep(3.5)
 
 
