@@ -15,26 +15,19 @@ from __future__ import annotations
 import argparse
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import trio
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stats import pct
 
 from meshpush.auth import issue_token
 from meshpush.client import Client
 from meshpush.devcluster import LocalCluster
 
 PERIOD = 0.05
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def run(cluster: LocalCluster, n_clients: int, ttl: float) -> None:

@@ -596,16 +596,15 @@ bodies = st.one_of(
 )
 
 
+def post_sync(cluster: LocalCluster, path: str, **kwargs: Any) -> httpx.Response:
+    headers = {"authorization": f"Bearer {cluster.api_key}"}
+    return httpx.post(f"{cluster.live()[0].http_url}{path}", timeout=10, headers=headers, **kwargs)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=bodies)
 def test_http_api_fuzz_answers_only_documented_codes(strict: LocalCluster, body: Any) -> None:
-    node = strict.live()[0]
-    resp = httpx.post(
-        f"{node.http_url}/v1/publish",
-        json=body,
-        timeout=10,
-        headers={"authorization": f"Bearer {strict.api_key}"},
-    )
+    resp = post_sync(strict, "/v1/publish", json=body)
     assert resp.status_code in (202, 400, 413), resp.text
     answer = resp.json()
     if resp.status_code == 202:
@@ -687,13 +686,7 @@ async def test_tls_handshake_refusals_keep_their_code(tmp_path: Path) -> None:
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(raw=st.binary(max_size=2000))
 def test_http_api_fuzz_raw_bytes(strict: LocalCluster, raw: bytes) -> None:
-    node = strict.live()[0]
-    resp = httpx.post(
-        f"{node.http_url}/v1/broadcast",
-        content=raw,
-        timeout=10,
-        headers={"authorization": f"Bearer {strict.api_key}"},
-    )
+    resp = post_sync(strict, "/v1/broadcast", content=raw)
     if resp.status_code == 202:  # the bytes happened to be a valid broadcast body
         assert set(json.loads(raw)) <= {"data", "id"}
     else:
