@@ -27,6 +27,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) .meshpush .pytest_cache .mypy_cache .ruff_cache
