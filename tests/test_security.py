@@ -4,6 +4,7 @@ and live fuzzing while a normal client keeps receiving."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import socket
@@ -15,6 +16,7 @@ from typing import Any
 
 import httpx
 import jwt
+import nats
 import pytest
 import trio
 import trustme
@@ -601,24 +603,50 @@ def post_sync(cluster: LocalCluster, path: str, **kwargs: Any) -> httpx.Response
     return httpx.post(f"{cluster.live()[0].http_url}{path}", timeout=10, headers=headers, **kwargs)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(body=bodies)
-def test_http_api_fuzz_answers_only_documented_codes(strict: LocalCluster, body: Any) -> None:
-    resp = post_sync(strict, "/v1/publish", json=body)
-    assert resp.status_code in (202, 400, 413), resp.text
-    answer = resp.json()
-    if resp.status_code == 202:
-        assert isinstance(answer["seq"], int)
-    else:
-        assert answer["error"] in {
-            "bad_json",
-            "bad_body",
-            "missing_field",
-            "unknown_field",
-            "bad_user",
-            "bad_id",
-            "too_large",
-        }
+API_ERRORS = {
+    "bad_json",
+    "bad_body",
+    "missing_field",
+    "unknown_field",
+    "bad_user",
+    "bad_id",
+    "too_large",
+}
+
+
+def stored_count(cluster: LocalCluster) -> int:
+    """Messages in the user stream, read straight from JetStream."""
+
+    async def go() -> int:
+        nc = await nats.connect(cluster.nats_url)
+        try:
+            info = await nc.jetstream().stream_info(f"MP_{cluster.cluster}_USER")
+            return int(info.state.messages)
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def test_http_api_fuzz_answers_documented_codes_and_stores_only_what_it_accepts(
+    strict: LocalCluster,
+) -> None:
+    before = stored_count(strict)
+    accepted: list[int] = []
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=bodies)
+    def probe(body: Any) -> None:
+        resp = post_sync(strict, "/v1/publish", json=body)
+        assert resp.status_code in (202, 400, 413), resp.text
+        answer = resp.json()
+        if resp.status_code != 202:
+            assert answer["error"] in API_ERRORS
+        elif not answer["duplicate"]:
+            accepted.append(answer["seq"])
+
+    probe()
+    assert stored_count(strict) - before == len(accepted)
 
 
 # ---------------------------------------------------------------- TLS
@@ -691,10 +719,4 @@ def test_http_api_fuzz_raw_bytes(strict: LocalCluster, raw: bytes) -> None:
         assert set(json.loads(raw)) <= {"data", "id"}
     else:
         assert resp.status_code == 400, resp.text
-        assert resp.json()["error"] in {
-            "bad_json",
-            "bad_body",
-            "missing_field",
-            "unknown_field",
-            "bad_id",
-        }
+        assert resp.json()["error"] in API_ERRORS
