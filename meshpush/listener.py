@@ -69,8 +69,9 @@ class Doorman:
         self.filter = IpFilter()
         self.sampled = SampledLog(log)
         self._filter_mtime: float | None = None
-        if settings.ip_filter_file:
-            self.reload_filter()
+        if settings.ip_filter_file and not self.reload_filter():
+            # fail closed: a node must not start unfiltered because its filter is broken
+            raise ValueError(f"ip_filter_file {settings.ip_filter_file!r} cannot be loaded")
 
     def admit(self, ip: str) -> Refusal | None:
         """None and one connection counted for ``ip``; or the refusal to send."""

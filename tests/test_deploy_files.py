@@ -67,6 +67,47 @@ def test_values_config_keys_are_settings() -> None:
     assert all(isinstance(v, str) for v in config.values()), "quote every config value"
 
 
+def values_config_block() -> list[str]:
+    """The lines of the top-level `config:` mapping of values.yaml, comments included."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    start = lines.index("config:") + 1
+    block = []
+    for line in lines[start:]:
+        if line and not line.startswith((" ", "#")):
+            break
+        block.append(line)
+    return block
+
+
+def test_values_commented_config_examples_are_settings() -> None:
+    examples = {}
+    for line in values_config_block():
+        match = re.fullmatch(r"  # ([a-z][a-z0-9_]*): (.*)", line)
+        if match:
+            examples[match.group(1)] = match.group(2)
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    assert examples, "no commented config examples found"
+    assert set(examples) <= fields, set(examples) - fields
+    unquoted = {k for k, v in examples.items() if not re.fullmatch(r'"[^"]*"', v)}
+    assert not unquoted, f"quote every config example: {unquoted}"
+
+
+def test_chart_managed_settings_are_settings() -> None:
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    match = re.search(r'range \$key := list ((?:"[a-z_]+" ?)+)', helpers)
+    assert match, "the list of chart-managed settings was not found in _helpers.tpl"
+    managed = set(re.findall(r'"([a-z_]+)"', match.group(1)))
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    assert managed <= fields, managed - fields
+    config = set(values_config_keys())
+    assert not managed & config, managed & config
+
+
+def values_config_keys() -> list[str]:
+    yaml = pytest.importorskip("yaml")
+    return list(yaml.safe_load((CHART / "values.yaml").read_text())["config"])
+
+
 def dashboard_queries(node: Any) -> Iterator[str]:
     if isinstance(node, dict):
         for key, value in node.items():

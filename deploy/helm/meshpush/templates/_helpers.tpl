@@ -59,12 +59,26 @@ app.kubernetes.io/part-of: meshpush
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{/* "true" when the node serves TLS (tls.secretName set), else "". */}}
+{{- define "meshpush.tls" -}}
+{{- if (.Values.tls).secretName -}}true{{- end -}}
+{{- end -}}
+
+{{/* URL schemes of the node's own listeners. */}}
+{{- define "meshpush.wsScheme" -}}
+{{- if include "meshpush.tls" . -}}wss{{- else -}}ws{{- end -}}
+{{- end -}}
+
+{{- define "meshpush.httpScheme" -}}
+{{- if include "meshpush.tls" . -}}https{{- else -}}http{{- end -}}
+{{- end -}}
+
 {{/* Per-pod public URLs; $(POD_NAME) is expanded by Kubernetes from the env var POD_NAME. */}}
 {{- define "meshpush.publicWsUrl" -}}
 {{- if .Values.publicWsUrl -}}
 {{- .Values.publicWsUrl -}}
 {{- else -}}
-{{- printf "ws://$(POD_NAME).%s.%s.svc.%s:%v/ws" (include "meshpush.headless" .) .Release.Namespace .Values.clusterDomain .Values.ports.ws -}}
+{{- printf "%s://$(POD_NAME).%s.%s.svc.%s:%v/ws" (include "meshpush.wsScheme" .) (include "meshpush.headless" .) .Release.Namespace .Values.clusterDomain .Values.ports.ws -}}
 {{- end -}}
 {{- end -}}
 
@@ -72,8 +86,24 @@ app.kubernetes.io/part-of: meshpush
 {{- if .Values.publicHttpUrl -}}
 {{- .Values.publicHttpUrl -}}
 {{- else -}}
-{{- printf "http://$(POD_NAME).%s.%s.svc.%s:%v" (include "meshpush.headless" .) .Release.Namespace .Values.clusterDomain .Values.ports.http -}}
+{{- printf "%s://$(POD_NAME).%s.%s.svc.%s:%v" (include "meshpush.httpScheme" .) (include "meshpush.headless" .) .Release.Namespace .Values.clusterDomain .Values.ports.http -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The ipFilter ConfigMap, mounted at /etc/meshpush/ipfilter. */}}
+{{- define "meshpush.ipFilterName" -}}
+{{- printf "%s-ipfilter" (include "meshpush.fullname" .) -}}
+{{- end -}}
+
+{{/* "true" when RS256/ES256 public keys are mounted from auth.jwks.configMap, else "". */}}
+{{- define "meshpush.publicKeys" -}}
+{{- if ((.Values.auth).jwks).configMap -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" when config.protect_metrics parses as true the way the node parses booleans. */}}
+{{- define "meshpush.protectMetrics" -}}
+{{- $raw := index .Values.config "protect_metrics" | default "" | toString | trim | lower -}}
+{{- if has $raw (list "1" "true" "yes" "on") -}}true{{- end -}}
 {{- end -}}
 
 {{/* PromQL label matchers selecting this release's scraped series. */}}
@@ -87,10 +117,24 @@ app.kubernetes.io/part-of: meshpush
 
 {{/* Fail early on values that would break a node. */}}
 {{- define "meshpush.validate" -}}
-{{- range $key := list "node_id" "ws_host" "ws_port" "http_host" "http_port" "public_ws_url" "public_http_url" "token_secret" "api_keys" -}}
+{{- range $key := list "node_id" "ws_host" "ws_port" "http_host" "http_port" "public_ws_url" "public_http_url" "token_secret" "api_keys" "token_old_secrets" "tls_cert_file" "tls_key_file" "ip_filter_file" "token_public_key_file" "token_jwks_file" -}}
 {{- if hasKey $.Values.config $key -}}
-{{- fail (printf "config.%s is set by the chart; remove it from config (see values.yaml)" $key) -}}
+{{- fail (printf "config.%s is set by the chart; remove it from config (see values.yaml: ports, publicWsUrl, auth, tls, ipFilter)" $key) -}}
 {{- end -}}
+{{- end -}}
+{{- if include "meshpush.publicKeys" . -}}
+{{- if not (or .Values.auth.jwks.jwksKey .Values.auth.jwks.publicKeyKey) -}}
+{{- fail "auth.jwks.configMap is set: set auth.jwks.jwksKey and/or auth.jwks.publicKeyKey" -}}
+{{- end -}}
+{{- end -}}
+{{- range $i, $raw := splitList "\n" (toString ((.Values.ipFilter).rules | default "")) -}}
+{{- $line := regexReplaceAll "#.*$" $raw "" | trim -}}
+{{- if and $line (not (regexMatch "^(allow|block) +[0-9A-Fa-f:.]+(/[0-9]+)?$" $line)) -}}
+{{- fail (printf "ipFilter.rules line %d: expected 'allow <cidr>' or 'block <cidr>', got %q" (add1 $i) $raw) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.serviceMonitor.enabled (include "meshpush.protectMetrics" .) (not (and .Values.serviceMonitor.bearerTokenSecret.name .Values.serviceMonitor.bearerTokenSecret.key)) -}}
+{{- fail "config.protect_metrics is true: set serviceMonitor.bearerTokenSecret.name and .key (a Secret key holding one API key), or Prometheus cannot scrape /metrics" -}}
 {{- end -}}
 {{- $drain := float64 (toString (default "15" (index .Values.config "drain_timeout"))) -}}
 {{- if le (float64 .Values.terminationGracePeriodSeconds) $drain -}}
