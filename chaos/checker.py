@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .events import BROADCAST, USER, DeviceLog, EventLog, Instance, Published, Received
@@ -54,6 +54,13 @@ class Violation:
             if value is not None
         ]
         return f"{self.kind}: {' '.join(where)}{': ' if where else ''}{self.detail}"
+
+
+def _on(
+    kind: str, detail: str, device: DeviceLog, ch: str | None = None, seq: int | None = None
+) -> Violation:
+    """A violation about one device (and maybe one message of it)."""
+    return Violation(kind, detail, device.user, device.device, ch, seq, device.node)
 
 
 def check(log: EventLog, memory_bound_mb: float) -> list[Violation]:
@@ -89,24 +96,36 @@ def missing(log: EventLog) -> dict[str, int]:
 
 
 def check_delivery(log: EventLog) -> Iterator[Violation]:
+    have = {d.key: _seqs(d) for d in log.devices}
     for device in log.devices:
-        yield from _device_delivery(log, device)
+        yield from _device_delivery(log, device, have)
 
 
-def _device_delivery(log: EventLog, device: DeviceLog) -> Iterator[Violation]:
-    who = {"user": device.user, "device": device.device}
+def _seqs(device: DeviceLog) -> dict[str, set[int]]:
+    """Every seq a device received, per channel, over all its instances."""
+    out: dict[str, set[int]] = {USER: set(), BROADCAST: set()}
+    for inst in device.instances:
+        for r in inst.received:
+            out.setdefault(r.ch, set()).add(r.seq)
+    return out
+
+
+def _device_delivery(
+    log: EventLog, device: DeviceLog, have: dict[str, dict[str, set[int]]]
+) -> Iterator[Violation]:
     if not device.online:
-        yield Violation("offline", "the device was not online when the run was checked", **who)
+        yield _on("offline", "the device was not online when the run was checked", device)
     for inst in device.instances:
         for ch in (USER, BROADCAST):
             yield from _order(inst, ch, device)
         if inst.gaps:
-            yield Violation("gap", f"instance {inst.index}: the SDK reported {inst.gaps} gap(s)", **who)
+            detail = f"instance {inst.index}: the SDK reported {inst.gaps} gap(s)"
+            yield _on("gap", detail, device)
     yield from _across_instances(device)
     yield from _ids(device)
     expected = expected_for(log, device)
     for ch, seqs in expected.items():
-        yield from _lost(log, device, ch, seqs)
+        yield from _lost(log, device, ch, seqs, have)
 
 
 def _order(inst: Instance, ch: str, device: DeviceLog) -> Iterator[Violation]:
@@ -114,24 +133,18 @@ def _order(inst: Instance, ch: str, device: DeviceLog) -> Iterator[Violation]:
     seen: set[int] = set()
     last: Received | None = None
     for r in (r for r in inst.received if r.ch == ch):
-        at = {"user": device.user, "device": device.device, "ch": ch, "seq": r.seq}
         if r.seq in seen:
-            yield Violation(
-                "duplicate", f"instance {inst.index} received it twice (again at t+{r.t:.2f})", **at
-            )
+            detail = f"instance {inst.index} received it twice (again at t+{r.t:.2f})"
+            yield _on("duplicate", detail, device, ch, r.seq)
         elif last is not None and r.seq < last.seq:
-            yield Violation(
-                "out_of_order",
-                f"instance {inst.index} received it at t+{r.t:.2f} after seq {last.seq}",
-                **at,
-            )
+            detail = f"instance {inst.index} received it at t+{r.t:.2f} after seq {last.seq}"
+            yield _on("out_of_order", detail, device, ch, r.seq)
         elif last is not None and r.prev is not None and r.prev != last.seq:
-            yield Violation(
-                "broken_chain",
+            detail = (
                 f"instance {inst.index}: prev is {r.prev} but the seq received before it was "
-                f"{last.seq}",
-                **at,
+                f"{last.seq}"
             )
+            yield _on("broken_chain", detail, device, ch, r.seq)
         seen.add(r.seq)
         if last is None or r.seq > last.seq:
             last = r
@@ -146,15 +159,11 @@ def _across_instances(device: DeviceLog) -> Iterator[Violation]:
             if earlier is None:
                 first_by[(r.ch, r.seq)] = inst
             elif earlier is not inst and earlier.end != "killed":
-                yield Violation(
-                    "duplicate",
+                detail = (
                     f"instance {inst.index} received it again at t+{r.t:.2f}, though instance "
-                    f"{earlier.index} had received it and was stopped cleanly (acked)",
-                    user=device.user,
-                    device=device.device,
-                    ch=r.ch,
-                    seq=r.seq,
+                    f"{earlier.index} had received it and was stopped cleanly (acked)"
                 )
+                yield _on("duplicate", detail, device, r.ch, r.seq)
 
 
 def _ids(device: DeviceLog) -> Iterator[Violation]:
@@ -165,37 +174,39 @@ def _ids(device: DeviceLog) -> Iterator[Violation]:
             seqs_of[(r.ch, r.id)].add(r.seq)
     for (ch, msg_id), seqs in sorted(seqs_of.items()):
         if len(seqs) > 1:
-            yield Violation(
-                "duplicate_id",
-                f"publish id {msg_id!r} arrived as seqs {sorted(seqs)} (stored more than once)",
-                user=device.user,
-                device=device.device,
-                ch=ch,
-                seq=min(seqs),
-            )
+            detail = f"publish id {msg_id!r} arrived as seqs {sorted(seqs)} (stored twice)"
+            yield _on("duplicate_id", detail, device, ch, min(seqs))
 
 
 def _lost(
-    log: EventLog, device: DeviceLog, ch: str, expected: dict[int, Published]
+    log: EventLog,
+    device: DeviceLog,
+    ch: str,
+    expected: dict[int, Published],
+    have: dict[str, dict[str, set[int]]],
 ) -> Iterator[Violation]:
     got: dict[int, Received] = {}
     for inst in device.instances:
-        for r in inst.received:
-            if r.ch == ch:
-                got.setdefault(r.seq, r)
+        for seen in inst.received:
+            if seen.ch == ch:
+                got.setdefault(seen.seq, seen)
     order = sorted(got)
     for seq, p in sorted(expected.items()):
-        at = {"user": device.user, "device": device.device, "ch": ch, "seq": seq}
         r = got.get(seq)
         if r is None:
-            yield Violation("lost", _lost_detail(log, device, p, order), **at)
+            yield _on("lost", _lost_detail(log, device, p, order, have), device, ch, seq)
         elif r.id != p.id:
-            yield Violation(
-                "wrong_id", f"received with id {r.id!r}, but the 202 for {p.id!r} named it", **at
-            )
+            detail = f"received with id {r.id!r}, but the 202 for {p.id!r} named it"
+            yield _on("wrong_id", detail, device, ch, seq)
 
 
-def _lost_detail(log: EventLog, device: DeviceLog, p: Published, order: list[int]) -> str:
+def _lost_detail(
+    log: EventLog,
+    device: DeviceLog,
+    p: Published,
+    order: list[int],
+    have: dict[str, dict[str, set[int]]],
+) -> str:
     parts = [
         f"published at t+{p.t:.2f} via {p.node or '?'} (202 after {p.attempts} attempt(s)), "
         "never received by this device"
@@ -206,15 +217,11 @@ def _lost_detail(log: EventLog, device: DeviceLog, p: Published, order: list[int
     parts.append(f"it received seq {before} before and {after} after it")
     others = [d for d in log.devices if d is not device and (p.ch == BROADCAST or d.user == p.user)]
     if others:
-        had = sum(1 for d in others if any(r.seq == p.seq for r in _all(d, p.ch)))
+        had = sum(1 for d in others if p.seq in have[d.key].get(p.ch, ()))
         parts.append(f"{had} of {len(others)} other device(s) received it")
     nodes = [n for inst in device.instances for n in inst.nodes]
     parts.append(f"sessions on {','.join(nodes[-8:]) or 'none'}")
     return "; ".join(parts)
-
-
-def _all(device: DeviceLog, ch: str) -> Iterable[Received]:
-    return (r for inst in device.instances for r in inst.received if r.ch == ch)
 
 
 # ---------------------------------------------------------------- placement
@@ -225,13 +232,11 @@ def check_placement(log: EventLog) -> Iterator[Violation]:
         if not device.online:
             continue
         owner = log.routes.get(device.user)
-        who = {"user": device.user, "device": device.device, "node": device.node}
         if owner is None:
-            yield Violation("no_route", "no owner known for the user (GET /v1/route)", **who)
+            yield _on("no_route", "no owner known for the user (GET /v1/route)", device)
         elif device.node != owner:
-            yield Violation(
-                "wrong_node", f"its session is on {device.node}, the owner is {owner}", **who
-            )
+            detail = f"its session is on {device.node}, the owner is {owner}"
+            yield _on("wrong_node", detail, device)
     clients = Counter(d.node for d in log.devices if d.online)
     for node in log.nodes:
         if not node.reachable:
@@ -259,7 +264,9 @@ def check_memory(log: EventLog, bound_mb: float) -> Iterator[Violation]:
     for node, rss in sorted(log.rss_max_mb.items()):
         if rss > bound_mb:
             yield Violation(
-                "memory", f"RSS reached {rss:.0f} MB, above the bound of {bound_mb:.0f} MB", node=node
+                "memory",
+                f"RSS reached {rss:.0f} MB, above the bound of {bound_mb:.0f} MB",
+                node=node,
             )
 
 

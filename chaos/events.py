@@ -71,6 +71,7 @@ class Instance:
     gaps: int = 0
     unexpected_errors: int = 0
     nodes: list[str] = field(default_factory=list)  # nodes that welcomed it, in order (last 50)
+    events: list[dict[str, Any]] = field(default_factory=list)  # SDK events (gap, chain_break...)
 
 
 @dataclass

@@ -242,15 +242,19 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         for scenario in SCENARIOS.values():
             print(f"{scenario.name:<13} {scenario.about} (default {scenario.duration:g}s)")
         return 0
-    return run_scenario(
-        args.scenario,
-        duration=args.duration,
-        seed=args.seed,
-        json_path=args.json,
-        nodes=args.nodes,
-        users=args.users,
-        rate=args.rate,
-        memory_mb=args.memory_mb,
-        workdir=args.workdir,
-        keep=args.keep,
-    )
+    try:
+        return run_scenario(
+            args.scenario,
+            duration=args.duration,
+            seed=args.seed,
+            json_path=args.json,
+            nodes=args.nodes,
+            users=args.users,
+            rate=args.rate,
+            memory_mb=args.memory_mb,
+            workdir=args.workdir,
+            keep=args.keep,
+        )
+    except KeyboardInterrupt:  # the cluster is already torn down by then
+        print("meshpush chaos: interrupted", file=sys.stderr)
+        return 130

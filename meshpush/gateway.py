@@ -266,12 +266,11 @@ class Gateway:
         token_deadline = trio.current_time() + max(0.0, session.expires_at - time.time())
         while True:
             silent_deadline = session.last_seen + s.heartbeat_timeout
+            frame: str | None = None
             with trio.move_on_at(min(next_ping, silent_deadline, token_deadline)):
                 frame = await session.queue.receive()
-                try:
-                    await ws.send_message(frame)
-                except ConnectionClosed:
-                    session.close(Close.GOING_AWAY, "connection lost")
+            if frame is not None:  # sent outside the deadline: a deadline never cuts a frame
+                await self._send(ws, session, frame)
                 continue
             now = trio.current_time()
             if now >= token_deadline:
@@ -281,6 +280,12 @@ class Gateway:
             elif now >= next_ping:
                 nursery.start_soon(self._ping, ws, session)
                 next_ping = now + s.heartbeat_interval
+
+    async def _send(self, ws: WebSocketConnection, session: Session, frame: str) -> None:
+        try:
+            await ws.send_message(frame)
+        except ConnectionClosed:
+            session.close(Close.GOING_AWAY, "connection lost")
 
     async def _ping(self, ws: WebSocketConnection, session: Session) -> None:
         try:

@@ -195,6 +195,11 @@ async def _connection(
     except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
         doorman.metrics.handshakes.labels(result="transport_error").inc()
         log.debug("connection from %s failed: %r", ip, exc)
+    except Exception as exc:  # e.g. a protocol error raised in the WebSocket reader task
+        # (trio-websocket answers a Ping that arrives after our Close with a Pong that wsproto
+        # refuses: python-trio/trio-websocket#184). One connection ends; the node serves on.
+        doorman.metrics.session_errors.inc()
+        log.warning("connection from %s ended by an error: %r", ip, exc)
     finally:
         if refusal is None:
             doorman.release(ip)

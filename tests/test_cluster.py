@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import trio
+from conftest import make_cluster
 from support import (
     api,
     connected,
@@ -249,3 +251,62 @@ async def test_sdk_reports_state_changes(cluster: LocalCluster) -> None:
         await wait_until(lambda: client.state.value == "online")
     assert "online" in seen
     assert seen[-1] == "closed"
+
+
+async def test_a_ping_after_the_nodes_close_does_not_hurt_the_node(cluster: LocalCluster) -> None:
+    """Regression (found by the chaos suite): a client Ping arriving after the node sent its
+    Close made trio-websocket answer with a Pong wsproto refuses (trio-websocket #184), and the
+    error took the whole node down."""
+    import wsproto
+    from wsproto.events import CloseConnection, Request
+
+    user = "late-pinger"
+    owner = await owner_of(cluster, user)
+    stranger = others(cluster, owner)[0]  # sends a redirect, then closes
+    port = int(stranger.ws_url.rsplit(":", 1)[1].split("/")[0])
+    conn = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    target = f"/ws?token={token(cluster, user)}&device=d"
+    await stream.send_all(conn.send(Request(host="127.0.0.1", target=target)))
+    with trio.fail_after(10):
+        closed = False
+        while not closed:
+            conn.receive_data(await stream.receive_some(65536))
+            closed = any(isinstance(e, CloseConnection) for e in conn.events())
+    payload, mask = b"late", b"\x01\x02\x03\x04"  # a masked Ping, by hand, instead of the Close
+    body = bytes(x ^ mask[i % 4] for i, x in enumerate(payload))
+    await stream.send_all(bytes([0x89, 0x80 | len(payload)]) + mask + body)
+    await trio.sleep(0.5)
+    await stream.aclose()
+    assert stranger.proc.alive()
+    async with connected(cluster, "after-late-ping", via=stranger) as client:
+        await publish(cluster, stranger, "after-late-ping", "still here")
+        assert (await receive(client)).data == "still here"
+
+
+async def test_heartbeats_never_cut_or_drop_a_frame(tmp_path: Path) -> None:
+    """Regression (found by the chaos suite): a heartbeat deadline firing during a send cancelled
+    it, dropping the frame (or cutting it in half). Pings every 20 ms while 600 frames of 2 kB
+    go out to a reader that pauses: every frame arrives, the prev chain is exact."""
+    settings = {"heartbeat_interval": 0.02, "session_queue": 100_000}
+    with make_cluster(tmp_path / "c", nodes=1, **settings) as small:
+        node, user, n = small.live()[0], "heavy-reader", 600
+        url = f"{node.ws_url}?token={token(small, user)}&device=d"
+        frames: list[dict[str, object]] = []
+        async with open_websocket_url(url, message_queue_size=1) as ws, trio.open_nursery() as ns:
+            await ws.get_message()  # welcome
+
+            async def publish_all() -> None:
+                for _ in range(n):
+                    await publish(small, node, user, "x" * 2000)
+
+            ns.start_soon(publish_all)
+            with trio.fail_after(90):
+                while len(frames) < n:
+                    frame = json.loads(await ws.get_message())
+                    if frame["type"] == "msg":
+                        frames.append(frame)
+                        if len(frames) % 50 == 0:
+                            await trio.sleep(0.2)  # let the node's sends block on TCP
+        seqs = [f["seq"] for f in frames]
+        assert all(f["prev"] == s for f, s in zip(frames[1:], seqs, strict=False))
