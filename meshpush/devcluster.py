@@ -55,10 +55,11 @@ def binary(name: str) -> str:
     return found
 
 
-def _on_main_thread() -> bool:
-    """PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so it is only
-    safe from the main thread (trio's worker threads exit when idle)."""
-    return threading.current_thread() is threading.main_thread()
+def _on_long_lived_thread() -> bool:
+    """PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so it is only set
+    from non-daemon threads (the main thread, an executor owned by the caller); trio's worker
+    threads are daemon threads that exit when idle and would take the child with them."""
+    return not threading.current_thread().daemon
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -112,7 +113,7 @@ def spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None 
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         env={**os.environ, **(env or {})},
-        preexec_fn=_die_with_parent if _on_main_thread() else None,
+        preexec_fn=_die_with_parent if _on_long_lived_thread() else None,
     )
     log.close()
     return Proc(name, popen, log_path)
