@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_REREADS = 10_000
+MAX_PENDING = 1024  # live notifications buffered per channel during a replay (then: re-read)
 
 
 class Verdict(enum.Enum):
@@ -66,7 +67,7 @@ class Gap:
 class Feed:
     """Delivery state of one channel of one session (pure; no I/O)."""
 
-    __slots__ = ("acked", "fresh", "pending", "replaying", "sent", "skip")
+    __slots__ = ("acked", "fresh", "overflow", "pending", "replaying", "sent", "skip")
 
     def __init__(self, sent: int = 0, fresh: bool = False, skip: int = 0) -> None:
         self.sent = sent  # last seq handed to the session's queue
@@ -75,6 +76,7 @@ class Feed:
         self.skip = skip  # stored messages to pass over first (backlog "last N")
         self.replaying = True
         self.pending: list[Chained] | None = None
+        self.overflow = False  # pending was full: what was dropped is in the stream
 
     def start(self, sent: int, fresh: bool = False, skip: int = 0) -> None:
         """Set the resume point (keeps notifications buffered so far)."""
@@ -85,7 +87,10 @@ class Feed:
         if self.replaying:
             if self.pending is None:
                 self.pending = []
-            self.pending.append(note)
+            if len(self.pending) < MAX_PENDING:
+                self.pending.append(note)
+            else:
+                self.overflow = True  # bounded memory: the stream has it, finish() re-reads
             return Verdict.BUFFER
         if note.seq <= self.sent:
             return Verdict.DROP
@@ -125,6 +130,9 @@ class Feed:
         Returns what to deliver, and whether the feed is live now (False: read again)."""
         pending = sorted(self.pending or (), key=lambda n: n.seq)
         self.pending = None
+        if self.overflow:
+            self.overflow = False
+            return [], False
         out: list[Chained] = []
         for note in pending:
             if note.seq <= self.sent:
