@@ -2,8 +2,9 @@
 
 Starts a 1-node cluster (etcd, NATS JetStream, one node process), opens N sessions (distinct
 users, no traffic) from this process, waits for them to settle and reads the node's RSS from
-/proc. Reference, from the same run: the mission's budget of 10 KB per connection; the ratio
-(measured / budget) is printed.
+/proc. References, from the same run: a bare trio-websocket server holding N connections
+(bench/bare_ws_server.py: the floor of the stack meshpush is built on), and the mission's
+budget of 10 KB per connection; both ratios are printed.
 
     python bench/memory.py [--sessions 2000]
 """
@@ -11,14 +12,20 @@ users, no traffic) from this process, waits for them to settle and reads the nod
 from __future__ import annotations
 
 import argparse
+import contextlib
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 from trio_websocket import open_websocket_url
 
 from meshpush.auth import issue_token
-from meshpush.devcluster import LocalCluster
+from meshpush.devcluster import LocalCluster, free_port
 
 BUDGET = 10 * 1024
 
@@ -30,16 +37,15 @@ def rss(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-async def run(cluster: LocalCluster, n: int) -> None:
-    node = cluster.live()[0]
+async def per_connection(pid: int, url_for: Callable[[int], str], n: int) -> float:
+    """Bytes of RSS one more idle connection costs the server process ``pid``."""
     await trio.sleep(1.0)
-    before = rss(node.proc.pid)
+    before = rss(pid)
     opened = 0
 
     async def hold(i: int, task_status: trio.TaskStatus[None]) -> None:
         nonlocal opened
-        token = issue_token(cluster.token_secret, f"idle-{i}", 3600)
-        async with open_websocket_url(f"{node.ws_url}?token={token}&device=d") as ws:
+        async with open_websocket_url(url_for(i)) as ws:
             await ws.get_message()
             opened += 1
             task_status.started()
@@ -49,14 +55,42 @@ async def run(cluster: LocalCluster, n: int) -> None:
         for i in range(n):
             await nursery.start(hold, i)
         await trio.sleep(2.0)
-        after = rss(node.proc.pid)
+        after = rss(pid)
         nursery.cancel_scope.cancel()
-    per = (after - before) / max(1, opened)
-    print(f"sessions {opened}; node RSS {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
-    print(
-        f"per idle session: {per / 1024:.1f} KiB (reference budget 10 KiB: ratio "
-        f"{per / BUDGET:.2f})"
+    print(f"  pid {pid}: {opened} connections, RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB")
+    return (after - before) / max(1, opened)
+
+
+async def run(cluster: LocalCluster, n: int) -> None:
+    node = cluster.live()[0]
+
+    def session_url(i: int) -> str:
+        return f"{node.ws_url}?token={issue_token(cluster.token_secret, f'idle-{i}', 3600)}"
+
+    port = free_port()
+    bare = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("bare_ws_server.py")), str(port)]
     )
+    try:
+        wait_tcp_port(port)
+        reference = await per_connection(bare.pid, lambda i: f"ws://127.0.0.1:{port}/", n)
+    finally:
+        bare.kill()
+        bare.wait(10)
+    per = await per_connection(node.proc.pid, session_url, n)
+    print(
+        f"per idle session: meshpush {per / 1024:.1f} KiB, bare trio-websocket "
+        f"{reference / 1024:.1f} KiB (ratio {per / max(reference, 1):.2f}); "
+        f"budget 10 KiB (ratio {per / BUDGET:.2f})"
+    )
+
+
+def wait_tcp_port(port: int) -> None:
+    for _ in range(100):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError("reference server did not start")
 
 
 def main() -> None:
