@@ -183,13 +183,6 @@ def load_public_key(pem: str) -> Any:
     return key
 
 
-def verify_token(secret: str, token: str | None, leeway: float = 0.0) -> Identity:
-    """Check an HS256 client token with one secret (see :class:`TokenVerifier` for the rest)."""
-    if not secret:
-        raise AuthError("no_secret", "node has no token secret configured")
-    return TokenVerifier(secret, leeway=leeway).verify(token)
-
-
 def check_api_key(keys: Iterable[str], presented: str | None) -> None:
     """Constant-time comparison against every configured key; raise :class:`AuthError`."""
     if not presented:

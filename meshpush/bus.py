@@ -169,6 +169,9 @@ class Bus:
     def subscribed(self) -> frozenset[int]:
         return frozenset(self._subs)
 
+    def is_subscribed(self, s: int) -> bool:
+        return s in self._subs
+
     async def subscribe_broadcast(self) -> None:
         if self._bcast_sub is None:
             cb = self._callback("broadcast")

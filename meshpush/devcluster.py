@@ -22,7 +22,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -422,9 +421,3 @@ class LocalCluster:
         for proc in (self.nats, self.etcd):
             if proc is not None:
                 proc.stop(signals.SIGTERM, timeout=10)
-
-
-def iter_pids(cluster: LocalCluster) -> Iterator[int]:
-    for proc in [cluster.etcd, cluster.nats, *(n.proc for n in cluster.members)]:
-        if proc is not None:
-            yield proc.pid

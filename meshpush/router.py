@@ -105,7 +105,7 @@ class Router:
         if owner is None:
             return Route("unavailable", reason="no ring")
         if owner == self.me:
-            if slot(user) in self.bus.subscribed():
+            if self.bus.is_subscribed(slot(user)):
                 return Route("local")
             return Route("unavailable", reason="slot not subscribed yet")
         info = self.view.get(owner)

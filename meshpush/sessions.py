@@ -141,12 +141,5 @@ class Registry:
     def __len__(self) -> int:
         return self._count
 
-    def deliver_user(self, user: str, frame: str) -> int:
-        """Offer one encoded frame to every session of ``user``; return how many took it."""
-        return sum(s.offer(frame) for s in list(self.of_user(user)))
-
-    def deliver_all(self, frame: str) -> int:
-        return sum(s.offer(frame) for s in self.all())
-
     def statistics(self) -> RegistryStats:
         return RegistryStats(sessions=self._count, users=len(self._by_user))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jwt
 import pytest
 
-from meshpush.auth import AuthError, bearer, check_api_key, issue_token, verify_token
+from meshpush.auth import AuthError, TokenVerifier, bearer, check_api_key, issue_token
 
 SECRET = "s" * 32
 
@@ -17,7 +17,7 @@ def _b64(text: str) -> str:
 
 
 def test_round_trip() -> None:
-    ident = verify_token(SECRET, issue_token(SECRET, "alice", 60))
+    ident = TokenVerifier(SECRET).verify(issue_token(SECRET, "alice", 60))
     assert ident.user == "alice"
 
 
@@ -40,7 +40,7 @@ def test_round_trip() -> None:
 )
 def test_bad_tokens(token: str | None, reason: str) -> None:
     with pytest.raises(AuthError) as err:
-        verify_token(SECRET, token)
+        TokenVerifier(SECRET).verify(token)
     assert err.value.reason == reason
 
 

@@ -9,6 +9,7 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import nats
@@ -191,14 +192,20 @@ def _store_directly(cluster: LocalCluster, user: str, data: object, prev: int) -
     return asyncio.run(go())
 
 
+async def one_then_hidden(
+    cluster: LocalCluster, got: Collector, user: str
+) -> tuple[dict[str, Any], int]:
+    """Publish one message (received), then store one whose live notification never goes out."""
+    first = await publish(cluster, cluster.live()[0], user, "one")
+    await got.wait_for(1)
+    hidden = await trio.to_thread.run_sync(_store_directly, cluster, user, "hidden", first["seq"])
+    return first, hidden
+
+
 async def test_missed_notification_is_caught_up_through_prev(cluster: LocalCluster) -> None:
     user = "missed-hint"
     async with collecting(cluster, user) as got:
-        first = await publish(cluster, cluster.live()[0], user, "one")
-        await got.wait_for(1)
-        hidden = await trio.to_thread.run_sync(
-            _store_directly, cluster, user, "hidden", first["seq"]
-        )
+        first, hidden = await one_then_hidden(cluster, got, user)
         third = await publish(cluster, cluster.live()[1], user, "three")
         await got.wait_for(3)
         assert got.seqs() == [first["seq"], hidden, third["seq"]]
@@ -210,11 +217,7 @@ async def test_nats_outage_answers_503_then_recovers_and_catches_up(tmp_path: Pa
     with make_cluster(tmp_path / "c") as cluster:
         user = "nats-outage"
         async with collecting(cluster, user) as got:
-            first = await publish(cluster, cluster.live()[0], user, "before")
-            await got.wait_for(1)
-            hidden = await trio.to_thread.run_sync(
-                _store_directly, cluster, user, "hidden", first["seq"]
-            )
+            first, hidden = await one_then_hidden(cluster, got, user)
             assert cluster.nats is not None
             cluster.nats.stop(signal.SIGKILL)
             resp = await api(

@@ -37,6 +37,10 @@ async def assert_all_receive(cluster: LocalCluster, clients: dict[str, Client], 
                 break
 
 
+def users_on(clients: dict[str, Client], node: str) -> list[str]:
+    return [u for u, c in clients.items() if c.node == node]
+
+
 async def on_owners(cluster: LocalCluster, clients: dict[str, Client]) -> bool:
     for user, client in clients.items():
         if client.state.value != "online" or client.node != await owner_of(cluster, user):
@@ -48,7 +52,7 @@ async def test_new_node_takes_over_its_users(fresh_cluster: LocalCluster) -> Non
     async with many_clients(fresh_cluster, USERS) as clients:
         await trio.to_thread.run_sync(fresh_cluster.start_node)
         await wait_until(lambda: on_owners(fresh_cluster, clients), timeout=20)
-        moved = [u for u, c in clients.items() if c.node == "n4"]
+        moved = users_on(clients, "n4")
         assert moved, "the ring gave the new node none of 24 users"
         assert all(clients[u].stats.redirects >= 1 for u in moved)
         await assert_all_receive(fresh_cluster, clients, "after-join")
@@ -57,7 +61,7 @@ async def test_new_node_takes_over_its_users(fresh_cluster: LocalCluster) -> Non
 async def test_sigterm_drains_sessions_before_exit(fresh_cluster: LocalCluster) -> None:
     async with many_clients(fresh_cluster, USERS) as clients:
         victim = fresh_cluster.node("n2")
-        on_victim = [u for u, c in clients.items() if c.node == "n2"]
+        on_victim = users_on(clients, "n2")
         assert on_victim
         victim.proc.send(signal.SIGTERM)
         code = await trio.to_thread.run_sync(victim.proc.popen.wait, 20)
@@ -72,7 +76,7 @@ async def test_sigterm_drains_sessions_before_exit(fresh_cluster: LocalCluster) 
 async def test_sigkill_users_come_back_after_lease_expiry(fresh_cluster: LocalCluster) -> None:
     async with many_clients(fresh_cluster, USERS) as clients:
         victim = fresh_cluster.node("n3")
-        on_victim = [u for u, c in clients.items() if c.node == "n3"]
+        on_victim = users_on(clients, "n3")
         assert on_victim
         fresh_cluster.kill(victim)
         # generous bound: lease TTL (2 s) + reconnect backoff; the real time is a benchmark

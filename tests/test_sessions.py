@@ -18,8 +18,8 @@ async def test_registry_indexes_by_user_device_and_slot() -> None:
     assert set(reg.of_user("a")) == {a1, a2}
     assert set(reg.in_slots([slot("a")])) >= {a1, a2}
     assert reg.statistics().users == 2
-    assert reg.deliver_user("a", "f") == 2
-    assert reg.deliver_all("g") == 3
+    assert sum(s.offer("f") for s in reg.of_user("a")) == 2
+    assert sum(s.offer("g") for s in reg.all()) == 3
     reg.remove(a1)
     reg.remove(a1)  # idempotent
     assert set(reg.of_user("a")) == {a2}
