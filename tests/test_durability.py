@@ -49,7 +49,8 @@ async def collecting(
 
 async def publish_many(cluster: LocalCluster, user: str, n: int, tag: str) -> list[int]:
     return [
-        (await publish(cluster, cluster.live()[i % 3], user, {tag: i}))["seq"] for i in range(n)
+        (await publish(cluster, cluster.live()[i % len(cluster.live())], user, {tag: i}))["seq"]
+        for i in range(n)
     ]
 
 
@@ -114,7 +115,9 @@ async def test_concurrent_publishers_keep_one_exact_chain(cluster: LocalCluster)
     user = "contended"
     async with trio.open_nursery() as nursery:
         for i in range(60):
-            nursery.start_soon(publish, cluster, cluster.live()[i % 3], user, {"i": i})
+            nursery.start_soon(
+                publish, cluster, cluster.live()[i % len(cluster.live())], user, {"i": i}
+            )
     async with collecting(cluster, user) as got:
         await got.wait_for(60)
     assert len(set(got.seqs())) == 60
@@ -357,3 +360,21 @@ async def _inject(cluster: LocalCluster, fault: str) -> None:
 async def test_thousand_messages_survive_a_fault(tmp_path: Path, fault: str) -> None:
     with make_cluster(tmp_path / "c") as cluster:
         await _load_and_fault(cluster, fault)
+
+
+async def test_new_device_backlog_settings(tmp_path: Path) -> None:
+    """backlog_user=N: a brand-new device gets the last N stored user messages;
+    backlog_broadcast=-1: and every retained broadcast."""
+    with make_cluster(tmp_path / "c", nodes=1, backlog_user=3, backlog_broadcast=-1) as cluster:
+        user, node = "newcomer", cluster.live()[0]
+        seqs = await publish_many(cluster, user, 1, "u") + await publish_many(cluster, user, 4, "v")
+        casts = []
+        for i in range(2):
+            resp = await api(cluster, node, "POST", "/v1/broadcast", json={"data": i})
+            casts.append(resp.json()["seq"])
+        async with collecting(cluster, user, device="brand-new") as got:
+            await got.wait_for(3)
+            await got.wait_for(2, ch="broadcast")
+            await trio.sleep(0.3)
+        assert got.seqs() == seqs[-3:]
+        assert got.seqs("broadcast") == casts

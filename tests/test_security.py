@@ -77,6 +77,7 @@ def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         token_jwks_file=str(workdir / "jwks.json"),
         token_public_key_file=str(workdir / "rsa.pem"),
         allowed_origins=("https://app.example",),
+        protect_metrics=True,
     ) as cluster:
         yield cluster
         assert all(n.proc.alive() for n in cluster.members)
@@ -309,6 +310,15 @@ async def test_bad_handshake_parameters(
     node = strict.live()[0]
     token = tok(strict, claims(user="params"))
     assert (await refused(f"{node.ws_url}?token={token}&{query}"))[:2] == (status, code)
+
+
+async def test_protected_metrics_need_an_api_key(strict: LocalCluster) -> None:
+    node = strict.live()[0]
+    async with httpx.AsyncClient(base_url=node.http_url) as http:
+        bare = await http.get("/metrics")
+        assert (bare.status_code, bare.json()["error"]) == (401, "missing_api_key")
+        assert (await http.get("/healthz")).status_code == 200  # probes stay open
+    assert "meshpush_sessions" in (await api(strict, node, "GET", "/metrics")).text
 
 
 async def test_wrong_path_is_404(strict: LocalCluster) -> None:
