@@ -384,7 +384,8 @@ export class MeshpushClient {
       this.stats.duplicates += 1;
       return true;
     }
-    if (Number.isInteger(prev) && this.last[ch] > 0 && !this._afterGap.has(ch) && prev !== this.last[ch]) {
+    const known = this.last[ch] > 0 && !this._afterGap.has(ch);
+    if (known && Number.isInteger(prev) && prev !== this.last[ch]) {
       this.stats.chainBreaks += 1;
       this._emit("chain_break", { ch, expected: this.last[ch], prev, seq });
       return false;
