@@ -117,6 +117,19 @@ def test_js_unit_tests(node_bin: str) -> None:
     assert "# fail 0" in done.stdout
 
 
+def test_js_types_compile(node_bin: str, js_modules: Path) -> None:
+    """src/index.d.ts is valid TypeScript and fits real use (test/types.ts, tsc --strict)."""
+    tsc = js_modules / "typescript" / "bin" / "tsc"
+    done = subprocess.run(
+        [node_bin, str(tsc), "-p", "tsconfig.json"],
+        cwd=JS_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
 # ---------------------------------------------------------------- end to end
 
 
