@@ -484,7 +484,12 @@ class Connection {
     const ws = this.ws;
     ws.onopen = () => this.onOpen();
     ws.onmessage = (event) => this.onFrame(event.data);
-    ws.onclose = (event) => this.finish({ code: event.code, reason: event.reason || "" });
+    ws.onclose = (event) => {
+      const outcome = { code: event.code, reason: event.reason || "" };
+      // 4302 without a redirect frame: the owner is elsewhere, unnamed; start from a bootstrap
+      if (event.code === Close.REDIRECT) outcome.redirect = { node: "", url: client._rotate() };
+      this.finish(outcome);
+    };
     ws.onerror = () => {}; // always followed by a close event
     this.later(client.options.connectTimeout, () => {
       if (!this.welcomed) this.abandon("connect timeout");

@@ -176,6 +176,44 @@ describe("connect and resume", () => {
   });
 });
 
+describe("waiting and failing tokens", () => {
+  it("waitOnline resolves on a welcome and rejects on a final close", async () => {
+    const { c } = client();
+    c.start();
+    await settle();
+    const online = c.waitOnline();
+    FakeSocket.last.welcome();
+    await online;
+    await c.waitOnline(); // online now: at once
+    FakeSocket.last.serverClose(Close.SLOW_CONSUMER);
+    const next = c.waitOnline();
+    await settle(1);
+    FakeSocket.last.serverClose(Close.FORBIDDEN);
+    await assert.rejects(next, /closed/);
+  });
+
+  it("a token function that fails is an error event, then a retry", async () => {
+    let calls = 0;
+    const { c, seen } = client({
+      token: async () => {
+        calls += 1;
+        if (calls === 1) throw new Error("backend down");
+        return "tok";
+      },
+    });
+    c.start();
+    await settle();
+    assert.equal(FakeSocket.instances.length, 0);
+    assert.deepEqual(seen.events[0], {
+      kind: "error",
+      code: "token_unavailable",
+      detail: "Error: backend down",
+    });
+    await settle(1);
+    assert.equal(FakeSocket.last.params.token, "tok");
+  });
+});
+
 describe("redirects and failover", () => {
   it("follows a redirect frame at once, to the frame's url", async () => {
     const { c, seen } = client();
@@ -194,6 +232,18 @@ describe("redirects and failover", () => {
     assert.equal(c.node, "n3");
     assert.equal(c.stats.redirects, 1);
     assert.deepEqual(seen.states, ["redirecting", "online"]);
+  });
+
+  it("4302 without a redirect frame goes to the next bootstrap at once", async () => {
+    const { c } = client({ random: () => 1 });
+    c.start();
+    await settle();
+    FakeSocket.last.open();
+    FakeSocket.last.serverClose(Close.REDIRECT);
+    await settle();
+    assert.equal(FakeSocket.instances.length, 2);
+    assert.equal(FakeSocket.last.url.host, "b.test");
+    assert.equal(c.state, "redirecting");
   });
 
   it("stops following redirects after maxHops and backs off", async () => {
