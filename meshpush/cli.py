@@ -350,6 +350,7 @@ class ListenReporter:
         self.config = config
         self.client: Client | None = None
         self.failures = 0
+        self.online = False
 
     def say(self, text: str) -> None:
         print(f"meshpush listen: {text}", file=sys.stderr, flush=True)
@@ -359,12 +360,17 @@ class ListenReporter:
 
     def on_state(self, state: State) -> None:
         client = self.client
-        if client is None:
+        if client is None or state is State.CLOSED:
             return
+        was_online, self.online = self.online, state is State.ONLINE
         if state is State.ONLINE:
             self.failures = 0
             self.say(f"connected to node {client.node} (device {client.device})")
-        elif state is State.BACKING_OFF:
+            return
+        if was_online:
+            why = "redirected" if state is State.REDIRECTING else client.stats.last_error
+            self.say(f"left node {client.node} ({why or 'connection closed'}); reconnecting")
+        if state is State.BACKING_OFF:
             self.failures += 1
             error = client.stats.last_error or "connection closed"
             if self.failures == len(self.urls):

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ from trio_websocket import open_websocket_url
 
 from meshpush import cli
 from meshpush.auth import issue_token
+from meshpush.client import State
 from meshpush.devcluster import free_port
 from meshpush.settings import env_name
 
@@ -124,6 +126,36 @@ def test_status_says_when_it_cannot_reach_the_cluster(
     assert cli.main(["status", "--url", url]) == 2
     err = capsys.readouterr().err
     assert "cannot reach the cluster" in err and url in err
+
+
+def test_listen_reports_each_change_once(capsys: pytest.CaptureFixture[str]) -> None:
+    reporter = cli.ListenReporter(["ws://a/ws", "ws://b/ws"], Path("dev.json"))
+    client = SimpleNamespace(node="n1", device="cli", stats=SimpleNamespace(last_error=""))
+    reporter.client = client  # type: ignore[assignment]
+    client.stats.last_error = "OSError(111)"
+    for state in [State.BACKING_OFF, State.CONNECTING, State.BACKING_OFF, State.CONNECTING]:
+        reporter.on_state(state)
+    reporter.on_state(State.ONLINE)
+    client.stats.last_error = "ConnectionClosed(1006)"
+    reporter.on_state(State.CONNECTING)  # the node died: straight to another node
+    client.node = "n2"
+    reporter.on_state(State.ONLINE)
+    reporter.on_state(State.REDIRECTING)  # migrated
+    reporter.on_state(State.ONLINE)
+    reporter.on_state(State.CLOSED)
+    lines = [
+        line.removeprefix("meshpush listen: ") for line in capsys.readouterr().err.splitlines()
+    ]
+    assert lines == [
+        "connection failed (OSError(111)); retrying",
+        "cannot reach the cluster: none of the 2 node(s) in dev.json answers (last error: "
+        "OSError(111)). Is `meshpush dev` running? Still retrying; Ctrl-C stops.",
+        "connected to node n1 (device cli)",
+        "left node n1 (ConnectionClosed(1006)); reconnecting",
+        "connected to node n2 (device cli)",
+        "left node n2 (redirected); reconnecting",
+        "connected to node n2 (device cli)",
+    ]
 
 
 def dead_dev_json(path: Path, nodes: int = 2) -> Path:
