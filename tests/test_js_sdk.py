@@ -18,6 +18,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -145,6 +146,7 @@ class Driver:
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
+            start_new_session=True,  # its own process group: the browser goes with it
         )
         self.events: list[Event] = []
         self._new: queue.Queue[None] = queue.Queue()
@@ -188,9 +190,13 @@ class Driver:
         return done[-1]["stats"]  # type: ignore[no-any-return]
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        """Stop the driver and everything it started (Chromium): TERM, then KILL the group."""
+        for signum, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signum)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(grace)
+                break
         self._log.close()
 
     def __str__(self) -> str:
