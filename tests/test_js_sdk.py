@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 
 import httpx
 import pytest
+from conftest import make_cluster
 
 from meshpush.auth import issue_token
 from meshpush.devcluster import LocalCluster, NodeProc
@@ -209,9 +210,12 @@ class Publisher(threading.Thread):
     second half waits for ``resume`` (set once the test has killed a node), so the kill always
     falls mid-stream, however slow the machine."""
 
-    def __init__(self, cluster: LocalCluster, via: NodeProc, user: str, total: int) -> None:
+    def __init__(
+        self, cluster: LocalCluster, via: NodeProc, user: str, total: int, pause: float = 0.02
+    ) -> None:
         super().__init__(daemon=True)
         self.cluster, self.via, self.user, self.total = cluster, via, user, total
+        self.pause = pause
         self.published: list[tuple[int, str]] = []  # (seq, id)
         self.error: BaseException | None = None
         self.resume = threading.Event()
@@ -227,7 +231,7 @@ class Publisher(threading.Thread):
                     resp = http.post("/v1/publish", json=body)
                     assert resp.status_code == 202, resp.text
                     self.published.append((resp.json()["seq"], body["id"]))
-                    time.sleep(0.02)
+                    time.sleep(self.pause)
         except BaseException as exc:  # reported by the test
             self.error = exc
 
@@ -236,6 +240,12 @@ def owner_of(cluster: LocalCluster, user: str) -> NodeProc:
     resp = httpx.get(f"{cluster.live()[0].http_url}/v1/route", params={"user": user}, timeout=5)
     assert resp.status_code == 200, resp.text
     return cluster.node(resp.json()["node"])
+
+
+def assert_exactly_once(messages: list[Event], publisher: Publisher) -> None:
+    assert [(m["seq"], m["id"]) for m in messages] == publisher.published  # once, in order
+    assert [m["data"]["n"] for m in messages] == list(range(publisher.total))
+    assert all(after["prev"] == before["seq"] for before, after in itertools.pairwise(messages))
 
 
 def failover_scenario(
@@ -267,10 +277,7 @@ def failover_scenario(
         stats = driver.stop()
     finally:
         driver.kill()
-    messages = driver.of("message")
-    assert [(m["seq"], m["id"]) for m in messages] == publisher.published  # once, in order
-    assert [m["data"]["n"] for m in messages] == list(range(total))
-    assert all(after["prev"] == before["seq"] for before, after in itertools.pairwise(messages))
+    assert_exactly_once(driver.of("message"), publisher)
     welcomes = [e["node"] for e in driver.of("welcome")]
     assert welcomes[0] == owner.id and welcomes[-1] != owner.id, welcomes
     assert not driver.of("chain_break") and not driver.of("gap"), driver
@@ -297,3 +304,36 @@ def test_node_sdk_survives_owner_kill(
     fresh_cluster: LocalCluster, node_bin: str, js_modules: Path, tmp_path: Path
 ) -> None:
     failover_scenario(fresh_cluster, node_bin, {"mode": "node"}, tmp_path / "driver.log")
+
+
+@pytest.mark.cluster
+def test_node_sdk_refreshes_tokens_before_expiry(
+    node_bin: str, js_modules: Path, tmp_path: Path
+) -> None:
+    """3 s tokens, no leeway: the SDK moves onto fresh tokens and is never cut with 4401."""
+    with make_cluster(tmp_path / "cluster", nodes=2, token_leeway=0) as cluster:
+        user, first = "e2e-refresh", cluster.live()[0]
+        config = {
+            "mode": "node",
+            "urls": [n.ws_url for n in cluster.live()],
+            "secret": cluster.token_secret,
+            "user": user,
+            "ttl": 3,
+            "refreshBefore": 1,
+            "device": "d1",
+        }
+        driver = Driver(node_bin, config, tmp_path / "driver.log")
+        try:
+            driver.wait("welcome", lambda: bool(driver.of("welcome")), timeout=60)
+            publisher = Publisher(cluster, first, user, total=30, pause=0.25)
+            publisher.resume.set()
+            publisher.run()  # about 8 s: several token lifetimes
+            assert publisher.error is None, publisher.error
+            driver.wait("every message", lambda: len(driver.of("message")) >= 30, timeout=30)
+            stats = driver.stop()
+        finally:
+            driver.kill()
+    assert_exactly_once(driver.of("message"), publisher)
+    assert stats["tokenRefreshes"] >= 2, stats
+    assert len(driver.of("token_refresh")) == stats["tokenRefreshes"]
+    assert not [e for e in driver.of("close") if e["code"] == 4401], driver

@@ -6,6 +6,7 @@
 //                         "chromium": "/usr/bin/chromium", "urls": [...], "token": "...",
 //                         "device": "d1"}'
 //   node e2e/driver.mjs '{"mode": "node", "urls": [...], "token": "...", "device": "d1"}'
+//   (node mode: "secret", "user", "ttl" and "refreshBefore" sign short-lived tokens instead)
 
 import { once } from "node:events";
 import process from "node:process";
@@ -42,12 +43,23 @@ async function inBrowser() {
   }
 }
 
+/** An HS256 client JWT, as the application's backend would sign it (token refresh tests). */
+async function signToken(secret, user, ttl) {
+  const { createHmac } = await import("node:crypto");
+  const b64 = (obj) => Buffer.from(JSON.stringify(obj)).toString("base64url");
+  const now = Math.floor(Date.now() / 1000);
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub: user, iat: now, exp: now + ttl })}`;
+  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
+}
+
 async function inNode() {
   const { default: WebSocket } = await import("ws");
   const { MeshpushClient } = await import("../src/index.js");
+  const { secret, user, ttl } = config;
   const client = new MeshpushClient({
     urls: config.urls,
-    token: async () => config.token,
+    token: secret ? () => signToken(secret, user, ttl) : async () => config.token,
+    refreshBefore: config.refreshBefore ?? 30,
     device: config.device,
     WebSocket,
   });
