@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ import trio
 from . import settings as settings_mod
 from .auth import issue_token
 from .client import State
+from .encoding import BadId, check_id
 
 if TYPE_CHECKING:
     from .client import Client
@@ -58,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Node settings come from MESHPUSH_* variables (see `meshpush node --help`)"
         " and --set; ports, node ids, etcd and NATS are chosen by `meshpush dev` itself.",
     )
-    dev.add_argument("--nodes", type=int, default=3, help="nodes to start (default: 3)")
+    dev.add_argument(
+        "--nodes", type=_count(1, 32), default=3, help="nodes to start, 1-32 (default: 3)"
+    )
     dev.add_argument(
         "--dir", type=Path, default=DEV_JSON.parent, help="state and logs (default: .meshpush)"
     )
@@ -79,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     token = sub.add_parser("token", help="print a client token for the dev cluster")
-    token.add_argument("--user", required=True, help="the token's sub (user id)")
-    token.add_argument("--ttl", type=float, default=3600.0, help="seconds (default: 3600)")
+    token.add_argument("--user", required=True, type=_id("user"), help="the token's sub")
+    token.add_argument("--ttl", type=_seconds, default=3600.0, help="seconds (default: 3600)")
     _config_flag(token)
     token.set_defaults(func=cmd_token)
 
@@ -94,9 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     pub.set_defaults(func=cmd_publish)
 
     listen = sub.add_parser("listen", help="print a user's messages as JSON lines, forever")
-    listen.add_argument("--user", required=True, help="user id to listen as")
-    listen.add_argument("--device", default="cli", help="device id (default: cli)")
-    listen.add_argument("--count", type=int, default=0, help="exit after N messages (0: never)")
+    listen.add_argument("--user", required=True, type=_id("user"), help="user id to listen as")
+    listen.add_argument(
+        "--device", default="cli", type=_id("device"), help="device id (default: cli)"
+    )
+    listen.add_argument(
+        "--count", type=_count(0), default=0, help="exit after N messages (default: 0, never)"
+    )
     _config_flag(listen)
     listen.set_defaults(func=cmd_listen)
 
@@ -117,6 +124,38 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--list", action="store_true", help="list the scenarios and exit")
     chaos.set_defaults(func=cmd_chaos)
     return parser
+
+
+def _id(what: str) -> Callable[[str], str]:
+    """An argparse type for a user or device id (1-256 bytes of UTF-8, no control chars)."""
+
+    def parse(text: str) -> str:
+        try:
+            return check_id(text, what)
+        except BadId as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _count(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type for an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            span = f"{low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {span}, not {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
 
 
 def _config_flag(parser: argparse.ArgumentParser) -> None:

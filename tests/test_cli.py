@@ -58,6 +58,27 @@ def test_options_of_my_commands_name_their_defaults(command: str) -> None:
         assert "default" in (action.help or ""), (command, action.dest)
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["token", "--user", ""], "user must be 1..256 bytes"),
+        (["token", "--user", "a\nb"], "user must not contain control characters"),
+        (["token", "--user", "a", "--ttl", "-5"], "positive number of seconds"),
+        (["token", "--user", "a", "--ttl", "nan"], "positive number of seconds"),
+        (["listen", "--user", "a", "--device", "x" * 257], "device must be 1..256 bytes"),
+        (["listen", "--user", "a", "--count", "-1"], "must be >= 0"),
+        (["dev", "--nodes", "0"], "must be 1..32"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit:
+        cli.main(argv)
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- dev settings
 
 
