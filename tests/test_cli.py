@@ -240,19 +240,22 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """`meshpush dev --nodes 2` configured by one MESHPUSH_* variable and one --set."""
     state = tmp_path_factory.mktemp("dev")
     env = {**os.environ, "MESHPUSH_HEARTBEAT_TIMEOUT": "9", "MESHPUSH_LEASE_TTL": "2"}
-    proc = subprocess.Popen(
-        meshpush("dev", "--nodes", "2", "--dir", str(state), "--set", "heartbeat_interval=7"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    out = state / "dev.out"
+    with out.open("w") as sink:
+        proc = subprocess.Popen(
+            meshpush("dev", "--nodes", "2", "--dir", str(state), "--set", "heartbeat_interval=7"),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         deadline = time.monotonic() + 90
         while not (state / "dev.json").exists():
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert proc.poll() is None, out.read_text()
             assert time.monotonic() < deadline, "dev.json never appeared"
             time.sleep(0.1)
-        yield {**json.loads((state / "dev.json").read_text()), "path": state / "dev.json"}
+        info = json.loads((state / "dev.json").read_text())
+        yield info | {"path": state / "dev.json", "out": out}
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -265,6 +268,12 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 @pytest.mark.cluster
 async def test_dev_nodes_use_env_and_set(dev: dict[str, Any]) -> None:
     """The welcome shows the node's heartbeat settings: --set 7 and MESHPUSH_ 9."""
+    deadline = time.monotonic() + 10  # printed just after dev.json is written
+    while "  set " not in dev["out"].read_text() and time.monotonic() < deadline:
+        await trio.sleep(0.05)
+    summary = next(line for line in dev["out"].read_text().splitlines() if "  set " in line)
+    for shown in ("heartbeat_interval=7.0", "heartbeat_timeout=9.0", "lease_ttl=2"):
+        assert shown in summary
     url = dev["nodes"][0]["ws_url"]
     for _ in range(2):  # the first node may redirect to the owner
         token = issue_token(dev["token_secret"], "setting-check", 60)
