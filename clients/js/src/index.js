@@ -630,14 +630,19 @@ class Connection {
     this.finish({ code: Close.ABNORMAL, reason });
   }
 
-  /** Close the socket (if still open) and detach from it. */
+  /** Close the socket if it is still connecting or open. */
   end(code, reason) {
     const ws = this.ws;
-    if (!ws) return;
+    if (!ws || (ws.readyState !== 0 && ws.readyState !== 1)) return;
     try {
-      if (ws.readyState === 0 || ws.readyState === 1) ws.close(code, reason);
+      ws.close(code, reason);
     } catch {
-      // a socket that cannot be closed any more is closed enough
+      // browsers only let a page send 1000 and 3000-4999 (not 1007): close without a code
+      try {
+        ws.close();
+      } catch {
+        // a socket that cannot be closed any more is closed enough
+      }
     }
   }
 

@@ -34,8 +34,12 @@ export class FakeSocket {
     this.sent.push(data);
   }
 
-  close(code = 1000, reason = "") {
-    this.closedWith = { code, reason };
+  close(code, reason = "") {
+    // like a browser: a page may only send 1000 and 3000-4999
+    if (code !== undefined && code !== 1000 && (code < 3000 || code > 4999)) {
+      throw new Error(`InvalidAccessError: close code ${code}`);
+    }
+    this.closedWith = { code: code ?? 1005, reason };
     this.readyState = 2;
   }
 
