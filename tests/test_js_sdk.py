@@ -132,6 +132,19 @@ def test_js_types_compile(node_bin: str, js_modules: Path) -> None:
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
 
+def test_js_package_is_npm_ready(node_bin: str) -> None:
+    """`npm pack` ships the module, its types and README, and no runtime dependency."""
+    npm = _need("npm", "install npm (apt-get install -y npm)")
+    done = subprocess.run(
+        [npm, "pack", "--dry-run", "--json"], cwd=JS_DIR, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    packed = sorted(f["path"] for f in json.loads(done.stdout)[0]["files"])
+    assert packed == ["README.md", "package.json", "src/index.d.ts", "src/index.js"]
+    package = json.loads((JS_DIR / "package.json").read_text())
+    assert "dependencies" not in package and package["type"] == "module"
+
+
 # ---------------------------------------------------------------- end to end
 
 
