@@ -323,7 +323,8 @@ def test_node_sdk_survives_owner_kill(
 def test_node_sdk_refreshes_tokens_before_expiry(
     node_bin: str, js_modules: Path, tmp_path: Path
 ) -> None:
-    """3 s tokens, no leeway: the SDK moves onto fresh tokens and is never cut with 4401."""
+    """3 s tokens, no leeway: the SDK moves onto fresh tokens and is never cut with 4401;
+    it pings at the welcome's interval and the node answers."""
     with make_cluster(tmp_path / "cluster", nodes=2, token_leeway=0) as cluster:
         user, first = "e2e-refresh", cluster.live()[0]
         config = {
@@ -348,5 +349,6 @@ def test_node_sdk_refreshes_tokens_before_expiry(
             driver.kill()
     assert_exactly_once(driver.of("message"), publisher)
     assert stats["tokenRefreshes"] >= 2, stats
+    assert stats["pings"] >= 2, stats  # {"type":"ping"} at the welcome's 1 s interval
     assert len(driver.of("token_refresh")) == stats["tokenRefreshes"]
     assert not [e for e in driver.of("close") if e["code"] == 4401], driver
