@@ -1,0 +1,51 @@
+"""Every HTTP error of the API is JSON ``{"error", "detail"}``, Starlette's own 404/405 too."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import pytest
+from starlette.testclient import TestClient
+
+from meshpush.api import Api
+from meshpush.metrics import Metrics
+from meshpush.settings import Settings
+
+
+@pytest.fixture
+def http() -> TestClient:
+    # 404/405 are answered by the router before any handler: the services are never used
+    unused = cast(Any, None)
+    api = Api(Settings(node_id="n1", api_keys=("k",)), unused, unused, Metrics("n1"))
+    return TestClient(api.app)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/nope", 404, "not_found"),
+        ("GET", "/v1/nope", 404, "not_found"),
+        ("POST", "/v1/publish/extra", 404, "not_found"),
+        ("GET", "/v1/publish", 405, "method_not_allowed"),
+        ("DELETE", "/v1/broadcast", 405, "method_not_allowed"),
+        ("POST", "/metrics", 405, "method_not_allowed"),
+        ("PUT", "/healthz", 405, "method_not_allowed"),
+    ],
+)
+def test_router_errors_are_json(
+    http: TestClient, method: str, path: str, status: int, code: str
+) -> None:
+    resp = http.request(method, path)
+    assert resp.status_code == status
+    assert resp.headers["content-type"] == "application/json"
+    body = resp.json()
+    assert body["error"] == code
+    assert isinstance(body["detail"], str) and body["detail"]
+    if status == 405:
+        assert resp.headers["allow"]
+
+
+def test_handler_errors_stay_json(http: TestClient) -> None:
+    resp = http.post("/v1/publish", content=b"{}")
+    assert resp.status_code == 401
+    assert resp.json()["error"] == "missing_api_key"
