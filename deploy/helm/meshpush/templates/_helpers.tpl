@@ -115,6 +115,18 @@ app.kubernetes.io/part-of: meshpush
 {{- end -}}
 {{- end -}}
 
+{{/* A config value as the node reads it: whole numbers exactly (1000000, never 1e+06; values
+reach templates as float64), lists comma separated, everything else as text. */}}
+{{- define "meshpush.settingValue" -}}
+{{- if and (kindIs "float64" .) (eq . (floor .)) -}}
+{{- printf "%.0f" . -}}
+{{- else if kindIs "slice" . -}}
+{{- join "," . -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Fail early on values that would break a node. */}}
 {{- define "meshpush.validate" -}}
 {{- range $key := list "node_id" "ws_host" "ws_port" "http_host" "http_port" "public_ws_url" "public_http_url" "token_secret" "api_keys" "token_old_secrets" "tls_cert_file" "tls_key_file" "ip_filter_file" "token_public_key_file" "token_jwks_file" -}}
