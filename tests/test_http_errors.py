@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import httpx
 import pytest
-from starlette.testclient import TestClient
 
 from meshpush.api import Api
 from meshpush.metrics import Metrics
 from meshpush.settings import Settings
 
 
-@pytest.fixture
-def http() -> TestClient:
+def client() -> httpx.AsyncClient:
     # 404/405 are answered by the router before any handler: the services are never used
     unused = cast(Any, None)
     api = Api(Settings(node_id="n1", api_keys=("k",)), unused, unused, Metrics("n1"))
-    return TestClient(api.app)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=api.app), base_url="http://n1")
 
 
 @pytest.mark.parametrize(
@@ -32,10 +31,9 @@ def http() -> TestClient:
         ("PUT", "/healthz", 405, "method_not_allowed"),
     ],
 )
-def test_router_errors_are_json(
-    http: TestClient, method: str, path: str, status: int, code: str
-) -> None:
-    resp = http.request(method, path)
+async def test_router_errors_are_json(method: str, path: str, status: int, code: str) -> None:
+    async with client() as http:
+        resp = await http.request(method, path)
     assert resp.status_code == status
     assert resp.headers["content-type"] == "application/json"
     body = resp.json()
@@ -45,7 +43,8 @@ def test_router_errors_are_json(
         assert resp.headers["allow"]
 
 
-def test_handler_errors_stay_json(http: TestClient) -> None:
-    resp = http.post("/v1/publish", content=b"{}")
+async def test_handler_errors_stay_json() -> None:
+    async with client() as http:
+        resp = await http.post("/v1/publish", content=b"{}")
     assert resp.status_code == 401
     assert resp.json()["error"] == "missing_api_key"
