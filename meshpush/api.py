@@ -57,6 +57,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """An unexpected error (a bug; Starlette logs it) still answers JSON, without details."""
+    return _error(500, "internal_error", "unexpected server error")
+
+
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
     """Read at most ``limit`` bytes of body and parse a JSON object, or raise ApiError."""
     declared = request.headers.get("content-length")
@@ -124,7 +129,10 @@ class Api:
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
         ]
-        self.app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+        self.app = Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+        )
 
     def _guard(self, handler: Handler, auth: bool = False) -> Handler:
         async def guarded(request: Request) -> Response:

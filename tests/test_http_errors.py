@@ -14,9 +14,11 @@ from meshpush.settings import Settings
 
 def client() -> httpx.AsyncClient:
     # 404/405 are answered by the router before any handler: the services are never used
+    # (and a handler that does use them fails: the 500 test)
     unused = cast(Any, None)
     api = Api(Settings(node_id="n1", api_keys=("k",)), unused, unused, Metrics("n1"))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=api.app), base_url="http://n1")
+    transport = httpx.ASGITransport(app=api.app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://n1")
 
 
 @pytest.mark.parametrize(
@@ -48,3 +50,10 @@ async def test_handler_errors_stay_json() -> None:
         resp = await http.post("/v1/publish", content=b"{}")
     assert resp.status_code == 401
     assert resp.json()["error"] == "missing_api_key"
+
+
+async def test_unexpected_errors_are_json_without_details() -> None:
+    async with client() as http:
+        resp = await http.get("/v1/route", params={"user": "alice"})  # no router: a bug
+    assert resp.status_code == 500
+    assert resp.json() == {"error": "internal_error", "detail": "unexpected server error"}
