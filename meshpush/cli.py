@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.metadata
 import json
 import logging
 import os
@@ -45,8 +46,17 @@ class CliError(Exception):
     pass
 
 
+def package_version() -> str:
+    """The installed distribution's version (what ``pip install`` put on this machine)."""
+    try:
+        return importlib.metadata.version("meshpush")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshpush", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"meshpush {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     node = sub.add_parser("node", help="run one node (flags or MESHPUSH_* env vars)")

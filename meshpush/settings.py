@@ -137,6 +137,9 @@ class Settings:
         default=(), metadata={"help": "browser Origins allowed, comma separated (empty: any)"}
     )
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
+    log_format: str = field(
+        default="text", metadata={"help": "log lines: text, or json (one object per line)"}
+    )
 
     @property
     def tls(self) -> bool:
