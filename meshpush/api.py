@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from hypercorn.config import Config
@@ -31,6 +31,9 @@ from .ring import slot
 from .router import Router
 from .settings import Settings
 from .store import Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from .presence import Presence
 
 MAX_MSG_ID = 256
 
@@ -110,8 +113,16 @@ Handler = Callable[[Request], Awaitable[Response]]
 class Api:
     """Routes and handlers; the node's services are passed in, nothing is global."""
 
-    def __init__(self, settings: Settings, router: Router, store: Store, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        router: Router,
+        store: Store,
+        metrics: Metrics,
+        presence: Presence | None = None,
+    ) -> None:
         self.settings = settings
+        self.presence = presence
         self.router = router
         self.store = store
         self.metrics = metrics
@@ -121,6 +132,8 @@ class Api:
             Route("/v1/broadcast", self._guard(self.broadcast, auth=True), methods=["POST"]),
             Route("/v1/route", self._guard(self.route), methods=["GET"]),
             Route("/v1/nodes", self._guard(self.nodes), methods=["GET"]),
+            # presence (meshpush/presence.py): reads of who is online need the API key
+            Route("/v1/presence", self._guard(self._presence, auth=True), methods=["GET", "POST"]),
             Route(
                 "/metrics",
                 self._guard(self.metrics_page, auth=settings.protect_metrics),
@@ -225,6 +238,11 @@ class Api:
                 "nodes": nodes,
             }
         )
+
+    async def _presence(self, request: Request) -> Response:
+        if self.presence is None:
+            raise ApiError(503, "no_ring", "presence is not running yet")
+        return await self.presence.http(request)
 
     async def metrics_page(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")

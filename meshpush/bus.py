@@ -3,7 +3,8 @@
 Subjects (``<c>`` = cluster name, ``<slot>`` = 0..4095); storage is in :mod:`meshpush.store`:
 
 * ``mp.<c>.live.u.<slot>`` — live notification of a stored unicast, to the slot's owner;
-* ``mp.<c>.live.b`` — live notification of a stored broadcast, to every node.
+* ``mp.<c>.live.b`` — live notification of a stored broadcast, to every node;
+* ``mp.<c>.presence.<node>`` — presence requests answered by one node (:mod:`meshpush.presence`).
 
 A live notification is ``<header JSON>\\n<data JSON>``; the data is spliced into client frames
 unparsed. Incoming notifications are handed to trio through a bounded channel from the NATS
@@ -25,6 +26,7 @@ import nats.errors
 import trio
 
 from .bridge import Bridge, aio
+from .encoding import encode_token
 from .metrics import Metrics
 from .ring import slot
 from .settings import Settings
@@ -57,6 +59,10 @@ class Subjects:
 
     def slot_live(self, s: int) -> str:
         return f"mp.{self.cluster}.live.u.{s}"
+
+    def presence(self, node_id: str) -> str:
+        """Request/reply subject where ``node_id`` answers presence for its users."""
+        return f"mp.{self.cluster}.presence.{encode_token(node_id)}"
 
 
 def encode_notification(header: dict[str, Any], data_json: str) -> bytes:

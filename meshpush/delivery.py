@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -158,6 +159,7 @@ class Feeder:
         self.cursors = cursors
         self.metrics = metrics
         self.batch = max(1, min(200, settings.session_queue // 4))
+        self.on_sent: Callable[[str, int], None] | None = None  # (user, seq): offline webhook
 
     # ------------------------------------------------------------ session start
 
@@ -248,6 +250,7 @@ class Feeder:
                 released, live = feed.finish()
                 for note in released:
                     session.offer(_frame(ch, note))
+                self._sent(session, ch, feed)
                 if live:
                     return
                 batch = None
@@ -272,6 +275,11 @@ class Feeder:
             if deliver:
                 session.offer(_frame(ch, msg))
         self.metrics.replayed.labels(ch=ch).inc(len(batch))
+        self._sent(session, ch, feed)
+
+    def _sent(self, session: Session, ch: str, feed: Feed) -> None:
+        if self.on_sent is not None and ch == "user" and feed.sent:
+            self.on_sent(session.user, feed.sent)  # replayed up to here
 
     async def _wait_for_room(self, session: Session) -> None:
         """Flow control: let the socket drain below a quarter of the queue before reading on."""

@@ -62,7 +62,13 @@ KNOWN_LABELS: dict[str, dict[str, tuple[str, ...]]] = {
             "cursor_write",
             "asyncio",
             "bad_notification",
+            "bad_presence",
+            "webhook",
         )
+    },
+    "meshpush_presence_lookups_total": {"where": ("local", "remote", "failed", "answered")},
+    "meshpush_webhook_messages_total": {
+        "result": ("sent", "reached", "dropped_queue", "dropped_retries")
     },
 }
 
@@ -160,6 +166,29 @@ class Metrics:
             "etcd/NATS errors, by backend",
             ["backend"],
             registry=r,
+        )
+        self.presence_lookups = Counter(
+            "meshpush_presence_lookups_total",
+            "Users looked up: local, remote (asked an owner), failed (owner silent), answered"
+            " (for another node)",
+            ["where"],
+            registry=r,
+        )
+        self.webhook_messages = Counter(
+            "meshpush_webhook_messages_total",
+            "Offline webhook messages: sent, reached (a live session got it in time, not sent),"
+            " dropped_queue (queue full, oldest dropped), dropped_retries (receiver kept failing)",
+            ["result"],
+            registry=r,
+        )
+        self.webhook_requests = Counter(
+            "meshpush_webhook_requests_total",
+            "Offline webhook POSTs, by result (ok, or the status / error class)",
+            ["result"],
+            registry=r,
+        )
+        self.webhook_queue = Gauge(
+            "meshpush_webhook_queue", "Messages held for the offline webhook", registry=r
         )
         self.ready = Gauge("meshpush_ready", "1 when /readyz answers 200", registry=r)
         self.info = Gauge("meshpush_node_info", "Node identity", ["node"], registry=r)

@@ -23,10 +23,12 @@ from .delivery import Feeder
 from .gateway import Gateway
 from .membership import Membership
 from .metrics import Metrics
+from .presence import Presence
 from .router import Router
 from .sessions import Registry
 from .settings import Settings
 from .store import Cursors, Store
+from .webhook import Webhook
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,21 @@ class Node:
         self.cursors = Cursors(self.store, self.metrics, settings.cursor_flush_interval)
         self.feeder = Feeder(settings, self.store, self.cursors, self.metrics)
         self.router = Router(settings, self.registry, self.bus, self.feeder, self.metrics)
-        self.api = Api(settings, self.router, self.store, self.metrics)
+        self.presence = Presence(settings, self.registry, self.router, self.bus, self.metrics)
+        self.webhook = self._webhook() if settings.offline_webhook_url else None
+        self.api = Api(settings, self.router, self.store, self.metrics, self.presence)
         self.gateway = Gateway(settings, self.registry, self.router, self.feeder, self.metrics)
         self.membership: Membership | None = None
         self._nursery: trio.Nursery | None = None
+
+    def _webhook(self) -> Webhook:
+        """The offline webhook, hooked where live notifications and deliveries happen."""
+        webhook = Webhook(
+            self.settings, self.metrics, lambda user: self.router.route(user).kind == "local"
+        )
+        self.router.webhook = webhook
+        self.feeder.on_sent = webhook.reached
+        return webhook
 
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio_asyncio.open_loop() as loop:
@@ -74,6 +87,9 @@ class Node:
             await self._setup_store()
             nursery.start_soon(self.cursors.run)
             await nursery.start(self.router.run)
+            await nursery.start(self.presence.run)
+            if self.webhook is not None:
+                await nursery.start(self.webhook.run)
             ws_port = await nursery.start(self.gateway.serve)
             public = self.settings.replace(ws_port=ws_port, http_port=http_port)
             self.membership = Membership(public, self.router.apply, self.metrics)

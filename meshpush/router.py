@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import trio
 
@@ -25,6 +25,9 @@ from .protocol import Close
 from .ring import EMPTY, Ring, slot
 from .sessions import Registry, Session
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .webhook import Webhook
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,7 @@ class Router:
         self.changed = trio.Event()  # set (and replaced) whenever the ring changes
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
+        self.webhook: Webhook | None = None  # offline webhook hooks (meshpush/webhook.py)
 
     # ------------------------------------------------------------ state
 
@@ -152,6 +156,8 @@ class Router:
     def deliver(self, note: Notification) -> None:
         """Hand a live notification to the feeds of its sessions; the frame is encoded once."""
         ch: protocol.Channel = "broadcast" if note.ch == "broadcast" else "user"
+        if self.webhook is not None:
+            self.webhook.notified(note)
         if ch == "broadcast":
             targets = self.registry.all()
         elif note.user is not None:
@@ -165,6 +171,8 @@ class Router:
         )
         n = sum(self.feeder.live(s, ch, note, frame) for s in targets)
         if n:
+            if self.webhook is not None and note.user is not None and ch == "user":
+                self.webhook.reached(note.user, note.seq)
             self.metrics.delivered.labels(ch=ch).inc(n)
             self.metrics.delivery_latency.observe(max(0.0, time.time() - note.published_at))
 

@@ -9,6 +9,7 @@ so memory stays bounded whatever a client does.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ class Session:
         "nursery",
         "outbox",
         "queue",
+        "since",
         "slot",
         "user",
     )
@@ -55,6 +57,7 @@ class Session:
         self.slot = slot(user)
         self.expires_at = expires_at  # wall clock, from the token's exp
         self.last_seen = trio.current_time()
+        self.since = time.time()  # wall clock, for presence
         self.outbox, self.queue = trio.open_memory_channel[str](queue_size)
         self.cancel_scope: trio.CancelScope | None = None
         self.close_request: CloseRequest | None = None

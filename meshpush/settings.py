@@ -136,6 +136,33 @@ class Settings:
     allowed_origins: tuple[str, ...] = field(
         default=(), metadata={"help": "browser Origins allowed, comma separated (empty: any)"}
     )
+    presence_timeout: float = field(
+        default=2.0, metadata={"help": "seconds to wait for another owner's presence answer"}
+    )
+    offline_webhook_url: str = field(
+        default="", metadata={"help": "POST undelivered user messages here (empty: off)"}
+    )
+    offline_webhook_secret: str = field(
+        default="", metadata={"help": "HMAC-SHA256 key of X-Meshpush-Signature"}
+    )
+    offline_webhook_delay: float = field(
+        default=10.0, metadata={"help": "seconds a message may wait for a live session"}
+    )
+    offline_webhook_queue: int = field(
+        default=10000, metadata={"help": "messages held for the webhook (oldest dropped)"}
+    )
+    offline_webhook_batch: int = field(
+        default=100, metadata={"help": "messages per webhook request"}
+    )
+    offline_webhook_retries: int = field(
+        default=5, metadata={"help": "retries of a failed webhook request, then dropped"}
+    )
+    offline_webhook_backoff: float = field(
+        default=0.5, metadata={"help": "first retry delay in seconds (doubles, capped at 30)"}
+    )
+    offline_webhook_timeout: float = field(
+        default=5.0, metadata={"help": "seconds one webhook request may take"}
+    )
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
     log_format: str = field(
         default="text", metadata={"help": "log lines: text, or json (one object per line)"}

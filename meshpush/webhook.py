@@ -1,0 +1,258 @@
+"""The offline webhook: stored user messages that no live session got in time go to a URL.
+
+Fed by two hooks on the owner node: :meth:`Webhook.notified` (a live notification for a user
+this node owns arrived) and :meth:`Webhook.reached` (seq S was queued to a session of user U,
+live or by a replay). A message still unreached ``offline_webhook_delay`` seconds after its
+notification is POSTed, in batches, to ``offline_webhook_url`` with the body
+``{"messages": [{"user", "seq", "id", "data"}]}`` and ``X-Meshpush-Signature`` (see
+:mod:`meshpush.webhook_verify`). A failed POST is retried with capped exponential backoff
+(full jitter) at most ``offline_webhook_retries`` times, then dropped. Everything held is
+bounded by ``offline_webhook_queue`` messages: when full, the oldest is dropped and counted.
+
+:class:`OfflineTracker` is the pure half (fake clock in ``tests/test_webhook.py``). It is a
+best-effort fallback held in memory: a restart loses what waits, a lost live notification
+means no webhook call, and a message can be sent although it reached a session during a
+migration (the receiver can deduplicate by ``(user, seq)``). docs/protocol.md says more.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import urllib.parse
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import httpx
+import trio
+
+from .settings import Settings
+from .webhook_verify import HEADER, sign
+
+if TYPE_CHECKING:
+    from .bus import Notification
+    from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+REACHED_SLACK = 2.0  # seconds a delivery may precede its own notification (replay read first)
+MAX_BACKOFF = 30.0
+TICK = 0.25  # longest sleep of the timer loop
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    user: str
+    seq: int
+    id: str
+    data_json: str
+    arrived: float  # monotonic
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse a webhook configuration that cannot work (the node does not start)."""
+    url = urllib.parse.urlsplit(settings.offline_webhook_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError("offline_webhook_url must be an http:// or https:// URL")
+    if not settings.offline_webhook_secret:
+        raise ValueError("offline_webhook_url needs offline_webhook_secret (requests are signed)")
+    if settings.offline_webhook_delay < 0 or settings.offline_webhook_timeout <= 0:
+        raise ValueError("offline_webhook_delay must be >= 0 and offline_webhook_timeout > 0")
+    if min(settings.offline_webhook_queue, settings.offline_webhook_batch) < 1:
+        raise ValueError("offline_webhook_queue and offline_webhook_batch must be >= 1")
+    if settings.offline_webhook_retries < 0 or settings.offline_webhook_backoff < 0:
+        raise ValueError("offline_webhook_retries and offline_webhook_backoff must be >= 0")
+
+
+class OfflineTracker:
+    """Which notified messages have not reached a session in time (pure; the clock is given).
+
+    ``waiting`` is in arrival order, which is also due order (the delay is constant).
+    ``outbox`` holds due, unreached messages until they are taken in batches. ``waiting`` and
+    ``outbox`` together hold at most ``capacity`` messages; ``reached`` remembers the highest
+    seq queued to a session per user, only as long as a waiting message may need it."""
+
+    def __init__(self, delay: float, capacity: int) -> None:
+        self.delay = delay
+        self.capacity = capacity
+        self.waiting: deque[Pending] = deque()
+        self.outbox: deque[Pending] = deque()
+        self.reached_at: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self.dropped = 0  # oldest messages dropped because the queue was full
+        self.skipped = 0  # messages that reached a session in time
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.outbox)
+
+    def notified(self, msg: Pending) -> None:
+        if len(self) >= self.capacity:
+            (self.outbox or self.waiting).popleft()
+            self.dropped += 1
+        self.waiting.append(msg)
+
+    def reached(self, user: str, seq: int, now: float) -> None:
+        best = self.reached_at.pop(user, (0, 0.0))[0]
+        self.reached_at[user] = (max(best, seq), now)
+        if len(self.reached_at) > self.capacity:
+            self.reached_at.popitem(last=False)
+
+    def is_reached(self, msg: Pending) -> bool:
+        return self.reached_at.get(msg.user, (0, 0.0))[0] >= msg.seq
+
+    def due(self, now: float) -> int:
+        """Move due messages to the outbox unless they reached a session; return how many."""
+        moved = 0
+        while self.waiting and self.waiting[0].arrived + self.delay <= now:
+            msg = self.waiting.popleft()
+            if self.is_reached(msg):
+                self.skipped += 1
+            else:
+                self.outbox.append(msg)
+                moved += 1
+        self._forget(now)
+        return moved
+
+    def _forget(self, now: float) -> None:
+        """Drop ``reached`` entries older than every waiting message (minus a slack)."""
+        cutoff = (self.waiting[0].arrived if self.waiting else now) - REACHED_SLACK
+        while self.reached_at:
+            user, (_, at) = next(iter(self.reached_at.items()))
+            if at >= cutoff:
+                break
+            del self.reached_at[user]
+
+    def next_due(self) -> float | None:
+        return self.waiting[0].arrived + self.delay if self.waiting else None
+
+    def take(self, limit: int) -> list[Pending]:
+        return [self.outbox.popleft() for _ in range(min(limit, len(self.outbox)))]
+
+
+def encode_batch(batch: list[Pending]) -> bytes:
+    """``{"messages":[{"user","seq","id","data"}]}``; the stored data JSON is spliced as is."""
+    items = [
+        f'{{"user":{json.dumps(m.user, ensure_ascii=False)},"seq":{m.seq},'
+        f'"id":{json.dumps(m.id, ensure_ascii=False)},"data":{m.data_json}}}'
+        for m in batch
+    ]
+    return ('{"messages":[' + ",".join(items) + "]}").encode()
+
+
+def backoff(attempt: int, base: float, rng: Callable[[float, float], float]) -> float:
+    """Full-jitter exponential backoff before retry ``attempt`` (1, 2, ...)."""
+    return rng(0.0, min(MAX_BACKOFF, base * 2 ** (attempt - 1)))
+
+
+class Webhook:
+    """The owner node's sender: a timer task moves due messages, a sender task POSTs them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        owns: Callable[[str], bool],
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        check_settings(settings)
+        self.settings = settings
+        self.metrics = metrics
+        self.owns = owns
+        self.transport = transport
+        self.tracker = OfflineTracker(
+            settings.offline_webhook_delay, settings.offline_webhook_queue
+        )
+        self._ready = trio.Event()  # set when the outbox has something
+
+    # ------------------------------------------------------------ hooks (tiny, synchronous)
+
+    def notified(self, note: Notification) -> None:
+        """A live notification arrived at this node (hook in the router)."""
+        if note.ch != "user" or note.user is None or not self.owns(note.user):
+            return
+        now = trio.current_time()
+        before = self.tracker.dropped
+        self.tracker.notified(Pending(note.user, note.seq, note.id, note.data_json, now))
+        self._count_drops(before)
+
+    def reached(self, user: str, seq: int) -> None:
+        """Seq ``seq`` of ``user`` was queued to one of its sessions (hooks in delivery)."""
+        self.tracker.reached(user, seq, trio.current_time())
+
+    def _count_drops(self, before: int) -> None:
+        if self.tracker.dropped > before:
+            self.metrics.webhook_messages.labels(result="dropped_queue").inc(
+                self.tracker.dropped - before
+            )
+        self.metrics.webhook_queue.set(len(self.tracker))
+
+    # ------------------------------------------------------------ service
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Webhook] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        timeout = httpx.Timeout(self.settings.offline_webhook_timeout)
+        async with (
+            httpx.AsyncClient(
+                timeout=timeout, transport=self.transport, follow_redirects=False
+            ) as http,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(self._timer)
+            task_status.started(self)
+            await self._sender(http)
+
+    async def _timer(self) -> None:
+        while True:
+            now = trio.current_time()
+            skipped = self.tracker.skipped
+            if self.tracker.due(now):
+                self._ready.set()
+            if self.tracker.skipped > skipped:
+                self.metrics.webhook_messages.labels(result="reached").inc(
+                    self.tracker.skipped - skipped
+                )
+            self.metrics.webhook_queue.set(len(self.tracker))
+            wake = self.tracker.next_due()
+            await trio.sleep_until(min(wake, now + TICK) if wake is not None else now + TICK)
+
+    async def _sender(self, http: httpx.AsyncClient) -> None:
+        while True:
+            await self._ready.wait()
+            batch = self.tracker.take(self.settings.offline_webhook_batch)
+            if not batch:
+                self._ready = trio.Event()
+                continue
+            self.metrics.webhook_queue.set(len(self.tracker))
+            await self._deliver(http, batch)
+
+    async def _deliver(self, http: httpx.AsyncClient, batch: list[Pending]) -> None:
+        """POST one batch, retrying with backoff; count it sent or dropped."""
+        s = self.settings
+        body = encode_batch(batch)
+        for attempt in range(s.offline_webhook_retries + 1):
+            if attempt:
+                await trio.sleep(backoff(attempt, s.offline_webhook_backoff, random.uniform))
+            if await self._post(http, body):
+                self.metrics.webhook_messages.labels(result="sent").inc(len(batch))
+                return
+        log.warning("offline webhook: dropping %d messages after %d tries", len(batch), attempt + 1)
+        self.metrics.webhook_messages.labels(result="dropped_retries").inc(len(batch))
+
+    async def _post(self, http: httpx.AsyncClient, body: bytes) -> bool:
+        headers = {
+            "content-type": "application/json",
+            HEADER: sign(self.settings.offline_webhook_secret, body),
+        }
+        try:
+            resp = await http.post(self.settings.offline_webhook_url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            self.metrics.webhook_requests.labels(result=type(exc).__name__).inc()
+            self.metrics.backend_errors.labels(backend="webhook").inc()
+            log.info("offline webhook request failed: %r", exc)
+            return False
+        self.metrics.webhook_requests.labels(
+            result="ok" if resp.is_success else str(resp.status_code)
+        ).inc()
+        return resp.is_success
