@@ -67,6 +67,7 @@ KNOWN_LABELS: dict[str, dict[str, tuple[str, ...]]] = {
         )
     },
     "meshpush_presence_lookups_total": {"where": ("local", "remote", "failed", "answered")},
+    "meshpush_webhook_requests_total": {"result": ("ok",)},
     "meshpush_webhook_messages_total": {
         "result": ("sent", "reached", "dropped_queue", "dropped_retries")
     },

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -384,3 +385,13 @@ async def test_replayed_to_a_device_connecting_within_the_delay_is_not_posted(
         assert (await receive(client)).data == {"n": "stored"}  # by the resume replay
         await trio.sleep(DELAY + 1.5)
     assert receiver.messages(user) == []
+
+
+def test_the_stdlib_snippet_in_the_protocol_doc_verifies_real_signatures() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    snippet = doc.split("Without meshpush installed", 1)[1].split("```python\n", 1)[1]
+    scope: dict[str, Any] = {}
+    exec(snippet.split("```", 1)[0], scope)
+    body = b'{"messages":[]}'
+    assert scope["verify"](SECRET, sign(SECRET, body), body)
+    assert not scope["verify"]("other", sign(SECRET, body), body)
