@@ -16,7 +16,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -169,6 +169,31 @@ def open_target(name: str, settings: dict[str, Any] | None = None) -> Iterator[T
         yield ReferenceTarget(ref, name)
     finally:
         ref.stop()
+
+
+def each_server(
+    bench: str, names: list[str], measure: Callable[[Target], dict[str, Any]]
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Start each server in turn, measure it, stop it; a reference that cannot run here is
+    skipped with the reason (results, skipped)."""
+    results: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    for name in names:
+        print(f"{bench}: {name} ...", file=sys.stderr, flush=True)
+        try:
+            with open_target(name) as target:
+                results.append({"server": name, **measure(target)})
+        except Unavailable as exc:
+            print(f"{bench}: skipping {name}: {exc}", file=sys.stderr)
+            skipped[name] = str(exc)
+    return results, skipped
+
+
+def add_ratios(results: list[dict[str, Any]], key: str, base: str = "node-ws") -> None:
+    """``vs_<base>`` = result[key] / the base server's result[key] (None without the base)."""
+    ref = next((r[key] for r in results if r["server"] == base), None)
+    for r in results:
+        r["vs_" + base.replace("-", "_")] = r[key] / ref if ref else None
 
 
 def parse_servers(text: str) -> list[str]:

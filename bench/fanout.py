@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._servers import Unavailable
 from bench._targets import (
     ALL,
     MeshpushTarget,
     Target,
+    add_ratios,
     cpu_seconds,
+    each_server,
     machine,
-    open_target,
     parse_servers,
     table,
     write_json,
@@ -64,7 +64,6 @@ def measure(target: Target, args: argparse.Namespace, sessions: int, count: int)
         for code, n in a["closes"].items():
             closes[code] = closes.get(code, 0) + n
     return {
-        "server": target.name,
         "sessions": opened["ok"],
         "delivered": frames,
         "expected": wanted,
@@ -82,7 +81,7 @@ def measure_stall(target: MeshpushTarget, args: argparse.Namespace) -> dict[str,
         paths = target.paths(args.stall_sessions, "stall-")
         opened = pool.connect(target.host, target.port, paths, timeout=args.timeout * 5)
         connect_seconds = opened["t_end"] - opened["t_start"]
-        quiet = wait_quiet(target, pool)
+        quiet = wait_quiet(target, pool, args.quiet_wait)
         before = target.metrics()
         pool.send_expect(1, timeout=args.timeout)
         target.broadcast(1, args.size)
@@ -114,8 +113,9 @@ def stall_bound(before: dict[str, float], after: dict[str, float]) -> float | No
     return next(le for le, n in new if n >= total)
 
 
-def wait_quiet(target: MeshpushTarget, pool: ReaderPool, limit: float = 40.0) -> float:
-    """Wait (bounded) until the stall gauge no longer shows the connect phase's stalls."""
+def wait_quiet(target: MeshpushTarget, pool: ReaderPool, limit: float) -> float:
+    """Wait (at most ``limit`` s) until the stall gauge (max of the last 30 s) no longer shows
+    the connect phase's stalls; returns the gauge then."""
     deadline = time.monotonic() + limit
     stall = target.metrics().get(STALL_GAUGE, 0.0)
     while stall > 0.005 and time.monotonic() < deadline:
@@ -125,22 +125,17 @@ def wait_quiet(target: MeshpushTarget, pool: ReaderPool, limit: float = 40.0) ->
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    results: list[dict[str, Any]] = []
-    skipped: dict[str, str] = {}
     stall: dict[str, Any] | None = None
-    for name in args.servers:
-        print(f"fanout: {name} ...", file=sys.stderr, flush=True)
-        try:
-            with open_target(name) as target:
-                results.append(measure(target, args, args.sessions, args.broadcasts))
-                if isinstance(target, MeshpushTarget) and args.stall_sessions > 0:
-                    stall = measure_stall(target, args)
-        except Unavailable as exc:
-            print(f"fanout: skipping {name}: {exc}", file=sys.stderr)
-            skipped[name] = str(exc)
-    base = next((r["rate"] for r in results if r["server"] == "node-ws"), None)
-    for r in results:
-        r["vs_node_ws"] = r["rate"] / base if base else None
+
+    def one(target: Target) -> dict[str, Any]:
+        nonlocal stall
+        result = measure(target, args, args.sessions, args.broadcasts)
+        if isinstance(target, MeshpushTarget) and args.stall_sessions > 0:
+            stall = measure_stall(target, args)
+        return result
+
+    results, skipped = each_server("fanout", args.servers, one)
+    add_ratios(results, "rate")
     return {
         "bench": "fanout",
         "params": {
@@ -207,6 +202,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--servers", type=parse_servers, default=list(ALL))
     parser.add_argument(
         "--stall-sessions", type=int, default=10_000, help="0 skips the stall measurement"
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=35.0,
+        help="seconds to wait at most for the stall gauge to forget the connect phase",
     )
     parser.add_argument("--timeout", type=float, default=120.0, help="per phase, seconds")
     parser.add_argument("--json", type=Path, default=Path(".meshpush/bench/fanout.json"))

@@ -1,109 +1,110 @@
-"""Memory per idle session: RSS of one node before and after N idle WebSocket sessions.
+"""Idle memory: server RSS per idle WebSocket session at N sessions, beside Node ws and others.
 
-Starts a 1-node cluster (etcd, NATS JetStream, one node process), opens N sessions (distinct
-users, no traffic) from this process, waits for them to settle and reads the node's RSS from
-/proc. References, from the same run: a bare trio-websocket server holding N connections
-(bench/bare_ws_server.py: the floor of the stack meshpush is built on), and the mission's
-budget of 10 KB per connection; both ratios are printed.
+For each server in turn (meshpush 1 node, Node.js ``ws`` 8, Python ``websockets``, bare
+trio-websocket, raw stdlib sockets), READERS worker processes open SESSIONS connections that
+then stay idle (they only answer pings); RSS of the server process is read from /proc before
+the first connection and after the last one has been greeted and SETTLE seconds have passed.
+KB/session = RSS delta / sessions. Printed with the ratio to Node ws and to the 10 KB budget.
+The soft open-files limit is raised to the hard one (``ulimit -Hn``); sessions beyond what it
+allows fail to connect and are reported.
 
-    python bench/memory.py [--sessions 2000]
+    meshpush bench idle-memory [--sessions 10000] [--readers 2] [--settle 3]
+        [--servers meshpush,node-ws,websockets,trio-websocket,raw]
+        [--json .meshpush/bench/idle-memory.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import socket
-import subprocess
+import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import trio
-from trio_websocket import open_websocket_url
+from bench._targets import (
+    ALL,
+    Target,
+    add_ratios,
+    each_server,
+    machine,
+    parse_servers,
+    rss_bytes,
+    table,
+    write_json,
+)
+from bench._wsload import ReaderPool, raise_fd_limit
 
-from meshpush.auth import issue_token
-from meshpush.devcluster import LocalCluster, free_port
-
-BUDGET = 10 * 1024
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-async def per_connection(pid: int, url_for: Callable[[int], str], n: int) -> float:
-    """Bytes of RSS one more idle connection costs the server process ``pid``."""
-    await trio.sleep(1.0)
-    before = rss(pid)
-    opened = 0
-
-    async def hold(i: int, task_status: trio.TaskStatus[None]) -> None:
-        nonlocal opened
-        async with open_websocket_url(url_for(i)) as ws:
-            await ws.get_message()
-            opened += 1
-            task_status.started()
-            await trio.sleep_forever()
-
-    async with trio.open_nursery() as nursery:
-        for i in range(n):
-            await nursery.start(hold, i)
-        await trio.sleep(2.0)
-        after = rss(pid)
-        nursery.cancel_scope.cancel()
-    print(f"  pid {pid}: {opened} connections, RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB")
-    return (after - before) / max(1, opened)
+BUDGET_KB = 10.0
 
 
-async def run(cluster: LocalCluster, n: int) -> None:
-    node = cluster.live()[0]
-
-    def session_url(i: int) -> str:
-        return f"{node.ws_url}?token={issue_token(cluster.token_secret, f'idle-{i}', 3600)}"
-
-    port = free_port()
-    bare = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("bare_ws_server.py")), str(port)]
-    )
-    try:
-        wait_tcp_port(port)
-        reference = await per_connection(bare.pid, lambda i: f"ws://127.0.0.1:{port}/", n)
-    finally:
-        bare.kill()
-        bare.wait(10)
-    per = await per_connection(node.proc.pid, session_url, n)
-    print(
-        f"per idle session: meshpush {per / 1024:.1f} KiB, bare trio-websocket "
-        f"{reference / 1024:.1f} KiB (ratio {per / max(reference, 1):.2f}); "
-        f"budget 10 KiB (ratio {per / BUDGET:.2f})"
-    )
+def measure(target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    time.sleep(1.0)
+    before = rss_bytes(target.pid)
+    with ReaderPool(args.readers) as pool:
+        opened = pool.connect(
+            target.host, target.port, target.paths(args.sessions, "idle-"), timeout=args.timeout
+        )
+        pool.idle(args.settle)
+        after = rss_bytes(target.pid)
+    ok = max(1, opened["ok"])
+    if opened["ok"] < args.sessions:
+        print(f"  only {opened['ok']}/{args.sessions} connected: {opened['errors']}")
+    return {
+        "sessions": opened["ok"],
+        "rss_before_mib": before / 2**20,
+        "rss_after_mib": after / 2**20,
+        "kb_per_session": (after - before) / ok / 1024,
+        "connect_seconds": opened["t_end"] - opened["t_start"],
+    }
 
 
-def wait_tcp_port(port: int) -> None:
-    for _ in range(100):
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError("reference server did not start")
+def report(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    rows = [
+        [
+            r["server"],
+            str(r["sessions"]),
+            f"{r['rss_before_mib']:.1f} -> {r['rss_after_mib']:.1f}",
+            f"{r['kb_per_session']:.1f}",
+            f"{r['vs_node_ws']:.2f}x" if r["vs_node_ws"] else "-",
+            f"{r['kb_per_session'] / BUDGET_KB:.2f}x",
+        ]
+        for r in data["results"]
+    ]
+    headers = ["server", "sessions", "RSS MiB", "KB/session", "vs Node ws", "vs 10 KB budget"]
+    lines = [
+        f"idle-memory: {data['params']['sessions']} idle sessions; {m['nproc']} CPUs "
+        f"({m['cpu']}), load average at the end {' '.join(f'{x:.2f}' for x in m['loadavg'])}",
+        table(headers, rows),
+    ]
+    lines += [f"skipped {name}: {why}" for name, why in data["skipped"].items()]
+    return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sessions", type=int, default=2000)
-    args = parser.parse_args()
-    settings = {"max_connections_per_ip": 100_000, "heartbeat_interval": 25.0}
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        LocalCluster(Path(tmp), nodes=1, cluster="mem", node_settings=settings) as cluster,
-    ):
-        trio.run(run, cluster, args.sessions)
-
-
-if __name__ == "__main__":
-    main()
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="meshpush bench idle-memory", description=__doc__)
+    parser.add_argument("--sessions", type=int, default=10_000)
+    parser.add_argument("--readers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--settle", type=float, default=3.0, help="seconds idle before reading")
+    parser.add_argument("--servers", type=parse_servers, default=list(ALL))
+    parser.add_argument("--timeout", type=float, default=600.0, help="connect phase, seconds")
+    parser.add_argument("--json", type=Path, default=Path(".meshpush/bench/idle-memory.json"))
+    args = parser.parse_args(argv)
+    limit = raise_fd_limit()
+    if limit < args.sessions + 100:
+        print(
+            f"idle-memory: open-files limit {limit} < sessions; raise `ulimit -Hn`", file=sys.stderr
+        )
+    results, skipped = each_server("idle-memory", args.servers, lambda t: measure(t, args))
+    add_ratios(results, "kb_per_session")
+    data = {
+        "bench": "idle-memory",
+        "params": {"sessions": args.sessions, "readers": args.readers, "settle": args.settle},
+        "machine": machine(),
+        "results": results,
+        "skipped": skipped,
+    }
+    print(report(data))
+    write_json(args.json, data)
+    return 0 if results else 1
