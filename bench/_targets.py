@@ -189,11 +189,22 @@ def each_server(
     return results, skipped
 
 
-def add_ratios(results: list[dict[str, Any]], key: str, base: str = "node-ws") -> None:
-    """``vs_<base>`` = result[key] / the base server's result[key] (None without the base)."""
+def add_ratios(
+    results: list[dict[str, Any]], key: str, out: str = "vs_node_ws", base: str = "node-ws"
+) -> None:
+    """result[out] = result[key] / the base server's result[key] (None without the base)."""
     ref = next((r[key] for r in results if r["server"] == base), None)
     for r in results:
-        r["vs_" + base.replace("-", "_")] = r[key] / ref if ref else None
+        r[out] = r[key] / ref if ref else None
+
+
+def ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def per_cpu(count: float, cpu: float) -> float:
+    """``count`` per CPU second of the server (robust to a busy machine; 0 CPU: not measured)."""
+    return count / cpu if cpu > 0 else 0.0
 
 
 def parse_servers(text: str) -> list[str]:

@@ -28,6 +28,8 @@ from bench._targets import (
     each_server,
     machine,
     parse_servers,
+    per_cpu,
+    ratio,
     table,
     write_json,
 )
@@ -50,6 +52,7 @@ def measure(target: Target, args: argparse.Namespace) -> dict[str, Any]:
         "seconds": elapsed,
         "rate": opened["ok"] / elapsed,
         "server_cpu_seconds": server_cpu,
+        "per_cpu_second": per_cpu(opened["ok"], server_cpu),
         "reader_cpu_percent": [100 * c / elapsed for c in opened["reader_cpu"]],
     }
 
@@ -62,13 +65,16 @@ def report(data: dict[str, Any]) -> str:
             f"{r['sessions']}/{p['sessions']}",
             f"{r['seconds']:.2f}",
             f"{r['rate']:,.0f}",
-            f"{r['vs_node_ws']:.2f}x" if r["vs_node_ws"] else "-",
+            ratio(r["vs_node_ws"]),
             f"{r['server_cpu_seconds']:.2f}",
+            f"{r['per_cpu_second']:,.0f}" if r["per_cpu_second"] else "-",
+            ratio(r["cpu_vs_node_ws"]),
             " ".join(f"{c:.0f}%" for c in r["reader_cpu_percent"]),
         ]
         for r in data["results"]
     ]
     headers = ["server", "open", "seconds", "handshakes/s", "vs Node ws", "server CPU s"]
+    headers += ["per CPU-s", "vs Node ws"]
     lines = [
         f"connect: {p['sessions']} sessions, {p['concurrency']} handshakes in flight, "
         f"{p['readers']} client processes; {m['nproc']} CPUs ({m['cpu']}), "
@@ -92,6 +98,7 @@ def main(argv: list[str]) -> int:
     raise_fd_limit()
     results, skipped = each_server("connect", args.servers, lambda t: measure(t, args))
     add_ratios(results, "rate")
+    add_ratios(results, "per_cpu_second", "cpu_vs_node_ws")
     data = {
         "bench": "connect",
         "params": {

@@ -33,6 +33,8 @@ from bench._targets import (
     each_server,
     machine,
     parse_servers,
+    per_cpu,
+    ratio,
     table,
     write_json,
 )
@@ -70,6 +72,7 @@ def measure(target: Target, args: argparse.Namespace, sessions: int, count: int)
         "seconds": elapsed,
         "rate": frames / elapsed,
         "server_cpu_seconds": server_cpu,
+        "per_cpu_second": per_cpu(frames, server_cpu),
         "reader_cpu_percent": [100 * a["cpu"] / elapsed for a in answers],
         "closes": closes,
     }
@@ -136,6 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     results, skipped = each_server("fanout", args.servers, one)
     add_ratios(results, "rate")
+    add_ratios(results, "per_cpu_second", "cpu_vs_node_ws")
     return {
         "bench": "fanout",
         "params": {
@@ -159,13 +163,16 @@ def report(data: dict[str, Any]) -> str:
             r["server"],
             f"{r['delivered']}/{r['expected']}",
             f"{r['rate']:,.0f}",
-            f"{r['vs_node_ws']:.2f}x" if r["vs_node_ws"] else "-",
+            ratio(r["vs_node_ws"]),
             f"{r['server_cpu_seconds']:.2f}",
+            f"{r['per_cpu_second']:,.0f}" if r["per_cpu_second"] else "-",
+            ratio(r["cpu_vs_node_ws"]),
             " ".join(f"{c:.0f}%" for c in r["reader_cpu_percent"]),
         ]
         for r in data["results"]
     ]
-    headers = ["server", "delivered", "msgs/s", "vs Node ws", "server CPU s", "reader CPU"]
+    headers = ["server", "delivered", "msgs/s", "vs Node ws", "server CPU s"]
+    headers += ["msgs/CPU-s", "vs Node ws", "reader CPU"]
     lines = [
         f"fanout: {p['sessions']} sessions x {p['broadcasts']} broadcasts of {p['size']} bytes, "
         f"{p['readers']} reader processes; {m['nproc']} CPUs ({m['cpu']}), "

@@ -29,6 +29,7 @@ from bench._targets import (
     each_server,
     machine,
     parse_servers,
+    ratio,
     rss_bytes,
     table,
     write_json,
@@ -67,7 +68,7 @@ def report(data: dict[str, Any]) -> str:
             str(r["sessions"]),
             f"{r['rss_before_mib']:.1f} -> {r['rss_after_mib']:.1f}",
             f"{r['kb_per_session']:.1f}",
-            f"{r['vs_node_ws']:.2f}x" if r["vs_node_ws"] else "-",
+            ratio(r["vs_node_ws"]),
             f"{r['kb_per_session'] / BUDGET_KB:.2f}x",
         ]
         for r in data["results"]
