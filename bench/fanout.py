@@ -195,9 +195,12 @@ def report(data: dict[str, Any]) -> str:
 
 
 def fmt_ms(seconds: float | None) -> str:
+    """A histogram bound as text: None (no stall of 1 ms or more), a bucket, or over the top."""
     if seconds is None:
         return "1 ms"
-    return "inf" if seconds == float("inf") else f"{seconds * 1000:g} ms"
+    if seconds == float("inf"):
+        return "inf (some stall over 2500 ms, the top bucket)"
+    return f"{seconds * 1000:g} ms"
 
 
 def main(argv: list[str]) -> int:
