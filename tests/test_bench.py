@@ -48,6 +48,17 @@ def test_entry_point_passes_flags_through_to_the_benchmark() -> None:
     assert "--concurrency" in result.stdout
 
 
+def test_stall_bucket_reads_the_histogram_difference() -> None:
+    from bench.fanout import stall_bucket
+
+    key = 'meshpush_event_loop_stall_seconds_bucket{le="%s"}'
+    before = {key % "0.0025": 1.0, key % "0.01": 1.0, key % "+Inf": 1.0}
+    after = {key % "0.0025": 3.0, key % "0.01": 4.0, key % "+Inf": 4.0}
+    assert stall_bucket(before, after) == [0.0025, 0.01]
+    assert stall_bucket(after, after) is None  # no stall of 1 ms or more in between
+    assert stall_bucket({}, {key % "0.0025": 1.0, key % "+Inf": 1.0}) == [0.001, 0.0025]
+
+
 def fanout(tmp_path: Path, servers: str, *extra: str) -> dict[str, object]:
     out = tmp_path / "fanout.json"
     argv = ["bench", "fanout", "--sessions", "20", "--broadcasts", "3", "--readers", "1"]
