@@ -192,10 +192,11 @@ def each_server(
 def add_ratios(
     results: list[dict[str, Any]], key: str, out: str = "vs_node_ws", base: str = "node-ws"
 ) -> None:
-    """result[out] = result[key] / the base server's result[key] (None without the base)."""
+    """result[out] = result[key] / the base server's result[key] (None without the base, or
+    where a value is 0: not measured, e.g. under one CPU clock tick)."""
     ref = next((r[key] for r in results if r["server"] == base), None)
     for r in results:
-        r[out] = r[key] / ref if ref else None
+        r[out] = r[key] / ref if ref and r[key] else None
 
 
 def ratio(value: float | None) -> str:
