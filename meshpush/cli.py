@@ -1,4 +1,4 @@
-"""``meshpush`` command line: node, dev, status, token, publish, listen, chaos."""
+"""``meshpush`` command line: node, dev, status, token, publish, listen, chaos, bench."""
 
 from __future__ import annotations
 
@@ -133,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--keep", action="store_true", help="keep the workdir after a pass")
     chaos.add_argument("--list", action="store_true", help="list the scenarios and exit")
     chaos.set_defaults(func=cmd_chaos)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark from bench/ against in-run references (see docs/performance.md)",
+        description="meshpush bench NAME [ARGS]: runs bench/NAME.py's main(ARGS); "
+        "`meshpush bench NAME --help` shows its flags.",
+    )
+    bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    bench.add_argument("name", nargs="?", help="benchmark name (--list shows them)")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -496,3 +507,44 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # the cluster is already torn down by then
         print("meshpush chaos: interrupted", file=sys.stderr)
         return 130
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Dispatch to ``bench/<name>.py``'s ``main(argv) -> int`` (a dash maps to ``_``)."""
+    import importlib
+
+    found = bench_modules()
+    if args.list or not args.name:
+        if not args.list:
+            print("meshpush bench: name a benchmark; available:", file=sys.stderr)
+        for name, about in found.items():
+            print(f"{name:<14} {about}", file=sys.stdout if args.list else sys.stderr)
+        return 0 if args.list else 2
+    if args.name not in found:
+        names = ", ".join(found) or "none (is the bench package installed?)"
+        raise CliError(f"unknown benchmark {args.name!r}; available: {names}")
+    module = importlib.import_module(f"bench.{args.name.replace('-', '_')}")
+    result: int = module.main(list(args.args))
+    return result
+
+
+def bench_modules() -> dict[str, str]:
+    """Benchmark command names -> the first line of each module's docstring (not imported)."""
+    import ast
+    import importlib.util
+    import pkgutil
+
+    spec = importlib.util.find_spec("bench")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    found: dict[str, str] = {}
+    for info in sorted(pkgutil.iter_modules(spec.submodule_search_locations), key=lambda m: m.name):
+        if info.name.startswith("_") or info.ispkg:
+            continue
+        path = Path(info.module_finder.path) / f"{info.name}.py"  # type: ignore[union-attr]
+        try:
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        except (OSError, SyntaxError):
+            doc = ""
+        found[info.name.replace("_", "-")] = doc.strip().splitlines()[0] if doc.strip() else ""
+    return found
