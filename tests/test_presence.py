@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import make_cluster
 from support import api, connected, owner_of, user_owned_by, wait_until
 
 from meshpush.api import ApiError
@@ -211,3 +213,24 @@ async def test_presence_needs_the_api_key(cluster: LocalCluster, key: str | None
     for resp in (got, posted):
         assert resp.status_code == 401
         assert resp.json()["error"] == expected
+
+
+@pytest.mark.cluster
+async def test_a_silent_owner_makes_only_its_users_unavailable(tmp_path: Path) -> None:
+    """A paused owner (its lease still valid) does not answer: GET 503, POST answers the rest."""
+    with make_cluster(tmp_path / "c", nodes=2, lease_ttl=6, presence_timeout=0.5) as c:
+        here = await user_owned_by(c, "n1", prefix="here")
+        there = await user_owned_by(c, "n2", prefix="there")
+        c.pause(c.node("n2"))
+        try:
+            resp = await presence(c, "n1", there)
+            batch = await api(
+                c, c.node("n1"), "POST", "/v1/presence", json={"users": [there, here]}
+            )
+        finally:
+            c.resume(c.node("n2"))
+    assert resp.status_code == 503 and resp.json()["error"] == "owner_unavailable"
+    assert batch.status_code == 200
+    unavailable, answered = batch.json()["results"]
+    assert unavailable["user"] == there and unavailable["error"] == "owner_unavailable"
+    assert answered == {"user": here, "online": False, "devices": []}
