@@ -67,17 +67,21 @@ def check_settings(settings: Settings) -> None:
 
 
 class OfflineTracker:
-    """Which notified messages have not reached a session in time (pure; the clock is given).
+    """Which notified messages have not reached a session yet (pure; the clock is given).
 
-    ``waiting`` is in arrival order, which is also due order (the delay is constant).
-    ``outbox`` holds due, unreached messages until they are taken in batches. ``waiting`` and
-    ``outbox`` together hold at most ``capacity`` messages; ``reached`` remembers the highest
-    seq queued to a session per user, only as long as a waiting message may need it."""
+    ``waiting`` holds unreached messages in arrival order, which is also due order (the delay
+    is constant); a delivery to a session removes its user's waiting messages at once, so only
+    messages of users who are really offline stay and count against ``capacity``. ``outbox``
+    holds due messages until they are taken in batches. ``waiting`` and ``outbox`` together
+    hold at most ``capacity`` messages (the oldest is dropped). ``reached_at`` remembers the
+    highest seq queued to a session per user for ``REACHED_SLACK`` seconds, for a replay that
+    sends a message before its own notification arrives."""
 
     def __init__(self, delay: float, capacity: int) -> None:
         self.delay = delay
         self.capacity = capacity
-        self.waiting: deque[Pending] = deque()
+        self.waiting: OrderedDict[tuple[str, int], Pending] = OrderedDict()
+        self.seqs_of: dict[str, list[int]] = {}  # user -> seqs in waiting
         self.outbox: deque[Pending] = deque()
         self.reached_at: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self.dropped = 0  # oldest messages dropped because the queue was full
@@ -87,44 +91,64 @@ class OfflineTracker:
         return len(self.waiting) + len(self.outbox)
 
     def notified(self, msg: Pending) -> None:
+        if (msg.user, msg.seq) in self.waiting:
+            return
+        if self.reached_at.get(msg.user, (0, 0.0))[0] >= msg.seq:
+            self.skipped += 1  # already sent to a session (a replay read it first)
+            return
         if len(self) >= self.capacity:
-            (self.outbox or self.waiting).popleft()
+            if self.outbox:
+                self.outbox.popleft()
+            else:
+                self._pop_waiting()
             self.dropped += 1
-        self.waiting.append(msg)
+        self.waiting[(msg.user, msg.seq)] = msg
+        self.seqs_of.setdefault(msg.user, []).append(msg.seq)
 
     def reached(self, user: str, seq: int, now: float) -> None:
+        """``seq`` (and every earlier seq) of ``user`` was queued to one of its sessions."""
         best = self.reached_at.pop(user, (0, 0.0))[0]
         self.reached_at[user] = (max(best, seq), now)
         if len(self.reached_at) > self.capacity:
             self.reached_at.popitem(last=False)
+        seqs = self.seqs_of.get(user)
+        if not seqs:
+            return
+        keep = [s for s in seqs if s > seq]
+        for s in seqs:
+            if s <= seq:
+                del self.waiting[(user, s)]
+                self.skipped += 1
+        if keep:
+            self.seqs_of[user] = keep
+        else:
+            del self.seqs_of[user]
 
-    def is_reached(self, msg: Pending) -> bool:
-        return self.reached_at.get(msg.user, (0, 0.0))[0] >= msg.seq
+    def _pop_waiting(self) -> Pending:
+        (user, seq), msg = self.waiting.popitem(last=False)
+        seqs = self.seqs_of[user]
+        seqs.remove(seq)
+        if not seqs:
+            del self.seqs_of[user]
+        return msg
 
     def due(self, now: float) -> int:
-        """Move due messages to the outbox unless they reached a session; return how many."""
+        """Move messages whose delay has passed to the outbox; return how many."""
         moved = 0
-        while self.waiting and self.waiting[0].arrived + self.delay <= now:
-            msg = self.waiting.popleft()
-            if self.is_reached(msg):
-                self.skipped += 1
-            else:
-                self.outbox.append(msg)
-                moved += 1
-        self._forget(now)
-        return moved
-
-    def _forget(self, now: float) -> None:
-        """Drop ``reached`` entries older than every waiting message (minus a slack)."""
-        cutoff = (self.waiting[0].arrived if self.waiting else now) - REACHED_SLACK
+        while self.waiting and next(iter(self.waiting.values())).arrived + self.delay <= now:
+            self.outbox.append(self._pop_waiting())
+            moved += 1
         while self.reached_at:
             user, (_, at) = next(iter(self.reached_at.items()))
-            if at >= cutoff:
+            if at >= now - REACHED_SLACK:
                 break
             del self.reached_at[user]
+        return moved
 
     def next_due(self) -> float | None:
-        return self.waiting[0].arrived + self.delay if self.waiting else None
+        if not self.waiting:
+            return None
+        return next(iter(self.waiting.values())).arrived + self.delay
 
     def take(self, limit: int) -> list[Pending]:
         return [self.outbox.popleft() for _ in range(min(limit, len(self.outbox)))]
@@ -204,15 +228,16 @@ class Webhook:
             await self._sender(http)
 
     async def _timer(self) -> None:
+        counted = 0  # skipped messages already exported (the hot path does not touch metrics)
         while True:
             now = trio.current_time()
-            skipped = self.tracker.skipped
             if self.tracker.due(now):
                 self._ready.set()
-            if self.tracker.skipped > skipped:
+            if self.tracker.skipped > counted:
                 self.metrics.webhook_messages.labels(result="reached").inc(
-                    self.tracker.skipped - skipped
+                    self.tracker.skipped - counted
                 )
+                counted = self.tracker.skipped
             self.metrics.webhook_queue.set(len(self.tracker))
             wake = self.tracker.next_due()
             await trio.sleep_until(min(wake, now + TICK) if wake is not None else now + TICK)

@@ -97,6 +97,21 @@ def test_queue_is_bounded_and_drops_the_oldest() -> None:
     assert [m.seq for m in t.take(10)] == [4, 5] and t.dropped == 3
 
 
+def test_only_unreached_messages_count_against_the_queue() -> None:
+    t = OfflineTracker(delay=10, capacity=3)
+    for seq in range(1, 1001):  # an online user: each message reaches a session at once
+        t.notified(msg("online", seq, seq / 1000))
+        t.reached("online", seq, now=seq / 1000)
+    t.notified(msg("off", 5000, 1.0))
+    t.notified(msg("off", 5000, 1.0))  # the same notification twice is held once
+    assert len(t) == 1 and t.dropped == 0 and t.skipped == 1000
+    t.notified(msg("x", 1, 1.1))
+    t.notified(msg("x", 2, 1.2))
+    t.reached("x", 1, now=1.3)  # removes x/1 only
+    assert [m.seq for m in t.waiting.values()] == [5000, 2]
+    assert t.due(20.0) == 2 and [m.user for m in t.take(5)] == ["off", "x"]
+
+
 def test_reached_memory_is_forgotten_once_no_waiting_message_needs_it() -> None:
     t = OfflineTracker(delay=10, capacity=2)
     for i in range(5):
