@@ -209,7 +209,6 @@ class Webhook:
             self.metrics.webhook_messages.labels(result="dropped_queue").inc(
                 self.tracker.dropped - before
             )
-        self.metrics.webhook_queue.set(len(self.tracker))
 
     # ------------------------------------------------------------ service
 
@@ -270,14 +269,15 @@ class Webhook:
             "content-type": "application/json",
             HEADER: sign(self.settings.offline_webhook_secret, body),
         }
-        try:
-            resp = await http.post(self.settings.offline_webhook_url, content=body, headers=headers)
+        url = self.settings.offline_webhook_url
+        try:  # streamed and never read: a receiver's answer body cannot take memory
+            async with http.stream("POST", url, content=body, headers=headers) as resp:
+                ok = resp.is_success
+                status = resp.status_code
         except httpx.HTTPError as exc:
             self.metrics.webhook_requests.labels(result=type(exc).__name__).inc()
             self.metrics.backend_errors.labels(backend="webhook").inc()
             log.info("offline webhook request failed: %r", exc)
             return False
-        self.metrics.webhook_requests.labels(
-            result="ok" if resp.is_success else str(resp.status_code)
-        ).inc()
-        return resp.is_success
+        self.metrics.webhook_requests.labels(result="ok" if ok else str(status)).inc()
+        return ok

@@ -240,6 +240,7 @@ class Receiver:
     """A local HTTP receiver: records each request, answers by ``mode``."""
 
     mode: str = "ok"  # ok | fail_once (500 then ok) | hangup (close without answering)
+    port: int = 0
     requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -281,7 +282,7 @@ def serve_receiver(receiver: Receiver) -> ThreadingHTTPServer:
 def receiver() -> Iterator[Receiver]:
     rec = Receiver()
     server = serve_receiver(rec)
-    rec.port = server.server_address[1]  # type: ignore[attr-defined]
+    rec.port = server.server_address[1]
     try:
         yield rec
     finally:
@@ -294,7 +295,7 @@ def hooked(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iter
     with make_cluster(
         tmp_path_factory.mktemp("hooked"),
         nodes=2,
-        offline_webhook_url=f"http://127.0.0.1:{receiver.port}/push",  # type: ignore[attr-defined]
+        offline_webhook_url=f"http://127.0.0.1:{receiver.port}/push",
         offline_webhook_secret=SECRET,
         offline_webhook_delay=DELAY,
         offline_webhook_queue=8,
@@ -342,13 +343,13 @@ async def test_offline_user_is_posted_once_signed(hooked: LocalCluster, receiver
 async def test_online_user_is_never_posted(hooked: LocalCluster, receiver: Receiver) -> None:
     user = await user_owned_by(hooked, "n2", prefix="online")
     async with connected(hooked, user, via=hooked.node("n1")) as client:
+        before = await metric(hooked, "n2", "reached")
         for n in range(3):
             await publish(hooked, hooked.node("n1"), user, {"n": n})
             assert (await receive(client)).data == {"n": n}
-        before = await metric(hooked, "n2", "reached")
+        await wait_until(lambda: metric_at_least(hooked, "n2", "reached", before + 3), timeout=5)
         await trio.sleep(DELAY + 1.5)  # longer than the delay
     assert receiver.messages(user) == []
-    await wait_until(lambda: metric_at_least(hooked, "n2", "reached", before + 3), timeout=5)
 
 
 async def metric_at_least(cluster: LocalCluster, node: str, result: str, value: float) -> bool:
