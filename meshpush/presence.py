@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from .bus import Bus
     from .metrics import Metrics
     from .router import Router
-    from .sessions import Registry
 
 log = logging.getLogger(__name__)
 MAX_USERS = 1000
@@ -49,6 +48,12 @@ class Connected(Protocol):
     def device(self) -> str: ...
     @property
     def since(self) -> float: ...
+
+
+class Registry(Protocol):
+    """What presence needs of the node's session registry."""
+
+    def of_user(self, user: str) -> Iterable[Connected]: ...
 
 
 # ---------------------------------------------------------------- pure half
