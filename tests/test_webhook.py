@@ -411,3 +411,21 @@ def test_the_stdlib_snippet_in_the_protocol_doc_verifies_real_signatures() -> No
     body = b'{"messages":[]}'
     assert scope["verify"](SECRET, sign(SECRET, body), body)
     assert not scope["verify"]("other", sign(SECRET, body), body)
+
+
+def test_a_node_with_a_bad_webhook_setting_refuses_to_start() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MESHPUSH_OFFLINE_WEBHOOK_URL": "http://127.0.0.1:9/hook"}
+    env.pop("MESHPUSH_OFFLINE_WEBHOOK_SECRET", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "meshpush", "node", "--etcd", "127.0.0.1:9", "--ws-port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "offline_webhook_secret" in done.stderr
