@@ -6,6 +6,14 @@ safety net) becomes a full view passed to ``on_view``. Before registering, the n
 view *with itself added* to ``on_view`` so it subscribes its future slots before anyone is
 redirected to it. If etcd fails, the node keeps its last view (and its sessions), retries with
 capped, jittered backoff and registers again when etcd is back. ``leave()`` revokes the lease.
+
+Several etcd endpoints (members of one cluster) may be configured: each new session uses the
+next one after a failure, so a node whose member died or is cut off reconnects to another.
+A lease that was not refreshed for a whole TTL may have expired, and then the other nodes own
+our slots: the node *steps out* of its own view (its sessions are redirected to the owners the
+rest of the view names, which is what the others compute once the lease is gone) and is not
+ready until it is registered again. A node cannot tell a partition from a dead etcd, so it does
+this in both cases.
 """
 
 from __future__ import annotations
@@ -53,24 +61,62 @@ class Membership:
         self._client: Any = None
         self._lease: Any = None
         self._leaving = False
+        self._endpoint = 0  # index into settings.etcd_endpoints of the current session
+        self._lease_at: float | None = None  # trio time the lease was last known to be alive
+        self.stepped_out = False
         self._changed = trio.Event()
 
     async def run(self) -> None:
-        """Register and watch until cancelled; on any etcd failure, back off and start again."""
-        delay = 0.2
-        while not self._leaving:
-            try:
-                await self._session()
-            except Exception as exc:  # etcd/grpc errors are untyped; logged and counted
-                self.metrics.backend_errors.labels(backend="etcd").inc()
-                log.warning("etcd session ended: %r; retrying", exc)
-            await self._lost()
-            await trio.sleep(random.uniform(delay / 2, delay))
-            delay = min(delay * 2, 2.0)
-        await trio.sleep_forever()
+        """Register and watch until cancelled; on any etcd failure, back off and start again
+        (on the next configured endpoint)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_lease)
+            delay = 0.2
+            while not self._leaving:
+                try:
+                    await self._session()
+                except Exception as exc:  # etcd/grpc errors are untyped; logged and counted
+                    self.metrics.backend_errors.labels(backend="etcd").inc()
+                    self._endpoint += 1
+                    log.warning("etcd session ended: %r; retrying on %s", exc, self._endpoint_str)
+                await self._lost()
+                await trio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, 2.0)
+            await trio.sleep_forever()
+
+    @property
+    def _endpoint_str(self) -> str:
+        host, port = self._current_endpoint()
+        return f"{host}:{port}"
+
+    def _current_endpoint(self) -> tuple[str, int]:
+        endpoints = self.settings.etcd_endpoints
+        return endpoints[self._endpoint % len(endpoints)]
+
+    async def _watch_lease(self) -> None:
+        """Step out of our own view once the lease may have expired (see the module doc)."""
+        ttl = float(self.settings.lease_ttl)
+        while True:
+            await trio.sleep(min(0.25, ttl / 8))
+            lease_at = self._lease_at
+            if self._leaving or self.stepped_out or lease_at is None:
+                continue
+            if trio.current_time() - lease_at > ttl:
+                await self._step_out()
+
+    async def _step_out(self) -> None:
+        self.stepped_out = True
+        self.registered = False
+        log.warning(
+            "lease not refreshed for %ss: it may have expired; giving our slots up",
+            self.settings.lease_ttl,
+        )
+        view = {k: v for k, v in self.view.items() if k != self.me.id}
+        with trio.CancelScope(shield=True):
+            await self._on_view(view, registered=False)
 
     async def _session(self) -> None:
-        host, port = self.settings.etcd_host_port
+        host, port = self._current_endpoint()
         self._client = aetcd.Client(host=host, port=port, timeout=2)
         try:
             with trio.fail_after(5):
@@ -85,8 +131,10 @@ class Membership:
 
     async def _register(self) -> None:
         ttl = self.settings.lease_ttl
+        granted_at = trio.current_time()
         self._lease = await aio(self._client.lease)(ttl)
         await aio(self._client.put)(self.key, self.me.to_json().encode(), lease=self._lease)
+        self._lease_at, self.stepped_out = granted_at, False
         self.registered = True
         self.registrations += 1
         log.info("registered %s (lease %x, ttl %ss)", self.me.id, self._lease.id, ttl)
@@ -98,10 +146,14 @@ class Membership:
             await trio.sleep(interval)
             if self._leaving:
                 return
+            sent_at = trio.current_time()
             with trio.fail_after(max(interval * 2, 1.0)):
                 reply = await aio(self._client.refresh_lease)(self._lease.id)
             if reply is None or reply.TTL <= 0:
                 raise LeaseLost("lease expired")
+            if self.stepped_out:  # it lived after all, but we gave our slots up: start over
+                raise LeaseLost("stepped out; registering again")
+            self._lease_at = sent_at
 
     async def _watch(self) -> None:
         watch = await aio(self._client.watch_prefix)(self.prefix)
@@ -122,7 +174,9 @@ class Membership:
                 view = await self._list()
             if self.settings.node_id not in view and not self._leaving:
                 raise LeaseLost("our key vanished from etcd")
-            await self._on_view(view, registered=True)
+            if self.stepped_out:  # until the next registration, we stay out
+                view.pop(self.me.id, None)
+            await self._on_view(view, registered=not self.stepped_out)
 
     async def _list(self) -> View:
         result = await aio(self._client.get_prefix)(self.prefix)
