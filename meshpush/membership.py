@@ -10,17 +10,23 @@ capped, jittered backoff and registers again when etcd is back. ``leave()`` revo
 Several etcd endpoints (members of one cluster) may be configured: each new session uses the
 next one after a failure, so a node whose member died or is cut off reconnects to another.
 A lease that was not refreshed for a whole TTL may have expired, and then the other nodes own
-our slots: the node *steps out* of its own view (its sessions are redirected to the owners the
-rest of the view names, which is what the others compute once the lease is gone) and is not
-ready until it is registered again. A node cannot tell a partition from a dead etcd, so it does
-this in both cases.
+our slots: if another node still reaches etcd (asked over HTTP, ``GET /readyz`` ->
+``registered``), or no other node answers at all, the node *steps out* of its own view (its
+sessions are redirected to the owners the rest of the view names, which is what the others
+compute once the lease is gone) and is not ready until it is registered again. When every node
+that answers has lost etcd too, etcd itself is down: a restarted etcd renews every lease, no
+one takes our slots, so the node keeps serving with its last view.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import ssl
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,6 +45,32 @@ OnView = Callable[[View, bool], Awaitable[None]]
 
 class LeaseLost(Exception):
     """etcd says our lease no longer exists (it expired while we could not refresh it)."""
+
+
+PROBE_TIMEOUT = 1.0  # seconds a peer has to answer GET /readyz
+
+
+def _peer_registered(http_url: str) -> bool | None:
+    """Ask a peer whether it is registered in etcd (``GET /readyz``; 503 has the same body).
+    None if it does not answer. Only a hint, so TLS is not verified here."""
+    context = None
+    if http_url.startswith("https:"):
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(
+            f"{http_url}/readyz", timeout=PROBE_TIMEOUT, context=context
+        ) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    except OSError:
+        return None
+    try:
+        return bool(json.loads(body)["registered"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def prefix(cluster: str) -> bytes:
@@ -94,15 +126,38 @@ class Membership:
         return endpoints[self._endpoint % len(endpoints)]
 
     async def _watch_lease(self) -> None:
-        """Step out of our own view once the lease may have expired (see the module doc)."""
+        """Step out of our own view once the lease may have expired for the others (see the
+        module doc). Two probes half a second apart: a peer that lost etcd at the same time
+        may not have noticed yet at the first."""
         ttl = float(self.settings.lease_ttl)
         while True:
             await trio.sleep(min(0.25, ttl / 8))
             lease_at = self._lease_at
             if self._leaving or self.stepped_out or lease_at is None:
                 continue
-            if trio.current_time() - lease_at > ttl:
+            if trio.current_time() - lease_at <= ttl or not await self._others_reach_etcd():
+                continue
+            await trio.sleep(0.5)
+            if self._lease_at == lease_at and await self._others_reach_etcd():
                 await self._step_out()
+
+    async def _others_reach_etcd(self) -> bool:
+        """True if a peer of the last view says it is registered, or if none answers."""
+        peers = [n.http_url for n in self.view.values() if n.id != self.me.id]
+        if not peers:
+            return False  # alone: nobody can take our slots
+        answers: list[bool] = []
+
+        async def probe(url: str) -> None:
+            answer = await trio.to_thread.run_sync(_peer_registered, url, abandon_on_cancel=True)
+            if answer is not None:
+                answers.append(answer)
+
+        with trio.move_on_after(PROBE_TIMEOUT + 0.5):
+            async with trio.open_nursery() as nursery:
+                for url in peers:
+                    nursery.start_soon(probe, url)
+        return not answers or any(answers)
 
     async def _step_out(self) -> None:
         self.stepped_out = True

@@ -142,6 +142,10 @@ def ready(node: NodeProc) -> bool:
     return get(f"{node.http_url}/readyz")[0] == 200
 
 
+def step_outs(cluster: LocalCluster) -> int:
+    return sum(n.proc.log().count("giving our slots up") for n in cluster.members)
+
+
 @pytest.fixture(scope="module")
 def clustered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     workdir = tmp_path_factory.mktemp("clustered")
@@ -207,3 +211,23 @@ def test_a_node_fails_over_when_its_etcd_member_dies(clustered: LocalCluster) ->
         assert "retrying on" in logs
     finally:
         clustered.start_member(first)
+
+
+@pytest.mark.cluster
+def test_when_all_of_etcd_is_down_the_nodes_keep_serving_with_their_last_view(
+    clustered: LocalCluster,
+) -> None:
+    """No one can take anyone's slots while etcd is down (a restarted etcd renews the leases),
+    so the nodes ask each other, find that nobody reaches etcd, and do not step out."""
+    everyone = sorted(n.id for n in clustered.members)
+    before = step_outs(clustered)
+    for member in clustered.etcd_members:
+        clustered.stop_member(member, signal.SIGKILL)
+    try:
+        eventually(lambda: not any(ready(n) for n in clustered.members), 8, "all unregistered")
+        time.sleep(4.0)  # twice the lease TTL
+        assert all(view(n) == everyone for n in clustered.members)
+        assert step_outs(clustered) == before
+    finally:
+        clustered.start_etcd()
+    eventually(lambda: all(ready(n) for n in clustered.members), 20, "every node ready again")
