@@ -43,7 +43,11 @@ class Gate:
 
 
 def _close(*socks: socket.socket) -> None:
+    """Shut down, then close: ``close`` alone does not wake the other pump's blocked ``recv``
+    on Linux, so the connection would stay open (and its peer would never see the FIN)."""
     for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             sock.close()
 

@@ -114,6 +114,20 @@ def test_a_cut_link_holds_bytes_without_closing_and_delivers_them_after_the_heal
     late.close()
 
 
+def test_a_close_on_either_side_reaches_the_other_at_once(
+    proxy: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    """The echo server closes when the client does: a second connection through the proxy is
+    closed by the proxy as soon as the first side goes (not left half-open)."""
+    _, port = proxy
+    conn = socket.create_connection(("127.0.0.1", port), 2)
+    assert _roundtrip(conn, b"x", 2) == b"x"
+    conn.shutdown(socket.SHUT_WR)  # the client is done: the proxy must pass the close on
+    conn.settimeout(3)
+    assert conn.recv(1024) == b""  # ...and the upstream's close comes back, promptly
+    conn.close()
+
+
 def test_the_proxy_refuses_a_bad_link_spec() -> None:
     argv = [sys.executable, "-m", "meshpush.faultproxy", "nonsense"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
