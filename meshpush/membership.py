@@ -138,7 +138,9 @@ class Membership:
             if trio.current_time() - lease_at <= ttl or not await self._others_reach_etcd():
                 continue
             await trio.sleep(0.5)
-            if self._lease_at == lease_at and await self._others_reach_etcd():
+            if self._lease_at != lease_at or not await self._others_reach_etcd():
+                continue
+            if self._lease_at == lease_at and not self._leaving:  # no new lease meanwhile
                 await self._step_out()
 
     async def _others_reach_etcd(self) -> bool:

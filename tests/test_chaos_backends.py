@@ -248,3 +248,59 @@ def test_when_all_of_etcd_is_down_the_nodes_keep_serving_with_their_last_view(
     finally:
         clustered.start_etcd()
     eventually(lambda: all(ready(n) for n in clustered.members), 20, "every node ready again")
+
+
+# ---------------------------------------------------------------- the step-out rule (fake clock)
+
+
+class _Views:
+    def __init__(self) -> None:
+        self.seen: list[tuple[list[str], bool]] = []
+
+    async def __call__(self, view: dict[str, Any], registered: bool) -> None:
+        self.seen.append((sorted(view), registered))
+
+
+def _membership(views: _Views) -> Any:
+    from meshpush.membership import Membership
+    from meshpush.metrics import Metrics
+    from meshpush.router import NodeInfo
+
+    m = Membership(Settings(node_id="me", lease_ttl=2), views, Metrics("me"))
+    m.view = {n: NodeInfo(n, f"ws://{n}", f"http://{n}", 0.0) for n in ("me", "a", "b")}
+    return m
+
+
+@pytest.mark.parametrize(
+    ("others", "renewed_during_probe", "steps_out"),
+    [
+        (True, False, True),  # the others reach etcd: our lease is gone for them
+        (False, False, False),  # nobody reaches etcd: etcd is down, leases will be renewed
+        (True, True, False),  # we registered again while asking: stay
+    ],
+)
+async def test_the_lease_watchdog_steps_out_only_when_the_others_moved_on(
+    autojump_clock: Any, others: bool, renewed_during_probe: bool, steps_out: bool
+) -> None:
+    import trio
+
+    views = _Views()
+    m = _membership(views)
+    m._lease_at = trio.current_time()
+    probes = 0
+
+    async def others_reach_etcd() -> bool:
+        nonlocal probes
+        probes += 1
+        await trio.sleep(0.3)
+        if renewed_during_probe and probes == 2:
+            m._lease_at = trio.current_time()  # a registration completed meanwhile
+        return others
+
+    m._others_reach_etcd = others_reach_etcd
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(m._watch_lease)
+        await trio.sleep(3.5)
+        nursery.cancel_scope.cancel()
+    assert m.stepped_out is steps_out
+    assert (views.seen == [(["a", "b"], False)]) is steps_out
