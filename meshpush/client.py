@@ -398,10 +398,12 @@ class Client:
             self.stats.chain_breaks += 1
             self._event("chain_break", ch, expected=self.last[ch], prev=prev, seq=seq)
             raise ProtocolError("chain_break", f"prev {prev} != last {self.last[ch]}: resuming")
+        msg = Message(ch=ch, seq=seq, id=str(f.get("id")), data=f.get("data"), prev=prev)
+        # Count it as received only once the application has it: a session torn down at this
+        # checkpoint (its acker raised, say) must resume *before* this seq, not after it.
+        await self._send.send(msg)
         self._after_gap.discard(ch)
         self.last[ch] = seq
-        msg = Message(ch=ch, seq=seq, id=str(f.get("id")), data=f.get("data"), prev=prev)
-        await self._send.send(msg)
 
     def _breaks_chain(self, ch: str, prev: object) -> bool:
         """A msg whose prev is not the last seq we got means one went missing in between."""

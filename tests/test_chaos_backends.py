@@ -304,3 +304,27 @@ async def test_the_lease_watchdog_steps_out_only_when_the_others_moved_on(
         nursery.cancel_scope.cancel()
     assert m.stepped_out is steps_out
     assert (views.seen == [(["a", "b"], False)]) is steps_out
+
+
+# ---------------------------------------------------------------- found by the clustered run
+
+
+async def test_a_message_cut_off_by_a_session_teardown_is_not_counted_as_received() -> None:
+    """The 180 s clustered run lost broadcast 11 on two devices: the server closed their
+    sessions (4408) just as frame 11 arrived; the SDK's acker raised ConnectionClosed, the
+    session's nursery was cancelled, and the frame loop, which had already set ``last`` to 11,
+    was cancelled at the hand-over to the application. The next session resumed after 11."""
+    import trio
+
+    from meshpush.client import Client
+
+    client = Client(["ws://127.0.0.1:1/ws"], token="t", device="d")
+    client.last["broadcast"] = 10
+    frame = {"type": "msg", "ch": "broadcast", "seq": 11, "prev": 10, "id": "b10", "data": 1}
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await client._on_message(frame)
+    assert client.last["broadcast"] == 10  # the next session resumes from 10: 11 comes again
+    await client._on_message(frame)
+    assert client.last["broadcast"] == 11
+    assert (await client.receive()).seq == 11
