@@ -186,7 +186,8 @@ def _backends_flag(parser: argparse.ArgumentParser) -> None:
         "--backends",
         choices=("single", "clustered"),
         default="single",
-        help="one etcd and one NATS server, or a 3-member etcd and a 3-server JetStream cluster",
+        help="single: one etcd, one NATS server; clustered: a 3-member etcd and a 3-server"
+        " JetStream cluster (default: single)",
     )
 
 
