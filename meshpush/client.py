@@ -328,11 +328,22 @@ class Client:
             raise _Redirect(redirect, node)
 
     async def _read_frames(self, ws: WebSocketConnection, nursery: trio.Nursery) -> str:
+        first = True
         while True:
-            frame = parse_server_frame(await ws.get_message())
+            frame = parse_server_frame(await self._next_message(ws, first))
+            first = False
             redirect = await self._on_frame(ws, frame.type, frame.fields, nursery)
             if redirect:
                 return redirect
+
+    async def _next_message(self, ws: WebSocketConnection, first: bool) -> str | bytes:
+        """The node answers an upgrade at once (welcome or redirect); a session that stays
+        silent after the upgrade (a link cut mid-handshake) is given up after connect_timeout."""
+        if not first:
+            return await ws.get_message()
+        with trio.move_on_after(self.connect_timeout):
+            return await ws.get_message()
+        raise OSError(f"no welcome within {self.connect_timeout} s of the upgrade")
 
     async def _on_frame(
         self, ws: WebSocketConnection, kind: str, f: dict[str, Any], nursery: trio.Nursery
