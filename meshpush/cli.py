@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--nodes", type=_count(1, 32), default=3, help="nodes to start, 1-32 (default: 3)"
     )
+    _backends_flag(dev)
     dev.add_argument(
         "--dir", type=Path, default=DEV_JSON.parent, help="state and logs (default: .meshpush)"
     )
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--users", type=int, help="simulated users (1-3 devices each)")
     chaos.add_argument("--rate", type=float, help="unicast publishes per second")
     chaos.add_argument("--memory-mb", type=float, default=400.0, help="RSS bound per node")
+    _backends_flag(chaos)
     chaos.add_argument("--workdir", type=Path, help="logs and event log (default: a temp dir)")
     chaos.add_argument("--keep", action="store_true", help="keep the workdir after a pass")
     chaos.add_argument("--list", action="store_true", help="list the scenarios and exit")
@@ -179,6 +181,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _backends_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backends",
+        choices=("single", "clustered"),
+        default="single",
+        help="single: one etcd, one NATS server; clustered: a 3-member etcd and a 3-server"
+        " JetStream cluster (default: single)",
+    )
+
+
 def _config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", type=Path, default=DEV_JSON, help=f"dev.json to read (default: {DEV_JSON})"
@@ -218,7 +230,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
     overrides = dev_overrides(os.environ, args.set)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    with LocalCluster(workdir / "run", nodes=args.nodes, **_dev_cluster_args(overrides)) as cluster:
+    with LocalCluster(
+        workdir / "run", nodes=args.nodes, backends=args.backends, **_dev_cluster_args(overrides)
+    ) as cluster:
         cluster.write_json(workdir / "dev.json")
         print(_summary(cluster.describe(), workdir, overrides), flush=True)
         while not stop:
@@ -489,7 +503,8 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         raise CliError(f"chaos needs: pip install -e '.[local,test]' ({exc})") from None
     if args.list:
         for scenario in SCENARIOS.values():
-            print(f"{scenario.name:<13} {scenario.about} (default {scenario.duration:g}s)")
+            needs = " [--backends clustered]" if scenario.clustered else ""
+            print(f"{scenario.name:<18} {scenario.about} (default {scenario.duration:g}s){needs}")
         return 0
     try:
         return run_scenario(
@@ -501,6 +516,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
             users=args.users,
             rate=args.rate,
             memory_mb=args.memory_mb,
+            backends=args.backends,
             workdir=args.workdir,
             keep=args.keep,
         )
