@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshpush.encoding import BadId, check_id, decode_token, encode_token
+from meshpush.encoding import BadId, check_id, decode_token, encode_token, is_control
 
 TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -33,6 +34,41 @@ def test_valid_ids(good: str) -> None:
 def test_invalid_ids(bad: object) -> None:
     with pytest.raises(BadId):
         check_id(bad)
+
+
+# every character of Unicode category Cc: C0 controls, DEL and the C1 controls (U+0085 NEL)
+CONTROLS = [chr(c) for c in (*range(0x00, 0x20), *range(0x7F, 0xA0))]
+
+
+@pytest.mark.parametrize("char", CONTROLS, ids=lambda c: f"U+{ord(c):04X}")
+def test_every_control_character_is_refused_anywhere_in_an_id(char: str) -> None:
+    for value in (char, f"a{char}", f"{char}b", f"a{char}b"):
+        with pytest.raises(BadId, match="control"):
+            check_id(value, "device")
+
+
+@pytest.mark.parametrize(
+    "char", ["\u00a0", "\u00ad", "\u200b", "\u2028", "\u2029", "\ufeff", "\ue000", "\U0001f600"]
+)
+def test_characters_outside_cc_are_allowed(char: str) -> None:
+    """Format, separator and private-use characters are not controls (Cc): ids may have them."""
+    assert check_id(f"a{char}b") == f"a{char}b"
+
+
+@given(st.text(min_size=1, max_size=32))
+def test_the_rule_is_exactly_unicode_category_cc(value: str) -> None:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return
+    valid = size <= 256 and not any(unicodedata.category(c) == "Cc" for c in value)
+    try:
+        check_id(value)
+    except BadId:
+        assert not valid
+    else:
+        assert valid
+    assert all(is_control(c) == (unicodedata.category(c) == "Cc") for c in value)
 
 
 def test_decode_rejects_garbage() -> None:
