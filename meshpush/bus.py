@@ -16,7 +16,9 @@ an inbox it subscribes to and waits at most ``nats_check_timeout`` for it to com
 the server. One late echo makes the bus *unresponsive* (the node turns unready), the next
 timely one responsive again: a stall is noticed within ``interval + timeout`` (3 s by default).
 The echo is a plain publish/subscribe: nats-py's ``flush(timeout)`` cancels its PONG future on
-timeout and the late PONG then stops the client's read loop (nats-py 2.16), so it is not used.
+timeout and the late PONG then stops the client's read loop (nats-py 2.16: the connection stays
+"connected" and receives nothing more), so flush with a timeout is not used anywhere; the same
+echo confirms new slot subscriptions.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 _CLUSTER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SUBSCRIBE_TIMEOUT = 5.0  # seconds for the server to confirm new slot subscriptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +109,7 @@ class Bus:
         self.responsive = True  # the last round-trip check came back in time
         self.unresponsive_reason = ""
         self._echo_subject = ""
-        self._echo: tuple[bytes, trio.Event] = (b"", trio.Event())
+        self._echoes: dict[bytes, trio.Event] = {}  # round trips in flight, by token
         self._probes = 0
         metrics.backend_up.labels(backend="nats").set_function(lambda: float(self.healthy))
 
@@ -211,16 +214,19 @@ class Bus:
     async def _round_trip(self, timeout: float) -> float:
         self._probes += 1
         token, arrived = str(self._probes).encode(), trio.Event()
-        self._echo = (token, arrived)
+        self._echoes[token] = arrived
         start = trio.current_time()
-        with trio.fail_after(timeout):
-            await aio(self.nc.publish)(self._echo_subject, token)
-            await arrived.wait()
+        try:
+            with trio.fail_after(timeout):
+                await aio(self.nc.publish)(self._echo_subject, token)
+                await arrived.wait()
+        finally:
+            del self._echoes[token]
         return trio.current_time() - start
 
     async def _on_echo(self, msg: Any) -> None:
-        token, arrived = self._echo
-        if msg.data == token:  # a late echo of an earlier check is ignored
+        arrived = self._echoes.get(msg.data)
+        if arrived is not None:  # a late echo of a check that gave up is ignored
             arrived.set()
 
     def _set_unresponsive(self, reason: str) -> None:
@@ -237,6 +243,10 @@ class Bus:
         if new:
             subs = await aio(self._subscribe_many)(new)
             self._subs.update(subs)
+            # the server handles a connection's protocol in order: once the echo is back, it
+            # has the subscriptions (what flush() would say, without its late-PONG hazard)
+            if not await self.check(SUBSCRIBE_TIMEOUT):
+                raise nats.errors.TimeoutError
 
     async def unsubscribe_slots(self, slots: set[int]) -> None:
         gone = [self._subs.pop(s) for s in sorted(slots) if s in self._subs]
@@ -256,9 +266,7 @@ class Bus:
 
     async def _subscribe_many(self, slots: list[int]) -> dict[int, Any]:
         cb = self._callback("user")
-        out = {s: await self.nc.subscribe(self.subjects.slot_live(s), cb=cb) for s in slots}
-        await self.nc.flush(timeout=5)
-        return out
+        return {s: await self.nc.subscribe(self.subjects.slot_live(s), cb=cb) for s in slots}
 
     def _callback(self, ch: str) -> Any:
         send = self._send

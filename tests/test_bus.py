@@ -79,3 +79,19 @@ async def test_a_disconnected_bus_is_unhealthy_without_a_check() -> None:
     bus = Bus(Settings(node_id="n1"), Bridge(), Metrics("n1"))
     assert not await bus.check(timeout=0.1)
     assert not bus.healthy and bus.unhealthy_reason() == "NATS disconnected"
+
+
+async def test_concurrent_round_trips_each_get_their_own_echo() -> None:
+    bus = Bus(Settings(node_id="n1"), Bridge(), Metrics("n1"))
+    results: list[bool] = []
+    async with trio_asyncio.open_loop():
+        bus.nc, bus.connected, bus._echo_subject = FakeNats(bus), True, "_INBOX.x"
+
+        async def one() -> None:
+            results.append(await bus.check(timeout=1.0))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(one)
+    assert results == [True] * 5
+    assert bus._echoes == {}
