@@ -270,7 +270,7 @@ class Feeder:
             deliver, gap = feed.replayed(msg)
             if gap is not None:
                 self.metrics.gaps.labels(ch=ch).inc()
-                self.retention.report(ch, session.user, session.device, gap.first, gap.last)
+                self.retention.report(session, ch, gap.first, gap.last)
                 session.offer(protocol.gap(ch=ch, first=gap.first, last=gap.last))  # type: ignore[arg-type]
             if deliver:
                 session.offer(_frame(ch, msg))

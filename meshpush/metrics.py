@@ -47,6 +47,7 @@ KNOWN_LABELS: dict[str, dict[str, tuple[str, ...]]] = {
     "meshpush_messages_replayed_total": {"ch": ("user", "broadcast")},
     "meshpush_catch_ups_total": {"reason": ("prev", "reconnect")},
     "meshpush_gaps_total": {"ch": ("user", "broadcast")},
+    "meshpush_retention_dropped_total": {"ch": ("user", "broadcast")},
     "meshpush_rate_limited_total": {
         "kind": ("handshake", "connections", "user_sessions", "frames")
     },

@@ -20,6 +20,7 @@ import logging
 import trio
 
 from .limits import SampledLog
+from .logs import SessionLike
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,11 @@ class RetentionLosses:
         self.gaps = 0
         self.dropped = 0
 
-    def report(self, ch: str, user: str, device: str, first: int, last: int) -> int:
-        """A device resuming on ``ch`` misses seqs ``first..last``: count and log; the count."""
+    def report(self, session: SessionLike, ch: str, first: int, last: int) -> int:
+        """``session`` resumes on ``ch`` missing seqs ``first..last``: count, log, return the count.
+
+        The log line names the session as logging shows every session (its id and a hash of the
+        user id, never the id itself: meshpush.logs)."""
         dropped = max(0, last - first + 1)
         self.gaps += 1
         self.dropped += dropped
@@ -43,13 +47,12 @@ class RetentionLosses:
         self.sampled.log(
             trio.current_time(),
             "retention",
-            "retention: %d %s message(s) (seq %d..%d) deleted before device %r of user %r "
-            "received them; raise max_msgs_per_user / max_message_age if this recurs",
+            "retention: %d %s message(s) (seq %d..%d) deleted before %r received them; "
+            "raise max_msgs_per_user / max_message_age if this recurs",
             dropped,
             ch,
             first,
             last,
-            device[:64],
-            user[:64],
+            session,
         )
         return dropped

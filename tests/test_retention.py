@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import pytest
 
+from meshpush.logs import Redactor
 from meshpush.metrics import Metrics
 from meshpush.retention import RetentionLosses
+
+
+@dataclass
+class Session:
+    id: int
+    user: str
 
 
 def dropped(metrics: Metrics, ch: str) -> float:
@@ -18,13 +26,17 @@ async def test_a_gap_counts_every_lost_seq_and_logs_it(caplog: pytest.LogCapture
     metrics = Metrics("n1")
     losses = RetentionLosses(metrics)
     caplog.set_level(logging.WARNING, logger="meshpush.retention")
-    assert losses.report("user", "alice", "phone", 3, 12) == 10
-    assert losses.report("broadcast", "alice", "phone", 40, 40) == 1
+    caplog.handler.addFilter(Redactor(()))  # as the node's log handler does
+    alice = Session(7, "alice@example.com")
+    assert losses.report(alice, "user", 3, 12) == 10
+    assert losses.report(alice, "broadcast", 40, 40) == 1
     assert (dropped(metrics, "user"), dropped(metrics, "broadcast")) == (10, 1)
     assert (losses.gaps, losses.dropped) == (2, 11)
-    first = caplog.records[0].getMessage()
-    assert first.startswith("retention: 10 user message(s) (seq 3..12)")
-    assert "'phone'" in first and "'alice'" in first
+    first = caplog.records[0].msg
+    assert first.startswith(
+        "retention: 10 user message(s) (seq 3..12) deleted before <Session 7 user#"
+    )
+    assert "alice" not in first  # sessions are logged by id and user hash only
 
 
 async def test_logging_is_sampled_but_counting_is_not(caplog: pytest.LogCaptureFixture) -> None:
@@ -32,7 +44,7 @@ async def test_logging_is_sampled_but_counting_is_not(caplog: pytest.LogCaptureF
     losses = RetentionLosses(metrics, log_per_second=3)
     caplog.set_level(logging.WARNING, logger="meshpush.retention")
     for i in range(100):
-        losses.report("user", f"u{i}", "d", 1, 2)
+        losses.report(Session(i, f"u{i}"), "user", 1, 2)
     assert dropped(metrics, "user") == 200
     assert len(caplog.records) <= 6  # at most 3 a second (the loop may straddle a second)
     assert losses.sampled.suppressed >= 94
