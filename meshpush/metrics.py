@@ -62,6 +62,12 @@ class Metrics:
         self.publish_errors = Counter(
             "meshpush_publish_errors_total", "Publishes refused or failed", ["reason"], registry=r
         )
+        self.api_errors = Counter(
+            "meshpush_api_errors_total",
+            "Unexpected HTTP API errors (bugs), answered with JSON 500",
+            ["path"],
+            registry=r,
+        )
         self.delivered = Counter(
             "meshpush_messages_delivered_total", "Frames queued to sessions", ["ch"], registry=r
         )

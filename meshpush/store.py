@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
+import math
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +35,9 @@ import nats.js.api
 import nats.js.errors
 import trio
 
-from .bridge import Bridge, aio
+from .bridge import Bridge, BridgeClosed, aio
 from .bus import Bus, encode_notification
-from .encoding import encode_token
+from .encoding import BadId, decode_token, encode_token
 from .metrics import Metrics
 from .ring import slot
 from .settings import Settings
@@ -46,10 +48,32 @@ WRONG_LAST = 10071
 MAX_CHAIN_RETRIES = 32
 CURSOR_TTL_FACTOR = 4
 _LAST_RE = re.compile(r"wrong last sequence: (\d+)")
+# raised before the message reached the socket buffer: it cannot have been stored
+_DEFINITELY_NOT_SENT = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.NoRespondersError,
+)
 
 
 class StoreUnavailable(Exception):
-    """NATS / JetStream did not accept or confirm an operation in time (the API answers 503)."""
+    """The store did not take an operation: for a publish, it was definitely **not stored**
+    (not connected, JetStream refused it, or it was never sent). The API answers 503."""
+
+
+class StoreTimeout(StoreUnavailable):
+    """No answer in time: a publish **may or may not** have been stored (the API answers
+    504 ``store_timeout``; retrying with the same id is safe and tells which)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message to store: ``user`` is None for a broadcast."""
+
+    ch: str
+    user: str | None
+    id: str
+    data_json: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +81,9 @@ class Stored:
     seq: int
     prev: int
     duplicate: bool
+
+
+Outcome = Stored | StoreUnavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,17 +97,22 @@ class StoredMessage:
 
 
 class _Locks:
-    """One trio lock per key, created on demand and dropped when nobody holds or waits."""
+    """One asyncio lock per key, created on demand and dropped when nobody holds or waits."""
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[trio.Lock, int]] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    async def run(self, key: str, fn: Callable[[], Awaitable[Stored]]) -> Stored:
-        lock, users = self._locks.get(key, (trio.Lock(), 0))
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str, timeout: float) -> AsyncIterator[None]:
+        """Hold the key's lock; ``TimeoutError`` if it is not free within ``timeout``."""
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:
-            async with lock:
-                return await fn()
+            await asyncio.wait_for(lock.acquire(), timeout)
+            try:
+                yield
+            finally:
+                lock.release()
         finally:
             lock, users = self._locks[key]
             if users == 1:
@@ -109,6 +141,25 @@ class _LastSeqs:
             self._data.popitem(last=False)
 
 
+class _Stop(Exception):
+    """A publish of a chain failed: it and every later message of the chain get an outcome
+    (the later ones were never sent, so they are definitely not stored)."""
+
+    def __init__(self, outcome: StoreUnavailable) -> None:
+        super().__init__(str(outcome))
+        self.outcome = outcome
+
+    def outcomes(self, count: int) -> Sequence[Outcome]:
+        skipped = StoreUnavailable("not stored: an earlier message of this user failed")
+        return [self.outcome] + [skipped] * (count - 1)
+
+
+def dedup_id(item: Outgoing) -> str:
+    """``Nats-Msg-Id``: idempotency is per user (and per broadcast), whatever the id's bytes."""
+    key = f"{item.ch}\0{item.user or ''}\0{item.id}".encode()
+    return hashlib.sha256(key).hexdigest()
+
+
 def stream_subject(settings: Settings, ch: str, user: str | None) -> str:
     c = settings.cluster
     if ch == "broadcast":
@@ -133,6 +184,7 @@ class Store:
         self._locks = _Locks()
         self._last = _LastSeqs()
         self.chain_retries = 0
+        self.publish_timeout = 5.0
 
     # ------------------------------------------------------------ setup
 
@@ -182,60 +234,117 @@ class Store:
     # ------------------------------------------------------------ publishing
 
     async def publish(self, ch: str, user: str | None, msg_id: str, data_json: str) -> Stored:
-        """Store (chained on prev), then notify. Raises :class:`StoreUnavailable`."""
+        """Store (chained on prev), then notify. Raises :class:`StoreUnavailable` (not
+        stored) or :class:`StoreTimeout` (outcome unknown)."""
+        [outcome] = await self.publish_many([Outgoing(ch, user, msg_id, data_json)])
+        if isinstance(outcome, StoreUnavailable):
+            raise outcome
+        return outcome
+
+    async def publish_many(self, items: list[Outgoing]) -> Sequence[Outcome]:
+        """Store many messages in one bridge crossing; one outcome per item, in order.
+
+        Messages of different subjects (users) are in flight together and their acks are
+        awaited together; messages of one subject are chained one after the other, in the
+        order given, so each one's ``prev`` is exact."""
         if self.bus.js is None or not self.bus.connected:
-            raise StoreUnavailable("not connected to NATS")
-        subject = stream_subject(self.settings, ch, user)
-        live = self.bus.live_subject(ch, user)
-        return await self._locks.run(
-            subject, lambda: self._publish_chained(subject, live, user, msg_id, data_json)
-        )
+            return [StoreUnavailable("not stored: not connected to NATS")] * len(items)
+        try:
+            outcomes: Sequence[Outcome] = await self.bridge.call(
+                lambda: self._publish_all(items), timeout=math.inf
+            )
+        except BridgeClosed as exc:
+            return [StoreUnavailable(f"not stored: {exc}")] * len(items)
+        for outcome in outcomes:
+            if isinstance(outcome, StoreTimeout):
+                self.metrics.backend_errors.labels(backend="nats").inc()
+        return outcomes
 
-    async def _publish_chained(
-        self, subject: str, live: str, user: str | None, msg_id: str, data_json: str
-    ) -> Stored:
-        first_guess = self._last.get(subject)
+    async def _publish_all(self, items: list[Outgoing]) -> Sequence[Outcome]:
+        """On the asyncio loop: one chain per subject, all chains concurrently."""
+        groups: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(stream_subject(self.settings, item.ch, item.user), []).append(i)
+        outcomes: list[Outcome | None] = [None] * len(items)
 
-        async def work() -> Stored:  # runs on the asyncio loop: one crossing per publish
-            prev = first_guess
-            for _ in range(MAX_CHAIN_RETRIES):
-                outcome = await self._store_once(subject, prev, msg_id, data_json)
-                if isinstance(outcome, int):  # JetStream named the real last seq: chain on it
-                    self.chain_retries += 1
-                    prev = outcome
-                    continue
-                if not outcome.duplicate:
-                    head = {"u": user, "s": outcome.seq, "p": prev, "i": msg_id, "t": time.time()}
-                    await self.bus.nc.publish(live, encode_notification(head, data_json))
-                return outcome
-            raise StoreUnavailable("too many concurrent publishers on one subject; retry")
+        async def chain(subject: str, indexes: list[int]) -> None:
+            done = await self._chain(subject, [items[i] for i in indexes])
+            for i, outcome in zip(indexes, done, strict=True):
+                outcomes[i] = outcome
 
-        stored: Stored = await self._call(work)
-        if not stored.duplicate:
-            self._last.put(subject, stored.seq)
-        return stored
+        await asyncio.gather(*(chain(s, ix) for s, ix in groups.items()))
+        return [o if o is not None else StoreUnavailable("not attempted") for o in outcomes]
 
-    async def _store_once(
-        self, subject: str, prev: int, msg_id: str, data_json: str
-    ) -> Stored | int:
+    async def _chain(self, subject: str, items: list[Outgoing]) -> Sequence[Outcome]:
+        """Store the messages of one subject in order, each chained on the one before."""
+        done: list[Outcome] = []
+        try:
+            async with self._locks.hold(subject, self.publish_timeout):
+                for item in items:
+                    done.append(await self._store_and_notify(subject, item))
+        except TimeoutError:
+            busy = StoreUnavailable("not stored: this user's earlier publishes are still pending")
+            return [busy] * len(items)
+        except _Stop as stop:
+            done += stop.outcomes(len(items) - len(done))
+        return done
+
+    async def _store_and_notify(self, subject: str, item: Outgoing) -> Outcome:
+        prev = self._last.get(subject)
+        for _ in range(MAX_CHAIN_RETRIES):
+            outcome = await self._store_once(subject, prev, item)
+            if isinstance(outcome, int):  # JetStream named the real last seq: chain on it
+                self.chain_retries += 1
+                prev = outcome
+                continue
+            if not outcome.duplicate:
+                self._last.put(subject, outcome.seq)
+                await self._notify(item, outcome)
+            return outcome
+        return StoreUnavailable("not stored: too many concurrent publishers on one user; retry")
+
+    async def _store_once(self, subject: str, prev: int, item: Outgoing) -> Stored | int:
         headers = {
-            "Nats-Msg-Id": msg_id,
+            "Nats-Msg-Id": dedup_id(item),
             "Nats-Expected-Last-Subject-Sequence": str(prev),
             "Mp-Prev": str(prev),
+            "Mp-Id": encode_token(item.id),
         }
         try:
-            ack = await self.bus.js.publish(subject, data_json.encode(), headers=headers)
+            ack = await self.bus.js.publish(
+                subject, item.data_json.encode(), timeout=self.publish_timeout, headers=headers
+            )
         except nats.js.errors.APIError as exc:
             match = _LAST_RE.search(exc.description or "")
             if exc.err_code == WRONG_LAST and match:
                 return int(match.group(1))
-            raise
+            refused = StoreUnavailable(f"not stored: JetStream refused: {exc.description}")
+            raise _Stop(refused) from None
+        except _DEFINITELY_NOT_SENT as exc:
+            raise _Stop(StoreUnavailable(f"not stored: {type(exc).__name__}")) from None
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            raise _Stop(StoreTimeout(f"outcome unknown: {type(exc).__name__}")) from None
         return Stored(seq=ack.seq, prev=prev, duplicate=bool(ack.duplicate))
+
+    async def _notify(self, item: Outgoing, stored: Stored) -> None:
+        """The live hint; a failure is logged and counted (the stream has the message)."""
+        head = {"u": item.user, "s": stored.seq, "p": stored.prev, "i": item.id, "t": time.time()}
+        try:
+            await self.bus.nc.publish(
+                self.bus.live_subject(item.ch, item.user),
+                encode_notification(head, item.data_json),
+            )
+        except (nats.errors.Error, OSError) as exc:
+            self.metrics.backend_errors.labels(backend="notify").inc()
+            log.warning("live notification failed (stored; receivers catch up): %r", exc)
 
     async def _call(self, factory: Callable[[], Awaitable[Any]], timeout: float = 5.0) -> Any:
         try:
             return await self.bridge.call(factory, timeout=timeout)
-        except (nats.errors.Error, TimeoutError, OSError) as exc:
+        except TimeoutError:
+            self.metrics.backend_errors.labels(backend="nats").inc()
+            raise StoreTimeout("store timed out") from None
+        except (nats.errors.Error, OSError) as exc:
             self.metrics.backend_errors.labels(backend="nats").inc()
             raise StoreUnavailable(f"store failed: {type(exc).__name__}") from None
 
@@ -305,9 +414,20 @@ def _to_stored(msg: Any) -> StoredMessage:
     return StoredMessage(
         seq=int(h["Nats-Sequence"]),
         prev=int(h.get("Mp-Prev", 0)),
-        id=str(h.get("Nats-Msg-Id", "")),
+        id=_message_id(h),
         data_json=msg.data.decode(),
     )
+
+
+def _message_id(headers: dict[str, str]) -> str:
+    """The publisher's id (``Mp-Id``; messages stored before it existed: ``Nats-Msg-Id``)."""
+    token = headers.get("Mp-Id")
+    if token is not None:
+        try:
+            return decode_token(token)
+        except BadId:
+            pass
+    return str(headers.get("Nats-Msg-Id", ""))
 
 
 # ---------------------------------------------------------------- cursors
