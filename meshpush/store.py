@@ -108,7 +108,10 @@ class _Locks:
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:
-            await asyncio.wait_for(lock.acquire(), timeout)
+            if lock.locked():  # wait_for costs a task and a timer: only when contended
+                await asyncio.wait_for(lock.acquire(), timeout)
+            else:
+                await lock.acquire()
             try:
                 yield
             finally:
