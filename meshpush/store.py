@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -39,21 +38,14 @@ from .bridge import Bridge, BridgeClosed, aio
 from .bus import Bus, encode_notification
 from .encoding import BadId, decode_token, encode_token
 from .metrics import Metrics
+from .pipeline import Ack, AckInbox, Answer, Publish, Refused, WrongLast
 from .ring import slot
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-WRONG_LAST = 10071
 MAX_CHAIN_RETRIES = 32
 CURSOR_TTL_FACTOR = 4
-_LAST_RE = re.compile(r"wrong last sequence: (\d+)")
-# raised before the message reached the socket buffer: it cannot have been stored
-_DEFINITELY_NOT_SENT = (
-    nats.errors.ConnectionClosedError,
-    nats.errors.OutboundBufferLimitError,
-    nats.errors.NoRespondersError,
-)
 
 
 class StoreUnavailable(Exception):
@@ -103,25 +95,46 @@ class _Locks:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     @contextlib.asynccontextmanager
-    async def hold(self, key: str, timeout: float) -> AsyncIterator[None]:
-        """Hold the key's lock; ``TimeoutError`` if it is not free within ``timeout``."""
+    async def hold_all(self, keys: list[str], timeout: float) -> AsyncIterator[set[str]]:
+        """Hold the locks of ``keys`` (taken in the order given: sort them, no deadlock);
+        yields the keys held — those not free within ``timeout`` are left out."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        held: list[tuple[str, asyncio.Lock]] = []
+        try:
+            for key in keys:
+                lock = self._join(key)
+                if await self._acquire(lock, deadline):
+                    held.append((key, lock))
+                else:
+                    self._leave(key)
+            yield {key for key, _ in held}
+        finally:
+            for key, lock in held:
+                lock.release()
+                self._leave(key)
+
+    async def _acquire(self, lock: asyncio.Lock, deadline: float) -> bool:
+        if not lock.locked():  # wait_for costs a task and a timer: only when contended
+            await lock.acquire()
+            return True
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(lock.acquire(), max(remaining, 0.001))
+        except TimeoutError:
+            return False
+        return True
+
+    def _join(self, key: str) -> asyncio.Lock:
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
-        try:
-            if lock.locked():  # wait_for costs a task and a timer: only when contended
-                await asyncio.wait_for(lock.acquire(), timeout)
-            else:
-                await lock.acquire()
-            try:
-                yield
-            finally:
-                lock.release()
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+        return lock
+
+    def _leave(self, key: str) -> None:
+        lock, users = self._locks[key]
+        if users == 1:
+            del self._locks[key]
+        else:
+            self._locks[key] = (lock, users - 1)
 
 
 class _LastSeqs:
@@ -144,17 +157,20 @@ class _LastSeqs:
             self._data.popitem(last=False)
 
 
-class _Stop(Exception):
-    """A publish of a chain failed: it and every later message of the chain get an outcome
-    (the later ones were never sent, so they are definitely not stored)."""
+def _publish(subject: str, prev: int, item: Outgoing) -> Publish:
+    headers = {
+        "Nats-Msg-Id": dedup_id(item),
+        "Nats-Expected-Last-Subject-Sequence": str(prev),
+        "Mp-Prev": str(prev),
+        "Mp-Id": encode_token(item.id),
+    }
+    return Publish(subject, item.data_json.encode(), headers)
 
-    def __init__(self, outcome: StoreUnavailable) -> None:
-        super().__init__(str(outcome))
-        self.outcome = outcome
 
-    def outcomes(self, count: int) -> Sequence[Outcome]:
-        skipped = StoreUnavailable("not stored: an earlier message of this user failed")
-        return [self.outcome] + [skipped] * (count - 1)
+def _skip_rest(indexes: list[int], outcomes: list[Outcome | None]) -> None:
+    skipped = StoreUnavailable("not stored: an earlier message of this user failed")
+    for i in indexes:
+        outcomes[i] = skipped
 
 
 def dedup_id(item: Outgoing) -> str:
@@ -188,6 +204,7 @@ class Store:
         self._last = _LastSeqs()
         self.chain_retries = 0
         self.publish_timeout = 5.0
+        self._acks = AckInbox()
 
     # ------------------------------------------------------------ setup
 
@@ -226,6 +243,7 @@ class Store:
             ttl=CURSOR_TTL_FACTOR * s.max_message_age,  # outlive messages: gaps stay visible
             replicas=s.stream_replicas,
         )
+        await self._acks.start(self.bus.nc)
         return infos
 
     async def _add_or_update(self, cfg: Any) -> Any:
@@ -264,70 +282,63 @@ class Store:
         return outcomes
 
     async def _publish_all(self, items: list[Outgoing]) -> Sequence[Outcome]:
-        """On the asyncio loop: one chain per subject, all chains concurrently."""
+        """On the asyncio loop: hold every subject's lock, then store in rounds."""
         groups: dict[str, list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(stream_subject(self.settings, item.ch, item.user), []).append(i)
         outcomes: list[Outcome | None] = [None] * len(items)
-
-        async def chain(subject: str, indexes: list[int]) -> None:
-            done = await self._chain(subject, [items[i] for i in indexes])
-            for i, outcome in zip(indexes, done, strict=True):
-                outcomes[i] = outcome
-
-        await asyncio.gather(*(chain(s, ix) for s, ix in groups.items()))
+        async with self._locks.hold_all(sorted(groups), self.publish_timeout) as held:
+            for subject in set(groups) - held:
+                busy = StoreUnavailable("not stored: this user's earlier publishes are pending")
+                for i in groups.pop(subject):
+                    outcomes[i] = busy
+            await self._rounds(items, groups, outcomes)
         return [o if o is not None else StoreUnavailable("not attempted") for o in outcomes]
 
-    async def _chain(self, subject: str, items: list[Outgoing]) -> Sequence[Outcome]:
-        """Store the messages of one subject in order, each chained on the one before."""
-        done: list[Outcome] = []
-        try:
-            async with self._locks.hold(subject, self.publish_timeout):
-                for item in items:
-                    done.append(await self._store_and_notify(subject, item))
-        except TimeoutError:
-            busy = StoreUnavailable("not stored: this user's earlier publishes are still pending")
-            return [busy] * len(items)
-        except _Stop as stop:
-            done += stop.outcomes(len(items) - len(done))
-        return done
+    async def _rounds(
+        self, items: list[Outgoing], queues: dict[str, list[int]], outcomes: list[Outcome | None]
+    ) -> None:
+        """Each round sends the next message of every subject (all in flight together); a
+        subject's next message waits for the answer to its previous one, so ``prev`` is
+        exact. A wrong-last answer resends on the seq JetStream named (bounded)."""
+        heads = {subject: 0 for subject in queues}
+        prevs = {subject: self._last.get(subject) for subject in queues}
+        tries = dict.fromkeys(queues, 0)
+        while heads:
+            sending = [(s, queues[s][k]) for s, k in heads.items()]
+            publishes = [_publish(s, prevs[s], items[i]) for s, i in sending]
+            answers = await self._acks.round(self.bus.nc, publishes, self.publish_timeout)
+            for (subject, i), answer in zip(sending, answers, strict=True):
+                outcome = self._settle(subject, prevs, answer)
+                if outcome is None and tries[subject] < MAX_CHAIN_RETRIES:
+                    tries[subject] += 1
+                    continue
+                outcome = outcome or StoreUnavailable("not stored: too many concurrent publishers")
+                outcomes[i] = outcome
+                if isinstance(outcome, Stored) and not outcome.duplicate:
+                    await self._notify(items[i], outcome)
+                heads[subject] += 1
+                if isinstance(outcome, StoreUnavailable):
+                    _skip_rest(queues[subject][heads[subject] :], outcomes)
+                    heads[subject] = len(queues[subject])
+                if heads[subject] == len(queues[subject]):
+                    del heads[subject]
 
-    async def _store_and_notify(self, subject: str, item: Outgoing) -> Outcome:
-        prev = self._last.get(subject)
-        for _ in range(MAX_CHAIN_RETRIES):
-            outcome = await self._store_once(subject, prev, item)
-            if isinstance(outcome, int):  # JetStream named the real last seq: chain on it
-                self.chain_retries += 1
-                prev = outcome
-                continue
-            if not outcome.duplicate:
-                self._last.put(subject, outcome.seq)
-                await self._notify(item, outcome)
-            return outcome
-        return StoreUnavailable("not stored: too many concurrent publishers on one user; retry")
-
-    async def _store_once(self, subject: str, prev: int, item: Outgoing) -> Stored | int:
-        headers = {
-            "Nats-Msg-Id": dedup_id(item),
-            "Nats-Expected-Last-Subject-Sequence": str(prev),
-            "Mp-Prev": str(prev),
-            "Mp-Id": encode_token(item.id),
-        }
-        try:
-            ack = await self.bus.js.publish(
-                subject, item.data_json.encode(), timeout=self.publish_timeout, headers=headers
-            )
-        except nats.js.errors.APIError as exc:
-            match = _LAST_RE.search(exc.description or "")
-            if exc.err_code == WRONG_LAST and match:
-                return int(match.group(1))
-            refused = StoreUnavailable(f"not stored: JetStream refused: {exc.description}")
-            raise _Stop(refused) from None
-        except _DEFINITELY_NOT_SENT as exc:
-            raise _Stop(StoreUnavailable(f"not stored: {type(exc).__name__}")) from None
-        except (TimeoutError, nats.errors.Error, OSError) as exc:
-            raise _Stop(StoreTimeout(f"outcome unknown: {type(exc).__name__}")) from None
-        return Stored(seq=ack.seq, prev=prev, duplicate=bool(ack.duplicate))
+    def _settle(self, subject: str, prevs: dict[str, int], answer: Answer) -> Outcome | None:
+        """The outcome of one answer, or None to resend (the chain moved: ``prevs`` fixed)."""
+        if isinstance(answer, WrongLast):
+            self.chain_retries += 1
+            prevs[subject] = answer.last
+            return None
+        if isinstance(answer, Ack):
+            stored = Stored(seq=answer.seq, prev=prevs[subject], duplicate=answer.duplicate)
+            if not answer.duplicate:
+                prevs[subject] = answer.seq
+                self._last.put(subject, answer.seq)
+            return stored
+        if isinstance(answer, Refused):
+            return StoreUnavailable(f"not stored: {answer.detail}")
+        return StoreTimeout(f"outcome unknown: {answer.detail}")
 
     async def _notify(self, item: Outgoing, stored: Stored) -> None:
         """The live hint; a failure is logged and counted (the stream has the message)."""
