@@ -38,7 +38,7 @@ from .bridge import Bridge, BridgeClosed, aio
 from .bus import Bus, encode_notification
 from .encoding import BadId, decode_token, encode_token
 from .metrics import Metrics
-from .pipeline import Ack, AckInbox, Answer, Publish, Refused, WrongLast
+from .pipeline import Ack, AckInbox, Answer, GroupCommit, Publish, Refused, WrongLast
 from .ring import slot
 from .settings import Settings
 
@@ -205,6 +205,7 @@ class Store:
         self.chain_retries = 0
         self.publish_timeout = 5.0
         self._acks = AckInbox()
+        self._commits: GroupCommit[Outgoing, Outcome] = GroupCommit(self._publish_all)
 
     # ------------------------------------------------------------ setup
 
@@ -272,7 +273,7 @@ class Store:
             return [StoreUnavailable("not stored: not connected to NATS")] * len(items)
         try:
             outcomes: Sequence[Outcome] = await self.bridge.call(
-                lambda: self._publish_all(items), timeout=math.inf
+                lambda: self._commits.submit(items), timeout=math.inf
             )
         except BridgeClosed as exc:
             return [StoreUnavailable(f"not stored: {exc}")] * len(items)

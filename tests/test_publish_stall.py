@@ -24,7 +24,11 @@ async def post(http: httpx.AsyncClient, body: dict[str, Any]) -> httpx.Response:
 async def retry_until_answered(http: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
     with trio.fail_after(30):
         while True:
-            resp = await post(http, body)
+            try:
+                resp = await post(http, body)
+            except httpx.TransportError:  # a keep-alive connection closed while idle
+                await trio.sleep(0.2)
+                continue
             if resp.status_code == 202:
                 answer: dict[str, Any] = resp.json()
                 return answer
@@ -57,11 +61,18 @@ async def test_publishes_during_a_nats_stall_are_504_and_a_retry_finds_them(
         finally:
             cluster.nats.send(signal.SIGCONT)
         codes = {i: (r.status_code, r.json()["error"]) for i, r in answers.items()}
+        details = {i: r.json()["detail"] for i, r in answers.items()}
         assert set(codes.values()) <= {(504, "store_timeout"), (503, "store_unavailable")}
-        assert codes["stall-a-0"] == (504, "store_timeout")  # it reached NATS: unknown
+        # the first message of each user reached NATS (unknown outcome); the user's later
+        # one was either sent after it (unknown too) or never sent (definitely not stored)
+        assert sum(c == (504, "store_timeout") for c in codes.values()) >= 2, details
         retried = {b["id"]: await retry_until_answered(http, b) for b in bodies}
-    for msg_id, (status, _) in codes.items():
-        assert retried[msg_id]["duplicate"] is (status == 504), (msg_id, codes, retried)
+    for msg_id, (status, _) in codes.items():  # 503: definitely not stored before
+        assert status == 504 or not retried[msg_id]["duplicate"], (msg_id, codes, retried)
+    # with NATS paused (not killed) the first message of each user was in its socket buffer:
+    # it was stored when NATS resumed, and the retry says so
+    firsts = [retried[i] for i, c in codes.items() if c[0] == 504]
+    assert any(r["duplicate"] for r in firsts), (codes, retried)
     for user in users:
         async with connected(cluster, user, device="after") as client:
             got = Collector(client)
@@ -75,3 +86,4 @@ async def test_publishes_during_a_nats_stall_are_504_and_a_retry_finds_them(
         assert sorted(got.seqs()[1:]) == sorted(mine)
         assert len(got.messages) == 3
         assert_exact_chain(got.messages)
+    assert all(n.proc.alive() for n in cluster.members)
