@@ -26,6 +26,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -80,6 +81,23 @@ def parse_json(raw: bytes) -> Any:
         except RecursionError:
             raise ApiError(400, "bad_json", "body is nested too deeply") from None
     return body
+
+
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (unknown path 404, wrong method 405, ...) as JSON errors too."""
+    assert isinstance(exc, HTTPException)
+    code = HTTP_ERROR_CODES.get(exc.status_code, f"http_{exc.status_code}")
+    response = _error(exc.status_code, code, exc.detail)
+    response.headers.update(exc.headers or {})
+    return response
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """An unexpected error (a bug; Starlette logs it) still answers JSON, without details."""
+    return _error(500, "internal_error", "unexpected server error")
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -182,7 +200,10 @@ class Api:
             Route("/healthz", self._guard(self.healthz), methods=["GET"]),
             Route("/readyz", self._guard(self.readyz), methods=["GET"]),
         ]
-        self.app = Starlette(routes=routes)
+        self.app = Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+        )
 
     def _guard(self, handler: Handler, auth: bool = False) -> Handler:
         async def guarded(request: Request) -> Response:
@@ -196,7 +217,7 @@ class Api:
             except Exception:
                 self.metrics.api_errors.labels(path=request.url.path).inc()
                 log.exception("unexpected error in %s %s", request.method, request.url.path)
-                return _error(500, "internal", "unexpected error (logged); please report it")
+                return _error(500, "internal_error", "unexpected server error")
 
         return guarded
 

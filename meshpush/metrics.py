@@ -14,6 +14,63 @@ from prometheus_client import (
     generate_latest,
 )
 
+# Label values known in advance: their series are created at zero when a node starts, so a quiet
+# or broken node shows 0 instead of "No data", and rate() sees the very first event (an alert on
+# "every publish failed since start" needs the success series to exist at 0). Other values (for
+# example the code of a refused handshake) still appear on their first event.
+KNOWN_LABELS: dict[str, dict[str, tuple[str, ...]]] = {
+    "meshpush_handshakes_total": {"result": ("accepted", "redirect")},
+    "meshpush_redirects_total": {"reason": ("owner", "draining", "unavailable")},
+    "meshpush_session_closes_total": {
+        "code": ("1000", "1001", "1007", "1008", "1009", "4008", "4302", "4401", "4408", "4429")
+    },
+    "meshpush_frame_errors_total": {
+        "code": ("binary_frame", "bad_json", "bad_frame", "unknown_type", "bad_ack")
+    },
+    "meshpush_messages_published_total": {"ch": ("user", "broadcast")},
+    "meshpush_publish_errors_total": {
+        "reason": (
+            "store_unavailable",
+            "store_timeout",
+            "no_ring",
+            "bad_json",
+            "bad_body",
+            "bad_user",
+            "bad_id",
+            "unknown_field",
+            "missing_field",
+            "too_large",
+            "too_many",
+            "bad_messages",
+            "bad_users",
+            "missing_api_key",
+            "invalid_api_key",
+        )
+    },
+    "meshpush_messages_delivered_total": {"ch": ("user", "broadcast")},
+    "meshpush_messages_replayed_total": {"ch": ("user", "broadcast")},
+    "meshpush_catch_ups_total": {"reason": ("prev", "reconnect")},
+    "meshpush_gaps_total": {"ch": ("user", "broadcast")},
+    "meshpush_rate_limited_total": {
+        "kind": ("handshake", "connections", "user_sessions", "frames")
+    },
+    "meshpush_blocked_total": {"reason": ("blocked", "not_allowed")},
+    "meshpush_backend_errors_total": {
+        "backend": (
+            "etcd",
+            "nats",
+            "jetstream",
+            "ip_filter",
+            "replay",
+            "cursor_read",
+            "cursor_write",
+            "asyncio",
+            "bad_notification",
+            "notify",
+        )
+    },
+}
+
 
 class Metrics:
     """All metrics of a node. Code elsewhere calls these attributes; nothing else registers."""
@@ -118,6 +175,14 @@ class Metrics:
         self.ready = Gauge("meshpush_ready", "1 when /readyz answers 200", registry=r)
         self.info = Gauge("meshpush_node_info", "Node identity", ["node"], registry=r)
         self.info.labels(node=node_id).set(1)
+        self._create_known_series()
+
+    def _create_known_series(self) -> None:
+        for metric in vars(self).values():
+            known = KNOWN_LABELS.get(getattr(metric, "_name", "") + "_total", {})
+            for label, values in known.items():
+                for value in values:
+                    metric.labels(**{label: value})
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

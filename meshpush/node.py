@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sys
 
 import trio
 import trio_asyncio
 
+from . import logs
 from .api import Api
 from .bridge import Bridge
 from .bus import Bus
@@ -145,11 +145,7 @@ def announce(settings: Settings) -> None:
 
 
 def main(settings: Settings) -> int:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(settings)
     try:
         trio.run(Node(settings).run)
     except KeyboardInterrupt:  # a signal arrived after the signal handler was gone

@@ -141,6 +141,9 @@ class Settings:
         default=(), metadata={"help": "browser Origins allowed, comma separated (empty: any)"}
     )
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
+    log_format: str = field(
+        default="text", metadata={"help": "log lines: text, or json (one object per line)"}
+    )
 
     @property
     def tls(self) -> bool:
@@ -202,10 +205,31 @@ def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--flag`` per settings field (default None: env and defaults fill the rest)."""
+    """Add one ``--flag`` per settings field (default None: env and defaults fill the rest).
+
+    Each help names the field's default and its ``MESHPUSH_*`` variable."""
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"))
+        about = f.metadata.get("help", f.name)
+        if about.endswith(")") and "(default: " in about:  # the help explains its default
+            text = f"{about[:-1]}; env {env_name(f.name)})"
+        else:
+            text = f"{about} (default: {_shown_default(f)}; env {env_name(f.name)})"
+        parser.add_argument(flag, dest=f.name, default=None, help=text.replace("%", "%%"))
+
+
+def env_name(name: str) -> str:
+    """The environment variable of a settings field: ``MESHPUSH_<FIELD>``."""
+    return ENV_PREFIX + name.upper()
+
+
+def _shown_default(f: dataclasses.Field[Any]) -> str:
+    if f.default is dataclasses.MISSING:
+        return "<hostname>-<random>" if f.name == "node_id" else "computed"
+    value = f.default
+    if isinstance(value, tuple):
+        return ",".join(value) or "none"
+    return "none" if value == "" else str(value)
 
 
 def from_sources(
@@ -217,7 +241,7 @@ def from_sources(
     for f in fields(Settings):
         raw = getattr(args, f.name, None) if args is not None else None
         if raw is None:
-            raw = env.get(ENV_PREFIX + f.name.upper())
+            raw = env.get(env_name(f.name))
         if raw is not None:
             try:
                 values[f.name] = _convert(f, str(raw))
@@ -233,7 +257,5 @@ def env_for(settings: Settings, names: Sequence[str] | None = None) -> dict[str,
         if names is not None and f.name not in names:
             continue
         value = getattr(settings, f.name)
-        out[ENV_PREFIX + f.name.upper()] = (
-            ",".join(value) if isinstance(value, tuple) else str(value)
-        )
+        out[env_name(f.name)] = ",".join(value) if isinstance(value, tuple) else str(value)
     return out

@@ -149,3 +149,252 @@ def test_operations_guide_names_every_setting_and_metric() -> None:
         assert f"`{env}`" in doc and f"`{flag}`" in doc, f.name
     for name in defined_metrics():
         assert f"`{name}`" in doc, name
+
+
+# --------------------------------------------------------------------------- rendered chart
+# Rendered with the pinned helm-python-sdk wheel (Helm's own Go code: no helm binary), linted
+# strict, and every object validated strict against Kubernetes 1.29 and the newest schema
+# kubernetes-validate ships.
+
+AUTH = {"auth": {"tokenSecret": "test-secret", "apiKeys": ["key-1", "key-2"]}}
+# kinds of CustomResourceDefinitions: kubernetes-validate has no schema for them
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "HTTPRoute"}
+KUBE_VERSIONS = ("1.29.0", "latest")
+
+COMBOS: dict[str, dict[str, Any]] = {
+    "defaults": AUTH,
+    "tls-ingress-netpol-monitoring": {
+        **AUTH,
+        "replicaCount": 4,
+        "tls": {"secretName": "push-tls"},
+        "ingress": {
+            "enabled": True,
+            "className": "nginx",
+            "host": "$(POD_NAME).push.example.com",
+            "entryHost": "push.example.com",
+            "tls": {"secretName": "push-ingress-tls"},
+            "annotations": {"nginx.ingress.kubernetes.io/proxy-read-timeout": "3600"},
+        },
+        "networkPolicy": {
+            "enabled": True,
+            "wsFrom": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
+            "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "nats"}}}]}],
+        },
+        "config": {"max_connections": 1000000, "protect_metrics": True, "log_format": "json"},
+        "serviceMonitor": {"enabled": True, "bearerTokenSecret": {"name": "m", "key": "k"}},
+        "prometheusRule": {"enabled": True},
+    },
+    "hpa-httproute-jwks-existing-secret": {
+        "auth": {
+            "existingSecret": "push-auth",
+            "jwks": {"configMap": "push-keys", "publicKeyKey": "key.pem"},
+        },
+        "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 5},
+        "httpRoute": {
+            "enabled": True,
+            "host": "$(POD_NAME).push.example.com",
+            "entryHost": "push.example.com",
+            "parentRefs": [{"name": "gw", "namespace": "gateways"}],
+        },
+        "perPodService": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+    },
+    "ipfilter-loadbalancer-minimal": {
+        **AUTH,
+        "replicaCount": 1,
+        "ipFilter": {"rules": "allow 10.0.0.0/8\nblock 10.1.0.0/16\n"},
+        "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"]},
+        "podDisruptionBudget": {"enabled": False},
+        "serviceAccount": {"create": False},
+        "startupProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "failureThreshold": 5},
+    },
+    "strings-lists-overrides": {
+        **AUTH,
+        "fullnameOverride": "push",
+        "publicWsUrl": "wss://$(POD_NAME).ws.example.com/ws",
+        "config": {
+            "allowed_origins": ["https://a.example.com", "https://b.example.com"],
+            "max_message_age": "1209600",
+            "handshake_rate": 0.5,
+            "log_level": "debug",
+        },
+        "terminationGracePeriodSeconds": 60,
+    },
+}
+
+
+def helm_sdk() -> Any:
+    return pytest.importorskip("helm_python", reason="pip install -e '.[test]' (helm-python-sdk)")
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    yaml = pytest.importorskip("yaml")
+    chart = helm_sdk().Chart.load(CHART)
+    rendered = chart.render(values, name="push", namespace="push")
+    docs = []
+    for path, text in sorted(rendered.items()):
+        if path.endswith(".yaml"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    [sts] = by_kind(docs, "StatefulSet")
+    [main] = sts["spec"]["template"]["spec"]["containers"]
+    result: dict[str, Any] = main
+    return result
+
+
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_chart_lints_strict(combo: str) -> None:
+    report = helm_sdk().lint(
+        CHART, COMBOS[combo], strict=True, namespace="push", kube_version="v1.29.0"
+    )
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], report
+
+
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_rendered_objects_are_valid_kubernetes(combo: str) -> None:
+    kv = pytest.importorskip("kubernetes_validate")
+    docs = render(COMBOS[combo])
+    assert {d["kind"] for d in docs} >= {"StatefulSet", "Service", "ConfigMap"}
+    for version in KUBE_VERSIONS:
+        target = kv.utils.latest_version() if version == "latest" else version
+        for doc in docs:
+            if doc["kind"] in CRD_KINDS:
+                assert doc["apiVersion"].split("/")[0].endswith((".coreos.com", ".k8s.io"))
+                continue
+            try:
+                kv.validate(doc, target, strict=True)
+            except kv.ValidationError as exc:
+                raise AssertionError(
+                    f"{doc['kind']}/{doc['metadata']['name']} invalid for {target}: {exc.message}"
+                ) from None
+
+
+def test_numbers_and_lists_render_as_the_node_reads_them() -> None:
+    docs = render(COMBOS["tls-ingress-netpol-monitoring"]) + render(
+        COMBOS["strings-lists-overrides"]
+    )
+    data: dict[str, str] = {}
+    for cm in by_kind(docs, "ConfigMap"):
+        data.update(cm.get("data") or {})
+    assert data["MESHPUSH_MAX_CONNECTIONS"] == "1000000"
+    assert data["MESHPUSH_PROTECT_METRICS"] == "true"
+    assert data["MESHPUSH_MAX_MESSAGE_AGE"] == "1209600"
+    assert data["MESHPUSH_HANDSHAKE_RATE"] == "0.5"
+    assert data["MESHPUSH_ALLOWED_ORIGINS"] == "https://a.example.com,https://b.example.com"
+    env = {k.removeprefix("MESHPUSH_").lower(): v for k, v in data.items()}
+    from meshpush.settings import from_sources
+
+    from_sources(env={f"MESHPUSH_{k.upper()}": v for k, v in env.items()})  # the node accepts
+
+
+def test_probes_and_image() -> None:
+    main = container(render(AUTH))
+    assert main["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert main["image"] == "meshpush:0.1.0"
+    tls = container(render(COMBOS["tls-ingress-netpol-monitoring"]))
+    assert {tls[p]["httpGet"].get("scheme") for p in ("startupProbe", "livenessProbe")} == {"HTTPS"}
+
+
+def test_ingress_gives_each_pod_its_public_host() -> None:
+    docs = render(COMBOS["tls-ingress-netpol-monitoring"])
+    [ingress] = by_kind(docs, "Ingress")
+    rules = {
+        r["host"]: r["http"]["paths"][0]["backend"]["service"]["name"]
+        for r in ingress["spec"]["rules"]
+    }
+    pods = {f"push-meshpush-{i}.push.example.com": f"push-meshpush-{i}" for i in range(4)}
+    assert rules == {**pods, "push.example.com": "push-meshpush"}
+    assert set(ingress["spec"]["tls"][0]["hosts"]) == set(rules)
+    services = {s["metadata"]["name"] for s in by_kind(docs, "Service")}
+    assert set(pods.values()) <= services
+    env = {e["name"]: e.get("value") for e in container(docs)["env"]}
+    assert env["MESHPUSH_PUBLIC_WS_URL"] == "wss://$(POD_NAME).push.example.com/ws"
+
+
+def test_httproute_and_hpa() -> None:
+    docs = render(COMBOS["hpa-httproute-jwks-existing-secret"])
+    routes = by_kind(docs, "HTTPRoute")
+    hosts = sorted(h for r in routes for h in r["spec"]["hostnames"])
+    assert hosts == sorted(
+        [f"push-meshpush-{i}.push.example.com" for i in range(5)] + ["push.example.com"]
+    )
+    [hpa] = by_kind(docs, "HorizontalPodAutoscaler")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 5)
+    [sts] = by_kind(docs, "StatefulSet")
+    assert "replicas" not in sts["spec"], "the HPA owns the replica count"
+    [rule] = by_kind(docs, "PrometheusRule")
+    missing = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert "< 2" in next(r["expr"] for r in missing if r["alert"] == "MeshpushNodesMissing")
+
+
+def test_network_policy() -> None:
+    [policy] = by_kind(render(COMBOS["tls-ingress-netpol-monitoring"]), "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    assert [r["ports"][0]["port"] for r in spec["ingress"]] == ["ws", "http"]
+    assert spec["ingress"][1]["from"] == [{"podSelector": {}}]
+    assert spec["egress"][0]["ports"][0] == {"port": 53, "protocol": "UDP"}
+    assert not by_kind(render(AUTH), "NetworkPolicy")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"config": {"nats_ur": "nats://x:4222"}}, "nats_ur"),
+        ({"replicas": "five"}, "replicas"),
+        ({"replicaCount": "five"}, "replicaCount"),
+        ({"replicaCount": 0}, "replicaCount"),
+        ({"config": {"max_connections": "lots"}}, "max_connections"),
+        ({"config": {"max_connections": 0}}, "max_connections"),
+        ({"config": {"stream_replicas": 7}}, "stream_replicas"),
+        ({"config": {"log_format": "xml"}}, "log_format"),
+        ({"config": {"protect_metrics": "maybe"}}, "protect_metrics"),
+        ({"config": {"cluster": "has.dots"}}, "cluster"),
+        ({"config": {"node_id": "n1"}}, "node_id"),
+        ({"ports": {"ws": 70000, "http": 8900}}, "ws"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
+        ({"service": {"type": "Ingress"}}, "type"),
+        ({"ingress": {"enabled": True, "host": "push.example.com"}}, "host"),
+        ({"publicWsUrl": "push.example.com"}, "publicWsUrl"),
+    ],
+)
+def test_schema_refuses_mistakes(values: dict[str, Any], message: str) -> None:
+    helm = helm_sdk()
+    chart = helm.Chart.load(CHART)
+    with pytest.raises(helm.HelmValuesError, match=message):
+        chart.validate_schema({**AUTH, **values})
+    with pytest.raises(helm.HelmValuesError):
+        chart.render({**AUTH, **values}, name="push", namespace="push")
+
+
+def schema_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "values_schema", ROOT / "deploy" / "helm" / "values_schema.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_values_schema_is_generated_from_settings() -> None:
+    module = schema_module()
+    schema_file = CHART / "values.schema.json"
+    assert schema_file.read_text() == module.render(), (
+        "values.schema.json is stale: run .venv/bin/python deploy/helm/values_schema.py"
+    )
+    allowed = set(json.loads(schema_file.read_text())["properties"]["config"]["properties"])
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    assert allowed == fields - module.chart_managed()
+    # every value the chart ships passes its own schema
+    helm_sdk().Chart.load(CHART).validate_schema(AUTH)

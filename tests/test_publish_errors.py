@@ -30,7 +30,7 @@ async def test_an_unexpected_error_is_a_json_500_logged_and_counted(
         body: dict[str, Any] = {"user": "u", "data": 1}
         resp = await http.post("/v1/publish", json=body, headers={"authorization": "Bearer k"})
     assert resp.status_code == 500
-    assert resp.json()["error"] == "internal"
+    assert resp.json() == {"error": "internal_error", "detail": "unexpected server error"}
     assert "RuntimeError: a bug" in caplog.text
     page = metrics.render().decode()
     assert 'meshpush_api_errors_total{path="/v1/publish"} 1.0' in page

@@ -73,10 +73,36 @@ app.kubernetes.io/part-of: meshpush
 {{- if include "meshpush.tls" . -}}https{{- else -}}http{{- end -}}
 {{- end -}}
 
+{{/* How many pods there can be: replicaCount, or autoscaling.maxReplicas. */}}
+{{- define "meshpush.podCount" -}}
+{{- if .Values.autoscaling.enabled -}}
+{{- .Values.autoscaling.maxReplicas -}}
+{{- else -}}
+{{- .Values.replicaCount -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when one Service per pod is needed (perPodService, or per-pod ingress/route hosts). */}}
+{{- define "meshpush.perPodServices" -}}
+{{- if or .Values.perPodService.enabled .Values.ingress.enabled .Values.httpRoute.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* The per-pod public host template (ingress.host, else httpRoute.host), "" if none. */}}
+{{- define "meshpush.podHost" -}}
+{{- if and .Values.ingress.enabled .Values.ingress.host -}}
+{{- .Values.ingress.host -}}
+{{- else if and .Values.httpRoute.enabled .Values.httpRoute.host -}}
+{{- .Values.httpRoute.host -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Per-pod public URLs; $(POD_NAME) is expanded by Kubernetes from the env var POD_NAME. */}}
 {{- define "meshpush.publicWsUrl" -}}
 {{- if .Values.publicWsUrl -}}
 {{- .Values.publicWsUrl -}}
+{{- else if include "meshpush.podHost" . -}}
+{{- $scheme := ternary "ws" "wss" (and .Values.ingress.enabled (not .Values.ingress.tls.secretName)) -}}
+{{- printf "%s://%s/ws" $scheme (include "meshpush.podHost" .) -}}
 {{- else -}}
 {{- printf "%s://$(POD_NAME).%s.%s.svc.%s:%v/ws" (include "meshpush.wsScheme" .) (include "meshpush.headless" .) .Release.Namespace .Values.clusterDomain .Values.ports.ws -}}
 {{- end -}}
@@ -115,6 +141,18 @@ app.kubernetes.io/part-of: meshpush
 {{- end -}}
 {{- end -}}
 
+{{/* A config value as the node reads it: whole numbers exactly (1000000, never 1e+06; values
+reach templates as float64), lists comma separated, everything else as text. */}}
+{{- define "meshpush.settingValue" -}}
+{{- if and (kindIs "float64" .) (eq . (floor .)) -}}
+{{- printf "%.0f" . -}}
+{{- else if kindIs "slice" . -}}
+{{- join "," . -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Fail early on values that would break a node. */}}
 {{- define "meshpush.validate" -}}
 {{- range $key := list "node_id" "ws_host" "ws_port" "http_host" "http_port" "public_ws_url" "public_http_url" "token_secret" "api_keys" "token_old_secrets" "tls_cert_file" "tls_key_file" "ip_filter_file" "token_public_key_file" "token_jwks_file" -}}
@@ -135,6 +173,15 @@ app.kubernetes.io/part-of: meshpush
 {{- end -}}
 {{- if and .Values.serviceMonitor.enabled (include "meshpush.protectMetrics" .) (not (and .Values.serviceMonitor.bearerTokenSecret.name .Values.serviceMonitor.bearerTokenSecret.key)) -}}
 {{- fail "config.protect_metrics is true: set serviceMonitor.bearerTokenSecret.name and .key (a Secret key holding one API key), or Prometheus cannot scrape /metrics" -}}
+{{- end -}}
+{{- if and .Values.ingress.enabled (not .Values.ingress.host) -}}
+{{- fail "ingress.enabled: set ingress.host, a host name template holding $(POD_NAME), e.g. $(POD_NAME).push.example.com" -}}
+{{- end -}}
+{{- if and .Values.httpRoute.enabled (not (and .Values.httpRoute.host .Values.httpRoute.parentRefs)) -}}
+{{- fail "httpRoute.enabled: set httpRoute.host (a template holding $(POD_NAME)) and httpRoute.parentRefs (your Gateway)" -}}
+{{- end -}}
+{{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) -}}
+{{- fail "autoscaling.maxReplicas must not be smaller than autoscaling.minReplicas" -}}
 {{- end -}}
 {{- $drain := float64 (toString (default "15" (index .Values.config "drain_timeout"))) -}}
 {{- if le (float64 .Values.terminationGracePeriodSeconds) $drain -}}
