@@ -25,9 +25,10 @@ lint: $(STAMP)
 	$(BIN)/mypy meshpush
 
 bench: $(STAMP)
-	$(BIN)/python bench/failover.py
-	$(BIN)/python bench/throughput.py
-	$(BIN)/python bench/memory.py
+	$(BIN)/meshpush bench fanout
+	$(BIN)/meshpush bench idle-memory
+	$(BIN)/meshpush bench connect
+	$(BIN)/meshpush bench failover
 
 clean:
 	rm -rf $(VENV) .meshpush .pytest_cache .mypy_cache .ruff_cache

@@ -7,7 +7,7 @@ minus the kill time. The reference, measured in the same run, is the budget of i
 (lease TTL + 1 s); the ratio p99 / budget must stay below 1. Also printed: a cold
 connect-to-first-message time as a second in-run reference.
 
-    python bench/failover.py [--clients 90] [--ttl 3]
+    meshpush bench failover [--clients 90] [--ttl 3]
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import httpx
 import trio
-from stats import pct
 
+from bench._stats import pct
 from meshpush.auth import issue_token
 from meshpush.client import Client
 from meshpush.devcluster import LocalCluster
@@ -111,11 +111,11 @@ async def run(cluster: LocalCluster, n_clients: int, ttl: float) -> None:
         print(f"ratio p50 / lease TTL = {p50 / ttl:.2f}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"meshpush bench {Path(__file__).stem}")
     parser.add_argument("--clients", type=int, default=90)
     parser.add_argument("--ttl", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with (
         tempfile.TemporaryDirectory() as tmp,
         LocalCluster(
@@ -123,7 +123,8 @@ def main() -> None:
         ) as cluster,
     ):
         trio.run(run, cluster, args.clients, float(args.ttl))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

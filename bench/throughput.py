@@ -7,7 +7,7 @@ machine, one clock). Reference, measured in the same run: the same number of Jet
 publishes straight from nats-py to one stream (no HTTP, no meshpush), the floor of what a
 durable store costs here. Prints rates, p50/p99 latency and the ratio to the reference.
 
-    python bench/throughput.py [--messages 5000] [--users 50] [--concurrency 32]
+    meshpush bench throughput [--messages 5000] [--users 50] [--concurrency 32]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 import nats
 import trio
-from stats import pct
 
+from bench._stats import pct
 from meshpush.auth import issue_token
 from meshpush.client import Client
 from meshpush.devcluster import LocalCluster
@@ -126,12 +126,12 @@ async def run(cluster: LocalCluster, messages: int, users: int, concurrency: int
     print(f"ratio meshpush durable delivery / raw JetStream publish = {rate / ref:.2f}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"meshpush bench {Path(__file__).stem}")
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--users", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=32)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with (
         tempfile.TemporaryDirectory() as tmp,
         LocalCluster(Path(tmp), nodes=3, cluster="bench") as cluster,
@@ -142,7 +142,8 @@ def main() -> None:
             for node in cluster.members:
                 if not node.proc.alive():
                     print(f"node {node.id} died:\n{node.proc.log()[-3000:]}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -10,14 +10,13 @@ run in separate processes; every process's CPU is reported. Latency = receive ti
 send time carried in the message (one machine, CLOCK_MONOTONIC is system-wide).
 Node CPU per message = CPU of the 3 node processes during the phase / messages delivered.
 
-    python -m bench.unicast [--messages 20000] [--users 50] [--json PATH]
+    meshpush bench unicast [--messages 20000] [--users 50] [--only single|batch] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
 import os
 import queue
@@ -30,6 +29,8 @@ from typing import Any
 
 import trio
 
+from bench._stats import pct
+from bench._targets import cpu_seconds, machine, write_json
 from meshpush.auth import issue_token
 from meshpush.client import Client
 from meshpush.devcluster import LocalCluster
@@ -37,17 +38,6 @@ from meshpush.publisher import AsyncPublisher, Message, Published
 
 GENERATORS = 2
 RECEIVERS = 2
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 # ---------------------------------------------------------------- processes
@@ -214,6 +204,10 @@ def collect(out: Any, timeout: float) -> dict[str, Any]:
     return result
 
 
+def _pct_ms(values: list[float], q: float) -> float:
+    return pct(values, q) * 1000 if values else float("nan")
+
+
 def run_phase(
     cluster: LocalCluster, name: str, messages: int, users: int, batch: int, rate: float
 ) -> Phase:
@@ -251,9 +245,9 @@ def run_phase(
         messages=messages,
         delivered=len(latencies),
         rate=len(latencies) / max(last - start, 1e-9),
-        p50_ms=pct(latencies, 0.5) * 1000,
-        p99_ms=pct(latencies, 0.99) * 1000,
-        p999_ms=pct(latencies, 0.999) * 1000,
+        p50_ms=_pct_ms(latencies, 0.5),
+        p99_ms=_pct_ms(latencies, 0.99),
+        p999_ms=_pct_ms(latencies, 0.999),
         node_cpu_ms_per_msg=node_cpu / max(len(latencies), 1) * 1000,
         generator_cpu_s=[round(g["cpu"], 2) for g in gen_results],
         receiver_cpu_s=[round(r["cpu"], 2) for r in rec_results],
@@ -279,6 +273,8 @@ def run(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
         "phases": [asdict(p) for p in phases],
         "cores": os.cpu_count(),
         "load_average": os.getloadavg(),
+        "parameters": vars(args) | {"json": str(args.json)},
+        "machine": machine(),
     }
 
 
@@ -319,10 +315,9 @@ def main(argv: list[str]) -> int:
     ):
         report = run(cluster, args)
     print(table(report))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"JSON: {args.json}")
-    return 0
+    write_json(args.json, report)
+    complete = all(p["delivered"] == p["messages"] and not p["errors"] for p in report["phases"])
+    return 0 if complete else 1
 
 
 if __name__ == "__main__":

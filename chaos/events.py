@@ -109,6 +109,7 @@ class FaultRecord:
     affected: list[str] = field(default_factory=list)  # device keys "user/device"
     measure: str = "new"  # recovery: first message "new"ly published after t, or "any" message
     outcome: str = ""
+    placed: float | None = None  # seconds from the heal until every session was on its owner
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from meshpush.devcluster import CLUSTER_SIZE, ClusterError, Member
+
 if TYPE_CHECKING:
     from .harness import Harness
 
@@ -46,6 +48,7 @@ class Scenario:
     users: int = 24  # default --users
     rate: float = 30.0  # default --rate (unicast publishes per second)
     nodes: int = 3  # default --nodes
+    clustered: bool = False  # needs --backends clustered
 
 
 Fault = Callable[["Harness", FaultSpec], Awaitable[None]]
@@ -97,23 +100,104 @@ async def scale_down(h: Harness, spec: FaultSpec) -> None:
 
 
 async def etcd_restart(h: Harness, spec: FaultSpec) -> None:
-    """SIGKILL etcd, start it again after ``hold`` (same port and data)."""
-    h.expect_down("etcd")
+    """SIGKILL etcd (every member), start it again after ``hold`` (same ports and data)."""
+    names = [m.name for m in h.cluster.etcd_members]
+    for name in names:
+        h.expect_down(name)
     record = h.inject(spec, h.all_devices())
     await h.op(h.cluster.restart_etcd, spec.hold, signal.SIGKILL)
-    h.expect_up("etcd")
+    for name in names:
+        h.expect_up(name)
     await h.op(h.cluster.wait_converged)
     h.finish(record, "SIGKILL; restarted")
 
 
 async def nats_restart(h: Harness, spec: FaultSpec) -> None:
-    """SIGKILL nats-server, start it again after ``hold`` (same port and JetStream store)."""
-    h.expect_down("nats")
+    """SIGKILL nats-server (every server), start it again after ``hold`` (same ports and
+    JetStream store)."""
+    names = [m.name for m in h.cluster.nats_members]
+    for name in names:
+        h.expect_down(name)
     record = h.inject(spec, h.all_devices())
     await h.op(h.cluster.restart_nats, spec.hold, signal.SIGKILL)
-    h.expect_up("nats")
+    for name in names:
+        h.expect_up(name)
     await h.wait_all_ready()
     h.finish(record, "SIGKILL; restarted")
+
+
+async def _restart_member(h: Harness, spec: FaultSpec, member: Member, why: str) -> None:
+    """SIGKILL one backend member, start it again after ``hold``; every node must be ready."""
+    h.expect_down(member.name)
+    record = h.inject(spec, h.all_devices())
+    await h.op(h.cluster.restart_member, member, spec.hold)
+    h.expect_up(member.name)
+    await h.wait_all_ready()
+    await h.op(h.cluster.wait_converged)
+    h.finish(record, f"SIGKILL {member.name}{why}; restarted")
+
+
+async def backend_member(h: Harness, spec: FaultSpec) -> None:
+    """Kill one named member of the NATS or etcd cluster, restart it after ``hold``."""
+    await _restart_member(h, spec, h.cluster.member(spec.target), "")
+
+
+async def backend_leader(h: Harness, spec: FaultSpec) -> None:
+    """Kill whichever member leads now: the etcd raft leader, the JetStream meta leader, or
+    the leader of the stream of user messages (asked just before the kill)."""
+    c = h.cluster
+    if spec.kind == "etcd-leader":
+        leader = await h.op(c.etcd_leader)
+    elif spec.kind == "nats-meta-leader":
+        leader = await h.op(c.nats_leader)
+    else:
+        leader = await h.op(c.nats_leader, f"MP_{c.cluster}_USER")
+    if leader is None:
+        raise ClusterError(f"{spec.kind}: no leader found")
+    await _restart_member(h, spec, leader, " (the leader)")
+
+
+#: The links each partition cuts (see :mod:`meshpush.faultproxy`).
+PARTITIONS: dict[str, tuple[str, ...]] = {
+    "partition-nats": ("nats",),
+    "partition-etcd": ("etcd",),
+    "partition-both": ("nats", "etcd"),
+    "partition-clients": ("clients",),
+}
+
+
+async def partition(h: Harness, spec: FaultSpec) -> None:
+    """Blackhole links of one node (bytes stop, nothing closes) for ``hold``, then heal; after
+    the heal every session must be on its owner within the placement bound."""
+    node = h.node(spec.target)
+    links = PARTITIONS[spec.kind]
+    record = h.inject(spec, h.devices_on(node.id))
+    for link in links:
+        h.cluster.cut(node, link)
+    try:
+        await trio.sleep(spec.hold)
+    finally:
+        for link in links:
+            h.cluster.heal(node, link)
+    healed = h.now()
+    record.placed = await h.placed_within(h.config.placement_bound)
+    placed = "not placed" if record.placed is None else f"placed {record.placed:.1f}s after"
+    h.finish(record, f"cut {'+'.join(links)} {healed - record.t:.1f}s; healed, {placed}")
+
+
+async def rolling_upgrade(h: Harness, spec: FaultSpec) -> None:
+    """Drain (SIGTERM) and restart every node in turn, under the full load."""
+    ids = h.running_ids()
+    record = h.inject(spec, h.all_devices())
+    codes = []
+    for node_id in ids:
+        node = h.node(node_id)
+        h.expect_down(node.id)
+        codes.append(await h.drain(node))
+        await h.restart(node)
+    record.placed = await h.placed_within(h.config.placement_bound)
+    placed = "not placed" if record.placed is None else f"placed {record.placed:.1f}s after"
+    h.finish(record, f"{len(ids)} nodes drained (exit {set(codes)}) and restarted; {placed}")
 
 
 async def zombie(h: Harness, spec: FaultSpec) -> None:
@@ -155,6 +239,13 @@ FAULTS: dict[str, Fault] = {
     "nats-restart": nats_restart,
     "zombie": zombie,
     "client-kill": client_kill,
+    "nats-member": backend_member,
+    "nats-meta-leader": backend_leader,
+    "nats-stream-leader": backend_leader,
+    "etcd-member": backend_member,
+    "etcd-leader": backend_leader,
+    **dict.fromkeys(PARTITIONS, partition),
+    "rolling-upgrade": rolling_upgrade,
 }
 
 _ABOUT = {
@@ -167,15 +258,35 @@ _ABOUT = {
     "zombie": "SIGSTOP a node for lease TTL + 2 s, then SIGCONT it",
     "client-kill": "kill a client instance in the middle of a replay, start a fresh one",
 }
+_ABOUT_CLUSTERED = {
+    "nats-member": "SIGKILL one NATS server of the cluster, restart it 1-3 s later",
+    "nats-meta-leader": "SIGKILL the JetStream meta leader, restart it 1-3 s later",
+    "nats-stream-leader": "SIGKILL the leader of the user-message stream, restart it later",
+    "etcd-member": "SIGKILL one etcd member, restart it 1-3 s later",
+    "etcd-leader": "SIGKILL the etcd raft leader, restart it 1-3 s later",
+    "partition-nats": "blackhole a node's links to NATS for lease TTL + 1-4 s, then heal",
+    "partition-etcd": "blackhole a node's links to etcd (its lease expires), then heal",
+    "partition-both": "blackhole a node's links to NATS and etcd, then heal",
+    "partition-clients": "blackhole a node's client connections, then heal",
+    "rolling-upgrade": "drain and restart every node in turn under the full load",
+}
+#: Whole-backend restarts: in a clustered run members fail one at a time instead.
+SINGLE_ONLY = ("etcd-restart", "nats-restart")
+CLUSTERED_KINDS = tuple(k for k in FAULTS if k not in SINGLE_ONLY)
+SINGLE_KINDS = tuple(k for k in FAULTS if k not in _ABOUT_CLUSTERED)
 
 SCENARIOS: dict[str, Scenario] = {
     **{name: Scenario(name, (name,), about) for name, about in _ABOUT.items()},
+    **{
+        name: Scenario(name, (name,), about, clustered=True)
+        for name, about in _ABOUT_CLUSTERED.items()
+    },
     "mixed": Scenario(
-        "mixed", tuple(FAULTS), "every fault, drawn at random from the seed", duration=120.0
+        "mixed", SINGLE_KINDS, "every fault, drawn at random from the seed", duration=120.0
     ),
     "soak": Scenario(
         "soak",
-        tuple(FAULTS),
+        SINGLE_KINDS,
         "mixed, longer and heavier: for people to run by hand",
         duration=1800.0,
         users=120,
@@ -183,6 +294,15 @@ SCENARIOS: dict[str, Scenario] = {
         nodes=4,
     ),
 }
+
+
+def kinds_for(scenario: Scenario, clustered: bool) -> tuple[str, ...]:
+    """The faults a scenario draws from: ``mixed`` and ``soak`` on clustered backends draw the
+    member, leader, partition and rolling-upgrade faults instead of whole-backend restarts."""
+    if clustered and scenario.kinds == SINGLE_KINDS:
+        return CLUSTERED_KINDS
+    return scenario.kinds
+
 
 # ---------------------------------------------------------------- the schedule
 
@@ -214,6 +334,17 @@ def _plan(kind: str, rng: random.Random, m: _Model) -> tuple[str, float, float]:
     if kind in ("etcd-restart", "nats-restart"):
         hold = round(rng.uniform(1.0, 3.0), 2)
         return kind.split("-")[0], hold, hold + 3.0
+    if kind in ("nats-member", "etcd-member"):
+        hold = round(rng.uniform(1.0, 3.0), 2)
+        return f"{kind.split('-')[0]}{rng.randint(1, CLUSTER_SIZE)}", hold, hold + 5.0
+    if kind in ("nats-meta-leader", "nats-stream-leader", "etcd-leader"):
+        hold = round(rng.uniform(1.0, 3.0), 2)
+        return "leader", hold, hold + 5.0
+    if kind == "rolling-upgrade":
+        return "all", 0.0, 6.0 * len(m.live)
+    if kind in PARTITIONS:
+        hold = round(rng.uniform(m.lease_ttl + 1.0, m.lease_ttl + 4.0), 2)
+        return rng.choice(sorted(m.live)), hold, hold + 6.0
     if kind == "client-kill":
         return rng.choice(list(m.devices)), 0.0, 4.0
     target = rng.choice(sorted(m.live))
@@ -242,8 +373,10 @@ def make_schedule(
     nodes: int,
     devices: Sequence[str],
     lease_ttl: float = 2.0,
+    clustered: bool = False,
 ) -> list[FaultSpec]:
     """The faults of a run, in order. Pure: the same arguments give the same list."""
+    kinds = kinds_for(scenario, clustered)
     rng = random.Random(seed)
     model = _Model(
         live=[f"n{i}" for i in range(1, nodes + 1)],
@@ -257,7 +390,7 @@ def make_schedule(
     at = round(min(3.0, max(1.5, duration * 0.2)), 2)
     while at < max(duration - 1.0, 0.5) or not out:
         if not model.bag:
-            model.bag = list(scenario.kinds)
+            model.bag = list(kinds)
             rng.shuffle(model.bag)
         kind = _feasible(model.bag.pop(), model)
         target, hold, length = _plan(kind, rng, model)

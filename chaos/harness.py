@@ -76,6 +76,7 @@ DEVICE_NAMES = ("phone", "laptop", "tablet")
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 MAX_EVENTS = 100  # SDK events kept per client instance
 FAULT_TIMEOUT = 90.0  # longest one fault (inject + undo + convergence) may take
+SLOW_FAULTS = {"rolling-upgrade": 4.0}  # faults that take longer: FAULT_TIMEOUT times this
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ class Config:
     publish_budget: float = 20.0  # seconds one publish is retried
     publish_attempts: int = 50
     max_inflight: int = 200  # publishes in flight at once
+    backends: str = "single"  # or "clustered": 3 etcd members, 3 NATS servers, proxied links
+    placement_bound: float = 20.0  # after a heal, every session is on its owner within this
     node_settings: dict[str, Any] = field(default_factory=lambda: dict(NODE_SETTINGS))
 
     @property
@@ -394,6 +397,26 @@ class Harness:
             self.incident("drain_failed", node.id, f"exit code {code} after SIGTERM ({timeout}s)")
         return code
 
+    async def placed_within(self, bound: float) -> float | None:
+        """Seconds until every device is online with its session on its user's owner and no
+        node holds a stray or misplaced session; None (and an incident) after ``bound``."""
+        start = trio.current_time()
+        problems: list[str] = []
+        while trio.current_time() - start < bound:
+            await self._snapshot()
+            problems = [
+                f"{v.kind} {v.node or f'{v.user}/{v.device}'}" for v in check_placement(self.log)
+            ]
+            offline = self.offline()
+            if not problems and not offline:
+                return round(trio.current_time() - start, 2)
+            problems += [f"offline {key}" for key in offline]
+            await trio.sleep(0.5)
+        self.incident(
+            "not_placed", None, f"{bound:.0f}s after the heal: {len(problems)}: {problems[:5]}"
+        )
+        return None
+
     async def wait_all_ready(self) -> None:
         for node in list(self.cluster.members):
             if node.id not in self._gone and node.proc.alive():
@@ -478,7 +501,7 @@ class Harness:
                 continue
             await trio.sleep_until(self._t0 + spec.at)
             try:
-                with trio.fail_after(FAULT_TIMEOUT):
+                with trio.fail_after(FAULT_TIMEOUT * SLOW_FAULTS.get(spec.kind, 1.0)):
                     await FAULTS[spec.kind](self, spec)
             except Exception as exc:  # a fault that failed or overran: record it, go on
                 self.incident("fault_failed", spec.target, f"{spec.kind}: {exc!r}"[:2000])
@@ -582,10 +605,10 @@ class Harness:
         """A process that exits without being told to is an incident (with its log's tail)."""
         while True:
             procs: list[tuple[str, Proc | None]] = [
-                ("etcd", self.cluster.etcd),
-                ("nats", self.cluster.nats),
+                (m.name, m.proc) for m in self.cluster.backend_members()
             ]
             procs += [(n.id, n.proc) for n in self.cluster.members]
+            procs += [(p.name, p) for n in self.cluster.members for p in n.proxies.values()]
             for name, proc in procs:
                 if proc is None or id(proc) in self._reported or name in self._down:
                     continue
@@ -623,14 +646,14 @@ class Harness:
 
     async def _restore_processes(self) -> None:
         c = self.cluster
-        if c.etcd is None or not c.etcd.alive():
-            self.expect_down("etcd")
-            await self.op(c.start_etcd)
-            self.expect_up("etcd")
-        if c.nats is None or not c.nats.alive():
-            self.expect_down("nats")
-            await self.op(c.start_nats)
-            self.expect_up("nats")
+        for member in c.backend_members():
+            if not member.alive():
+                self.expect_down(member.name)
+                await self.op(c.start_member, member)
+                self.expect_up(member.name)
+        for node in list(c.members):
+            for link in node.proxies:
+                c.heal(node, link)
         for node in list(c.members):
             if node.id not in self._gone and not node.proc.alive():
                 self.say(f"restarting {node.id}, which should be running")

@@ -91,6 +91,7 @@ def build(
                 "hold": fault.hold,
                 "affected": len(fault.affected),
                 "outcome": fault.outcome,
+                "placed": fault.placed,
                 "recovery": {**_stats(times), "never": missed},
             }
         )
@@ -99,11 +100,16 @@ def build(
         | _stats(by_kind[kind])
         for kind in sorted(kinds)
     }
+    placed: dict[str, list[float]] = defaultdict(list)
+    for fault, _, _ in per_fault:
+        if fault.placed is not None:
+            placed[fault.kind].append(fault.placed)
     counted = Counter(v.kind for v in violations)
     lease_ttl = float(log.meta.get("node_settings", {}).get("lease_ttl", 3))
     return {
         "scenario": log.meta.get("scenario"),
         "seed": log.meta.get("seed"),
+        "backends": log.meta.get("backends", "single"),
         "duration": log.meta.get("duration"),
         "nodes": log.meta.get("nodes"),
         "ok": not violations,
@@ -112,6 +118,7 @@ def build(
         "messages": _messages(log, counted),
         "recovery": recovery,
         "sigkill_budget": _budget(recovery.get("kill"), lease_ttl + 1.0),
+        "placement_after_heal": {kind: _stats(v) for kind, v in sorted(placed.items())},
         "clients": _clients(log),
         "memory_mb": {"bound": memory_mb, **dict(sorted(log.rss_max_mb.items()))},
         "publish_problems": log.meta.get("counters", {}),
@@ -209,16 +216,17 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"meshpush chaos: scenario {report['scenario']}, seed {report['seed']}, "
         f"{report['duration']}s, {report['nodes']} nodes, {report['clients']['users']} users / "
-        f"{report['clients']['devices']} devices",
+        f"{report['clients']['devices']} devices"
+        + (", clustered backends" if report.get("backends") == "clustered" else ""),
         "",
         f"faults injected: {len(report['faults'])}",
-        f"  {'t':>7} {'kind':<13} {'target':<24} {'hold':>5} {'affected':>8} "
+        f"  {'t':>7} {'kind':<18} {'target':<19} {'hold':>5} {'affected':>8} "
         f"{'recovery p50':>12} {'max':>7}  outcome",
     ]
     for f in report["faults"]:
         r = f["recovery"]
         lines.append(
-            f"  {f['t']:>7.1f} {f['kind']:<13} {f['target'][:24]:<24} {f['hold']:>5.1f} "
+            f"  {f['t']:>7.1f} {f['kind']:<18} {f['target'][:19]:<19} {f['hold']:>5.1f} "
             f"{f['affected']:>8} {_s(r['p50']):>12} {_s(r['max']):>7}  {f['outcome']}"
         )
     m = report["messages"]
@@ -239,7 +247,7 @@ def render(report: dict[str, Any]) -> str:
     ]
     for kind, r in report["recovery"].items():
         lines.append(
-            f"  {kind:<16} {r['faults']:>6} {r['affected']:>8} {_s(r['p50']):>7} "
+            f"  {kind:<18} {r['faults']:>4} {r['affected']:>8} {_s(r['p50']):>7} "
             f"{_s(r['p99']):>7} {_s(r['max']):>7} {r['never']:>5}"
         )
     budget = report.get("sigkill_budget")
@@ -249,6 +257,12 @@ def render(report: dict[str, Any]) -> str:
             f"  SIGKILL recovery p99 {budget['p99']:.2f}s: {verdict} the budget of lease TTL + 1 s "
             f"= {budget['budget']:.1f}s"
         )
+    placement = report.get("placement_after_heal") or {}
+    if placement:
+        lines += ["", f"sessions on their owners after the heal {'p50':>7} {'max':>7}"]
+        lines += [
+            f"  {kind:<37} {_s(p['p50']):>7} {_s(p['max']):>7}" for kind, p in placement.items()
+        ]
     c = report["clients"]
     lines += [
         "",

@@ -22,7 +22,7 @@ from meshpush.devcluster import ClusterError, LocalCluster
 
 from . import report
 from .checker import check
-from .faults import SCENARIOS, Scenario, make_schedule
+from .faults import SCENARIOS, Scenario, kinds_for, make_schedule
 from .harness import Config, Harness, make_devices
 
 
@@ -47,6 +47,8 @@ def replay_command(config: Config, defaults: Scenario) -> str:
         parts.append(f"--users {config.users}")
     if config.rate != defaults.rate:
         parts.append(f"--rate {config.rate:g}")
+    if config.backends != "single":
+        parts.append(f"--backends {config.backends}")
     return " ".join(parts)
 
 
@@ -59,6 +61,7 @@ def run_scenario(
     users: int | None = None,
     rate: float | None = None,
     memory_mb: float = 400.0,
+    backends: str = "single",
     workdir: Path | None = None,
     keep: bool = False,
     out: TextIO = sys.stdout,
@@ -74,13 +77,17 @@ def run_scenario(
         users=users or scenario.users,
         rate=rate or scenario.rate,
         memory_mb=memory_mb,
+        backends=backends,
     )
+    clustered = backends == "clustered"
+    if scenario.clustered and not clustered:
+        raise ValueError(f"scenario {name!r} needs --backends clustered")
     if config.nodes < 2 or config.users < 1 or config.duration <= 0 or config.rate <= 0:
         raise ValueError("chaos needs --nodes >= 2, --users >= 1, --duration > 0, --rate > 0")
     replay = replay_command(config, scenario)
     devices = [f"{u}/{d}" for u, d in make_devices(config.users, config.seed)]
     schedule = make_schedule(
-        scenario, config.duration, config.seed, config.nodes, devices, config.lease_ttl
+        scenario, config.duration, config.seed, config.nodes, devices, config.lease_ttl, clustered
     )
     workdir = Path(workdir or tempfile.mkdtemp(prefix="meshpush-chaos-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +104,8 @@ def run_scenario(
             nodes=config.nodes,
             cluster="chaos",
             node_settings=dict(config.node_settings),
+            backends=backends,
+            proxied=clustered,
         ) as cluster:
             harness = Harness(cluster, config, schedule, ops, progress)
             log = trio.run(harness.run)
@@ -114,6 +123,8 @@ def run_scenario(
         rate=config.rate,
         schedule=[spec.describe() for spec in schedule],
         node_settings=config.node_settings,
+        backends=backends,
+        kinds=list(kinds_for(scenario, clustered)),
     )
     log.save(workdir / "events.json")
     violations = check(log, config.memory_mb)

@@ -139,7 +139,7 @@ class Bus:
             log.warning("NATS error: %r", exc)
 
         self.nc = await aio(nats.connect)(
-            servers=[self.settings.nats_url],
+            servers=self.settings.nats_servers,
             name=self.settings.node_id,
             connect_timeout=2,
             reconnect_time_wait=0.5,

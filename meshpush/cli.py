@@ -1,4 +1,4 @@
-"""``meshpush`` command line: node, dev, status, token, publish, listen, chaos."""
+"""``meshpush`` command line: node, dev, status, token, publish, listen, chaos, bench."""
 
 from __future__ import annotations
 
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--nodes", type=_count(1, 32), default=3, help="nodes to start, 1-32 (default: 3)"
     )
+    _backends_flag(dev)
     dev.add_argument(
         "--dir", type=Path, default=DEV_JSON.parent, help="state and logs (default: .meshpush)"
     )
@@ -129,10 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--users", type=int, help="simulated users (1-3 devices each)")
     chaos.add_argument("--rate", type=float, help="unicast publishes per second")
     chaos.add_argument("--memory-mb", type=float, default=400.0, help="RSS bound per node")
+    _backends_flag(chaos)
     chaos.add_argument("--workdir", type=Path, help="logs and event log (default: a temp dir)")
     chaos.add_argument("--keep", action="store_true", help="keep the workdir after a pass")
     chaos.add_argument("--list", action="store_true", help="list the scenarios and exit")
     chaos.set_defaults(func=cmd_chaos)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark from bench/ against in-run references (see docs/performance.md)",
+        description="meshpush bench NAME [ARGS]: runs bench/NAME.py's main(ARGS); "
+        "`meshpush bench NAME --help` shows its flags.",
+    )
+    bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    bench.add_argument("name", nargs="?", help="benchmark name (--list shows them)")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -166,6 +179,16 @@ def _seconds(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
     return value
+
+
+def _backends_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backends",
+        choices=("single", "clustered"),
+        default="single",
+        help="single: one etcd, one NATS server; clustered: a 3-member etcd and a 3-server"
+        " JetStream cluster (default: single)",
+    )
 
 
 def _config_flag(parser: argparse.ArgumentParser) -> None:
@@ -207,7 +230,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
     overrides = dev_overrides(os.environ, args.set)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    with LocalCluster(workdir / "run", nodes=args.nodes, **_dev_cluster_args(overrides)) as cluster:
+    with LocalCluster(
+        workdir / "run", nodes=args.nodes, backends=args.backends, **_dev_cluster_args(overrides)
+    ) as cluster:
         cluster.write_json(workdir / "dev.json")
         print(_summary(cluster.describe(), workdir, overrides), flush=True)
         while not stop:
@@ -471,7 +496,8 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         raise CliError(f"chaos needs: pip install -e '.[local,test]' ({exc})") from None
     if args.list:
         for scenario in SCENARIOS.values():
-            print(f"{scenario.name:<13} {scenario.about} (default {scenario.duration:g}s)")
+            needs = " [--backends clustered]" if scenario.clustered else ""
+            print(f"{scenario.name:<18} {scenario.about} (default {scenario.duration:g}s){needs}")
         return 0
     try:
         return run_scenario(
@@ -483,9 +509,51 @@ def cmd_chaos(args: argparse.Namespace) -> int:
             users=args.users,
             rate=args.rate,
             memory_mb=args.memory_mb,
+            backends=args.backends,
             workdir=args.workdir,
             keep=args.keep,
         )
     except KeyboardInterrupt:  # the cluster is already torn down by then
         print("meshpush chaos: interrupted", file=sys.stderr)
         return 130
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Dispatch to ``bench/<name>.py``'s ``main(argv) -> int`` (a dash maps to ``_``)."""
+    import importlib
+
+    found = bench_modules()
+    if args.list or not args.name:
+        if not args.list:
+            print("meshpush bench: name a benchmark; available:", file=sys.stderr)
+        for name, about in found.items():
+            print(f"{name:<14} {about}", file=sys.stdout if args.list else sys.stderr)
+        return 0 if args.list else 2
+    if args.name not in found:
+        names = ", ".join(found) or "none (is the bench package installed?)"
+        raise CliError(f"unknown benchmark {args.name!r}; available: {names}")
+    module = importlib.import_module(f"bench.{args.name.replace('-', '_')}")
+    result: int = module.main(list(args.args))
+    return result
+
+
+def bench_modules() -> dict[str, str]:
+    """Benchmark command names -> the first line of each module's docstring (not imported)."""
+    import ast
+    import importlib.util
+    import pkgutil
+
+    spec = importlib.util.find_spec("bench")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    found: dict[str, str] = {}
+    for info in sorted(pkgutil.iter_modules(spec.submodule_search_locations), key=lambda m: m.name):
+        if info.name.startswith("_") or info.ispkg:
+            continue
+        path = Path(info.module_finder.path) / f"{info.name}.py"  # type: ignore[union-attr]
+        try:
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        except (OSError, SyntaxError):
+            doc = ""
+        found[info.name.replace("_", "-")] = doc.strip().splitlines()[0] if doc.strip() else ""
+    return found

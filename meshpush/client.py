@@ -328,11 +328,22 @@ class Client:
             raise _Redirect(redirect, node)
 
     async def _read_frames(self, ws: WebSocketConnection, nursery: trio.Nursery) -> str:
+        first = True
         while True:
-            frame = parse_server_frame(await ws.get_message())
+            frame = parse_server_frame(await self._next_message(ws, first))
+            first = False
             redirect = await self._on_frame(ws, frame.type, frame.fields, nursery)
             if redirect:
                 return redirect
+
+    async def _next_message(self, ws: WebSocketConnection, first: bool) -> str | bytes:
+        """The node answers an upgrade at once (welcome or redirect); a session that stays
+        silent after the upgrade (a link cut mid-handshake) is given up after connect_timeout."""
+        if not first:
+            return await ws.get_message()
+        with trio.move_on_after(self.connect_timeout):
+            return await ws.get_message()
+        raise OSError(f"no welcome within {self.connect_timeout} s of the upgrade")
 
     async def _on_frame(
         self, ws: WebSocketConnection, kind: str, f: dict[str, Any], nursery: trio.Nursery
@@ -398,10 +409,12 @@ class Client:
             self.stats.chain_breaks += 1
             self._event("chain_break", ch, expected=self.last[ch], prev=prev, seq=seq)
             raise ProtocolError("chain_break", f"prev {prev} != last {self.last[ch]}: resuming")
+        msg = Message(ch=ch, seq=seq, id=str(f.get("id")), data=f.get("data"), prev=prev)
+        # Count it as received only once the application has it: a session torn down at this
+        # checkpoint (its acker raised, say) must resume *before* this seq, not after it.
+        await self._send.send(msg)
         self._after_gap.discard(ch)
         self.last[ch] = seq
-        msg = Message(ch=ch, seq=seq, id=str(f.get("id")), data=f.get("data"), prev=prev)
-        await self._send.send(msg)
 
     def _breaks_chain(self, ch: str, prev: object) -> bool:
         """A msg whose prev is not the last seq we got means one went missing in between."""

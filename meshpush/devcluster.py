@@ -1,9 +1,16 @@
 """A local cluster of real processes: etcd, ``nats-server -js`` and N meshpush nodes.
 
 Used by ``meshpush dev``, by the integration tests and by the chaos suite, so all three run
-the very same processes. Everything binds 127.0.0.1 on free ports; every process started is
-stopped by :meth:`LocalCluster.stop` (also on errors, via the context manager), and on Linux
-each child also gets SIGKILL if this process dies (``PR_SET_PDEATHSIG``).
+the very same processes. ``backends="single"`` (the default) runs one etcd and one NATS
+server; ``backends="clustered"`` runs a three-member etcd cluster and three ``nats-server``
+processes in one JetStream cluster (streams and the cursor bucket with 3 replicas), and every
+node is given every member's address. With ``proxied=True`` (the chaos suite) each node reaches
+each backend member, and its clients reach it, through a fault-injecting TCP proxy
+(:mod:`meshpush.faultproxy`) that can blackhole the link and heal it.
+
+Everything binds 127.0.0.1 on free ports; every process started is stopped by
+:meth:`LocalCluster.stop` (also on errors, via the context manager), and on Linux each child
+also gets SIGKILL if this process dies (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ from .settings import Settings, env_for
 #: On one machine every client is 127.0.0.1, so the per-IP handshake limits of a local
 #: cluster are raised (tests of the limits set their own values).
 LOCAL_DEFAULTS: dict[str, Any] = {"handshake_rate": 1000.0, "handshake_burst": 2000}
+BACKENDS = ("single", "clustered")
+CLUSTER_SIZE = 3  # members of each clustered backend
+#: The proxied links of each node: to NATS, to etcd, and from its WebSocket clients.
+LINKS = ("nats", "etcd", "clients")
 
 
 class ClusterError(Exception):
@@ -154,6 +165,24 @@ def wait_http(url: str, timeout: float, proc: Proc | None = None, status: int = 
     raise ClusterError(f"{url} not answering {status} after {timeout}s\n{tail}")
 
 
+def _post_json(url: str, body: Any, timeout: float = 2.0) -> Any:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _stream_leader(jsz: Any, stream: str | None) -> str | None:
+    """The leader of ``stream`` in a ``/jsz?accounts=true&streams=true`` answer."""
+    for account in jsz.get("account_details") or []:
+        for detail in account.get("stream_detail") or []:
+            if detail.get("name") == stream:
+                leader = (detail.get("cluster") or {}).get("leader")
+                return str(leader) if leader else None
+    return None
+
+
 def wait_tcp(port: int, timeout: float, proc: Proc) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -166,10 +195,40 @@ def wait_tcp(port: int, timeout: float, proc: Proc) -> None:
 
 
 @dataclass
+class Member:
+    """One backend server process (an etcd member or a nats-server) and its fixed ports."""
+
+    kind: str  # "etcd" or "nats"
+    name: str  # "etcd" / "nats" when single, "etcd1".."etcd3" / "nats1".."nats3" clustered
+    port: int  # client port
+    peer_port: int  # etcd peer port / NATS cluster route port
+    monitor_port: int = 0  # NATS monitoring (HTTP) port
+    proc: Proc | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.address}" if self.kind == "nats" else f"http://{self.address}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.alive()
+
+
+def _member(kind: str, index: int, count: int) -> Member:
+    name = kind if count == 1 else f"{kind}{index + 1}"
+    monitor = free_port() if kind == "nats" and count > 1 else 0
+    return Member(kind, name, free_port(), free_port(), monitor)
+
+
+@dataclass
 class NodeProc:
     id: str
     settings: Settings
     proc: Proc
+    proxies: dict[str, Proc] = field(default_factory=dict)  # link name -> proxy process
 
     @property
     def ws_url(self) -> str:
@@ -198,20 +257,53 @@ class LocalCluster:
     node_settings: dict[str, Any] = field(default_factory=dict)
     token_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     api_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
-    etcd_port: int = 0
-    nats_port: int = 0
-    etcd: Proc | None = None
-    nats: Proc | None = None
+    backends: str = "single"
+    proxied: bool = False
+    etcd_members: list[Member] = field(default_factory=list)
+    nats_members: list[Member] = field(default_factory=list)
     members: list[NodeProc] = field(default_factory=list)
     _counter: int = 0
 
+    def __post_init__(self) -> None:
+        if self.backends not in BACKENDS:
+            raise ValueError(f"backends must be one of {', '.join(BACKENDS)}")
+        count = CLUSTER_SIZE if self.backends == "clustered" else 1
+        if not self.etcd_members:
+            self.etcd_members = [_member("etcd", i, count) for i in range(count)]
+        if not self.nats_members:
+            self.nats_members = [_member("nats", i, count) for i in range(count)]
+
+    @property
+    def clustered(self) -> bool:
+        return self.backends == "clustered"
+
+    @property
+    def etcd(self) -> Proc | None:
+        """The (first) etcd process."""
+        return self.etcd_members[0].proc
+
+    @property
+    def nats(self) -> Proc | None:
+        """The (first) NATS server process."""
+        return self.nats_members[0].proc
+
     @property
     def etcd_endpoint(self) -> str:
-        return f"127.0.0.1:{self.etcd_port}"
+        """Every etcd member's client address, comma separated (the ``etcd`` setting)."""
+        return ",".join(m.address for m in self.etcd_members)
 
     @property
     def nats_url(self) -> str:
-        return f"nats://127.0.0.1:{self.nats_port}"
+        """The first NATS server's URL (any member serves a client)."""
+        return self.nats_members[0].url
+
+    @property
+    def nats_urls(self) -> str:
+        """Every NATS server's URL, comma separated (the ``nats_url`` setting)."""
+        return ",".join(m.url for m in self.nats_members)
+
+    def backend_members(self) -> list[Member]:
+        return [*self.etcd_members, *self.nats_members]
 
     def __enter__(self) -> LocalCluster:
         try:
@@ -228,59 +320,100 @@ class LocalCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.start_etcd()
         self.start_nats()
+        self.wait_backends()
         started = [self.start_node(wait=False) for _ in range(self.nodes)]
         for node in started:
             self.wait_ready(node)
         self.wait_converged()
 
     def start_etcd(self) -> Proc:
-        self.etcd_port = self.etcd_port or free_port()
-        peer = free_port()
-        data = self.workdir / "etcd-data"
-        self.etcd = spawn(
-            "etcd",
-            [
-                binary("etcd"),
-                "--name",
-                "dev",
-                "--data-dir",
-                str(data),
-                "--listen-client-urls",
-                f"http://127.0.0.1:{self.etcd_port}",
-                "--advertise-client-urls",
-                f"http://127.0.0.1:{self.etcd_port}",
-                "--listen-peer-urls",
-                f"http://127.0.0.1:{peer}",
-                "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{peer}",
-                "--initial-cluster",
-                f"dev=http://127.0.0.1:{peer}",
-                "--log-level",
-                "warn",
-            ],
-            self.workdir,
-        )
-        wait_http(f"http://127.0.0.1:{self.etcd_port}/health", 20, self.etcd)
+        """Start every etcd member that is not running (and wait until etcd is healthy)."""
+        for member in self.etcd_members:
+            if not member.alive():
+                self.start_member(member, wait=False)
+        for member in self.etcd_members:
+            self.wait_member(member)
+        assert self.etcd is not None
         return self.etcd
 
     def start_nats(self) -> Proc:
-        self.nats_port = self.nats_port or free_port()
-        self.nats = spawn(
-            "nats",
-            [
-                binary("nats-server"),
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                str(self.nats_port),
-                "-sd",
-                str(self.workdir / "nats-data"),
-            ],
-            self.workdir,
-        )
-        wait_tcp(self.nats_port, 20, self.nats)
+        """Start every NATS server that is not running (and wait until they serve)."""
+        for member in self.nats_members:
+            if not member.alive():
+                self.start_member(member, wait=False)
+        for member in self.nats_members:
+            self.wait_member(member)
+        assert self.nats is not None
         return self.nats
+
+    def wait_backends(self, timeout: float = 30.0) -> None:
+        for member in self.backend_members():
+            self.wait_member(member, timeout)
+
+    def start_member(self, member: Member, wait: bool = True) -> Proc:
+        """Start one backend member on its fixed ports and data directory."""
+        argv = self._etcd_argv(member) if member.kind == "etcd" else self._nats_argv(member)
+        member.proc = spawn(member.name, argv, self.workdir)
+        if wait:
+            self.wait_member(member)
+        return member.proc
+
+    def wait_member(self, member: Member, timeout: float = 30.0) -> None:
+        assert member.proc is not None
+        if member.kind == "etcd":
+            wait_http(f"http://{member.address}/health", timeout, member.proc)
+        elif member.monitor_port:
+            wait_http(f"http://127.0.0.1:{member.monitor_port}/healthz", timeout, member.proc)
+        else:
+            wait_tcp(member.port, timeout, member.proc)
+
+    def stop_member(self, member: Member, signum: int = signals.SIGKILL) -> int | None:
+        return member.proc.stop(signum, timeout=10) if member.proc is not None else None
+
+    def _etcd_argv(self, member: Member) -> list[str]:
+        initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.etcd_members)
+        return [
+            binary("etcd"),
+            "--name",
+            member.name,
+            "--data-dir",
+            str(self.workdir / f"{member.name}-data"),
+            "--listen-client-urls",
+            member.url,
+            "--advertise-client-urls",
+            member.url,
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{member.peer_port}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{member.peer_port}",
+            "--initial-cluster",
+            initial,
+            "--initial-cluster-state",
+            "new",
+            "--initial-cluster-token",
+            f"meshpush-{self.cluster}",
+            "--log-level",
+            "warn",
+        ]
+
+    def _nats_argv(self, member: Member) -> list[str]:
+        store = self.workdir / f"{member.name}-data"
+        if not self.clustered:
+            argv = ["-js", "-a", "127.0.0.1", "-p", str(member.port), "-sd", str(store)]
+            return [binary("nats-server"), *argv]
+        routes = ", ".join(f"nats-route://127.0.0.1:{m.peer_port}" for m in self.nats_members)
+        config = self.workdir / f"{member.name}.conf"
+        config.write_text(
+            f"server_name: {member.name}\n"
+            f"listen: 127.0.0.1:{member.port}\n"
+            f"http: 127.0.0.1:{member.monitor_port}\n"
+            f'jetstream {{ store_dir: "{store}" }}\n'
+            f"cluster {{\n  name: meshpush-{self.cluster}\n"
+            f"  listen: 127.0.0.1:{member.peer_port}\n"
+            f"  routes: [{routes}]\n"
+            "  no_advertise: true\n}\n"  # clients use the addresses they were given (proxies)
+        )
+        return [binary("nats-server"), "-c", str(config)]
 
     def settings_for(self, node_id: str) -> Settings:
         base: dict[str, Any] = {
@@ -289,9 +422,10 @@ class LocalCluster:
             "ws_port": free_port(),
             "http_port": free_port(),
             "etcd": self.etcd_endpoint,
-            "nats_url": self.nats_url,
+            "nats_url": self.nats_urls,
             "token_secret": self.token_secret,
             "api_keys": (self.api_key,),
+            **({"stream_replicas": CLUSTER_SIZE} if self.clustered else {}),
             **LOCAL_DEFAULTS,
         }
         return Settings(**{**base, **self.node_settings})
@@ -302,15 +436,51 @@ class LocalCluster:
             self._counter += 1
             node_id = f"n{self._counter}"
         settings = self.settings_for(node_id)
+        proxies: dict[str, Proc] = {}
+        if self.proxied:
+            settings, proxies = self._start_proxies(node_id, settings)
         proc = spawn(
             node_id, [sys.executable, "-m", "meshpush", "node"], self.workdir, env_for(settings)
         )
-        node = NodeProc(node_id, settings, proc)
+        node = NodeProc(node_id, settings, proc, proxies)
         self.members.append(node)
         if wait:
             self.wait_ready(node)
             self.wait_converged()
         return node
+
+    def _start_proxies(self, node_id: str, settings: Settings) -> tuple[Settings, dict[str, Proc]]:
+        """One proxy process per link of the node (to NATS, to etcd, from its clients); the
+        node's settings then name the proxies' ports (and its public ws URL the clients')."""
+        upstreams = {
+            "nats": [m.address for m in self.nats_members],
+            "etcd": [m.address for m in self.etcd_members],
+            "clients": [f"127.0.0.1:{settings.ws_port}"],
+        }
+        proxies: dict[str, Proc] = {}
+        local: dict[str, list[int]] = {}
+        for link in LINKS:
+            ports = [free_port() for _ in upstreams[link]]
+            argv = [sys.executable, "-m", "meshpush.faultproxy"]
+            argv += [f"{p}={up}" for p, up in zip(ports, upstreams[link], strict=True)]
+            proxies[link] = spawn(f"{node_id}-proxy-{link}", argv, self.workdir)
+            local[link] = ports
+        for link in LINKS:
+            for port in local[link]:
+                wait_tcp(port, 10, proxies[link])
+        settings = settings.replace(
+            etcd=",".join(f"127.0.0.1:{p}" for p in local["etcd"]),
+            nats_url=",".join(f"nats://127.0.0.1:{p}" for p in local["nats"]),
+            public_ws_url=f"ws://127.0.0.1:{local['clients'][0]}/ws",
+        )
+        return settings, proxies
+
+    def cut(self, node: NodeProc, link: str) -> None:
+        """Blackhole one link of ``node`` (bytes stop moving, nothing is closed)."""
+        node.proxies[link].send(signals.SIGUSR1)
+
+    def heal(self, node: NodeProc, link: str) -> None:
+        node.proxies[link].send(signals.SIGUSR2)
 
     def wait_ready(self, node: NodeProc, timeout: float = 30.0) -> None:
         wait_http(f"{node.http_url}/readyz", timeout, node.proc)
@@ -378,30 +548,74 @@ class LocalCluster:
         node.proc.send(signals.SIGCONT)
 
     def restart_etcd(self, down: float = 0.0, signum: int = signals.SIGKILL) -> Proc:
-        """Stop etcd (SIGKILL by default), stay down ``down`` seconds, start it again on the same
-        port and data directory."""
-        if self.etcd is not None:
-            self.etcd.stop(signum, timeout=10)
+        """Stop etcd (every member; SIGKILL by default), stay down ``down`` seconds, start it
+        again on the same ports and data directories."""
+        for member in self.etcd_members:
+            self.stop_member(member, signum)
         time.sleep(down)
         return self.start_etcd()
 
     def restart_nats(self, down: float = 0.0, signum: int = signals.SIGKILL) -> Proc:
-        """Stop NATS (SIGKILL by default), stay down ``down`` seconds, start it again on the same
-        port and JetStream store directory (stored messages survive)."""
-        if self.nats is not None:
-            self.nats.stop(signum, timeout=10)
+        """Stop NATS (every server; SIGKILL by default), stay down ``down`` seconds, start it
+        again on the same ports and JetStream store directories (stored messages survive)."""
+        for member in self.nats_members:
+            self.stop_member(member, signum)
         time.sleep(down)
         return self.start_nats()
+
+    def restart_member(self, member: Member, down: float = 0.0) -> Proc:
+        """SIGKILL one backend member, stay down ``down`` seconds, start it again."""
+        self.stop_member(member, signals.SIGKILL)
+        time.sleep(down)
+        return self.start_member(member)
+
+    def member(self, name: str) -> Member:
+        return next(m for m in self.backend_members() if m.name == name)
+
+    def etcd_leader(self) -> Member | None:
+        """The etcd member that is the raft leader now (asked over the v3 HTTP gateway)."""
+        for member in self.etcd_members:
+            if not member.alive():
+                continue
+            try:
+                status = _post_json(f"{member.url}/v3/maintenance/status", {})
+                leader = str(status["leader"])
+                if str(status["header"]["member_id"]) == leader:
+                    return member
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return None
+
+    def nats_leader(self, stream: str | None = None) -> Member | None:
+        """The NATS server leading the JetStream meta group (or ``stream``), from ``/jsz``."""
+        query = "?accounts=true&streams=true" if stream else ""
+        for member in self.nats_members:
+            if not member.alive() or not member.monitor_port:
+                continue
+            try:
+                with _get(f"http://127.0.0.1:{member.monitor_port}/jsz{query}", 2) as resp:
+                    jsz = json.loads(resp.read())
+            except (OSError, ValueError):
+                continue
+            name = (
+                _stream_leader(jsz, stream) if stream else jsz.get("meta_cluster", {}).get("leader")
+            )
+            found = [m for m in self.nats_members if m.name == name]
+            if found:
+                return found[0]
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {
             "cluster": self.cluster,
+            "backends": self.backends,
             "etcd": self.etcd_endpoint,
-            "nats": self.nats_url,
+            "nats": self.nats_urls,
             "api_key": self.api_key,
             "token_secret": self.token_secret,
             "etcd_pid": self.etcd.pid if self.etcd else None,
             "nats_pid": self.nats.pid if self.nats else None,
+            "backend_pids": {m.name: m.proc.pid for m in self.backend_members() if m.proc},
             "nodes": [n.describe() for n in self.live()],
         }
 
@@ -418,6 +632,9 @@ class LocalCluster:
             node.proc.send(signals.SIGINT)
         for node in self.members:
             node.proc.stop(None, timeout=10)  # one SIGINT each: a second one would interrupt
-        for proc in (self.nats, self.etcd):
-            if proc is not None:
-                proc.stop(signals.SIGTERM, timeout=10)
+        for node in self.members:
+            for proxy in node.proxies.values():
+                proxy.stop(signals.SIGTERM, timeout=5)
+        for member in [*self.nats_members, *self.etcd_members]:
+            if member.proc is not None:
+                member.proc.stop(signals.SIGTERM, timeout=10)

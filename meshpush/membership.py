@@ -6,13 +6,27 @@ safety net) becomes a full view passed to ``on_view``. Before registering, the n
 view *with itself added* to ``on_view`` so it subscribes its future slots before anyone is
 redirected to it. If etcd fails, the node keeps its last view (and its sessions), retries with
 capped, jittered backoff and registers again when etcd is back. ``leave()`` revokes the lease.
+
+Several etcd endpoints (members of one cluster) may be configured: each new session uses the
+next one after a failure, so a node whose member died or is cut off reconnects to another.
+A lease that was not refreshed for a whole TTL may have expired, and then the other nodes own
+our slots: if another node still reaches etcd (asked over HTTP, ``GET /readyz`` ->
+``registered``), or no other node answers at all, the node *steps out* of its own view (its
+sessions are redirected to the owners the rest of the view names, which is what the others
+compute once the lease is gone) and is not ready until it is registered again. When every node
+that answers has lost etcd too, etcd itself is down: a restarted etcd renews every lease, no
+one takes our slots, so the node keeps serving with its last view.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import ssl
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,6 +45,32 @@ OnView = Callable[[View, bool], Awaitable[None]]
 
 class LeaseLost(Exception):
     """etcd says our lease no longer exists (it expired while we could not refresh it)."""
+
+
+PROBE_TIMEOUT = 1.0  # seconds a peer has to answer GET /readyz
+
+
+def _peer_registered(http_url: str) -> bool | None:
+    """Ask a peer whether it is registered in etcd (``GET /readyz``; 503 has the same body).
+    None if it does not answer. Only a hint, so TLS is not verified here."""
+    context = None
+    if http_url.startswith("https:"):
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(
+            f"{http_url}/readyz", timeout=PROBE_TIMEOUT, context=context
+        ) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    except OSError:
+        return None
+    try:
+        return bool(json.loads(body)["registered"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def prefix(cluster: str) -> bytes:
@@ -53,24 +93,87 @@ class Membership:
         self._client: Any = None
         self._lease: Any = None
         self._leaving = False
+        self._endpoint = 0  # index into settings.etcd_endpoints of the current session
+        self._lease_at: float | None = None  # trio time the lease was last known to be alive
+        self.stepped_out = False
         self._changed = trio.Event()
 
     async def run(self) -> None:
-        """Register and watch until cancelled; on any etcd failure, back off and start again."""
-        delay = 0.2
-        while not self._leaving:
-            try:
-                await self._session()
-            except Exception as exc:  # etcd/grpc errors are untyped; logged and counted
-                self.metrics.backend_errors.labels(backend="etcd").inc()
-                log.warning("etcd session ended: %r; retrying", exc)
-            await self._lost()
-            await trio.sleep(random.uniform(delay / 2, delay))
-            delay = min(delay * 2, 2.0)
-        await trio.sleep_forever()
+        """Register and watch until cancelled; on any etcd failure, back off and start again
+        (on the next configured endpoint)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_lease)
+            delay = 0.2
+            while not self._leaving:
+                try:
+                    await self._session()
+                except Exception as exc:  # etcd/grpc errors are untyped; logged and counted
+                    self.metrics.backend_errors.labels(backend="etcd").inc()
+                    self._endpoint += 1
+                    log.warning("etcd session ended: %r; retrying on %s", exc, self._endpoint_str)
+                await self._lost()
+                await trio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, 2.0)
+            await trio.sleep_forever()
+
+    @property
+    def _endpoint_str(self) -> str:
+        host, port = self._current_endpoint()
+        return f"{host}:{port}"
+
+    def _current_endpoint(self) -> tuple[str, int]:
+        endpoints = self.settings.etcd_endpoints
+        return endpoints[self._endpoint % len(endpoints)]
+
+    async def _watch_lease(self) -> None:
+        """Step out of our own view once the lease may have expired for the others (see the
+        module doc). Two probes half a second apart: a peer that lost etcd at the same time
+        may not have noticed yet at the first."""
+        ttl = float(self.settings.lease_ttl)
+        while True:
+            await trio.sleep(min(0.25, ttl / 8))
+            lease_at = self._lease_at
+            if self._leaving or self.stepped_out or lease_at is None:
+                continue
+            if trio.current_time() - lease_at <= ttl or not await self._others_reach_etcd():
+                continue
+            await trio.sleep(0.5)
+            if self._lease_at != lease_at or not await self._others_reach_etcd():
+                continue
+            if self._lease_at == lease_at and not self._leaving:  # no new lease meanwhile
+                await self._step_out()
+
+    async def _others_reach_etcd(self) -> bool:
+        """True if a peer of the last view says it is registered, or if none answers."""
+        peers = [n.http_url for n in self.view.values() if n.id != self.me.id]
+        if not peers:
+            return False  # alone: nobody can take our slots
+        answers: list[bool] = []
+
+        async def probe(url: str) -> None:
+            answer = await trio.to_thread.run_sync(_peer_registered, url, abandon_on_cancel=True)
+            if answer is not None:
+                answers.append(answer)
+
+        with trio.move_on_after(PROBE_TIMEOUT + 0.5):
+            async with trio.open_nursery() as nursery:
+                for url in peers:
+                    nursery.start_soon(probe, url)
+        return not answers or any(answers)
+
+    async def _step_out(self) -> None:
+        self.stepped_out = True
+        self.registered = False
+        log.warning(
+            "lease not refreshed for %ss: it may have expired; giving our slots up",
+            self.settings.lease_ttl,
+        )
+        view = {k: v for k, v in self.view.items() if k != self.me.id}
+        with trio.CancelScope(shield=True):
+            await self._on_view(view, registered=False)
 
     async def _session(self) -> None:
-        host, port = self.settings.etcd_host_port
+        host, port = self._current_endpoint()
         self._client = aetcd.Client(host=host, port=port, timeout=2)
         try:
             with trio.fail_after(5):
@@ -85,8 +188,10 @@ class Membership:
 
     async def _register(self) -> None:
         ttl = self.settings.lease_ttl
+        granted_at = trio.current_time()
         self._lease = await aio(self._client.lease)(ttl)
         await aio(self._client.put)(self.key, self.me.to_json().encode(), lease=self._lease)
+        self._lease_at, self.stepped_out = granted_at, False
         self.registered = True
         self.registrations += 1
         log.info("registered %s (lease %x, ttl %ss)", self.me.id, self._lease.id, ttl)
@@ -98,10 +203,14 @@ class Membership:
             await trio.sleep(interval)
             if self._leaving:
                 return
+            sent_at = trio.current_time()
             with trio.fail_after(max(interval * 2, 1.0)):
                 reply = await aio(self._client.refresh_lease)(self._lease.id)
             if reply is None or reply.TTL <= 0:
                 raise LeaseLost("lease expired")
+            if self.stepped_out:  # it lived after all, but we gave our slots up: start over
+                raise LeaseLost("stepped out; registering again")
+            self._lease_at = sent_at
 
     async def _watch(self) -> None:
         watch = await aio(self._client.watch_prefix)(self.prefix)
@@ -122,7 +231,9 @@ class Membership:
                 view = await self._list()
             if self.settings.node_id not in view and not self._leaving:
                 raise LeaseLost("our key vanished from etcd")
-            await self._on_view(view, registered=True)
+            if self.stepped_out:  # until the next registration, we stay out
+                view.pop(self.me.id, None)
+            await self._on_view(view, registered=not self.stepped_out)
 
     async def _list(self) -> View:
         result = await aio(self._client.get_prefix)(self.prefix)

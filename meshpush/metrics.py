@@ -172,6 +172,17 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.loop_stall_max = Gauge(
+            "meshpush_event_loop_stall_max_seconds",
+            "Longest event-loop stall (late wake-up) over the last 30 s",
+            registry=r,
+        )
+        self.loop_stall = Histogram(
+            "meshpush_event_loop_stall_seconds",
+            "Event-loop stalls of 1 ms or more (late wake-ups of a 10 ms timer)",
+            registry=r,
+            buckets=(0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        )
         self.ready = Gauge("meshpush_ready", "1 when /readyz answers 200", registry=r)
         self.info = Gauge("meshpush_node_info", "Node identity", ["node"], registry=r)
         self.info.labels(node=node_id).set(1)

@@ -21,6 +21,7 @@ from .bridge import Bridge
 from .bus import Bus
 from .delivery import Feeder
 from .gateway import Gateway
+from .looplag import LoopLag
 from .membership import Membership
 from .metrics import Metrics
 from .router import Router
@@ -68,6 +69,7 @@ class Node:
     async def _services(self, task_status: trio.TaskStatus[Node]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(LoopLag(self.metrics).run)
             await nursery.start(self.bridge.run)
             http_port = await nursery.start(self.api.serve)
             await nursery.start(self.bus.run)

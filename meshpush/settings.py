@@ -37,8 +37,14 @@ class Settings:
     public_http_url: str = field(
         default="", metadata={"help": "HTTP URL shown in /v1/nodes (default: from listen)"}
     )
-    etcd: str = field(default="127.0.0.1:2379", metadata={"help": "etcd endpoint host:port"})
-    nats_url: str = field(default="nats://127.0.0.1:4222", metadata={"help": "NATS server URL"})
+    etcd: str = field(
+        default="127.0.0.1:2379",
+        metadata={"help": "etcd endpoint host:port, or several comma separated (failover)"},
+    )
+    nats_url: str = field(
+        default="nats://127.0.0.1:4222",
+        metadata={"help": "NATS server URL, or several comma separated (one cluster)"},
+    )
     token_secret: str = field(default="", metadata={"help": "HS256 secret for client tokens"})
     api_keys: tuple[str, ...] = field(
         default=(), metadata={"help": "publisher API keys, comma separated"}
@@ -160,12 +166,30 @@ class Settings:
         return self.public_http_url or f"{scheme}://{_urlhost(self.http_host)}:{self.http_port}"
 
     @property
+    def etcd_endpoints(self) -> list[tuple[str, int]]:
+        """Every configured etcd endpoint as (host, port), in the order given."""
+        return [_host_port(part) for part in _split(self.etcd)]
+
+    @property
     def etcd_host_port(self) -> tuple[str, int]:
-        host, _, port = self.etcd.rpartition(":")
-        return host.strip("[]") or "127.0.0.1", int(port)
+        return self.etcd_endpoints[0]
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """Every configured NATS server URL (members of one cluster), in the order given."""
+        return _split(self.nats_url)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def _split(raw: str) -> list[str]:
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+def _host_port(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def _urlhost(host: str) -> str:

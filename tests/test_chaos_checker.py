@@ -27,7 +27,14 @@ from chaos.events import (
     Published,
     Received,
 )
-from chaos.faults import FAULTS, SCENARIOS, make_schedule
+from chaos.faults import (
+    CLUSTERED_KINDS,
+    PARTITIONS,
+    SCENARIOS,
+    SINGLE_KINDS,
+    kinds_for,
+    make_schedule,
+)
 from chaos.harness import make_devices
 
 RECORDED = Path(__file__).parent / "data" / "chaos_kill_run.json"
@@ -350,7 +357,7 @@ def test_the_same_seed_gives_the_same_schedule() -> None:
 
 def test_mixed_draws_every_fault_and_keeps_at_least_two_nodes() -> None:
     schedule = make_schedule(SCENARIOS["mixed"], 120, 1, 3, _keys())
-    assert {spec.kind for spec in schedule} == set(FAULTS)
+    assert {spec.kind for spec in schedule} == set(SINGLE_KINDS)
     assert all(0 < spec.at < 120 for spec in schedule)
     assert [s.at for s in schedule] == sorted(s.at for s in schedule)
     live = {"n1", "n2", "n3"}
@@ -363,6 +370,24 @@ def test_mixed_draws_every_fault_and_keeps_at_least_two_nodes() -> None:
         elif spec.kind in ("kill", "drain", "zombie"):
             assert spec.target in live
         assert len(live) >= 2
+
+
+def test_clustered_mixed_draws_member_leader_partition_and_upgrade_faults() -> None:
+    """On clustered backends ``mixed`` swaps whole-backend restarts for member and leader
+    kills, the four partitions and a rolling upgrade; the same seed, the same schedule."""
+    mixed = SCENARIOS["mixed"]
+    assert kinds_for(mixed, clustered=True) == CLUSTERED_KINDS
+    assert not {"etcd-restart", "nats-restart"} & set(CLUSTERED_KINDS)
+    schedule = make_schedule(mixed, 400, 1, 3, _keys(), clustered=True)
+    assert schedule == make_schedule(mixed, 400, 1, 3, _keys(), clustered=True)
+    assert {spec.kind for spec in schedule} == set(CLUSTERED_KINDS)
+    for spec in schedule:
+        if spec.kind in PARTITIONS:
+            assert spec.hold > 2.0  # longer than the lease TTL: the cut-off lease expires
+        if spec.kind in ("nats-member", "etcd-member"):
+            assert spec.target[-1] in "123" and spec.target[:4] == spec.kind[:4]
+    seed_one = [spec.kind for spec in make_schedule(mixed, 180, 1, 3, _keys(24), 2.0, True)]
+    assert set(seed_one) & set(PARTITIONS) and "rolling-upgrade" in seed_one
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))

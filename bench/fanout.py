@@ -1,0 +1,235 @@
+"""Broadcast fan-out: messages delivered per second to N sessions, beside Node ws and others.
+
+For each server in turn (meshpush 1 node, Node.js ``ws`` 8, Python ``websockets``, bare
+trio-websocket, raw stdlib sockets: see bench/_servers.py), READERS worker processes open
+SESSIONS WebSocket connections (a raw epoll client, bench/_wsload.py), then the server sends
+BROADCASTS messages of SIZE bytes to every connection: meshpush through ``POST /v1/broadcast``
+(one call per message, sequential), the references on a trigger. Rate = frames received by all
+readers / (last frame received - trigger). Reader CPU is reported (100% = one core): a reader at
+~100% means the readers, not the server, set the pace. Then meshpush alone broadcasts once to
+STALL_SESSIONS sessions and the longest event-loop stall is read from its /metrics
+(``meshpush_event_loop_stall_max_seconds``).
+
+    meshpush bench fanout [--sessions 2000] [--broadcasts 100] [--size 100] [--readers 2]
+        [--servers meshpush,node-ws,websockets,trio-websocket,raw] [--stall-sessions 10000]
+        [--json .meshpush/bench/fanout.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench._targets import (
+    ALL,
+    MeshpushTarget,
+    Target,
+    add_ratios,
+    cpu_seconds,
+    each_server,
+    machine,
+    parse_servers,
+    per_cpu,
+    ratio,
+    table,
+    write_json,
+)
+from bench._wsload import ReaderPool, raise_fd_limit
+
+STALL_GAUGE = "meshpush_event_loop_stall_max_seconds"
+STALL_HISTOGRAM = "meshpush_event_loop_stall_seconds"
+NOTICE = 0.001  # the histogram observes stalls from 1 ms (meshpush/looplag.py)
+
+
+def measure(target: Target, args: argparse.Namespace, sessions: int, count: int) -> dict[str, Any]:
+    """Connect ``sessions`` readers, broadcast ``count`` messages, count what arrives."""
+    with ReaderPool(args.readers) as pool:
+        opened = pool.connect(target.host, target.port, target.paths(sessions, "fan-"))
+        if opened["ok"] < sessions:
+            print(f"  {target.name}: only {opened['ok']}/{sessions} connected: {opened['errors']}")
+        time.sleep(0.5)
+        cpu0 = cpu_seconds(target.pid)
+        pool.send_expect(count, timeout=args.timeout)
+        t0 = time.monotonic()
+        target.broadcast(count, args.size)
+        target.wait_done()
+        answers = pool.collect()
+        elapsed = max(max(a["t_last"] for a in answers) - t0, 1e-9)
+        server_cpu = cpu_seconds(target.pid) - cpu0
+    frames = sum(a["frames"] for a in answers)
+    wanted = sum(a["wanted"] for a in answers)
+    closes: dict[str, int] = {}
+    for a in answers:
+        for code, n in a["closes"].items():
+            closes[code] = closes.get(code, 0) + n
+    return {
+        "sessions": opened["ok"],
+        "delivered": frames,
+        "expected": wanted,
+        "seconds": elapsed,
+        "rate": frames / elapsed,
+        "server_cpu_seconds": server_cpu,
+        "per_cpu_second": per_cpu(frames, server_cpu),
+        "reader_cpu_percent": [100 * a["cpu"] / elapsed for a in answers],
+        "closes": closes,
+    }
+
+
+def measure_stall(target: MeshpushTarget, args: argparse.Namespace) -> dict[str, Any]:
+    """One broadcast to ``--stall-sessions`` sessions; the longest loop stall from /metrics."""
+    with ReaderPool(args.readers) as pool:
+        paths = target.paths(args.stall_sessions, "stall-")
+        opened = pool.connect(target.host, target.port, paths, timeout=args.timeout * 5)
+        connect_seconds = opened["t_end"] - opened["t_start"]
+        quiet = wait_quiet(target, pool, args.quiet_wait)
+        before = target.metrics()
+        pool.send_expect(1, timeout=args.timeout)
+        target.broadcast(1, args.size)
+        answers = pool.collect()
+        after = target.metrics()
+    return {
+        "sessions": opened["ok"],
+        "connect_seconds": connect_seconds,
+        "stall_before_seconds": quiet,
+        "delivered": sum(a["frames"] for a in answers),
+        "longest_stall_seconds": after.get(STALL_GAUGE, float("nan")),
+        "longest_stall_bucket_seconds": stall_bucket(before, after),
+    }
+
+
+def stall_bucket(before: dict[str, float], after: dict[str, float]) -> list[float] | None:
+    """From the stall histogram: the bucket (low, high] of the longest stall between the two
+    scrapes (None: no stall of a millisecond or more). Unlike the gauge, it is not blurred by
+    stalls of the 30 s before."""
+    prefix = STALL_HISTOGRAM + '_bucket{le="'
+    new = sorted(
+        (float(key[len(prefix) : -2]), after[key] - before.get(key, 0.0))
+        for key in after
+        if key.startswith(prefix)
+    )
+    total = new[-1][1] if new else 0.0
+    if total <= 0:
+        return None
+    i = next(i for i, (_, n) in enumerate(new) if n >= total)
+    return [new[i - 1][0] if i else NOTICE, new[i][0]]
+
+
+def wait_quiet(target: MeshpushTarget, pool: ReaderPool, limit: float) -> float:
+    """Wait (at most ``limit`` s) until the stall gauge (max of the last 30 s) no longer shows
+    the connect phase's stalls; returns the gauge then."""
+    deadline = time.monotonic() + limit
+    stall = target.metrics().get(STALL_GAUGE, 0.0)
+    while stall > 0.005 and time.monotonic() < deadline:
+        pool.idle(2.0)  # the readers answer the node's pings meanwhile
+        stall = target.metrics().get(STALL_GAUGE, 0.0)
+    return stall
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    stall: dict[str, Any] | None = None
+
+    def one(target: Target) -> dict[str, Any]:
+        nonlocal stall
+        result = measure(target, args, args.sessions, args.broadcasts)
+        if isinstance(target, MeshpushTarget) and args.stall_sessions > 0:
+            stall = measure_stall(target, args)
+        return result
+
+    results, skipped = each_server("fanout", args.servers, one)
+    add_ratios(results, "rate")
+    add_ratios(results, "per_cpu_second", "cpu_vs_node_ws")
+    return {
+        "bench": "fanout",
+        "params": {
+            "sessions": args.sessions,
+            "broadcasts": args.broadcasts,
+            "size": args.size,
+            "readers": args.readers,
+        },
+        "machine": machine(),
+        "results": results,
+        "skipped": skipped,
+        "stall": stall,
+    }
+
+
+def report(data: dict[str, Any]) -> str:
+    p = data["params"]
+    m = data["machine"]
+    rows = [
+        [
+            r["server"],
+            f"{r['delivered']}/{r['expected']}",
+            f"{r['rate']:,.0f}",
+            ratio(r["vs_node_ws"]),
+            f"{r['server_cpu_seconds']:.2f}",
+            f"{r['per_cpu_second']:,.0f}" if r["per_cpu_second"] else "-",
+            ratio(r["cpu_vs_node_ws"]),
+            " ".join(f"{c:.0f}%" for c in r["reader_cpu_percent"]),
+        ]
+        for r in data["results"]
+    ]
+    headers = ["server", "delivered", "msgs/s", "vs Node ws", "server CPU s"]
+    headers += ["msgs/CPU-s", "vs Node ws", "reader CPU"]
+    lines = [
+        f"fanout: {p['sessions']} sessions x {p['broadcasts']} broadcasts of {p['size']} bytes, "
+        f"{p['readers']} reader processes; {m['nproc']} CPUs ({m['cpu']}), "
+        f"load average at the end {' '.join(f'{x:.2f}' for x in m['loadavg'])}",
+        table(headers, rows),
+    ]
+    for name, why in data["skipped"].items():
+        lines.append(f"skipped {name}: {why}")
+    for r in data["results"]:
+        if r["closes"]:
+            lines.append(f"{r['server']}: connections closed by the server: {r['closes']}")
+    if s := data["stall"]:
+        lines.append(
+            f"meshpush event-loop stalls, one broadcast to {s['sessions']} sessions: every "
+            f"stall <= {fmt_bucket(s['longest_stall_bucket_seconds'])} (histogram); longest stall "
+            f"of the last 30 s {s['longest_stall_seconds'] * 1000:.1f} ms (gauge); delivered "
+            f"{s['delivered']}; {s['sessions']} handshakes took {s['connect_seconds']:.1f} s"
+        )
+    return "\n".join(lines)
+
+
+def fmt_bucket(bucket: list[float] | None) -> str:
+    """The longest stall's histogram bucket as text."""
+    if bucket is None:
+        return f"{NOTICE * 1000:g} ms"
+    low, high = (x * 1000 for x in bucket)
+    if high == float("inf"):
+        return f"? (longest over {low:g} ms, above the top bucket)"
+    return f"{high:g} ms (longest over {low:g} ms)"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="meshpush bench fanout", description=__doc__)
+    parser.add_argument("--sessions", type=int, default=2000)
+    parser.add_argument("--broadcasts", type=int, default=100)
+    parser.add_argument("--size", type=int, default=100, help="bytes of data per message")
+    parser.add_argument("--readers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--servers", type=parse_servers, default=list(ALL))
+    parser.add_argument(
+        "--stall-sessions", type=int, default=10_000, help="0 skips the stall measurement"
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=35.0,
+        help="seconds to wait at most for the stall gauge to forget the connect phase",
+    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="per phase, seconds")
+    parser.add_argument("--json", type=Path, default=Path(".meshpush/bench/fanout.json"))
+    args = parser.parse_args(argv)
+    raise_fd_limit()
+    data = run(args)
+    print(report(data))
+    write_json(args.json, data)
+    incomplete = [r["server"] for r in data["results"] if r["delivered"] < r["expected"]]
+    if incomplete:
+        print(f"fanout: incomplete delivery on {', '.join(incomplete)}", file=sys.stderr)
+    return 1 if incomplete or not data["results"] else 0

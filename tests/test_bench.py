@@ -1,0 +1,98 @@
+"""``meshpush bench``: the dispatcher, and a fan-out smoke run with tiny numbers.
+
+These check behaviour only (the benchmarks run, deliver everything and write their JSON);
+speed is what the benchmarks themselves report, never asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshpush.cli import main
+
+BENCHES = {"fanout", "idle-memory", "connect", "failover", "throughput"}
+
+
+def test_list_names_every_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--list"]) == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
+    assert listed >= BENCHES
+    assert not any(name.startswith("_") for name in listed)  # helpers are not benchmarks
+
+
+def test_unknown_benchmark_exits_2_naming_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "no-such-bench"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'no-such-bench'" in err
+    assert "fanout" in err and "idle-memory" in err
+
+
+def test_no_name_exits_2_with_the_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench"]) == 2
+    assert "fanout" in capsys.readouterr().err
+
+
+def test_entry_point_passes_flags_through_to_the_benchmark() -> None:
+    meshpush = Path(sys.executable).with_name("meshpush")
+    result = subprocess.run(
+        [str(meshpush), "bench", "connect", "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0
+    assert "usage: meshpush bench connect" in result.stdout
+    assert "--concurrency" in result.stdout
+
+
+def test_stall_bucket_reads_the_histogram_difference() -> None:
+    from bench.fanout import stall_bucket
+
+    key = 'meshpush_event_loop_stall_seconds_bucket{le="%s"}'
+    before = {key % "0.0025": 1.0, key % "0.01": 1.0, key % "+Inf": 1.0}
+    after = {key % "0.0025": 3.0, key % "0.01": 4.0, key % "+Inf": 4.0}
+    assert stall_bucket(before, after) == [0.0025, 0.01]
+    assert stall_bucket(after, after) is None  # no stall of 1 ms or more in between
+    assert stall_bucket({}, {key % "0.0025": 1.0, key % "+Inf": 1.0}) == [0.001, 0.0025]
+
+
+def fanout(tmp_path: Path, servers: str, *extra: str) -> dict[str, object]:
+    out = tmp_path / "fanout.json"
+    argv = ["bench", "fanout", "--sessions", "20", "--broadcasts", "3", "--readers", "1"]
+    argv += ["--servers", servers, "--timeout", "30", "--json", str(out), *extra]
+    assert main(argv) == 0
+    data: dict[str, object] = json.loads(out.read_text())
+    return data
+
+
+@pytest.mark.cluster
+def test_fanout_smoke_meshpush_and_the_raw_floor(tmp_path: Path) -> None:
+    data = fanout(tmp_path, "meshpush,raw", "--stall-sessions", "30", "--quiet-wait", "0")
+    results = {r["server"]: r for r in data["results"]}  # type: ignore[attr-defined]
+    assert set(results) == {"meshpush", "raw"}
+    for r in results.values():
+        assert r["sessions"] == 20
+        assert r["delivered"] == r["expected"] == 60
+        assert r["rate"] > 0 and r["reader_cpu_percent"]
+        assert r["vs_node_ws"] is None  # no Node ws in this run: no ratio
+    stall = data["stall"]
+    assert stall["sessions"] == 30 and stall["delivered"] == 30  # type: ignore[index]
+    assert stall["longest_stall_seconds"] >= 0  # type: ignore[index]  # the gauge is exposed
+    machine = data["machine"]
+    assert machine["nproc"] and len(machine["loadavg"]) == 3  # type: ignore[index]
+
+
+@pytest.mark.cluster
+def test_fanout_smoke_node_ws(tmp_path: Path) -> None:
+    if shutil.which("npm") is None or shutil.which("node") is None:
+        pytest.skip("Node.js ws reference needs node and npm: apt-get install nodejs npm")
+    data = fanout(tmp_path, "node-ws,raw", "--stall-sessions", "0")
+    if "node-ws" in data["skipped"]:  # type: ignore[operator]
+        pytest.skip(f"Node.js ws reference unavailable: {data['skipped']['node-ws']}")  # type: ignore[index]
+    results = {r["server"]: r for r in data["results"]}  # type: ignore[attr-defined]
+    assert results["node-ws"]["delivered"] == 60
+    assert results["node-ws"]["vs_node_ws"] == 1.0
+    assert results["raw"]["vs_node_ws"] > 0
