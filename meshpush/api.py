@@ -336,9 +336,9 @@ class Api:
         return JSONResponse({"status": "ok", "node": self.settings.node_id})
 
     async def readyz(self, request: Request) -> Response:
-        checks = self.router.readiness()
-        ready = self.router.ready
-        return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+        reason = self.router.not_ready_reason()
+        body = {"ready": not reason, "reason": reason, **self.router.readiness()}
+        return JSONResponse(body, status_code=503 if reason else 200)
 
     # ------------------------------------------------------------ serving
 

@@ -38,6 +38,22 @@ def aio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     return trio_asyncio.aio_as_trio(fn)  # type: ignore[no-any-return]
 
 
+async def best_effort(what: str, fn: Callable[[], Awaitable[object]], timeout: float) -> bool:
+    """Run ``fn()`` for at most ``timeout`` seconds, shielded from cancellation; log and swallow
+    any failure — asyncio's ``CancelledError`` too, which grpc raises when a channel is closed
+    under a call. For cleanup steps (shutdown, closing a backend) that must never keep the node
+    from stopping cleanly, whatever the backend does. True if ``fn`` completed in time."""
+    with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+        try:
+            await fn()
+            return True
+        except (Exception, asyncio.CancelledError) as exc:
+            log.warning("%s failed: %r", what, exc)
+            return False
+    log.warning("%s did not finish within %ss", what, timeout)
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class BridgeStats:
     """What the bridge has done so far (read by metrics and benchmarks)."""

@@ -9,6 +9,16 @@ A live notification is ``<header JSON>\\n<data JSON>``; the data is spliced into
 unparsed. Incoming notifications are handed to trio through a bounded channel from the NATS
 callback (``send_nowait``, no crossing per message); when that channel is full the
 notification is dropped and counted — the stream still has the message.
+
+Health: a stalled server (paused, overloaded, a half-dead TCP path) keeps the connection "up"
+while nothing gets through, so every ``nats_check_interval`` the bus publishes a small echo to
+an inbox it subscribes to and waits at most ``nats_check_timeout`` for it to come back through
+the server. One late echo makes the bus *unresponsive* (the node turns unready), the next
+timely one responsive again: a stall is noticed within ``interval + timeout`` (3 s by default).
+The echo is a plain publish/subscribe: nats-py's ``flush(timeout)`` cancels its PONG future on
+timeout and the late PONG then stops the client's read loop (nats-py 2.16: the connection stays
+"connected" and receives nothing more), so flush with a timeout is not used anywhere; the same
+echo confirms new slot subscriptions.
 """
 
 from __future__ import annotations
@@ -24,13 +34,14 @@ import nats
 import nats.errors
 import trio
 
-from .bridge import Bridge, aio
+from .bridge import Bridge, aio, best_effort
 from .metrics import Metrics
 from .ring import slot
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 _CLUSTER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SUBSCRIBE_TIMEOUT = 5.0  # seconds for the server to confirm new slot subscriptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +106,22 @@ class Bus:
         self._send, self.inbound = trio.open_memory_channel[Notification | None](16384)
         self.connected = False
         self.reconnects = 0
+        self.responsive = True  # the last round-trip check came back in time
+        self.unresponsive_reason = ""
+        self._echo_subject = ""
+        self._echoes: dict[bytes, trio.Event] = {}  # round trips in flight, by token
+        self._probes = 0
+        metrics.backend_up.labels(backend="nats").set_function(lambda: float(self.healthy))
+
+    @property
+    def healthy(self) -> bool:
+        """Connected, and the last round trip through the server came back in time."""
+        return self.connected and self.responsive
+
+    def unhealthy_reason(self) -> str:
+        if not self.connected:
+            return "NATS disconnected"
+        return self.unresponsive_reason if not self.responsive else ""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -103,10 +130,14 @@ class Bus:
         await self._connect_with_retry()
         task_status.started(self)
         try:
-            await trio.sleep_forever()
+            await self._check_forever()
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await aio(self.nc.close)()
+            await self._close()
+
+    async def _close(self) -> None:
+        """Close the connection; whatever NATS does (stalled, gone), shutdown goes on."""
+        if self.nc is not None:
+            await best_effort("NATS close", aio(self.nc.close), 2)
 
     async def _connect_with_retry(self) -> None:
         delay = 0.1
@@ -150,7 +181,59 @@ class Bus:
             error_cb=error,
         )
         self.js = self.nc.jetstream(timeout=5)
+        self._echo_subject = self.nc.new_inbox()
+        await aio(self.nc.subscribe)(self._echo_subject, cb=self._on_echo)
         self.connected = True
+
+    # ------------------------------------------------------------ health
+
+    async def _check_forever(self) -> None:
+        """Round-trip the connection every ``nats_check_interval`` (bounded by the timeout)."""
+        while True:
+            await self.check(self.settings.nats_check_timeout)
+            await trio.sleep(self.settings.nats_check_interval)
+
+    async def check(self, timeout: float) -> bool:
+        """One round trip through the server; updates :attr:`responsive`. True if in time."""
+        if not self.connected:
+            return False  # the disconnect/reconnect callbacks own this state
+        try:
+            rtt = await self._round_trip(timeout)
+        except trio.TooSlowError:
+            self._set_unresponsive(f"NATS round trip took longer than {timeout:g}s")
+        except (nats.errors.Error, OSError) as exc:
+            self._set_unresponsive(f"NATS round trip failed: {exc!r}")
+        else:
+            self.metrics.backend_rtt.labels(backend="nats").set(rtt)
+            if not self.responsive:
+                log.info("NATS answers again (round trip %.3fs): ready again", rtt)
+            self.responsive, self.unresponsive_reason = True, ""
+            return True
+        return False
+
+    async def _round_trip(self, timeout: float) -> float:
+        self._probes += 1
+        token, arrived = str(self._probes).encode(), trio.Event()
+        self._echoes[token] = arrived
+        start = trio.current_time()
+        try:
+            with trio.fail_after(timeout):
+                await aio(self.nc.publish)(self._echo_subject, token)
+                await arrived.wait()
+        finally:
+            del self._echoes[token]
+        return trio.current_time() - start
+
+    async def _on_echo(self, msg: Any) -> None:
+        arrived = self._echoes.get(msg.data)
+        if arrived is not None:  # a late echo of a check that gave up is ignored
+            arrived.set()
+
+    def _set_unresponsive(self, reason: str) -> None:
+        if self.responsive:
+            self.metrics.backend_errors.labels(backend="nats").inc()
+            log.warning("%s: NATS is stalled, not ready", reason)
+        self.responsive, self.unresponsive_reason = False, reason
 
     # ------------------------------------------------------------ subscriptions
 
@@ -160,6 +243,10 @@ class Bus:
         if new:
             subs = await aio(self._subscribe_many)(new)
             self._subs.update(subs)
+            # the server handles a connection's protocol in order: once the echo is back, it
+            # has the subscriptions (what flush() would say, without its late-PONG hazard)
+            if not await self.check(SUBSCRIBE_TIMEOUT):
+                raise nats.errors.TimeoutError
 
     async def unsubscribe_slots(self, slots: set[int]) -> None:
         gone = [self._subs.pop(s) for s in sorted(slots) if s in self._subs]
@@ -179,9 +266,7 @@ class Bus:
 
     async def _subscribe_many(self, slots: list[int]) -> dict[int, Any]:
         cb = self._callback("user")
-        out = {s: await self.nc.subscribe(self.subjects.slot_live(s), cb=cb) for s in slots}
-        await self.nc.flush(timeout=5)
-        return out
+        return {s: await self.nc.subscribe(self.subjects.slot_live(s), cb=cb) for s in slots}
 
     def _callback(self, ch: str) -> Any:
         send = self._send

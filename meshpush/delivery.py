@@ -31,6 +31,7 @@ import trio
 from . import protocol
 from .bridge import BridgeClosed
 from .metrics import Metrics
+from .retention import RetentionLosses
 from .settings import Settings
 from .store import Cursor, Cursors, Store, StoredMessage, StoreUnavailable
 
@@ -158,6 +159,7 @@ class Feeder:
         self.cursors = cursors
         self.metrics = metrics
         self.batch = max(1, min(200, settings.session_queue // 4))
+        self.retention = RetentionLosses(metrics)
 
     # ------------------------------------------------------------ session start
 
@@ -268,6 +270,7 @@ class Feeder:
             deliver, gap = feed.replayed(msg)
             if gap is not None:
                 self.metrics.gaps.labels(ch=ch).inc()
+                self.retention.report(session, ch, gap.first, gap.last)
                 session.offer(protocol.gap(ch=ch, first=gap.first, last=gap.last))  # type: ignore[arg-type]
             if deliver:
                 session.offer(_frame(ch, msg))

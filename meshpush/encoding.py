@@ -1,20 +1,23 @@
 """Safe encoding of user and device ids for NATS subjects and KV keys, and the id rules.
 
-Ids are arbitrary UTF-8 strings of 1..256 bytes. In a subject or key they become unpadded
-base64url (``A-Z a-z 0-9 - _``), which NATS accepts in both, so ``.``, ``*``, ``>``, spaces
-and emoji cannot change the meaning of a subject.
+Ids are arbitrary UTF-8 strings of 1..256 bytes without control characters: no character of
+Unicode category ``Cc`` (U+0000..U+001F, U+007F..U+009F, so also U+0085 NEXT LINE). The rule
+is :func:`check_id`, used wherever an id enters (API, handshake, token). In a subject or key
+ids become unpadded base64url (``A-Z a-z 0-9 - _``), which NATS accepts in both, so ``.``,
+``*``, ``>``, spaces and emoji cannot change the meaning of a subject.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import unicodedata
 
 MAX_ID_BYTES = 256
 
 
 class BadId(ValueError):
-    """An id is empty, longer than 256 bytes in UTF-8, or contains a NUL or control char."""
+    """An id is empty, longer than 256 bytes in UTF-8, or has a control character (``Cc``)."""
 
 
 def check_id(value: object, what: str = "id") -> str:
@@ -27,9 +30,14 @@ def check_id(value: object, what: str = "id") -> str:
         raise BadId(f"{what} is not valid UTF-8") from None
     if not 1 <= size <= MAX_ID_BYTES:
         raise BadId(f"{what} must be 1..{MAX_ID_BYTES} bytes of UTF-8")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise BadId(f"{what} must not contain control characters")
+    if any(is_control(c) for c in value):
+        raise BadId(f"{what} must not contain control characters (Unicode category Cc)")
     return value
+
+
+def is_control(char: str) -> bool:
+    """True for a character of Unicode category Cc (C0, DEL and C1 controls)."""
+    return unicodedata.category(char) == "Cc"
 
 
 def encode_token(value: str) -> str:

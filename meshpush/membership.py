@@ -5,7 +5,9 @@ keeps it alive every TTL/3 and watches the prefix; every change (and a periodic 
 safety net) becomes a full view passed to ``on_view``. Before registering, the node hands the
 view *with itself added* to ``on_view`` so it subscribes its future slots before anyone is
 redirected to it. If etcd fails, the node keeps its last view (and its sessions), retries with
-capped, jittered backoff and registers again when etcd is back. ``leave()`` revokes the lease.
+capped, jittered backoff and registers again when etcd is back. ``leave()`` revokes the lease;
+it never raises, whatever etcd does (down, stalled, the client closed under it): a node must
+stop cleanly even when its backends do not answer.
 
 Several etcd endpoints (members of one cluster) may be configured: each new session uses the
 next one after a failure, so a node whose member died or is cut off reconnects to another.
@@ -16,6 +18,10 @@ sessions are redirected to the owners the rest of the view names, which is what 
 compute once the lease is gone) and is not ready until it is registered again. When every node
 that answers has lost etcd too, etcd itself is down: a restarted etcd renews every lease, no
 one takes our slots, so the node keeps serving with its last view.
+
+Health: ``meshpush_backend_up{backend="etcd"}`` is 1 while the node holds a live registration,
+``meshpush_backend_rtt_seconds{backend="etcd"}`` is the last keepalive round trip. A stalled
+etcd fails the keepalive within ``lease_ttl`` (TTL/3 + 2·TTL/3) and the node turns unready.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import aetcd
 import trio
 import trio_asyncio
 
-from .bridge import aio
+from .bridge import aio, best_effort
 from .metrics import Metrics
 from .router import NodeInfo, View
 from .settings import Settings
@@ -97,6 +103,7 @@ class Membership:
         self._lease_at: float | None = None  # trio time the lease was last known to be alive
         self.stepped_out = False
         self._changed = trio.Event()
+        metrics.backend_up.labels(backend="etcd").set_function(lambda: float(self.registered))
 
     async def run(self) -> None:
         """Register and watch until cancelled; on any etcd failure, back off and start again
@@ -187,6 +194,8 @@ class Membership:
             await self._close_client()
 
     async def _register(self) -> None:
+        if self._leaving:  # leave() ran meanwhile: do not come back
+            return
         ttl = self.settings.lease_ttl
         granted_at = trio.current_time()
         self._lease = await aio(self._client.lease)(ttl)
@@ -206,6 +215,7 @@ class Membership:
             sent_at = trio.current_time()
             with trio.fail_after(max(interval * 2, 1.0)):
                 reply = await aio(self._client.refresh_lease)(self._lease.id)
+            self.metrics.backend_rtt.labels(backend="etcd").set(trio.current_time() - sent_at)
             if reply is None or reply.TTL <= 0:
                 raise LeaseLost("lease expired")
             if self.stepped_out:  # it lived after all, but we gave our slots up: start over
@@ -218,8 +228,7 @@ class Membership:
             async for _event in trio_asyncio.aio_as_trio(watch):
                 self._changed.set()
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await aio(watch.cancel)()
+            await best_effort("etcd watch cancel", aio(watch.cancel), 1)
 
     async def _refresh_loop(self) -> None:
         """Re-list on every watch event, and at least every TTL (a safety net)."""
@@ -262,21 +271,21 @@ class Membership:
     async def _close_client(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await aio(client.close)()
+            await best_effort("etcd client close", aio(client.close), 1)
 
     async def leave(self) -> None:
         """Revoke the lease now (clean shutdown / drain): others drop us from the ring at once."""
-        self._leaving = True
-        if self._client is None or self._lease is None:
+        if self._leaving:  # drain and then stop both leave: one attempt is enough
             return
-        try:
-            with trio.move_on_after(2):
-                await aio(self._client.revoke_lease)(self._lease.id)
-                log.info("lease revoked")
-        except Exception as exc:
+        self._leaving = True
+        client, lease = self._client, self._lease
+        if client is None or lease is None:
+            self.registered = False
+            return
+        # the membership session may close the client under this call (etcd stopped answering)
+        if await best_effort("etcd lease revoke", lambda: aio(client.revoke_lease)(lease.id), 2):
+            log.info("lease revoked")
+        else:
             self.metrics.backend_errors.labels(backend="etcd").inc()
-            log.warning(
-                "revoke failed (%r); lease will expire after %ss", exc, self.settings.lease_ttl
-            )
+            log.warning("lease not revoked; it expires within %ss", self.settings.lease_ttl)
         self.registered = False

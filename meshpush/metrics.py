@@ -51,6 +51,7 @@ KNOWN_LABELS: dict[str, dict[str, tuple[str, ...]]] = {
     "meshpush_messages_replayed_total": {"ch": ("user", "broadcast")},
     "meshpush_catch_ups_total": {"reason": ("prev", "reconnect")},
     "meshpush_gaps_total": {"ch": ("user", "broadcast")},
+    "meshpush_retention_dropped_total": {"ch": ("user", "broadcast")},
     "meshpush_rate_limited_total": {
         "kind": ("handshake", "connections", "user_sessions", "frames")
     },
@@ -165,7 +166,11 @@ class Metrics:
         )
         self.members = Gauge("meshpush_cluster_nodes", "Nodes in this node's ring view", registry=r)
         self.owned_slots = Gauge("meshpush_owned_slots", "Slots this node owns", registry=r)
-        self.ring_changes = Counter("meshpush_ring_changes_total", "Ring views applied", registry=r)
+        self.ring_changes = Counter(
+            "meshpush_ring_changes_total",
+            "Ring changes applied (a node joined or left this node's view)",
+            registry=r,
+        )
         self.backend_errors = Counter(
             "meshpush_backend_errors_total",
             "etcd/NATS errors, by backend",
@@ -184,6 +189,24 @@ class Metrics:
             buckets=(0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
         )
         self.ready = Gauge("meshpush_ready", "1 when /readyz answers 200", registry=r)
+        self.backend_up = Gauge(
+            "meshpush_backend_up",
+            "1 while the backend answers round trips in time (nats) / holds our lease (etcd)",
+            ["backend"],
+            registry=r,
+        )
+        self.backend_rtt = Gauge(
+            "meshpush_backend_rtt_seconds",
+            "Last successful round trip: NATS echo (nats), lease keepalive (etcd)",
+            ["backend"],
+            registry=r,
+        )
+        self.retention_dropped = Counter(
+            "meshpush_retention_dropped_total",
+            "Messages deleted by retention before a known device received them (seq span of gaps)",
+            ["ch"],
+            registry=r,
+        )
         self.info = Gauge("meshpush_node_info", "Node identity", ["node"], registry=r)
         self.info.labels(node=node_id).set(1)
         self._create_known_series()

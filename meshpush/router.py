@@ -48,6 +48,11 @@ class NodeInfo:
 
 
 View = dict[str, NodeInfo]
+_NOT_READY = {
+    "registered": "not registered in etcd (etcd unreachable, slow or lease lost)",
+    "in_ring": "not in its own ring view yet",
+    "subscribed": "still subscribing the slots it owns",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,27 +83,34 @@ class Router:
         self.changed = trio.Event()  # set (and replaced) whenever the ring changes
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
+        metrics.ready.set_function(lambda: float(self.ready))  # read at scrape time
 
     # ------------------------------------------------------------ state
 
     @property
     def ready(self) -> bool:
-        return (
-            self.registered
-            and not self.draining
-            and self.bus.connected
-            and self.me in self.ring.nodes
-            and self.owned <= self.bus.subscribed()
-        )
+        return not self.not_ready_reason()
 
     def readiness(self) -> dict[str, bool]:
         return {
             "registered": self.registered,
             "in_ring": self.me in self.ring.nodes,
             "subscribed": self.owned <= self.bus.subscribed(),
-            "nats": self.bus.connected,
+            "nats": self.bus.healthy,
             "draining": self.draining,
         }
+
+    def not_ready_reason(self) -> str:
+        """Why ``/readyz`` answers 503 (the first failing check), or "" when ready."""
+        checks = self.readiness()
+        if checks["draining"]:
+            return "draining"
+        if not checks["nats"]:
+            return self.bus.unhealthy_reason()
+        for check, reason in _NOT_READY.items():
+            if not checks[check]:
+                return reason
+        return ""
 
     def route(self, user: str) -> Route:
         owner = (self._drain_ring if self.draining else self.ring).owner(user)
@@ -180,19 +192,30 @@ class Router:
             if ring is not self.ring:
                 self.changed.set()
                 self.changed = trio.Event()
+            old_ring, old_owned = self.ring, self.owned
             self.view, self.ring, self.owned = dict(view), ring, owned
             if self.draining:
                 self._drain_ring = ring.without(self.me) if self.me in ring.nodes else ring
             self.registered = registered
             self.metrics.members.set(len(ring.nodes))
             self.metrics.owned_slots.set(len(owned))
-            self.metrics.ready.set(1 if self.ready else 0)
+            if ring is not old_ring:
+                self._ring_changed(old_ring, ring, len(owned - old_owned), len(lost))
             if lost:
-                self.metrics.ring_changes.inc()
-                log.info(
-                    "ring: %d nodes, own %d slots, lost %d", len(ring.nodes), len(owned), len(lost)
-                )
                 self._start_migration(lost)
+
+    def _ring_changed(self, old: Ring, new: Ring, gained: int, lost: int) -> None:
+        """Count and log every ring change: grow, shrink (a leave or an expired lease), both."""
+        self.metrics.ring_changes.inc()
+        log.info(
+            "ring: %d nodes (joined %s, left %s), own %d slots, gained %d, lost %d",
+            len(new.nodes),
+            _names(new.nodes - old.nodes),
+            _names(old.nodes - new.nodes),
+            len(self.owned),
+            gained,
+            lost,
+        )
 
     def _start_migration(self, lost: frozenset[int]) -> None:
         assert self._nursery is not None
@@ -233,10 +256,16 @@ class Router:
         self._drain_ring = self.ring.without(self.me)
         self.draining = True
         self.owned = frozenset()
-        self.metrics.ready.set(0)
 
     async def drain(self) -> None:
         """Redirect every session to its next owner, spread over the drain window."""
         if not self.draining:
             self.begin_drain()
         await self.redirect_spread(self.registry.all(), self.settings.drain_window)
+
+
+def _names(nodes: frozenset[str], most: int = 8) -> str:
+    """A short, bounded list of node ids for a log line."""
+    ids = sorted(nodes)
+    more = f" +{len(ids) - most} more" if len(ids) > most else ""
+    return (",".join(ids[:most]) or "-") + more

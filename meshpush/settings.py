@@ -50,6 +50,12 @@ class Settings:
         default=(), metadata={"help": "publisher API keys, comma separated"}
     )
     lease_ttl: int = field(default=3, metadata={"help": "etcd lease TTL in seconds"})
+    nats_check_interval: float = field(
+        default=1.0, metadata={"help": "seconds between NATS round-trip checks (readiness)"}
+    )
+    nats_check_timeout: float = field(
+        default=2.0, metadata={"help": "a NATS round trip slower than this makes the node unready"}
+    )
     heartbeat_interval: float = field(
         default=25.0, metadata={"help": "seconds between server WebSocket pings"}
     )

@@ -263,6 +263,8 @@ def schema() -> dict[str, Any]:
                         "slowConsumerClosesPerSecond": {"type": "number", "minimum": 0},
                         "deliveryLatencyP99Seconds": {"type": "number", "exclusiveMinimum": 0},
                         "backendErrorsPerSecond": {"type": "number", "minimum": 0},
+                        "backendDownFor": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"},
+                        "retentionDroppedPer15m": {"type": "number", "minimum": 0},
                     }
                 ),
             }
