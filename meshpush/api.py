@@ -1,18 +1,25 @@
 """The HTTP API of a node (Starlette app served by hypercorn's trio worker).
 
-``POST /v1/publish``, ``POST /v1/broadcast`` (API key), ``GET /v1/route``, ``GET /v1/nodes``,
-``GET /metrics``, ``GET /healthz``, ``GET /readyz``. Errors are JSON
-``{"error": code, "detail": text}``; every code is listed in docs/protocol.md. Bodies are read
-with a size limit (413) and validated strictly (400 names the field); nothing is stored unless
-the whole request is valid.
+``POST /v1/publish`` (one user, or ``users``), ``POST /v1/publish/batch``,
+``POST /v1/broadcast`` (API key), ``GET /v1/route``, ``GET /v1/nodes``, ``GET /metrics``,
+``GET /healthz``, ``GET /readyz``. Errors are JSON ``{"error": code, "detail": text}``; every
+code is listed in docs/protocol.md. Bodies are read with a size limit (413) and validated
+strictly (400 names the field; NaN, Infinity and lone UTF-16 surrogates are not JSON);
+nothing is stored unless the whole body is valid. A batch stores its valid items and answers
+an error for each invalid one. Store outcomes: 503 ``store_unavailable`` = definitely not
+stored; 504 ``store_timeout`` = unknown (retry with the same id). Any unexpected error is
+answered as JSON 500, logged and counted.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -30,12 +37,16 @@ from .metrics import Metrics
 from .ring import slot
 from .router import Router
 from .settings import Settings
-from .store import Store, StoreUnavailable
+from .store import Outcome, Outgoing, Store, StoreTimeout, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .presence import Presence
 
 MAX_MSG_ID = 256
+# a \uD800-\uDFFF escape or raw UTF-8 surrogate bytes: only then is the slow check needed
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
 class ApiError(Exception):
@@ -46,6 +57,33 @@ class ApiError(Exception):
 
 def _error(status: int, code: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+def _not_json(constant: str) -> Any:
+    raise ApiError(400, "bad_json", f"{constant} is not JSON (numbers must be finite)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        _not_json(text)
+    return value
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON: no NaN/Infinity (nor numbers that overflow to them), no lone surrogates."""
+    try:
+        body = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ApiError(400, "bad_json", "body is not valid JSON") from None
+    if _MAYBE_SURROGATE.search(raw):
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "bad_json", "body has a lone UTF-16 surrogate") from None
+        except RecursionError:
+            raise ApiError(400, "bad_json", "body is nested too deeply") from None
+    return body
 
 
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
@@ -76,10 +114,7 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         if size > limit:
             raise ApiError(413, "too_large", f"body larger than {limit} bytes")
         chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise ApiError(400, "bad_json", "body is not valid JSON") from None
+    body = parse_json(b"".join(chunks))
     if not isinstance(body, dict):
         raise ApiError(400, "bad_body", "body must be a JSON object")
     return body
@@ -104,7 +139,42 @@ def message_id(body: dict[str, Any]) -> str:
 
 
 def data_json(body: dict[str, Any]) -> str:
-    return json.dumps(body["data"], ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(body["data"], ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def user_id(value: object, what: str = "user") -> str:
+    try:
+        return check_id(value, what)
+    except BadId as exc:
+        raise ApiError(400, "bad_user", str(exc)) from None
+
+
+def unicast(item: object) -> Outgoing:
+    """One ``{"user", "data", "id"?}`` object as a message to store, or ApiError (400)."""
+    if not isinstance(item, dict):
+        raise ApiError(400, "bad_body", "a message must be a JSON object")
+    check_fields(item, {"user", "data"}, {"id"})
+    return Outgoing("user", user_id(item["user"]), message_id(item), data_json(item))
+
+
+def items_list(body: dict[str, Any], field: str, limit: int) -> list[Any]:
+    """The body's non-empty list ``field`` of at most ``limit`` entries (else 400/413)."""
+    value = body[field]
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, f"bad_{field}", f"{field} must be a non-empty list")
+    if len(value) > limit:
+        raise ApiError(413, "too_many", f"{field} has {len(value)} entries; at most {limit}")
+    return value
+
+
+def outcome_json(outcome: Outcome) -> dict[str, Any]:
+    if isinstance(outcome, StoreUnavailable):
+        return {"error": _store_error(outcome)[1], "detail": str(outcome)}
+    return {"seq": outcome.seq, "duplicate": outcome.duplicate}
+
+
+def _store_error(exc: StoreUnavailable) -> tuple[int, str]:
+    return (504, "store_timeout") if isinstance(exc, StoreTimeout) else (503, "store_unavailable")
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -129,6 +199,7 @@ class Api:
         self.port = settings.http_port
         routes = [
             Route("/v1/publish", self._guard(self.publish, auth=True), methods=["POST"]),
+            Route("/v1/publish/batch", self._guard(self.batch, auth=True), methods=["POST"]),
             Route("/v1/broadcast", self._guard(self.broadcast, auth=True), methods=["POST"]),
             Route("/v1/route", self._guard(self.route), methods=["GET"]),
             Route("/v1/nodes", self._guard(self.nodes), methods=["GET"]),
@@ -139,8 +210,8 @@ class Api:
                 self._guard(self.metrics_page, auth=settings.protect_metrics),
                 methods=["GET"],
             ),
-            Route("/healthz", self.healthz, methods=["GET"]),
-            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/healthz", self._guard(self.healthz), methods=["GET"]),
+            Route("/readyz", self._guard(self.readyz), methods=["GET"]),
         ]
         self.app = Starlette(
             routes=routes,
@@ -156,6 +227,10 @@ class Api:
             except ApiError as exc:
                 self.metrics.publish_errors.labels(reason=exc.code).inc()
                 return _error(exc.status, exc.code, exc.detail)
+            except Exception:
+                self.metrics.api_errors.labels(path=request.url.path).inc()
+                log.exception("unexpected error in %s %s", request.method, request.url.path)
+                return _error(500, "internal_error", "unexpected server error")
 
         return guarded
 
@@ -169,40 +244,68 @@ class Api:
 
     async def publish(self, request: Request) -> Response:
         body = await read_json(request, self.settings.max_body_bytes)
-        check_fields(body, {"user", "data"}, {"id"})
-        try:
-            user = check_id(body["user"], "user")
-        except BadId as exc:
-            raise ApiError(400, "bad_user", str(exc)) from None
+        if "users" in body:
+            return await self._publish_users(body)
+        message = unicast(body)
+        [outcome] = await self._store([message])
+        if isinstance(outcome, StoreUnavailable):
+            raise ApiError(*_store_error(outcome), str(outcome))
+        return JSONResponse({**outcome_json(outcome), "id": message.id}, status_code=202)
+
+    async def _publish_users(self, body: dict[str, Any]) -> Response:
+        """``{"users": [...], "data", "id"?}``: one stored message (and chain) per user."""
+        check_fields(body, {"users", "data"}, {"id"})
+        raw = items_list(body, "users", self.settings.max_batch)
+        users = [user_id(u, f"users[{i}]") for i, u in enumerate(raw)]
+        if len(set(users)) != len(users):
+            raise ApiError(400, "bad_users", "users must not repeat")
         msg_id, payload = message_id(body), data_json(body)
-        stored = await self._store(
-            lambda: self.store.publish("user", user, msg_id, payload), "user"
-        )
-        return JSONResponse(
-            {"seq": stored.seq, "duplicate": stored.duplicate, "id": msg_id}, status_code=202
-        )
+        outcomes = await self._store([Outgoing("user", u, msg_id, payload) for u in users])
+        results = [{"user": u, **outcome_json(o)} for u, o in zip(users, outcomes, strict=True)]
+        return JSONResponse({"id": msg_id, "results": results}, status_code=202)
+
+    async def batch(self, request: Request) -> Response:
+        """``{"messages": [...]}``: each valid item stored, each invalid one answered."""
+        body = await read_json(request, self.settings.max_body_bytes)
+        check_fields(body, {"messages"}, set())
+        parsed: list[Outgoing | ApiError] = []
+        for item in items_list(body, "messages", self.settings.max_batch):
+            try:
+                parsed.append(unicast(item))
+            except ApiError as exc:
+                self.metrics.publish_errors.labels(reason=exc.code).inc()
+                parsed.append(exc)
+        valid = [m for m in parsed if isinstance(m, Outgoing)]
+        stored = iter(await self._store(valid))
+        results = [
+            {"error": m.code, "detail": m.detail}
+            if isinstance(m, ApiError)
+            else {**outcome_json(next(stored)), "id": m.id}
+            for m in parsed
+        ]
+        return JSONResponse({"results": results}, status_code=202)
 
     async def broadcast(self, request: Request) -> Response:
         body = await read_json(request, self.settings.max_body_bytes)
         check_fields(body, {"data"}, {"id"})
-        msg_id, payload = message_id(body), data_json(body)
-        stored = await self._store(
-            lambda: self.store.publish("broadcast", None, msg_id, payload), "broadcast"
-        )
-        return JSONResponse(
-            {"seq": stored.seq, "duplicate": stored.duplicate, "id": msg_id}, status_code=202
-        )
+        message = Outgoing("broadcast", None, message_id(body), data_json(body))
+        [outcome] = await self._store([message])
+        if isinstance(outcome, StoreUnavailable):
+            raise ApiError(*_store_error(outcome), str(outcome))
+        return JSONResponse({**outcome_json(outcome), "id": message.id}, status_code=202)
 
-    async def _store(self, op: Callable[[], Awaitable[Any]], ch: str) -> Any:
+    async def _store(self, messages: list[Outgoing]) -> Sequence[Outcome]:
+        if not messages:
+            return []
         started = time.perf_counter()
-        try:
-            stored = await op()
-        except StoreUnavailable as exc:
-            raise ApiError(503, "store_unavailable", str(exc)) from None
+        outcomes = await self.store.publish_many(messages)
         self.metrics.publish_latency.observe(time.perf_counter() - started)
-        if not stored.duplicate:
-            self.metrics.published.labels(ch=ch).inc()
-        return stored
+        for message, outcome in zip(messages, outcomes, strict=True):
+            if isinstance(outcome, StoreUnavailable):
+                self.metrics.publish_errors.labels(reason=_store_error(outcome)[1]).inc()
+            elif not outcome.duplicate:
+                self.metrics.published.labels(ch=message.ch).inc()
+        return outcomes
 
     async def route(self, request: Request) -> Response:
         try:

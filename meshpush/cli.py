@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--user")
     target.add_argument("--broadcast", action="store_true")
     pub.add_argument("--id", help="idempotency id")
-    pub.add_argument("data", help="JSON value (a bare word is sent as a string)")
+    pub.add_argument("data", help="JSON value (a string is quoted: '\"text\"')")
     _config_flag(pub)
     pub.set_defaults(func=cmd_publish)
 
@@ -311,43 +311,36 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    from .publisher import Publisher, PublishError
+
+    data = parse_data(args.data)
     dev = load_dev(args.config)
+    urls = [node["http_url"] for node in dev["nodes"]]  # any node will do; failover in order
     try:
-        data = json.loads(args.data)
-    except ValueError:
-        data = args.data
-    body: dict[str, Any] = {"data": data}
-    if args.user is not None:
-        body["user"] = args.user
-    if args.id:
-        body["id"] = args.id
-    path = "/v1/broadcast" if args.broadcast else "/v1/publish"
-    for node in dev["nodes"]:  # any node will do; skip one that is down
-        try:
-            answer = post_json(node["http_url"] + path, body, dev["api_key"])
-        except urllib.error.URLError as exc:
-            print(
-                f"meshpush: {node['id']} unreachable ({exc.reason}), trying next", file=sys.stderr
-            )
-            continue
-        print(answer["seq"])
-        return 0
-    raise CliError("no node answered")
+        with Publisher(urls, dev["api_key"], retries=max(2, len(urls))) as pub:
+            if args.broadcast:
+                done = pub.broadcast(data, id=args.id)
+            else:
+                done = pub.publish(args.user, data, id=args.id)
+    except PublishError as exc:
+        raise CliError(str(exc)) from None
+    print(f"{done.seq} duplicate" if done.duplicate else done.seq)
+    return 0
 
 
-def post_json(url: str, body: dict[str, Any], api_key: str) -> dict[str, Any]:
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        method="POST",
-        headers={"content-type": "application/json", "authorization": f"Bearer {api_key}"},
-    )
+def parse_data(text: str) -> Any:
+    """DATA must be JSON; a mistake is exit 2 with a hint (a bare word is not a string)."""
     try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            result: dict[str, Any] = json.loads(resp.read())
-            return result
-    except urllib.error.HTTPError as exc:
-        raise CliError(f"{exc.code}: {exc.read().decode(errors='replace')}") from None
+        return json.loads(text, parse_constant=_no_constant)
+    except ValueError as exc:
+        quoted = json.dumps(text)
+        raise CliError(
+            f"DATA is not valid JSON ({exc}); to send a string, quote it as JSON: '{quoted}'"
+        ) from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

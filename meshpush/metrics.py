@@ -31,6 +31,7 @@ KNOWN_LABELS: dict[str, dict[str, tuple[str, ...]]] = {
     "meshpush_publish_errors_total": {
         "reason": (
             "store_unavailable",
+            "store_timeout",
             "no_ring",
             "bad_json",
             "bad_body",
@@ -39,6 +40,9 @@ KNOWN_LABELS: dict[str, dict[str, tuple[str, ...]]] = {
             "unknown_field",
             "missing_field",
             "too_large",
+            "too_many",
+            "bad_messages",
+            "bad_users",
             "missing_api_key",
             "invalid_api_key",
         )
@@ -63,6 +67,7 @@ KNOWN_LABELS: dict[str, dict[str, tuple[str, ...]]] = {
             "cursor_write",
             "asyncio",
             "bad_notification",
+            "notify",
             "bad_presence",
             "webhook",
         )
@@ -121,6 +126,12 @@ class Metrics:
         )
         self.publish_errors = Counter(
             "meshpush_publish_errors_total", "Publishes refused or failed", ["reason"], registry=r
+        )
+        self.api_errors = Counter(
+            "meshpush_api_errors_total",
+            "Unexpected HTTP API errors (bugs), answered with JSON 500",
+            ["path"],
+            registry=r,
         )
         self.delivered = Counter(
             "meshpush_messages_delivered_total", "Frames queued to sessions", ["ch"], registry=r

@@ -25,7 +25,7 @@ import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .api import ApiError, check_fields, read_json
+from .api import ApiError, check_fields, items_list, read_json
 from .bridge import BridgeClosed, aio
 from .encoding import BadId, check_id
 from .settings import Settings
@@ -62,11 +62,7 @@ class Registry(Protocol):
 def check_users(body: dict[str, Any]) -> list[str]:
     """Validate a ``POST /v1/presence`` body; raise :class:`ApiError` with the documented code."""
     check_fields(body, {"users"}, set())
-    users = body["users"]
-    if not isinstance(users, list):
-        raise ApiError(400, "bad_users", "users must be a list of user ids")
-    if len(users) > MAX_USERS:
-        raise ApiError(413, "too_many_users", f"at most {MAX_USERS} users per request")
+    users = items_list(body, "users", MAX_USERS)
     for i, user in enumerate(users):
         try:
             check_id(user, f"users[{i}]")

@@ -74,6 +74,10 @@ class Settings:
     max_body_bytes: int = field(
         default=262144, metadata={"help": "largest HTTP API body (413 above)"}
     )
+    max_batch: int = field(
+        default=1000,
+        metadata={"help": "most messages in a batch publish / users in a multi-user publish"},
+    )
     session_queue: int = field(
         default=1024, metadata={"help": "frames queued for one session before it is cut (4008)"}
     )

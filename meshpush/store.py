@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
-import re
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,23 +34,38 @@ import nats.js.api
 import nats.js.errors
 import trio
 
-from .bridge import Bridge, aio
+from .bridge import Bridge, BridgeClosed, aio
 from .bus import Bus, encode_notification
-from .encoding import encode_token
+from .encoding import BadId, decode_token, encode_token
 from .metrics import Metrics
+from .pipeline import Ack, AckInbox, Answer, GroupCommit, Publish, Refused, WrongLast
 from .ring import slot
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-WRONG_LAST = 10071
 MAX_CHAIN_RETRIES = 32
 CURSOR_TTL_FACTOR = 4
-_LAST_RE = re.compile(r"wrong last sequence: (\d+)")
 
 
 class StoreUnavailable(Exception):
-    """NATS / JetStream did not accept or confirm an operation in time (the API answers 503)."""
+    """The store did not take an operation: for a publish, it was definitely **not stored**
+    (not connected, JetStream refused it, or it was never sent). The API answers 503."""
+
+
+class StoreTimeout(StoreUnavailable):
+    """No answer in time: a publish **may or may not** have been stored (the API answers
+    504 ``store_timeout``; retrying with the same id is safe and tells which)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message to store: ``user`` is None for a broadcast."""
+
+    ch: str
+    user: str | None
+    id: str
+    data_json: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +73,9 @@ class Stored:
     seq: int
     prev: int
     duplicate: bool
+
+
+Outcome = Stored | StoreUnavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,23 +89,52 @@ class StoredMessage:
 
 
 class _Locks:
-    """One trio lock per key, created on demand and dropped when nobody holds or waits."""
+    """One asyncio lock per key, created on demand and dropped when nobody holds or waits."""
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[trio.Lock, int]] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    async def run(self, key: str, fn: Callable[[], Awaitable[Stored]]) -> Stored:
-        lock, users = self._locks.get(key, (trio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
+    @contextlib.asynccontextmanager
+    async def hold_all(self, keys: list[str], timeout: float) -> AsyncIterator[set[str]]:
+        """Hold the locks of ``keys`` (taken in the order given: sort them, no deadlock);
+        yields the keys held — those not free within ``timeout`` are left out."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        held: list[tuple[str, asyncio.Lock]] = []
         try:
-            async with lock:
-                return await fn()
+            for key in keys:
+                lock = self._join(key)
+                if await self._acquire(lock, deadline):
+                    held.append((key, lock))
+                else:
+                    self._leave(key)
+            yield {key for key, _ in held}
         finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+            for key, lock in held:
+                lock.release()
+                self._leave(key)
+
+    async def _acquire(self, lock: asyncio.Lock, deadline: float) -> bool:
+        if not lock.locked():  # wait_for costs a task and a timer: only when contended
+            await lock.acquire()
+            return True
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(lock.acquire(), max(remaining, 0.001))
+        except TimeoutError:
+            return False
+        return True
+
+    def _join(self, key: str) -> asyncio.Lock:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        return lock
+
+    def _leave(self, key: str) -> None:
+        lock, users = self._locks[key]
+        if users == 1:
+            del self._locks[key]
+        else:
+            self._locks[key] = (lock, users - 1)
 
 
 class _LastSeqs:
@@ -107,6 +155,28 @@ class _LastSeqs:
         self._data.move_to_end(subject)
         while len(self._data) > self.size:
             self._data.popitem(last=False)
+
+
+def _publish(subject: str, prev: int, item: Outgoing) -> Publish:
+    headers = {
+        "Nats-Msg-Id": dedup_id(item),
+        "Nats-Expected-Last-Subject-Sequence": str(prev),
+        "Mp-Prev": str(prev),
+        "Mp-Id": encode_token(item.id),
+    }
+    return Publish(subject, item.data_json.encode(), headers)
+
+
+def _skip_rest(indexes: list[int], outcomes: list[Outcome | None]) -> None:
+    skipped = StoreUnavailable("not stored: an earlier message of this user failed")
+    for i in indexes:
+        outcomes[i] = skipped
+
+
+def dedup_id(item: Outgoing) -> str:
+    """``Nats-Msg-Id``: idempotency is per user (and per broadcast), whatever the id's bytes."""
+    key = f"{item.ch}\0{item.user or ''}\0{item.id}".encode()
+    return hashlib.sha256(key).hexdigest()
 
 
 def stream_subject(settings: Settings, ch: str, user: str | None) -> str:
@@ -133,6 +203,9 @@ class Store:
         self._locks = _Locks()
         self._last = _LastSeqs()
         self.chain_retries = 0
+        self.publish_timeout = 5.0
+        self._acks = AckInbox()
+        self._commits: GroupCommit[Outgoing, Outcome] = GroupCommit(self._publish_all)
 
     # ------------------------------------------------------------ setup
 
@@ -171,6 +244,7 @@ class Store:
             ttl=CURSOR_TTL_FACTOR * s.max_message_age,  # outlive messages: gaps stay visible
             replicas=s.stream_replicas,
         )
+        await self._acks.start(self.bus.nc)
         return infos
 
     async def _add_or_update(self, cfg: Any) -> Any:
@@ -182,60 +256,110 @@ class Store:
     # ------------------------------------------------------------ publishing
 
     async def publish(self, ch: str, user: str | None, msg_id: str, data_json: str) -> Stored:
-        """Store (chained on prev), then notify. Raises :class:`StoreUnavailable`."""
+        """Store (chained on prev), then notify. Raises :class:`StoreUnavailable` (not
+        stored) or :class:`StoreTimeout` (outcome unknown)."""
+        [outcome] = await self.publish_many([Outgoing(ch, user, msg_id, data_json)])
+        if isinstance(outcome, StoreUnavailable):
+            raise outcome
+        return outcome
+
+    async def publish_many(self, items: list[Outgoing]) -> Sequence[Outcome]:
+        """Store many messages in one bridge crossing; one outcome per item, in order.
+
+        Messages of different subjects (users) are in flight together and their acks are
+        awaited together; messages of one subject are chained one after the other, in the
+        order given, so each one's ``prev`` is exact."""
         if self.bus.js is None or not self.bus.connected:
-            raise StoreUnavailable("not connected to NATS")
-        subject = stream_subject(self.settings, ch, user)
-        live = self.bus.live_subject(ch, user)
-        return await self._locks.run(
-            subject, lambda: self._publish_chained(subject, live, user, msg_id, data_json)
-        )
-
-    async def _publish_chained(
-        self, subject: str, live: str, user: str | None, msg_id: str, data_json: str
-    ) -> Stored:
-        first_guess = self._last.get(subject)
-
-        async def work() -> Stored:  # runs on the asyncio loop: one crossing per publish
-            prev = first_guess
-            for _ in range(MAX_CHAIN_RETRIES):
-                outcome = await self._store_once(subject, prev, msg_id, data_json)
-                if isinstance(outcome, int):  # JetStream named the real last seq: chain on it
-                    self.chain_retries += 1
-                    prev = outcome
-                    continue
-                if not outcome.duplicate:
-                    head = {"u": user, "s": outcome.seq, "p": prev, "i": msg_id, "t": time.time()}
-                    await self.bus.nc.publish(live, encode_notification(head, data_json))
-                return outcome
-            raise StoreUnavailable("too many concurrent publishers on one subject; retry")
-
-        stored: Stored = await self._call(work)
-        if not stored.duplicate:
-            self._last.put(subject, stored.seq)
-        return stored
-
-    async def _store_once(
-        self, subject: str, prev: int, msg_id: str, data_json: str
-    ) -> Stored | int:
-        headers = {
-            "Nats-Msg-Id": msg_id,
-            "Nats-Expected-Last-Subject-Sequence": str(prev),
-            "Mp-Prev": str(prev),
-        }
+            return [StoreUnavailable("not stored: not connected to NATS")] * len(items)
         try:
-            ack = await self.bus.js.publish(subject, data_json.encode(), headers=headers)
-        except nats.js.errors.APIError as exc:
-            match = _LAST_RE.search(exc.description or "")
-            if exc.err_code == WRONG_LAST and match:
-                return int(match.group(1))
-            raise
-        return Stored(seq=ack.seq, prev=prev, duplicate=bool(ack.duplicate))
+            outcomes: Sequence[Outcome] = await self.bridge.call(
+                lambda: self._commits.submit(items), timeout=math.inf
+            )
+        except BridgeClosed as exc:
+            return [StoreUnavailable(f"not stored: {exc}")] * len(items)
+        for outcome in outcomes:
+            if isinstance(outcome, StoreTimeout):
+                self.metrics.backend_errors.labels(backend="nats").inc()
+        return outcomes
+
+    async def _publish_all(self, items: list[Outgoing]) -> Sequence[Outcome]:
+        """On the asyncio loop: hold every subject's lock, then store in rounds."""
+        groups: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(stream_subject(self.settings, item.ch, item.user), []).append(i)
+        outcomes: list[Outcome | None] = [None] * len(items)
+        async with self._locks.hold_all(sorted(groups), self.publish_timeout) as held:
+            for subject in set(groups) - held:
+                busy = StoreUnavailable("not stored: this user's earlier publishes are pending")
+                for i in groups.pop(subject):
+                    outcomes[i] = busy
+            await self._rounds(items, groups, outcomes)
+        return [o if o is not None else StoreUnavailable("not attempted") for o in outcomes]
+
+    async def _rounds(
+        self, items: list[Outgoing], queues: dict[str, list[int]], outcomes: list[Outcome | None]
+    ) -> None:
+        """Each round sends the next message of every subject (all in flight together); a
+        subject's next message waits for the answer to its previous one, so ``prev`` is
+        exact. A wrong-last answer resends on the seq JetStream named (bounded)."""
+        heads = {subject: 0 for subject in queues}
+        prevs = {subject: self._last.get(subject) for subject in queues}
+        tries = dict.fromkeys(queues, 0)
+        while heads:
+            sending = [(s, queues[s][k]) for s, k in heads.items()]
+            publishes = [_publish(s, prevs[s], items[i]) for s, i in sending]
+            answers = await self._acks.round(self.bus.nc, publishes, self.publish_timeout)
+            for (subject, i), answer in zip(sending, answers, strict=True):
+                outcome = self._settle(subject, prevs, answer)
+                if outcome is None and tries[subject] < MAX_CHAIN_RETRIES:
+                    tries[subject] += 1
+                    continue
+                outcome = outcome or StoreUnavailable("not stored: too many concurrent publishers")
+                outcomes[i] = outcome
+                if isinstance(outcome, Stored) and not outcome.duplicate:
+                    await self._notify(items[i], outcome)
+                heads[subject] += 1
+                if isinstance(outcome, StoreUnavailable):
+                    _skip_rest(queues[subject][heads[subject] :], outcomes)
+                    heads[subject] = len(queues[subject])
+                if heads[subject] == len(queues[subject]):
+                    del heads[subject]
+
+    def _settle(self, subject: str, prevs: dict[str, int], answer: Answer) -> Outcome | None:
+        """The outcome of one answer, or None to resend (the chain moved: ``prevs`` fixed)."""
+        if isinstance(answer, WrongLast):
+            self.chain_retries += 1
+            prevs[subject] = answer.last
+            return None
+        if isinstance(answer, Ack):
+            stored = Stored(seq=answer.seq, prev=prevs[subject], duplicate=answer.duplicate)
+            if not answer.duplicate:
+                prevs[subject] = answer.seq
+                self._last.put(subject, answer.seq)
+            return stored
+        if isinstance(answer, Refused):
+            return StoreUnavailable(f"not stored: {answer.detail}")
+        return StoreTimeout(f"outcome unknown: {answer.detail}")
+
+    async def _notify(self, item: Outgoing, stored: Stored) -> None:
+        """The live hint; a failure is logged and counted (the stream has the message)."""
+        head = {"u": item.user, "s": stored.seq, "p": stored.prev, "i": item.id, "t": time.time()}
+        try:
+            await self.bus.nc.publish(
+                self.bus.live_subject(item.ch, item.user),
+                encode_notification(head, item.data_json),
+            )
+        except (nats.errors.Error, OSError) as exc:
+            self.metrics.backend_errors.labels(backend="notify").inc()
+            log.warning("live notification failed (stored; receivers catch up): %r", exc)
 
     async def _call(self, factory: Callable[[], Awaitable[Any]], timeout: float = 5.0) -> Any:
         try:
             return await self.bridge.call(factory, timeout=timeout)
-        except (nats.errors.Error, TimeoutError, OSError) as exc:
+        except TimeoutError:
+            self.metrics.backend_errors.labels(backend="nats").inc()
+            raise StoreTimeout("store timed out") from None
+        except (nats.errors.Error, OSError) as exc:
             self.metrics.backend_errors.labels(backend="nats").inc()
             raise StoreUnavailable(f"store failed: {type(exc).__name__}") from None
 
@@ -305,9 +429,20 @@ def _to_stored(msg: Any) -> StoredMessage:
     return StoredMessage(
         seq=int(h["Nats-Sequence"]),
         prev=int(h.get("Mp-Prev", 0)),
-        id=str(h.get("Nats-Msg-Id", "")),
+        id=_message_id(h),
         data_json=msg.data.decode(),
     )
+
+
+def _message_id(headers: dict[str, str]) -> str:
+    """The publisher's id (``Mp-Id``; messages stored before it existed: ``Nats-Msg-Id``)."""
+    token = headers.get("Mp-Id")
+    if token is not None:
+        try:
+            return decode_token(token)
+        except BadId:
+            pass
+    return str(headers.get("Nats-Msg-Id", ""))
 
 
 # ---------------------------------------------------------------- cursors

@@ -197,7 +197,7 @@ COMBOS: dict[str, dict[str, Any]] = {
             "parentRefs": [{"name": "gw", "namespace": "gateways"}],
         },
         "perPodService": {"enabled": True},
-        "prometheusRule": {"enabled": True},
+        "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
     },
     "ipfilter-loadbalancer-minimal": {
         **AUTH,

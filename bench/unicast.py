@@ -1,0 +1,324 @@
+"""Durable unicast benchmark (issue 10): publish -> deliver through a 3-node dev cluster.
+
+Phases, each with fresh users (so no replay of earlier phases):
+  raw      raw JetStream publishes from one nats-py process, 256 in flight (the floor);
+  single   one message per HTTP request (publisher SDK, CONCURRENCY in flight per generator);
+  batch    POST /v1/publish/batch with BATCH messages per request;
+each of single/batch at the maximum rate, then paced at half the rate it reached.
+Load generators (asyncio, the publisher SDK) and receivers (trio, the client SDK, USERS users)
+run in separate processes; every process's CPU is reported. Latency = receive time - the
+send time carried in the message (one machine, CLOCK_MONOTONIC is system-wide).
+Node CPU per message = CPU of the 3 node processes during the phase / messages delivered.
+
+    meshpush bench unicast [--messages 20000] [--users 50] [--only single|batch] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import queue
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bench._stats import pct
+from bench._targets import cpu_seconds, machine, write_json
+from meshpush.auth import issue_token
+from meshpush.client import Client
+from meshpush.devcluster import LocalCluster
+from meshpush.publisher import AsyncPublisher, Message, Published
+
+GENERATORS = 2
+RECEIVERS = 2
+
+
+# ---------------------------------------------------------------- processes
+
+
+def raw_jetstream(nats_url: str, n: int, inflight: int, out: Any) -> None:
+    """The floor: n JetStream publishes (acked) from one nats-py process."""
+    import nats
+
+    async def go() -> float:
+        nc = await nats.connect(nats_url)
+        js = nc.jetstream()
+        await js.add_stream(name="BENCHRAW", subjects=["benchraw.>"])
+        sem = asyncio.Semaphore(inflight)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await js.publish(f"benchraw.{i % 50}", b'{"t":1.0}')
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        elapsed = time.perf_counter() - start
+        await nc.close()
+        return n / elapsed
+
+    cpu = time.process_time()
+    rate = asyncio.run(go())
+    out.put({"rate": rate, "cpu": time.process_time() - cpu})
+
+
+def receiver(ws_urls: list[str], secret: str, users: list[str], expected: int, out: Any) -> None:
+    """Connect one client per user; report latencies once ``expected`` messages arrived."""
+
+    async def go() -> dict[str, Any]:
+        latencies: list[float] = []
+        done = trio.Event()
+        times: list[float] = []
+        async with trio.open_nursery() as nursery:
+
+            async def consume(client: Client) -> None:
+                async for msg in client:
+                    now = time.monotonic()
+                    latencies.append(now - msg.data["t"])
+                    times.append(now)
+                    if len(latencies) >= expected:
+                        done.set()
+
+            clients = []
+            for user in users:
+
+                async def token(user: str = user) -> str:
+                    return issue_token(secret, user, 3600)
+
+                client = Client(ws_urls, token=token, device="bench")
+                clients.append(client)
+                nursery.start_soon(client.run)
+                nursery.start_soon(consume, client)
+            with trio.fail_after(60):
+                for c in clients:
+                    await c.wait_online()
+            out.put({"ready": os.getpid()})
+            cpu = time.process_time()
+            with trio.move_on_after(120):
+                await done.wait()
+            cpu = time.process_time() - cpu
+            nursery.cancel_scope.cancel()
+        last = max(times) if times else 0.0
+        return {"latencies": latencies, "last": last, "cpu": cpu, "pid": os.getpid()}
+
+    out.put(trio.run(go))
+
+
+@dataclass
+class Load:
+    http_urls: list[str]
+    api_key: str
+    users: list[str]
+    first: int  # message numbers [first, first + count)
+    count: int
+    rate: float  # messages per second for this generator; 0 = as fast as possible
+    batch: int  # 1 = single publishes
+    concurrency: int
+
+
+def generator(load: Load, out: Any) -> None:
+    """Publish ``load.count`` messages with the publisher SDK (asyncio)."""
+
+    async def go() -> dict[str, Any]:
+        errors = 0
+        sem = asyncio.Semaphore(load.concurrency)
+        # several small pools: httpcore's pool scans all its connections per request, so one
+        # pool of 64 costs the generator far more CPU than 8 pools of 8
+        pubs = [
+            AsyncPublisher(load.http_urls, load.api_key, max_connections=8)
+            for _ in range(max(1, load.concurrency // 8))
+        ]
+        numbers = range(load.first, load.first + load.count)
+        chunks = [numbers[i : i + load.batch] for i in range(0, len(numbers), load.batch)]
+
+        async def send(chunk: range, pub: AsyncPublisher) -> None:
+            nonlocal errors
+            try:
+                data = {"t": time.monotonic()}
+                users = [load.users[i % len(load.users)] for i in chunk]
+                if load.batch == 1:
+                    await pub.publish(users[0], data)
+                else:
+                    results = await pub.publish_many([Message(u, data) for u in users])
+                    errors += sum(not isinstance(r, Published) for r in results)
+            except Exception:
+                errors += len(chunk)
+            finally:
+                sem.release()
+
+        start = time.monotonic()
+        tasks = []
+        for k, chunk in enumerate(chunks):
+            if load.rate:
+                await asyncio.sleep(max(0.0, start + k * load.batch / load.rate - time.monotonic()))
+            await sem.acquire()
+            tasks.append(asyncio.create_task(send(chunk, pubs[k % len(pubs)])))
+        await asyncio.gather(*tasks)
+        for pub in pubs:
+            await pub.aclose()
+        return {"errors": errors, "start": start, "end": time.monotonic()}
+
+    cpu = time.process_time()
+    result = asyncio.run(go())
+    out.put({**result, "cpu": time.process_time() - cpu, "pid": os.getpid()})
+
+
+# ---------------------------------------------------------------- phases
+
+
+@dataclass
+class Phase:
+    name: str
+    messages: int
+    delivered: int = 0
+    rate: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    p999_ms: float = 0.0
+    node_cpu_ms_per_msg: float = 0.0
+    generator_cpu_s: list[float] = field(default_factory=list)
+    receiver_cpu_s: list[float] = field(default_factory=list)
+    errors: int = 0
+    load_average: float = 0.0
+
+
+def spawn(target: Any, *args: Any) -> tuple[Any, Any]:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, out), daemon=True)
+    proc.start()
+    return proc, out
+
+
+def collect(out: Any, timeout: float) -> dict[str, Any]:
+    try:
+        result: dict[str, Any] = out.get(timeout=timeout)
+    except queue.Empty:
+        raise RuntimeError("a benchmark process did not report in time") from None
+    return result
+
+
+def _pct_ms(values: list[float], q: float) -> float:
+    return pct(values, q) * 1000 if values else float("nan")
+
+
+def run_phase(
+    cluster: LocalCluster, name: str, messages: int, users: int, batch: int, rate: float
+) -> Phase:
+    names = [f"{name}-{i}" for i in range(users)]
+    ws = [n.ws_url for n in cluster.live()]
+    receivers = []
+    for r in range(RECEIVERS):
+        mine = names[r::RECEIVERS]
+        expected = sum(1 for i in range(messages) if i % users % RECEIVERS == r)
+        receivers.append(spawn(receiver, ws, cluster.token_secret, mine, expected))
+    for _, out in receivers:
+        collect(out, 90)  # online
+    http = [n.http_url for n in cluster.live()]
+    per_gen = messages // GENERATORS
+    pids = [n.proc.pid for n in cluster.live()]
+    cpu_before = sum(cpu_seconds(p) for p in pids)
+    gens = []
+    for g in range(GENERATORS):
+        count = per_gen if g < GENERATORS - 1 else messages - per_gen * g
+        concurrency = 32 if batch == 1 else 4
+        load = Load(
+            http, cluster.api_key, names, g * per_gen, count, rate / GENERATORS, batch, concurrency
+        )
+        gens.append(spawn(generator, load))
+    gen_results = [collect(out, 600) for _, out in gens]
+    rec_results = [collect(out, 180) for _, out in receivers]
+    node_cpu = sum(cpu_seconds(p) for p in pids) - cpu_before
+    for proc, _ in gens + receivers:
+        proc.join(10)
+    latencies = [x for r in rec_results for x in r["latencies"]]
+    start = min(g["start"] for g in gen_results)
+    last = max(r["last"] for r in rec_results)
+    return Phase(
+        name=name,
+        messages=messages,
+        delivered=len(latencies),
+        rate=len(latencies) / max(last - start, 1e-9),
+        p50_ms=_pct_ms(latencies, 0.5),
+        p99_ms=_pct_ms(latencies, 0.99),
+        p999_ms=_pct_ms(latencies, 0.999),
+        node_cpu_ms_per_msg=node_cpu / max(len(latencies), 1) * 1000,
+        generator_cpu_s=[round(g["cpu"], 2) for g in gen_results],
+        receiver_cpu_s=[round(r["cpu"], 2) for r in rec_results],
+        errors=sum(g["errors"] for g in gen_results),
+        load_average=os.getloadavg()[0],
+    )
+
+
+def run(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
+    proc, out = spawn(raw_jetstream, cluster.nats_url, args.messages, 256)
+    raw = collect(out, 300)
+    proc.join(10)
+    phases: list[Phase] = []
+    kinds = [k for k in (("single", 1), ("batch", args.batch)) if args.only in (None, k[0])]
+    for kind, batch in kinds:
+        n = args.messages if batch > 1 else args.single_messages
+        top = run_phase(cluster, f"{kind}-max", n, args.users, batch, 0.0)
+        half = run_phase(cluster, f"{kind}-half", n // 2, args.users, batch, top.rate / 2)
+        phases += [top, half]
+    return {
+        "raw_jetstream_rate": raw["rate"],
+        "raw_jetstream_cpu_s": raw["cpu"],
+        "phases": [asdict(p) for p in phases],
+        "cores": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "parameters": vars(args) | {"json": str(args.json)},
+        "machine": machine(),
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    raw = report["raw_jetstream_rate"]
+    lines = [
+        f"raw JetStream publishes/s from one nats-py process (floor): {raw:,.0f}"
+        f"  (cpu {report['raw_jetstream_cpu_s']:.1f} s)",
+        f"{'phase':<12}{'msgs':>7}{'msg/s':>9}{'x raw':>7}{'p50 ms':>8}{'p99 ms':>8}"
+        f"{'p999 ms':>9}{'node ms/msg':>12}{'errors':>7}  gen cpu s / recv cpu s   load",
+    ]
+    for p in report["phases"]:
+        lines.append(
+            f"{p['name']:<12}{p['delivered']:>7}{p['rate']:>9,.0f}{p['rate'] / raw:>7.2f}"
+            f"{p['p50_ms']:>8.1f}{p['p99_ms']:>8.1f}{p['p999_ms']:>9.1f}"
+            f"{p['node_cpu_ms_per_msg']:>12.3f}{p['errors']:>7}  {p['generator_cpu_s']} / "
+            f"{p['receiver_cpu_s']}  {p['load_average']:.1f}"
+        )
+    lines.append(
+        f"{report['cores']} cores shared by 3 nodes, NATS, etcd, {GENERATORS} generators and "
+        f"{RECEIVERS} receivers; load average at the end {report['load_average'][0]:.1f}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="meshpush bench unicast", description=__doc__)
+    parser.add_argument("--messages", type=int, default=20000, help="per batch phase and raw")
+    parser.add_argument("--single-messages", type=int, default=6000, help="per single phase")
+    parser.add_argument("--users", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=200, help="messages per batch request")
+    parser.add_argument("--only", choices=["single", "batch"], help="run one kind of phase")
+    parser.add_argument("--json", type=Path, default=Path(".meshpush/bench/unicast.json"))
+    args = parser.parse_args(argv)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LocalCluster(Path(tmp), nodes=3, cluster="bench") as cluster,
+    ):
+        report = run(cluster, args)
+    print(table(report))
+    write_json(args.json, report)
+    complete = all(p["delivered"] == p["messages"] and not p["errors"] for p in report["phases"])
+    return 0 if complete else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

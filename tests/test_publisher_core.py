@@ -1,0 +1,114 @@
+"""The publisher SDK's sans-IO core: retries with the same id, failover, batches (no server)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from meshpush.publisher import (
+    Failed,
+    Published,
+    PublishError,
+    _Core,
+    _Plan,
+    _Post,
+    _Reply,
+    _Sleep,
+)
+
+Answer = Callable[[_Post], _Reply]
+
+
+def drive(plan: _Plan[Any], answer: Answer) -> tuple[Any, list[_Post]]:
+    """Run a plan against ``answer``; return its result and the requests it made."""
+    posts: list[_Post] = []
+    reply: _Reply | None = None
+    try:
+        while True:
+            step = plan.send(reply)
+            if isinstance(step, _Sleep):
+                assert 0 <= step.seconds <= 2.0
+                reply = None
+            else:
+                posts.append(step)
+                reply = answer(step)
+    except StopIteration as done:
+        return done.value, posts
+
+
+def reply(status: int, body: dict[str, Any]) -> _Reply:
+    return _Reply(status, json.dumps(body).encode())
+
+
+def stored(post: _Post, seq: int = 7) -> _Reply:
+    sent = json.loads(post.body)
+    return reply(202, {"seq": seq, "duplicate": False, "id": sent["id"]})
+
+
+def test_a_timeout_then_a_504_are_retried_with_the_same_id_on_the_next_nodes() -> None:
+    answers = iter(
+        [
+            lambda p: _Reply(error="ReadTimeout"),
+            lambda p: reply(504, {"error": "store_timeout", "detail": "unknown"}),
+            stored,
+        ]
+    )
+    core = _Core(["http://a", "http://b", "http://c"], retries=4, backoff=0.01, max_batch=10)
+    result, posts = drive(
+        core.publish("/v1/publish", {"user": "u", "data": 1, "id": None}),
+        lambda p: next(answers)(p),
+    )
+    assert isinstance(result, Published) and result.seq == 7
+    assert [p.url for p in posts] == [f"http://{n}/v1/publish" for n in "abc"]
+    ids = {json.loads(p.body)["id"] for p in posts}
+    assert len(ids) == 1  # one id made up before the first attempt, kept by every retry
+
+
+def test_a_publisher_mistake_is_not_retried() -> None:
+    core = _Core("http://a", retries=4, backoff=0.01, max_batch=10)
+    plan = core.publish("/v1/publish", {"user": "", "data": 1, "id": "x"})
+    with pytest.raises(PublishError) as err:
+        drive(plan, lambda p: reply(400, {"error": "bad_user", "detail": "empty"}))
+    assert (err.value.status, err.value.code, err.value.retryable) == (400, "bad_user", False)
+
+
+def test_retries_are_bounded() -> None:
+    core = _Core(["http://a", "http://b"], retries=2, backoff=0.01, max_batch=10)
+    plan = core.publish("/v1/broadcast", {"data": 1, "id": "x"})
+    with pytest.raises(PublishError) as err:
+        drive(plan, lambda p: _Reply(error="ConnectError"))
+    assert err.value.code == "unreachable" and err.value.outcome_unknown
+
+
+def test_publish_many_splits_batches_and_retries_only_retryable_items() -> None:
+    rounds: list[list[str]] = []
+
+    def answer(post: _Post) -> _Reply:
+        items = json.loads(post.body)["messages"]
+        rounds.append([m["id"] for m in items])
+        first_round = len(rounds) <= 2
+        results = [
+            {"error": "store_timeout", "detail": "?"}
+            if first_round and m.get("data") == 1
+            else {"error": "bad_user", "detail": "empty"}
+            if m["user"] == ""
+            else {"seq": 10 + m["data"], "duplicate": False, "id": m["id"]}
+            for m in items
+        ]
+        return reply(202, {"results": results})
+
+    core = _Core("http://a", retries=3, backoff=0.01, max_batch=2)
+    messages = [{"user": "u", "data": i, "id": f"m{i}"} for i in range(3)] + [{"user": ""}]
+    results, _ = drive(core.publish_many(messages), answer)
+    assert rounds == [["m0", "m1"], ["m2", results[3].id], ["m1"]]  # 2 per batch; m1 retried
+    assert [r.seq for r in results[:3]] == [10, 11, 12]
+    assert isinstance(results[3], Failed) and results[3].code == "bad_user"
+
+
+def test_nan_is_refused_before_anything_is_sent() -> None:
+    core = _Core("http://a", retries=1, backoff=0.01, max_batch=10)
+    with pytest.raises(ValueError):
+        drive(core.publish("/v1/publish", {"user": "u", "data": float("nan")}), stored)
