@@ -654,7 +654,8 @@ class Harness:
         if user is not None:
             body["user"] = user
         path = "/v1/publish" if ch == USER else "/v1/broadcast"
-        self._count(f"requests_{SINGLE if ch == USER else BROADCAST_VIA}")
+        via = SINGLE if ch == USER else BROADCAST_VIA
+        self._count(f"requests_{via}")
         deadline = trio.current_time() + cfg.publish_budget
         error, last = "no live node", None
         for attempt in range(1, cfg.publish_attempts + 1):
@@ -669,7 +670,6 @@ class Harness:
                 else:
                     if resp.status_code == 202:
                         seq = int(resp.json()["seq"])
-                        via = SINGLE if ch == USER else BROADCAST_VIA
                         self.log.published.append(
                             Published(ch, user, seq, msg_id, node.id, first, attempt, via)
                         )
@@ -682,7 +682,6 @@ class Harness:
             if trio.current_time() >= deadline:
                 break
             await trio.sleep(min(0.05 * attempt, 0.5))
-        via = SINGLE if ch == USER else BROADCAST_VIA
         self.log.failed.append(FailedPublish(ch, user, msg_id, first, attempt, error, via))
         return False
 
