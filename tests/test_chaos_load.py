@@ -4,11 +4,16 @@ them (every 202'd item expected exactly once; an item answered with an error not
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from typing import Any
+
+import httpx
 
 from chaos import report
 from chaos.checker import check
 from chaos.events import USER, DeviceLog, EventLog, Instance, NodeSnapshot, Published, Received
+from chaos.harness import CountingPublisher
 from chaos.load import BATCH, MULTI, SINGLE, LoadPlan, Request, gave_up, outcome
 from meshpush.publisher import Failed
 from meshpush.publisher import Published as Stored
@@ -161,3 +166,38 @@ def test_the_via_field_survives_a_json_round_trip_and_old_logs_still_load() -> N
     for p in old["published"]:
         del p["via"]
     assert {p.via for p in EventLog.from_json(old).published} == {SINGLE}
+
+
+async def test_the_counting_publisher_retries_with_the_same_ids_and_counts_why() -> None:
+    """Under trio, as in the harness: a 504 (outcome unknown) is retried with the same ids, an
+    item answered store_unavailable is retried alone, and each reason is counted."""
+    bodies: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        if len(bodies) == 1:
+            return httpx.Response(504, json={"error": "store_timeout", "detail": "no ack"})
+        results: list[dict[str, Any]] = [
+            {"seq": 10 * len(bodies) + k, "duplicate": False, "id": m["id"]}
+            for k, m in enumerate(body["messages"])
+        ]
+        if len(bodies) == 2:
+            results[1] = {"error": "store_unavailable", "detail": "nats down"}
+        return httpx.Response(202, json={"results": results})
+
+    counters: dict[str, int] = {}
+    publisher = CountingPublisher(["http://127.0.0.1:9"], "key", counters, retries=3)
+    publisher._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    async with publisher:
+        results = await publisher.publish_many(
+            [{"user": u, "data": {}, "id": i} for u, i in BATCH_REQ.items]
+        )
+    out = outcome(BATCH_REQ, results, 0.0)
+    assert [[m["id"] for m in b["messages"]] for b in bodies] == [
+        ["u1", "u2", "u3"],
+        ["u1", "u2", "u3"],  # the same ids after the 504
+        ["u2"],  # only the item that was not stored
+    ]
+    assert [(p.id, p.seq) for p in out.published] == [("u1", 20), ("u2", 30), ("u3", 22)]
+    assert out.failed == [] and counters == {"sdk_http_504": 1, "sdk_item_store_unavailable": 1}
