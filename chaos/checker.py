@@ -96,9 +96,24 @@ def missing(log: EventLog) -> dict[str, int]:
 
 
 def check_delivery(log: EventLog) -> Iterator[Violation]:
+    yield from _seq_claims(log)
     have = {d.key: _seqs(d) for d in log.devices}
     for device in log.devices:
         yield from _device_delivery(log, device, have)
+
+
+def _seq_claims(log: EventLog) -> Iterator[Violation]:
+    """Two 202s (or two batch / multi-user items) naming one seq for different messages: the
+    node answered with another item's seq (results out of order or mixed up)."""
+    claims: dict[tuple[str, int], set[tuple[str | None, str]]] = defaultdict(set)
+    for p in log.published:
+        claims[(p.ch, p.seq)].add((p.user, p.id))
+    for (ch, seq), owners in sorted(claims.items()):
+        if len(owners) > 1:
+            named = ", ".join(f"{u or 'broadcast'}/{i}" for u, i in sorted(owners, key=str))
+            yield Violation(
+                "seq_claimed_twice", f"the 202s of {named} all named it", ch=ch, seq=seq
+            )
 
 
 def _seqs(device: DeviceLog) -> dict[str, set[int]]:
@@ -207,10 +222,12 @@ def _lost_detail(
     order: list[int],
     have: dict[str, dict[str, set[int]]],
 ) -> str:
-    parts = [
-        f"published at t+{p.t:.2f} via {p.node or '?'} (202 after {p.attempts} attempt(s)), "
-        "never received by this device"
-    ]
+    how = (
+        f"via {p.node} (202 after {p.attempts} attempt(s))"
+        if p.attempts
+        else f"by {p.via} publish through the publisher SDK"
+    )
+    parts = [f"published at t+{p.t:.2f} {how}, never received by this device"]
     i = bisect.bisect_left(order, p.seq)
     before = order[i - 1] if i > 0 else None
     after = order[i] if i < len(order) else None

@@ -24,9 +24,10 @@ class Published:
     user: str | None  # None for broadcasts
     seq: int
     id: str  # the idempotency id (the same on every retry)
-    node: str = ""  # the node whose 202 counted
+    node: str = ""  # the node whose 202 counted ("" when the publisher SDK chose it)
     t: float = 0.0  # first attempt
-    attempts: int = 1
+    attempts: int = 1  # 0: unknown (the publisher SDK retried on its own)
+    via: str = "single"  # single | batch | multi (chaos.load) | broadcast
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,7 @@ class FailedPublish:
     t: float
     attempts: int
     error: str
+    via: str = "single"
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,10 +5,12 @@ One trio program drives everything and records an :class:`~chaos.events.EventLog
 * **devices** — one real SDK :class:`~meshpush.client.Client` per (user, device), bootstrapped
   with every node's ws URL, each message recorded ``(ch, seq, prev, id)`` as the application
   receives it. All devices are online before the first publish and run until the end.
-* **publishers** — unicast publishes at a steady rate to random users through random live
-  nodes (``POST /v1/publish``), broadcasts every ``broadcast_interval``; each publish has an
-  idempotency id that every retry reuses (on a transport error or 503: the same id on another
-  node, bounded). Only a 202 makes a message *expected*.
+* **publishers** — unicast messages at a steady rate to random users (:mod:`chaos.load`: a
+  seeded mix of single publishes through random live nodes, ``POST /v1/publish/batch`` and
+  multi-user ``POST /v1/publish`` through :class:`~meshpush.publisher.AsyncPublisher`),
+  broadcasts every ``broadcast_interval``; each message has an idempotency id that every retry
+  reuses (on a transport error, a timeout, 503 or 504: the same id, bounded). Only a 202 (for
+  a batch or multi-user item: a seq in its result) makes a message *expected*.
 * **faults** — the schedule, one fault at a time (:mod:`chaos.faults`), each recorded with the
   devices it affects; between faults the cluster's views must converge.
 * **watchers** — node RSS sampled every second; any process that exits without being told to
@@ -25,11 +27,12 @@ short-lived worker threads.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TextIO, TypeVar
@@ -40,6 +43,7 @@ import trio
 from meshpush.auth import issue_token
 from meshpush.client import Client, ClientEvent, State
 from meshpush.devcluster import ClusterError, LocalCluster, NodeProc, Proc
+from meshpush.publisher import AsyncPublisher, PublishError, _Reply, _Step
 from meshpush.ring import Ring
 
 from .checker import check_placement, missing
@@ -57,10 +61,10 @@ from .events import (
     Received,
 )
 from .faults import FAULTS, FaultSpec
+from .load import BATCH, BROADCAST_VIA, MULTI, SINGLE, LoadPlan, Outcome, Request, gave_up, outcome
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-PublishArgs = tuple[str, str | None, str]  # channel, user, id
 
 #: Node settings for chaos runs: short lease and heartbeats so faults resolve in seconds.
 NODE_SETTINGS: dict[str, Any] = {
@@ -94,6 +98,7 @@ class Config:
     publish_budget: float = 20.0  # seconds one publish is retried
     publish_attempts: int = 50
     max_inflight: int = 200  # publishes in flight at once
+    sdk_retries: int = 12  # AsyncPublisher retries per call (backoff 0.1 s doubling, cap 2 s)
     backends: str = "single"  # or "clustered": 3 etcd members, 3 NATS servers, proxied links
     placement_bound: float = 20.0  # after a heal, every session is on its owner within this
     node_settings: dict[str, Any] = field(default_factory=lambda: dict(NODE_SETTINGS))
@@ -128,6 +133,34 @@ def read_rss_mb(pid: int) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+class CountingPublisher(AsyncPublisher):
+    """The SDK's AsyncPublisher, counting every failed attempt (and every per-item error of a
+    202) by reason into the harness's counters, so its silent retries show in the report."""
+
+    def __init__(
+        self, urls: Sequence[str], api_key: str, counters: dict[str, int], retries: int
+    ) -> None:
+        super().__init__(urls, api_key, timeout=3.0, retries=retries, backoff=0.1)
+        self._counters = counters
+
+    def _count(self, name: str) -> None:
+        self._counters[name] = self._counters.get(name, 0) + 1
+
+    async def _perform(self, step: _Step) -> _Reply | None:
+        reply = await super()._perform(step)
+        if reply is None:
+            return None
+        if reply.error:
+            self._count(f"sdk_{reply.error.split(':')[0]}")
+        elif reply.status // 100 != 2:
+            self._count(f"sdk_http_{reply.status}")
+        elif b'"error"' in reply.content:
+            for item in json.loads(reply.content).get("results", []):
+                if isinstance(item, dict) and "error" in item:
+                    self._count(f"sdk_item_{item['error']}")
+        return reply
 
 
 # ---------------------------------------------------------------- devices
@@ -305,6 +338,8 @@ class Harness:
         self.nursery: trio.Nursery
         self.counters: dict[str, int] = {}  # publish retries by reason
         self._bursts = 0
+        self._plan = LoadPlan(self.users, config.seed)
+        self._publishers: list[CountingPublisher] = []  # the last one is current
 
     # ------------------------------------------------------------ small services for faults
 
@@ -360,6 +395,16 @@ class Harness:
         for d in self.devices.values():
             if d.client is not None:
                 d.client.bootstraps = list(self.bootstraps)
+        self._new_publisher()
+
+    def _new_publisher(self) -> None:
+        """A publisher SDK client for the nodes meant to run now (in seeded random order);
+        calls in flight finish on the previous one (closed at the end of the run)."""
+        urls = [n.http_url for n in self.cluster.members if n.id not in self._gone]
+        self._rng.shuffle(urls)
+        self._publishers.append(
+            CountingPublisher(urls, self.cluster.api_key, self.counters, self.config.sdk_retries)
+        )
 
     def inject(self, spec: FaultSpec, affected: list[str], measure: str = "new") -> FaultRecord:
         record = FaultRecord(
@@ -443,23 +488,32 @@ class Harness:
         self._t0 = trio.current_time()
         timeout = httpx.Timeout(3.0, connect=1.0, pool=10.0)
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        self._new_publisher()
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
             self.http = http
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                nursery.start_soon(self._sample_memory)
-                nursery.start_soon(self._watch_processes)
-                with trio.move_on_after(cfg.duration + FAULT_TIMEOUT + cfg.settle_timeout + 120):
-                    await self._run(nursery)
-                    nursery.cancel_scope.cancel()
-                if not nursery.cancel_scope.cancel_called:
-                    self.incident("harness_timeout", None, "the run did not finish in time")
-                    for node in self.cluster.members:
-                        self.cluster.resume(node)
-                    with trio.move_on_after(60):
-                        await self._snapshot()
-                    nursery.cancel_scope.cancel()
+            try:
+                await self._run_all(cfg)
+            finally:
+                for publisher in self._publishers:
+                    with trio.CancelScope(shield=True):
+                        await publisher.aclose()
         return self.log
+
+    async def _run_all(self, cfg: Config) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            nursery.start_soon(self._sample_memory)
+            nursery.start_soon(self._watch_processes)
+            with trio.move_on_after(cfg.duration + FAULT_TIMEOUT + cfg.settle_timeout + 120):
+                await self._run(nursery)
+                nursery.cancel_scope.cancel()
+            if not nursery.cancel_scope.cancel_called:
+                self.incident("harness_timeout", None, "the run did not finish in time")
+                for node in self.cluster.members:
+                    self.cluster.resume(node)
+                with trio.move_on_after(60):
+                    await self._snapshot()
+                nursery.cancel_scope.cancel()
 
     async def _run(self, nursery: trio.Nursery) -> None:
         cfg = self.config
@@ -520,32 +574,72 @@ class Harness:
         return self.counters[name]
 
     async def _publish_ticker(self) -> None:
-        rng = random.Random(f"load-{self.config.seed}")
-        await self._tick(1.0 / self.config.rate, lambda n: (USER, rng.choice(self.users), f"u{n}"))
+        await self._tick(1.0 / self.config.rate, self._plan.request)
 
     async def _broadcast_ticker(self) -> None:
-        await self._tick(self.config.broadcast_interval, lambda n: (BROADCAST, None, f"b{n}"))
+        await self._tick(
+            self.config.broadcast_interval,
+            lambda n: Request(BROADCAST, BROADCAST_VIA, ((None, f"b{n}"),)),
+        )
 
-    async def _tick(
-        self, interval: float, make: Callable[[int], tuple[str, str | None, str]]
-    ) -> None:
-        """Start one publish every ``interval`` (each in its own task: a stuck one does not slow
-        the rate), at most ``max_inflight`` in flight."""
+    async def _tick(self, interval: float, make: Callable[[int], Request]) -> None:
+        """Start one publish request per message slot of ``interval`` (a request of k messages
+        takes k slots); each in its own task (a stuck one does not slow the rate), at most
+        ``max_inflight`` in flight."""
         next_at = trio.current_time()
         n = 0
         async with trio.open_nursery() as nursery:
             while True:
                 await trio.sleep_until(next_at)
-                next_at = max(next_at + interval, trio.current_time() - 1.0)
+                request = make(n)
+                next_at = max(next_at + interval * request.slots, trio.current_time() - 1.0)
                 await self._inflight.acquire()
-                nursery.start_soon(self._publish_task, *make(n))
-                n += 1
+                nursery.start_soon(self._publish_task, request)
+                n += request.slots
 
-    async def _publish_task(self, ch: str, user: str | None, msg_id: str) -> None:
+    async def _publish_task(self, request: Request) -> None:
         try:
-            await self.publish(ch, user, msg_id)
+            if request.via in (SINGLE, BROADCAST_VIA):
+                user, msg_id = request.items[0]
+                await self.publish(request.ch, user, msg_id)
+            else:
+                await self.publish_sdk(request)
         finally:
             self._inflight.release()
+
+    async def publish_sdk(self, request: Request) -> None:
+        """A batch or multi-user request through the publisher SDK (which retries with the same
+        ids), bounded by ``publish_budget``; every item answered with a seq is recorded."""
+        first = round(self.now(), 4)
+        publisher = self._publishers[-1]
+        self._count(f"requests_{request.via}")
+        result: Outcome | None = None
+        with trio.move_on_after(self.config.publish_budget):
+            try:
+                result = outcome(request, await self._sdk_call(publisher, request, first), first)
+            except PublishError as exc:
+                result = gave_up(request, first, str(exc))
+                if not exc.retryable:
+                    self.incident("publish_rejected", None, f"{request.via}: {exc}"[:500])
+        if result is None:
+            result = gave_up(request, first, f"no answer within {self.config.publish_budget}s")
+        self.log.published += result.published
+        self.log.failed += result.failed
+        for text in result.rejected:
+            self.incident("publish_rejected", None, f"{request.via} item {text}")
+
+    @staticmethod
+    def _sdk_call(
+        publisher: AsyncPublisher, request: Request, first: float
+    ) -> Awaitable[list[Any]]:
+        if request.via == BATCH:
+            return publisher.publish_many(
+                [{"user": u, "data": {"t": first, "i": i}, "id": i} for u, i in request.items]
+            )
+        assert request.via == MULTI
+        users = [u for u, _ in request.items if u is not None]
+        msg_id = request.items[0][1]
+        return publisher.publish_users(users, {"t": first, "i": msg_id}, id=msg_id)
 
     def _pick(self, avoid: str | None) -> NodeProc | None:
         live = [n for n in self.cluster.members if n.proc.alive()]
@@ -560,6 +654,8 @@ class Harness:
         if user is not None:
             body["user"] = user
         path = "/v1/publish" if ch == USER else "/v1/broadcast"
+        via = SINGLE if ch == USER else BROADCAST_VIA
+        self._count(f"requests_{via}")
         deadline = trio.current_time() + cfg.publish_budget
         error, last = "no live node", None
         for attempt in range(1, cfg.publish_attempts + 1):
@@ -575,7 +671,7 @@ class Harness:
                     if resp.status_code == 202:
                         seq = int(resp.json()["seq"])
                         self.log.published.append(
-                            Published(ch, user, seq, msg_id, node.id, first, attempt)
+                            Published(ch, user, seq, msg_id, node.id, first, attempt, via)
                         )
                         return True
                     error = f"{node.id}: HTTP {resp.status_code} {resp.text[:120]}"
@@ -586,7 +682,7 @@ class Harness:
             if trio.current_time() >= deadline:
                 break
             await trio.sleep(min(0.05 * attempt, 0.5))
-        self.log.failed.append(FailedPublish(ch, user, msg_id, first, attempt, error))
+        self.log.failed.append(FailedPublish(ch, user, msg_id, first, attempt, error, via))
         return False
 
     # ------------------------------------------------------------ watchers

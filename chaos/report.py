@@ -17,6 +17,7 @@ from typing import Any
 
 from .checker import Violation
 from .events import BROADCAST, USER, DeviceLog, EventLog, FaultRecord
+from .load import BATCH, MULTI, SINGLE
 
 MAX_PRINTED = 25  # violations printed per kind (the JSON has them all, up to MAX_JSON)
 MAX_JSON = 2000
@@ -151,8 +152,8 @@ def vars_of(v: Violation) -> dict[str, Any]:
 def _messages(log: EventLog, counted: Counter[str]) -> dict[str, Any]:
     published = Counter(p.ch for p in log.published)
     delivered: Counter[str] = Counter()
-    ids = {(p.ch, p.id) for p in log.published}
-    unconfirmed: set[tuple[str, str]] = set()
+    ids = {(p.ch, p.user, p.id) for p in log.published}
+    unconfirmed: set[tuple[str, str | None, str]] = set()
     expected = 0
     for d in log.devices:
         expected += published[BROADCAST] + sum(
@@ -161,10 +162,20 @@ def _messages(log: EventLog, counted: Counter[str]) -> dict[str, Any]:
         for inst in d.instances:
             for r in inst.received:
                 delivered[r.ch] += 1
-                if (r.ch, r.id) not in ids:
-                    unconfirmed.add((r.ch, r.id))
+                key = (r.ch, d.user if r.ch == USER else None, r.id)
+                if key not in ids:
+                    unconfirmed.add(key)
+    counters = log.meta.get("counters", {})
     return {
         "published": {USER: published[USER], BROADCAST: published[BROADCAST]},
+        "unicast_by": {
+            via: {
+                "requests": counters.get(f"requests_{via}"),
+                "published": sum(1 for p in log.published if p.ch == USER and p.via == via),
+                "gave_up": sum(1 for f in log.failed if f.ch == USER and f.via == via),
+            }
+            for via in (SINGLE, BATCH, MULTI)
+        },
         "gave_up": len(log.failed),
         "expected_deliveries": expected,
         "delivered": {USER: delivered[USER], BROADCAST: delivered[BROADCAST]},
@@ -235,6 +246,7 @@ def render(report: dict[str, Any]) -> str:
         f"messages          {'published':>10} {'delivered':>10}",
         f"  unicast         {m['published'][USER]:>10} {m['delivered'][USER]:>10}",
         f"  broadcast       {m['published'][BROADCAST]:>10} {m['delivered'][BROADCAST]:>10}",
+        _by_kind(m.get("unicast_by", {})),
         f"  expected deliveries {m['expected_deliveries']}, lost {m['lost']}, duplicates "
         f"{m['duplicates']}, out of order {m['out_of_order']}",
         f"  duplicates suppressed by the SDK {m['duplicates_suppressed_by_sdk']}, redelivered "
@@ -273,13 +285,26 @@ def render(report: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:.0f} MB" for k, v in report["memory_mb"].items() if k != "bound")
         + f" (bound {report['memory_mb']['bound']:.0f} MB)",
     ]
-    problems = report["publish_problems"]
+    problems = {
+        k: v for k, v in report["publish_problems"].items() if not k.startswith("requests_")
+    }
     if problems:
         lines.append(
             "publish retries: " + ", ".join(f"{k} {v}" for k, v in sorted(problems.items()))
         )
     lines += ["", *_verdict(report)]
     return "\n".join(lines)
+
+
+def _by_kind(by: dict[str, dict[str, int | None]]) -> str:
+    """How the unicasts went in: single, batch and multi-user publishes (202'd items)."""
+    names = {SINGLE: "single", BATCH: "batch", MULTI: "multi-user"}
+    parts = []
+    for via, name in names.items():
+        b = by.get(via) or {}
+        requests = "" if b.get("requests") is None else f" in {b['requests']} requests"
+        parts.append(f"{name} {b.get('published', 0)}{requests} (gave up {b.get('gave_up', 0)})")
+    return "  unicast by " + ", ".join(parts)
 
 
 def _verdict(report: dict[str, Any]) -> list[str]:
