@@ -10,7 +10,7 @@ and starts catch-ups when a feed detects a missed notification. It works on any
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Protocol, TypeVar
 
 import trio
@@ -50,6 +50,35 @@ class Target(Protocol):
     def spawn(self, fn: Any, *args: Any) -> bool: ...
 
 
+class SingleFlight:
+    """Concurrent calls with the same key share one call (e.g. the broadcast stream's end, read
+    by every handshake at once): one bridge crossing instead of thousands."""
+
+    def __init__(self) -> None:
+        self._calls: dict[Hashable, tuple[trio.Event, list[Any]]] = {}
+
+    async def run(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:
+        shared = self._calls.get(key)
+        if shared is not None:
+            done, box = shared
+            await done.wait()
+            if isinstance(box[0], BaseException):
+                raise box[0]
+            result: T = box[0]
+            return result
+        done, box = trio.Event(), [None]
+        self._calls[key] = (done, box)
+        try:
+            box[0] = value = await fn()
+        except BaseException as exc:
+            box[0] = exc if isinstance(exc, Exception) else StoreUnavailable("call cancelled")
+            raise
+        finally:
+            del self._calls[key]
+            done.set()
+        return value
+
+
 class Feeder:
     """Runs replays for sessions and hands live notifications to their feeds."""
 
@@ -60,6 +89,7 @@ class Feeder:
         self.metrics = metrics
         self.batch = max(1, min(200, settings.session_queue // 4))
         self.retention = RetentionLosses(metrics)
+        self.shared = SingleFlight()
 
     # ------------------------------------------------------------ session start
 
@@ -75,7 +105,7 @@ class Feeder:
         claimed = {ch: n for ch, n in client.items() if n > 0 and client_epoch in ("", epoch)}
         stored, *ends = await _gather(
             lambda: self.cursors.load(session.user, session.device),
-            *(_bind(self.store.end_seq, ch) for ch in claimed),
+            *(_bind(self._end_seq, ch) for ch in claimed),
         )
         for (ch, seq), end in zip(claimed.items(), ends, strict=True):
             if seq > end:
@@ -97,7 +127,15 @@ class Feeder:
     async def _first_batch(self, session: Target, ch: str, resume: int) -> list[StoredMessage]:
         feed = session.feeds[ch]
         await self._position(feed, ch, session.user, resume)
-        return await self.store.read_after(ch, _owner(ch, session.user), feed.sent, self.batch)
+        return await self._read(session, ch, feed.sent)
+
+    async def _end_seq(self, ch: str) -> int:
+        return await self.shared.run(("end", ch), lambda: self.store.end_seq(ch))
+
+    async def _last_seq(self, ch: str, user: str | None) -> int:
+        if user is not None:
+            return await self.store.last_seq(ch, user)
+        return await self.shared.run(("last", ch), lambda: self.store.last_seq(ch, None))
 
     async def _position(self, feed: Feed, ch: str, user: str, resume: int) -> None:
         if resume > 0:
@@ -107,7 +145,7 @@ class Feeder:
         if backlog < 0:
             feed.start(0, fresh=True)
         elif backlog == 0:
-            feed.start(await self.store.last_seq(ch, _owner(ch, user)))
+            feed.start(await self._last_seq(ch, _owner(ch, user)))
         else:
             count = await self.store.count(ch, _owner(ch, user))
             feed.start(0, fresh=True, skip=max(0, count - backlog))
@@ -162,7 +200,12 @@ class Feeder:
         session.close(protocol.Close.GOING_AWAY, "replay did not settle")
 
     async def _read(self, session: Target, ch: str, after: int) -> list[StoredMessage]:
-        return await self.store.read_after(ch, _owner(ch, session.user), after, self.batch)
+        owner = _owner(ch, session.user)
+        if owner is not None:
+            return await self.store.read_after(ch, owner, after, self.batch)
+        return await self.shared.run(  # broadcasts: every session reads the same
+            ("read", ch, after), lambda: self.store.read_after(ch, None, after, self.batch)
+        )
 
     def _send_batch(self, session: Target, ch: str, feed: Feed, batch: list[StoredMessage]) -> None:
         for msg in batch:

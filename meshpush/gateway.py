@@ -34,6 +34,8 @@ from .store import StoreUnavailable
 from .wire import Upgrade, Wire, encode_text
 
 log = logging.getLogger(__name__)
+START_CONCURRENCY = 256  # handshakes reading their resume points at once (one bridge batch)
+START_TIMEOUT = 5.0  # seconds the resume-point reads of one handshake may take (then 503)
 
 
 def _query(request: Upgrade) -> tuple[str, dict[str, str]]:
@@ -98,6 +100,7 @@ class Gateway:
         self.metrics = metrics
         self.doorman = Doorman(settings, metrics)
         self.verifier = TokenVerifier.from_settings(settings)
+        self.starting = trio.CapacityLimiter(START_CONCURRENCY)
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         await listener.serve(self.settings, self.doorman, self._handle, task_status=task_status)
@@ -163,8 +166,9 @@ class Gateway:
     ) -> tuple[dict[str, list[Any]] | None, bool]:
         """Where the session resumes, or (None, False) once the handshake was refused."""
         try:
-            with trio.fail_after(5):
-                return await self.feeder.start_points(session, hello.resume, hello.epoch)
+            async with self.starting:  # the rest wait in line instead of all timing out
+                with trio.fail_after(START_TIMEOUT):
+                    return await self.feeder.start_points(session, hello.resume, hello.epoch)
         except BadResume as exc:
             await self._reject(request, Refusal(400, "bad_resume", str(exc)))
         except (StoreUnavailable, trio.TooSlowError):
