@@ -206,7 +206,7 @@ async def test_fan_out_encodes_once_and_yields_to_the_scheduler(
     monkeypatch.setattr(hub_module, "YIELD_EVERY", 10)
     ctx = context()
     hub = Hub()
-    sessions = [live(Session(ctx, f"u{i}", "d", 0)) for i in range(55)]
+    sessions = [live(Session(ctx, f"u{i}", "d", 0)) for i in range(100)]
     for s in sessions:
         hub.add(s)
     ticks = 0
