@@ -34,7 +34,7 @@ from .store import StoreUnavailable
 from .wire import Upgrade, Wire, encode_text
 
 log = logging.getLogger(__name__)
-START_CONCURRENCY = 256  # handshakes reading their resume points at once (one bridge batch)
+HANDSHAKE_CONCURRENCY = 128  # handshakes in progress at once (their store reads batch together)
 START_TIMEOUT = 5.0  # seconds the resume-point reads of one handshake may take (then 503)
 
 
@@ -60,6 +60,16 @@ def limits_of(s: Settings) -> Limits:
         out_bytes=s.session_buffer_bytes,
         slow_grace=s.slow_consumer_grace,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A session registered, accepted and ready to run."""
+
+    session: Session
+    wire: Wire
+    welcome: str
+    first: dict[str, list[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +110,7 @@ class Gateway:
         self.metrics = metrics
         self.doorman = Doorman(settings, metrics)
         self.verifier = TokenVerifier.from_settings(settings)
-        self.starting = trio.CapacityLimiter(START_CONCURRENCY)
+        self.handshaking = trio.CapacityLimiter(HANDSHAKE_CONCURRENCY)
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         await listener.serve(self.settings, self.doorman, self._handle, task_status=task_status)
@@ -118,11 +128,27 @@ class Gateway:
             log.exception("session failed: %r", exc)
 
     async def _handshake(self, request: Upgrade) -> None:
+        """Handshakes run at most ``HANDSHAKE_CONCURRENCY`` at once: a surge of thousands waits
+        in line (parked, costing nothing) instead of stalling the loop in one huge batch."""
+        opened: Opened | None = None
+        try:
+            async with self.handshaking:
+                opened = await self._open(request)
+            if opened is not None:
+                await opened.session.run(opened.wire, opened.welcome, opened.first)
+        finally:
+            if opened is not None:
+                self.registry.remove(opened.session)
+                self._count()
+                self.feeder.cursors.flush_soon()
+
+    async def _open(self, request: Upgrade) -> Opened | None:
+        """Check, route and (if this node owns the user) open a session; None if refused."""
         try:
             hello = self._check(request)
         except Refusal as rej:
             await self._reject(request, rej)
-            return
+            return None
         route = await self._route(hello)
         if route.kind == "unavailable":
             await self._reject(request, Refusal(503, "unavailable", route.reason, 1))
@@ -131,44 +157,44 @@ class Gateway:
             wire = await request.accept()
             await self._redirect_now(wire, route.node.id, route.node.ws_url, route.reason)
         else:
-            await self._serve_local(request, hello)
+            return await self._open_local(request, hello)
+        return None
 
     async def _route(self, hello: Hello) -> Route:
         if hello.avoid:
             return await self.router.route_avoiding(hello.user, hello.avoid, self._patience)
         return self.router.route(hello.user)
 
-    async def _serve_local(self, request: Upgrade, hello: Hello) -> None:
-        """Register first (live notifications now buffer), read where to resume, then welcome."""
+    async def _open_local(self, request: Upgrade, hello: Hello) -> Opened | None:
+        """Register first (live notifications now buffer), read where to resume, accept."""
         if self.registry.count_of_user(hello.user) >= self.settings.max_sessions_per_user:
             self.metrics.rate_limited.labels(kind="user_sessions").inc()
             await self._reject(request, Refusal(429, "too_many_sessions", "session cap reached", 5))
-            return
+            return None
         session = Session(self.context, hello.user, hello.device, hello.expires_at)
         self.registry.add(session)
         try:
             first, recovered = await self._start_points(request, session, hello)
-            if first is None:
-                return
-            wire = await request.accept()
-            if self.router.route(hello.user).kind != "local":  # the ring moved meanwhile
-                self.router.redirect(session)
-            self.metrics.handshakes.labels(result="accepted").inc()
-            self._count()
-            await session.run(wire, self._welcome(session, recovered), first)
-        finally:
+            wire = await request.accept() if first is not None else None
+        except BaseException:
             self.registry.remove(session)
-            self._count()
-            self.feeder.cursors.flush_soon()
+            raise
+        if first is None or wire is None:  # refused (already answered)
+            self.registry.remove(session)
+            return None
+        if self.router.route(hello.user).kind != "local":  # the ring moved meanwhile
+            self.router.redirect(session)
+        self.metrics.handshakes.labels(result="accepted").inc()
+        self._count()
+        return Opened(session, wire, self._welcome(session, recovered), first)
 
     async def _start_points(
         self, request: Upgrade, session: Session, hello: Hello
     ) -> tuple[dict[str, list[Any]] | None, bool]:
         """Where the session resumes, or (None, False) once the handshake was refused."""
         try:
-            async with self.starting:  # the rest wait in line instead of all timing out
-                with trio.fail_after(START_TIMEOUT):
-                    return await self.feeder.start_points(session, hello.resume, hello.epoch)
+            with trio.fail_after(START_TIMEOUT):
+                return await self.feeder.start_points(session, hello.resume, hello.epoch)
         except BadResume as exc:
             await self._reject(request, Refusal(400, "bad_resume", str(exc)))
         except (StoreUnavailable, trio.TooSlowError):

@@ -21,7 +21,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -41,6 +41,7 @@ _ids = itertools.count(1)
 _BROKEN = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 FINISH_TIMEOUT = 2.0  # writing the last frames and the close, at most
 GOODBYE_TIMEOUT = 1.0  # waiting for the client's close frame after ours
+FINISH_CONCURRENCY = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,11 @@ class Context:
     limits: Limits
     feeder: Feeder
     metrics: Metrics
+    # sessions writing their last frames at once: a mass close (redirects, expiries, a
+    # shutdown) is spread over many scheduler batches, so the loop never stalls
+    finishing: trio.CapacityLimiter = field(
+        default_factory=lambda: trio.CapacityLimiter(FINISH_CONCURRENCY)
+    )
 
 
 class Session:
@@ -286,11 +292,11 @@ class Session:
         self.machine.closing = decision
         self.ctx.metrics.closes.labels(code=str(decision.code)).inc()
         with trio.CancelScope(shield=True):
+            async with self.ctx.finishing:  # held over one checkpoint: a mass close is spread
+                self._last_frames(wire, decision)  # over scheduler batches of at most N
+                await trio.lowlevel.checkpoint()
             with trio.move_on_after(FINISH_TIMEOUT):
                 try:
-                    if decision.frame is not None and wire.remote_closing is False:
-                        self._push(encode_text(decision.frame))
-                    self._push(wire.close_frame(decision.code, decision.reason))
                     while self.out:
                         await wire.send_buffered(self.out)
                     await wire.goodbye(GOODBYE_TIMEOUT)
@@ -299,3 +305,8 @@ class Session:
             self.out = None
             with trio.move_on_after(0.5):
                 await wire.stream.aclose()
+
+    def _last_frames(self, wire: Wire, decision: CloseDecision) -> None:
+        if decision.frame is not None and not wire.remote_closing:
+            self._push(encode_text(decision.frame))
+        self._push(wire.close_frame(decision.code, decision.reason))

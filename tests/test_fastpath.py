@@ -9,10 +9,15 @@ live or through a replay — and then resumes without loss; a ``last`` from the 
 from __future__ import annotations
 
 import json
+import selectors
 import socket
 import ssl
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +32,7 @@ from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import CloseConnection, TextMessage
 
+from meshpush.auth import issue_token
 from meshpush.devcluster import LocalCluster
 from meshpush.protocol import Close
 
@@ -310,3 +316,88 @@ async def test_a_reader_that_stops_is_cut_4008_and_resumes_losslessly(
     seqs = [f["seq"] for f in frames if f["type"] == "msg"]
     assert seqs == sorted(seqs) and len(seqs) < count
     await resume_all(slow, user, count)
+
+
+# ---------------------------------------------------------------- mass closes
+
+
+def hold_sessions(port: int, tokens: list[str], stop: threading.Event) -> tuple[int, int]:
+    """Open a session per token (raw sockets), read until ``stop``; (welcomed, closed)."""
+    sel = selectors.DefaultSelector()
+    for tok in tokens:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.setblocking(False)
+        sock.send(
+            f"GET /ws?token={tok}&device=d HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+        )
+        sel.register(sock, selectors.EVENT_READ, [False])
+    welcomed = closed = 0
+    while not stop.is_set():
+        for key, _ in sel.select(0.2):
+            data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+            if not data:
+                closed += 1
+                sel.unregister(key.fileobj)
+                key.fileobj.close()  # type: ignore[union-attr]
+            elif not key.data[0] and b"welcome" in data:
+                key.data[0] = True
+                welcomed += 1
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()  # type: ignore[union-attr]
+    return welcomed, closed
+
+
+def lease_of(cluster: LocalCluster, node_id: str) -> int:
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "etcdctl"), f"--endpoints=127.0.0.1:{cluster.etcd_port}"]
+        + ["get", f"/meshpush/{cluster.cluster}/nodes/{node_id}", "-w", "json"],
+        capture_output=True,
+        check=True,
+        timeout=10,
+    )
+    lease: int = json.loads(out.stdout)["kvs"][0]["lease"]
+    return lease
+
+
+async def test_thousands_of_sessions_closing_at_once_keep_the_lease(tmp_path: Path) -> None:
+    """3,000 sessions arriving at once, then all closed at the same instant (their tokens expire
+    together: 4401) by one node while its etcd lease (the default TTL, 3 s) stays the same:
+    handshake surges and mass closes never starve the keepalive."""
+    count = 3000
+    with make_cluster(
+        tmp_path / "c",
+        nodes=1,
+        lease_ttl=3,
+        handshake_rate=1e6,
+        handshake_burst=10**6,
+        max_connections_per_ip=10**6,
+        heartbeat_timeout=120.0,
+        heartbeat_interval=60.0,
+        token_leeway=0.0,
+    ) as cluster:
+        node = cluster.live()[0]
+        port = int(node.ws_url.rsplit(":", 1)[1].split("/")[0])
+        expiry = time.time() + 40
+        tokens = [
+            issue_token(cluster.token_secret, f"mass-{i}", ttl=40, now=expiry - 40)
+            for i in range(count)
+        ]
+        lease = lease_of(cluster, node.id)
+        stop = threading.Event()
+        outcome: list[tuple[int, int]] = []
+
+        async def clients() -> None:
+            outcome.append(await trio.to_thread.run_sync(hold_sessions, port, tokens, stop))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(clients)
+            with trio.fail_after(120):
+                while await closes(cluster, "4401") < count:
+                    await trio.sleep(0.5)
+            stop.set()
+        assert outcome[0][0] == count  # every session was welcomed before the mass close
+        assert lease_of(cluster, node.id) == lease
+        log = (tmp_path / "c" / f"{node.id}.log").read_text()
+        assert log.count("registered ") == 1, log[-2000:]
