@@ -62,14 +62,19 @@ def limits_of(s: Settings) -> Limits:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Opened:
     """A session registered, accepted and ready to run."""
 
     session: Session
     wire: Wire
     welcome: str
-    first: dict[str, list[Any]]
+    first: dict[str, list[Any]] | None
+
+    def parts(self) -> tuple[Wire, str, dict[str, list[Any]]]:
+        """What ``Session.run`` takes; the first batches are handed over, not kept here."""
+        first, self.first = self.first or {}, None
+        return self.wire, self.welcome, first
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,15 +135,16 @@ class Gateway:
     async def _handshake(self, request: Upgrade) -> None:
         """Handshakes run at most ``HANDSHAKE_CONCURRENCY`` at once: a surge of thousands waits
         in line (parked, costing nothing) instead of stalling the loop in one huge batch."""
-        opened: Opened | None = None
+        session: Session | None = None
         try:
             async with self.handshaking:
                 opened = await self._open(request)
             if opened is not None:
-                await opened.session.run(opened.wire, opened.welcome, opened.first)
+                session = opened.session
+                await session.run(*opened.parts())
         finally:
-            if opened is not None:
-                self.registry.remove(opened.session)
+            if session is not None:
+                self.registry.remove(session)
                 self._count()
                 self.feeder.cursors.flush_soon()
 

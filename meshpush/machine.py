@@ -22,7 +22,7 @@ from . import protocol
 from .feed import Feed
 from .protocol import Close, ProtocolError
 
-FINAL_CODES = frozenset({Close.NORMAL, Close.INVALID_DATA, Close.POLICY, Close.TOO_BIG})
+FINAL_CODES = frozenset({Close.NORMAL, Close.POLICY})  # docs/protocol.md, "Close codes"
 COST_FREE = 0.0
 COST_FRAME = 1.0
 COST_ERROR = 4.0

@@ -213,8 +213,8 @@ class Session:
                     self.nursery = nursery
                     task_status.started()
                     self.send_text(welcome)
-                    for ch, batch in first.items():
-                        nursery.start_soon(self.ctx.feeder.replay, self, ch, batch)
+                    for ch in list(first):
+                        nursery.start_soon(self.ctx.feeder.replay, self, ch, first.pop(ch))
                     await self._read(wire)
                     nursery.cancel_scope.cancel()
         finally:

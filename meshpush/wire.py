@@ -65,6 +65,9 @@ def _plain_fd(stream: trio.abc.Stream) -> int:
     return -1
 
 
+_DONE = H11Handshake(ConnectionType.SERVER)  # stands in for a finished handshake (shared)
+
+
 class Upgrade:
     """An HTTP upgrade request read from a fresh connection, not answered yet."""
 
@@ -109,9 +112,11 @@ class Upgrade:
         await self.stream.send_all(data)
 
     async def accept(self) -> Wire:
+        """Answer 101; the HTTP machinery (h11) is dropped, only the frame parser stays."""
         data = self._handshake.send(AcceptConnection())
         connection = self._handshake.connection
         assert connection is not None
+        self._handshake = _DONE
         await self.stream.send_all(data)
         return Wire(self.stream, connection)
 

@@ -119,19 +119,19 @@ def test_bad_frames_cost_more_and_big_frames_cost_by_size() -> None:
 
 
 @pytest.mark.parametrize(
-    ("frame", "code", "error"),
+    ("frame", "code", "error", "reconnect"),
     [
-        ("not json", Close.INVALID_DATA, "bad_json"),
-        (b"\x00binary", Close.POLICY, "binary_frame"),
+        ("not json", Close.INVALID_DATA, "bad_json", True),
+        (b"\x00binary", Close.POLICY, "binary_frame", False),
     ],
 )
-def test_malformed_frames_close_final_with_an_error_frame(
-    frame: str | bytes, code: Close, error: str
+def test_malformed_frames_close_with_an_error_frame(
+    frame: str | bytes, code: Close, error: str, reconnect: bool
 ) -> None:
     m = machine()
     reply = m.receive(frame, 0.0)
     assert reply.close is not None and reply.close.code == code
-    assert not reply.close.reconnect
+    assert reply.close.reconnect is reconnect
     assert reply.close.frame is not None and json.loads(reply.close.frame)["code"] == error
 
 
