@@ -351,8 +351,11 @@ def hold_sessions(port: int, tokens: list[str], stop: threading.Event) -> tuple[
 
 def lease_of(cluster: LocalCluster, node_id: str) -> int:
     out = subprocess.run(
-        [str(Path(sys.executable).parent / "etcdctl"), f"--endpoints=127.0.0.1:{cluster.etcd_port}"]
-        + ["get", f"/meshpush/{cluster.cluster}/nodes/{node_id}", "-w", "json"],
+        [
+            str(Path(sys.executable).parent / "etcdctl"),
+            f"--endpoints={cluster.etcd_endpoint}",
+            *("get", f"/meshpush/{cluster.cluster}/nodes/{node_id}", "-w", "json"),
+        ],
         capture_output=True,
         check=True,
         timeout=10,
@@ -393,10 +396,12 @@ async def test_thousands_of_sessions_closing_at_once_keep_the_lease(tmp_path: Pa
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(clients)
-            with trio.fail_after(120):
-                while await closes(cluster, "4401") < count:
-                    await trio.sleep(0.5)
-            stop.set()
+            try:
+                with trio.fail_after(120):
+                    while await closes(cluster, "4401") < count:
+                        await trio.sleep(0.5)
+            finally:
+                stop.set()  # the client thread ends whatever happened
         assert outcome[0][0] == count  # every session was welcomed before the mass close
         assert lease_of(cluster, node.id) == lease
         log = (tmp_path / "c" / f"{node.id}.log").read_text()
