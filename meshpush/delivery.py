@@ -37,10 +37,10 @@ class BadResume(ValueError):
 class Target(Protocol):
     """What the feeder needs of a session."""
 
-    @property
-    def user(self) -> str: ...
-    @property
-    def device(self) -> str: ...
+    id: int
+    user: str
+    device: str
+
     @property
     def feeds(self) -> dict[str, Feed]: ...
     @property
