@@ -1,154 +1,82 @@
-"""Resume and live delivery of one session: replay from the stream, then live, never a gap.
+"""Resume and live delivery of sessions: the I/O half of ``feed.Feed``.
 
-Each session has one :class:`Feed` per channel (``user``, ``broadcast``), a small pure state
-machine over ``(seq, prev)``:
-
-* it starts *replaying*: live notifications that arrive meanwhile are buffered, because the
-  session was registered (and its slot subscribed) before the replay read the stream, and a
-  message is stored before it is notified — so every message is either read by the replay or
-  buffered, never neither;
-* when a read comes back empty the buffered notifications are delivered in seq order as long
-  as each one's ``prev`` is the seq sent before it; if one is not, the stream has what is
-  missing and the feed reads again;
-* live, a notification with ``seq <= sent`` is a duplicate (dropped), one with ``prev == sent``
-  is delivered, any other means a notification was missed: the feed catches up from the stream
-  at once (no reconnect needed).
-
-A message read from the stream whose ``prev`` is not what the device last had means the
-messages in between are gone (retention): that is reported as a ``gap`` frame, never skipped
-silently. :class:`Feeder` is the I/O half: reads, flow control and frames.
+:class:`Feeder` sets where a new session resumes (``start_points``: the device's cursor, the
+client's ``last``/``blast`` and the stream's end, read concurrently so the reads of many
+handshakes cross the bridge together), replays the stream in bounded batches with flow control,
+and starts catch-ups when a feed detects a missed notification. It works on any
+:class:`Target` (``sessions.Session`` is one), so it imports nothing of the session layer.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Protocol, TypeVar
 
 import trio
 
 from . import protocol
 from .bridge import BridgeClosed
+from .feed import MAX_PENDING, Chained, Feed, Gap, Verdict
 from .metrics import Metrics
 from .retention import RetentionLosses
 from .settings import Settings
 from .store import Cursor, Cursors, Store, StoredMessage, StoreUnavailable
 
-if TYPE_CHECKING:
-    from .sessions import Session
-
+__all__ = ["MAX_PENDING", "Chained", "Feed", "Feeder", "Gap", "Target", "Verdict"]
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 MAX_REREADS = 10_000
-MAX_PENDING = 1024  # live notifications buffered per channel during a replay (then: re-read)
+ROOM_POLL = 0.01  # seconds between checks of a replay waiting for the socket to drain
 
 
-class Verdict(enum.Enum):
-    DELIVER = "deliver"
-    DROP = "drop"
-    BUFFER = "buffer"
-    CATCH_UP = "catch_up"
+class BadResume(ValueError):
+    """A client's resume point lies beyond the end of the stream (it cannot be right)."""
 
 
-class Chained(Protocol):
+class Target(Protocol):
+    """What the feeder needs of a session."""
+
+    id: int
+    user: str
+    device: str
+
     @property
-    def seq(self) -> int: ...
+    def feeds(self) -> dict[str, Feed]: ...
     @property
-    def prev(self) -> int: ...
+    def buffered(self) -> int: ...
+    def send_text(self, text: str) -> bool: ...
+    def close(self, code: int, reason: str, frame: str | None = None) -> None: ...
+    def spawn(self, fn: Any, *args: Any) -> bool: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Gap:
-    """Messages with seq in ``[first, last]`` of this channel were lost to retention."""
+class SingleFlight:
+    """Concurrent calls with the same key share one call (e.g. the broadcast stream's end, read
+    by every handshake at once): one bridge crossing instead of thousands."""
 
-    first: int
-    last: int
+    def __init__(self) -> None:
+        self._calls: dict[Hashable, tuple[trio.Event, list[Any]]] = {}
 
-
-class Feed:
-    """Delivery state of one channel of one session (pure; no I/O)."""
-
-    __slots__ = ("acked", "fresh", "overflow", "pending", "replaying", "sent", "skip")
-
-    def __init__(self, sent: int = 0, fresh: bool = False, skip: int = 0) -> None:
-        self.sent = sent  # last seq handed to the session's queue
-        self.acked = sent  # last seq the device acknowledged (or resumed from)
-        self.fresh = fresh  # a device with no history: its first message needs no prev
-        self.skip = skip  # stored messages to pass over first (backlog "last N")
-        self.replaying = True
-        self.pending: list[Chained] | None = None
-        self.overflow = False  # pending was full: what was dropped is in the stream
-
-    def start(self, sent: int, fresh: bool = False, skip: int = 0) -> None:
-        """Set the resume point (keeps notifications buffered so far)."""
-        self.sent = self.acked = sent
-        self.fresh, self.skip = fresh, skip
-
-    def live(self, note: Chained) -> Verdict:
-        if self.replaying:
-            if self.pending is None:
-                self.pending = []
-            if len(self.pending) < MAX_PENDING:
-                self.pending.append(note)
-            else:
-                self.overflow = True  # bounded memory: the stream has it, finish() re-reads
-            return Verdict.BUFFER
-        if note.seq <= self.sent:
-            return Verdict.DROP
-        if note.prev == self.sent:
-            self.sent = note.seq
-            self.fresh = False
-            return Verdict.DELIVER
-        self.replaying = True  # a notification was missed: the stream has it
-        return Verdict.CATCH_UP
-
-    def catch_up(self) -> bool:
-        """Switch to replaying; False if a replay is already running."""
-        if self.replaying:
-            return False
-        self.replaying = True
-        return True
-
-    def replayed(self, msg: Chained) -> tuple[bool, Gap | None]:
-        """A message read from the stream in order: deliver it? and was anything lost before it?"""
-        if msg.seq <= self.sent:
-            return False, None
-        if self.skip:
-            self.skip -= 1
-            self.sent = msg.seq
-            self.fresh = False
-            return False, None
-        gap = None
-        if msg.prev != self.sent and not self.fresh:
-            gap = Gap(self.sent + 1, msg.prev if msg.prev > self.sent else msg.seq - 1)
-        self.sent = msg.seq
-        self.fresh = False
-        return True, gap
-
-    def finish(self) -> tuple[list[Chained], bool]:
-        """The stream read came back empty: release buffered notifications in order.
-
-        Returns what to deliver, and whether the feed is live now (False: read again)."""
-        pending = sorted(self.pending or (), key=lambda n: n.seq)
-        self.pending = None
-        if self.overflow:
-            self.overflow = False
-            return [], False
-        out: list[Chained] = []
-        for note in pending:
-            if note.seq <= self.sent:
-                continue
-            if note.prev != self.sent:
-                return out, False
-            out.append(note)
-            self.sent = note.seq
-            self.fresh = False
-        self.replaying = False
-        return out, True
-
-
-# ---------------------------------------------------------------- I/O half
+    async def run(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:
+        shared = self._calls.get(key)
+        if shared is not None:
+            done, box = shared
+            await done.wait()
+            if isinstance(box[0], BaseException):
+                raise box[0]
+            result: T = box[0]
+            return result
+        done, box = trio.Event(), [None]
+        self._calls[key] = (done, box)
+        try:
+            box[0] = value = await fn()
+        except BaseException as exc:
+            box[0] = exc if isinstance(exc, Exception) else StoreUnavailable("call cancelled")
+            raise
+        finally:
+            del self._calls[key]
+            done.set()
+        return value
 
 
 class Feeder:
@@ -162,31 +90,53 @@ class Feeder:
         self.batch = max(1, min(200, settings.session_queue // 4))
         self.on_sent: Callable[[str, int], None] | None = None  # (user, seq): offline webhook
         self.retention = RetentionLosses(metrics)
+        self.shared = SingleFlight()
 
     # ------------------------------------------------------------ session start
 
     async def start_points(
-        self, session: Session, client: dict[str, int], client_epoch: str
+        self, session: Target, client: dict[str, int], client_epoch: str
     ) -> tuple[dict[str, list[StoredMessage]], bool]:
         """Set where each channel of a new (already registered) session resumes; read the first
         batch of each; say whether the resume is complete (nothing lost to retention).
 
-        Raises :class:`StoreUnavailable` when the stream cannot be read."""
-        stored = await self.cursors.load(session.user, session.device)
+        Raises :class:`BadResume` for a client position beyond the stream's end and
+        :class:`StoreUnavailable` when the stream cannot be read."""
         epoch = self.store.epoch
-        first: dict[str, list[StoredMessage]] = {}
-        recovered = True
-        for ch, feed in session.feeds.items():
-            resume = max(
-                client.get(ch, 0) if client_epoch in ("", epoch) else 0,
-                _cursor_of(stored, ch) if stored.epoch == epoch else 0,
-            )
-            await self._position(feed, ch, session.user, resume)
-            batch = await self.store.read_after(ch, _owner(ch, session.user), feed.sent, self.batch)
-            if batch and not feed.fresh and not feed.skip and batch[0].prev != feed.sent:
-                recovered = False
-            first[ch] = batch
+        claimed = {ch: n for ch, n in client.items() if n > 0 and client_epoch in ("", epoch)}
+        stored, *ends = await _gather(
+            lambda: self.cursors.load(session.user, session.device),
+            *(_bind(self._end_seq, ch) for ch in claimed),
+        )
+        for (ch, seq), end in zip(claimed.items(), ends, strict=True):
+            if seq > end:
+                raise BadResume(f"{ch} position {seq} is beyond the end of the stream ({end})")
+        starts = {
+            ch: max(claimed.get(ch, 0), _cursor_of(stored, ch) if stored.epoch == epoch else 0)
+            for ch in session.feeds
+        }
+        batches = await _gather(
+            *(_bind(self._first_batch, session, ch, n) for ch, n in starts.items())
+        )
+        first = dict(zip(starts, batches, strict=True))
+        recovered = all(
+            not batch or feed.fresh or feed.skip or batch[0].prev == feed.sent
+            for feed, batch in ((session.feeds[ch], b) for ch, b in first.items())
+        )
         return first, recovered
+
+    async def _first_batch(self, session: Target, ch: str, resume: int) -> list[StoredMessage]:
+        feed = session.feeds[ch]
+        await self._position(feed, ch, session.user, resume)
+        return await self._read(session, ch, feed.sent)
+
+    async def _end_seq(self, ch: str) -> int:
+        return await self.shared.run(("end", ch), lambda: self.store.end_seq(ch))
+
+    async def _last_seq(self, ch: str, user: str | None) -> int:
+        if user is not None:
+            return await self.store.last_seq(ch, user)
+        return await self.shared.run(("last", ch), lambda: self.store.last_seq(ch, None))
 
     async def _position(self, feed: Feed, ch: str, user: str, resume: int) -> None:
         if resume > 0:
@@ -196,44 +146,31 @@ class Feeder:
         if backlog < 0:
             feed.start(0, fresh=True)
         elif backlog == 0:
-            feed.start(await self.store.last_seq(ch, _owner(ch, user)))
+            feed.start(await self._last_seq(ch, _owner(ch, user)))
         else:
             count = await self.store.count(ch, _owner(ch, user))
             feed.start(0, fresh=True, skip=max(0, count - backlog))
 
     # ------------------------------------------------------------ live
 
-    def live(self, session: Session, ch: str, note: Chained, frame: str) -> bool:
-        """Offer a live notification to a session; True if its frame was queued."""
-        feed = session.feeds[ch]
-        verdict = feed.live(note)
-        if verdict is Verdict.DELIVER:
-            return session.offer(frame)
-        if verdict is Verdict.CATCH_UP:
-            self.metrics.catch_ups.labels(reason="prev").inc()
-            self._spawn(session, ch, None)
-        return False
+    def catch_up(self, session: Target, ch: str, reason: str) -> None:
+        """A feed missed a notification (or may have): re-read the stream for it."""
+        self.metrics.catch_ups.labels(reason=reason).inc()
+        session.spawn(self.replay, session, ch, None)
 
-    def catch_up_all(self, sessions: list[Session]) -> None:
+    async def catch_up_all(self, sessions: list[Target], yield_every: int = 256) -> None:
         """After a NATS interruption: every live session re-reads what it may have missed."""
-        for session in sessions:
+        for i, session in enumerate(sessions, 1):
             for ch, feed in session.feeds.items():
                 if feed.catch_up():
-                    self.metrics.catch_ups.labels(reason="reconnect").inc()
-                    self._spawn(session, ch, None)
-
-    def _spawn(self, session: Session, ch: str, first: list[StoredMessage] | None) -> None:
-        if session.nursery is None or session.close_request is not None:
-            return
-        try:
-            session.nursery.start_soon(self.replay, session, ch, first)
-        except RuntimeError:  # the session is closing: its next connection resumes anyway
-            log.debug("no replay for closing %r", session)
+                    self.catch_up(session, ch, "reconnect")
+            if i % yield_every == 0:
+                await trio.lowlevel.checkpoint()
 
     # ------------------------------------------------------------ replay
 
     async def replay(
-        self, session: Session, ch: str, first: list[StoredMessage] | None = None
+        self, session: Target, ch: str, first: list[StoredMessage] | None = None
     ) -> None:
         """Read the stream after ``sent`` in bounded batches (with flow control), then go live.
 
@@ -247,11 +184,12 @@ class Feeder:
                 if batch:
                     self._send_batch(session, ch, feed, batch)
                     batch = None
-                    await self._wait_for_room(session)
+                    if not await self._wait_for_room(session):
+                        return
                     continue
                 released, live = feed.finish()
                 for note in released:
-                    session.offer(_frame(ch, note))
+                    session.send_text(_frame(ch, note))
                 self._sent(session, ch, feed)
                 if live:
                     return
@@ -263,48 +201,73 @@ class Feeder:
             return
         session.close(protocol.Close.GOING_AWAY, "replay did not settle")
 
-    async def _read(self, session: Session, ch: str, after: int) -> list[StoredMessage]:
-        return await self.store.read_after(ch, _owner(ch, session.user), after, self.batch)
+    async def _read(self, session: Target, ch: str, after: int) -> list[StoredMessage]:
+        owner = _owner(ch, session.user)
+        if owner is not None:
+            return await self.store.read_after(ch, owner, after, self.batch)
+        return await self.shared.run(  # broadcasts: every session reads the same
+            ("read", ch, after), lambda: self.store.read_after(ch, None, after, self.batch)
+        )
 
-    def _send_batch(
-        self, session: Session, ch: str, feed: Feed, batch: list[StoredMessage]
-    ) -> None:
+    def _send_batch(self, session: Target, ch: str, feed: Feed, batch: list[StoredMessage]) -> None:
         for msg in batch:
             deliver, gap = feed.replayed(msg)
             if gap is not None:
                 self.metrics.gaps.labels(ch=ch).inc()
                 self.retention.report(session, ch, gap.first, gap.last)
-                session.offer(protocol.gap(ch=ch, first=gap.first, last=gap.last))  # type: ignore[arg-type]
+                session.send_text(protocol.gap(ch=ch, first=gap.first, last=gap.last))  # type: ignore[arg-type]
             if deliver:
-                session.offer(_frame(ch, msg))
+                session.send_text(_frame(ch, msg))
         self.metrics.replayed.labels(ch=ch).inc(len(batch))
         self._sent(session, ch, feed)
 
-    def _sent(self, session: Session, ch: str, feed: Feed) -> None:
+    def _sent(self, session: Target, ch: str, feed: Feed) -> None:
         if self.on_sent is not None and ch == "user" and feed.sent:
             self.on_sent(session.user, feed.sent)  # replayed up to here
 
-    async def _wait_for_room(self, session: Session) -> None:
-        """Flow control: let the socket drain below a quarter of the queue before reading on."""
+    async def _wait_for_room(self, session: Target) -> bool:
+        """Flow control: read on once the socket drained below a quarter of the bound. A socket
+        that does not drain within the grace time is a slow consumer (4008), whichever path its
+        messages took (replay, catch-up, live)."""
         low = max(1, self.settings.session_queue // 4)
-        while session.outbox.statistics().current_buffer_used > low:
-            await trio.sleep(0.01)
+        deadline = trio.current_time() + self.settings.slow_consumer_grace
+        while session.buffered > low:
+            if trio.current_time() >= deadline:
+                self.metrics.rate_limited.labels(kind="slow_consumer").inc()
+                session.close(protocol.Close.SLOW_CONSUMER, "slow consumer")
+                return False
+            await trio.sleep(ROOM_POLL)
+        return True
 
     # ------------------------------------------------------------ acks
 
-    def ack(self, session: Session, ch: str, seq: int, urgent: bool = False) -> None:
-        """Record a cumulative ack; raises ValueError for a seq this session was never sent."""
-        feed = session.feeds[ch]
-        if seq > feed.sent:
-            raise ValueError(f"ack {seq} is beyond the last seq sent ({feed.sent})")
-        if seq > feed.acked:
-            feed.acked = seq
-            self.save_cursor(session, urgent)
-
-    def save_cursor(self, session: Session, urgent: bool = False) -> None:
+    def save_cursor(self, session: Target, urgent: bool = False) -> None:
         user, bcast = session.feeds["user"].acked, session.feeds["broadcast"].acked
         cursor = Cursor(user, bcast, self.store.epoch)
         self.cursors.save(session.user, session.device, cursor, urgent)
+
+
+def _bind(fn: Callable[..., Awaitable[T]], *args: Any) -> Callable[[], Awaitable[T]]:
+    return lambda: fn(*args)
+
+
+async def _gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
+    """Run ``calls`` concurrently (their bridge crossings batch together); the first error wins."""
+    results: list[Any] = [None] * len(calls)
+    errors: list[Exception] = []
+
+    async def one(i: int, call: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            results[i] = await call()
+        except Exception as exc:  # re-raised below, unwrapped from the nursery's group
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for i, call in enumerate(calls):
+            nursery.start_soon(one, i, call)
+    if errors:
+        raise errors[0]
+    return results
 
 
 def _owner(ch: str, user: str) -> str | None:

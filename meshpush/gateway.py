@@ -2,44 +2,44 @@
 
 Handshake: ``/ws?token=<jwt>&device=<id>`` (or ``Authorization: Bearer``). A bad, expired or
 missing token is refused with HTTP 401 before any upgrade. A user owned by another node gets a
-``redirect`` frame and close 4302; the owner registers the session and sends ``welcome``.
-
-Per session: the handler task writes (queue -> socket, pings, heartbeat and token deadlines)
-and one reader task parses client frames. Closing is always the handler's job: anyone may
-call ``Session.close(code, ...)``, which cancels the session and lets the handler send the
-final frame and the close code.
+``redirect`` frame and close 4302; the owner registers the session (live notifications buffer
+in its feeds from then on), reads where it resumes, accepts, and hands the connection to
+``Session.run`` in the same task.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from . import listener, protocol
 from .auth import AuthError, TokenVerifier, bearer
-from .delivery import Feeder
+from .delivery import BadResume, Feeder
 from .encoding import BadId, check_id
-from .limits import TokenBucket, origin_allowed
+from .hub import Hub
+from .limits import origin_allowed
 from .listener import Doorman, Refusal
+from .machine import Limits
 from .metrics import Metrics
-from .protocol import Close, ProtocolError
+from .protocol import Close
 from .router import Route, Router
-from .sessions import Registry, Session
+from .sessions import Context, Session
 from .settings import Settings
 from .store import StoreUnavailable
+from .wire import Upgrade, Wire, encode_text
 
 log = logging.getLogger(__name__)
+HANDSHAKE_CONCURRENCY = 128  # handshakes in progress at once (their store reads batch together)
+START_TIMEOUT = 5.0  # seconds the resume-point reads of one handshake may take (then 503)
 
 
-def _query(request: WebSocketRequest) -> tuple[str, dict[str, str]]:
-    path, _, qs = request.path.partition("?")
+def _query(request: Upgrade) -> tuple[str, dict[str, str]]:
+    path, _, qs = request.target.partition("?")
     try:
         pairs = urllib.parse.parse_qsl(
             qs, keep_blank_values=True, strict_parsing=False, max_num_fields=32
@@ -49,11 +49,32 @@ def _query(request: WebSocketRequest) -> tuple[str, dict[str, str]]:
     return path, dict(pairs)
 
 
-def _header(request: WebSocketRequest, name: bytes) -> str | None:
-    for key, value in request.headers:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
+def limits_of(s: Settings) -> Limits:
+    return Limits(
+        heartbeat_interval=s.heartbeat_interval,
+        heartbeat_timeout=s.heartbeat_timeout,
+        frame_rate=s.frame_rate,
+        frame_burst=s.frame_burst,
+        max_frame_bytes=s.max_frame_bytes,
+        out_frames=s.session_queue,
+        out_bytes=s.session_buffer_bytes,
+        slow_grace=s.slow_consumer_grace,
+    )
+
+
+@dataclass(slots=True)
+class Opened:
+    """A session registered, accepted and ready to run."""
+
+    session: Session
+    wire: Wire
+    welcome: str
+    first: dict[str, list[Any]] | None
+
+    def parts(self) -> tuple[Wire, str, dict[str, list[Any]]]:
+        """What ``Session.run`` takes; the first batches are handed over, not kept here."""
+        first, self.first = self.first or {}, None
+        return self.wire, self.welcome, first
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,96 +102,125 @@ class Gateway:
     def __init__(
         self,
         settings: Settings,
-        registry: Registry,
+        registry: Hub,
         router: Router,
         feeder: Feeder,
         metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.registry = registry
+        self.context = Context(limits_of(settings), feeder, metrics)
         self.router = router
         self.feeder = feeder
         self.metrics = metrics
         self.doorman = Doorman(settings, metrics)
         self.verifier = TokenVerifier.from_settings(settings)
+        self.handshaking = trio.CapacityLimiter(HANDSHAKE_CONCURRENCY)
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         await listener.serve(self.settings, self.doorman, self._handle, task_status=task_status)
 
     # ------------------------------------------------------------ handshake
 
-    async def _handle(self, request: WebSocketRequest, ip: str) -> None:
+    async def _handle(self, request: Upgrade, ip: str) -> None:
         """One connection, start to end. Nothing a client does may escape into the server."""
         try:
             await self._handshake(request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            raise  # the transport failed: the listener counts it
         except Exception as exc:  # a bug, not a client's fault: log it, count it, serve on
             self.metrics.session_errors.inc()
             log.exception("session failed: %r", exc)
 
-    async def _handshake(self, request: WebSocketRequest) -> None:
+    async def _handshake(self, request: Upgrade) -> None:
+        """Handshakes run at most ``HANDSHAKE_CONCURRENCY`` at once: a surge of thousands waits
+        in line (parked, costing nothing) instead of stalling the loop in one huge batch."""
+        session: Session | None = None
+        try:
+            async with self.handshaking:
+                opened = await self._open(request)
+            if opened is not None:
+                session = opened.session
+                await session.run(*opened.parts())
+        finally:
+            if session is not None:
+                self.registry.remove(session)
+                self._count()
+                self.feeder.cursors.flush_soon()
+
+    async def _open(self, request: Upgrade) -> Opened | None:
+        """Check, route and (if this node owns the user) open a session; None if refused."""
         try:
             hello = self._check(request)
         except Refusal as rej:
             await self._reject(request, rej)
-            return
+            return None
         route = await self._route(hello)
         if route.kind == "unavailable":
             await self._reject(request, Refusal(503, "unavailable", route.reason, 1))
         elif route.kind == "redirect":
             assert route.node is not None
-            ws = await request.accept()
-            await self._redirect_now(ws, route.node.id, route.node.ws_url, route.reason)
+            wire = await request.accept()
+            await self._redirect_now(wire, route.node.id, route.node.ws_url, route.reason)
         else:
-            await self._serve_local(request, hello)
+            return await self._open_local(request, hello)
+        return None
 
     async def _route(self, hello: Hello) -> Route:
         if hello.avoid:
             return await self.router.route_avoiding(hello.user, hello.avoid, self._patience)
         return self.router.route(hello.user)
 
-    async def _serve_local(self, request: WebSocketRequest, hello: Hello) -> None:
-        """Register first (live notifications now buffer), read where to resume, then welcome."""
+    async def _open_local(self, request: Upgrade, hello: Hello) -> Opened | None:
+        """Register first (live notifications now buffer), read where to resume, accept."""
         if self.registry.count_of_user(hello.user) >= self.settings.max_sessions_per_user:
             self.metrics.rate_limited.labels(kind="user_sessions").inc()
             await self._reject(request, Refusal(429, "too_many_sessions", "session cap reached", 5))
-            return
-        session = Session(hello.user, hello.device, self.settings.session_queue, hello.expires_at)
-        session.frames = TokenBucket(
-            self.settings.frame_rate, self.settings.frame_burst, trio.current_time()
-        )
+            return None
+        session = Session(self.context, hello.user, hello.device, hello.expires_at)
         self.registry.add(session)
         try:
-            with trio.fail_after(5):
-                first, recovered = await self.feeder.start_points(
-                    session, hello.resume, hello.epoch
-                )
-        except (StoreUnavailable, trio.TooSlowError):
-            self.registry.remove(session)
-            await self._reject(
-                request, Refusal(503, "store_unavailable", "cannot read the stream", 1)
-            )
-            return
-        try:
-            ws = await request.accept()
+            first, recovered = await self._start_points(request, session, hello)
+            wire = await request.accept() if first is not None else None
         except BaseException:
             self.registry.remove(session)
             raise
+        if first is None or wire is None:  # refused (already answered)
+            self.registry.remove(session)
+            return None
         if self.router.route(hello.user).kind != "local":  # the ring moved meanwhile
             self.router.redirect(session)
-        await self._run(ws, session, first, recovered)
+        self.metrics.handshakes.labels(result="accepted").inc()
+        self._count()
+        return Opened(session, wire, self._welcome(session, recovered), first)
+
+    async def _start_points(
+        self, request: Upgrade, session: Session, hello: Hello
+    ) -> tuple[dict[str, list[Any]] | None, bool]:
+        """Where the session resumes, or (None, False) once the handshake was refused."""
+        try:
+            with trio.fail_after(START_TIMEOUT):
+                return await self.feeder.start_points(session, hello.resume, hello.epoch)
+        except BadResume as exc:
+            await self._reject(request, Refusal(400, "bad_resume", str(exc)))
+        except (StoreUnavailable, trio.TooSlowError):
+            await self._reject(
+                request, Refusal(503, "store_unavailable", "cannot read the stream", 1)
+            )
+        return None, False
 
     @property
     def _patience(self) -> float:
         """How long a handshake that avoids an unreachable owner may wait for the ring."""
         return min(self.settings.lease_ttl + 1.0, self.settings.handshake_timeout)
 
-    def _check(self, request: WebSocketRequest) -> Hello:
+    def _check(self, request: Upgrade) -> Hello:
         path, query = _query(request)
         if path != "/ws":
             raise Refusal(404, "not_found", "WebSocket endpoint is /ws")
-        if not origin_allowed(_header(request, b"origin"), self.settings.allowed_origins):
+        if not origin_allowed(request.header(b"origin"), self.settings.allowed_origins):
             raise Refusal(403, "origin_not_allowed", "this Origin may not connect")
-        token = query.get("token") or bearer(_header(request, b"authorization"))
+        token = query.get("token") or bearer(request.header(b"authorization"))
         try:
             identity = self.verifier.verify(token)
         except AuthError as exc:
@@ -191,7 +241,7 @@ class Gateway:
             epoch=query.get("epoch", "")[:64],
         )
 
-    async def _reject(self, request: WebSocketRequest, rej: Refusal) -> None:
+    async def _reject(self, request: Upgrade, rej: Refusal) -> None:
         self.metrics.handshakes.labels(result=rej.code).inc()
         self.doorman.sampled.log(trio.current_time(), rej.code, "handshake refused: %s", rej.code)
         body = json.dumps({"error": rej.code, "detail": rej.detail}).encode()
@@ -199,51 +249,15 @@ class Gateway:
         if rej.retry_after is not None:
             headers.append((b"retry-after", str(rej.retry_after).encode()))
         with trio.move_on_after(2):
-            await request.reject(rej.status, extra_headers=headers, body=body)
+            await request.reject(rej.status, headers, body)
 
-    async def _redirect_now(
-        self, ws: WebSocketConnection, node: str, url: str, reason: str
-    ) -> None:
+    async def _redirect_now(self, wire: Wire, node: str, url: str, reason: str) -> None:
         self.metrics.handshakes.labels(result="redirect").inc()
         self.metrics.redirects.labels(reason=reason).inc()
+        frame = encode_text(protocol.redirect(node=node, url=url, reason=reason))
         with trio.move_on_after(2):
-            try:
-                await ws.send_message(protocol.redirect(node=node, url=url, reason=reason))
-                await ws.aclose(Close.REDIRECT, reason)
-            except ConnectionClosed:
-                pass
-
-    # ------------------------------------------------------------ session
-
-    async def _run(
-        self,
-        ws: WebSocketConnection,
-        session: Session,
-        first: dict[str, list[Any]],
-        recovered: bool,
-    ) -> None:
-        self.metrics.handshakes.labels(result="accepted").inc()
-        self._count()
-        try:
-            with trio.CancelScope() as scope:
-                session.cancel_scope = scope
-                if session.close_request is not None:
-                    scope.cancel()
-                await ws.send_message(self._welcome(session, recovered))
-                async with trio.open_nursery() as nursery:
-                    session.nursery = nursery
-                    for ch, batch in first.items():
-                        nursery.start_soon(self.feeder.replay, session, ch, batch)
-                    nursery.start_soon(self._reader, ws, session)
-                    await self._writer(ws, session, nursery)
-        except ConnectionClosed:
-            pass
-        finally:
-            session.nursery = None
-            self.registry.remove(session)
-            self._count()
-            self.feeder.cursors.flush_soon()
-            await self._finish(ws, session)
+            await wire.stream.send_all(frame + wire.close_frame(Close.REDIRECT, reason))
+            await wire.goodbye(1.0)
 
     def _welcome(self, session: Session, recovered: bool) -> str:
         s = self.settings
@@ -257,89 +271,6 @@ class Gateway:
             recovered=recovered,
             resume={ch: feed.sent for ch, feed in session.feeds.items()},
         )
-
-    async def _writer(
-        self, ws: WebSocketConnection, session: Session, nursery: trio.Nursery
-    ) -> None:
-        s = self.settings
-        next_ping = trio.current_time() + s.heartbeat_interval
-        token_deadline = trio.current_time() + max(0.0, session.expires_at - time.time())
-        while True:
-            silent_deadline = session.last_seen + s.heartbeat_timeout
-            frame: str | None = None
-            with trio.move_on_at(min(next_ping, silent_deadline, token_deadline)):
-                frame = await session.queue.receive()
-            if frame is not None:  # sent outside the deadline: a deadline never cuts a frame
-                await self._send(ws, session, frame)
-                continue
-            now = trio.current_time()
-            if now >= token_deadline:
-                session.close(Close.TOKEN_EXPIRED, "token expired")
-            elif now >= session.last_seen + s.heartbeat_timeout:
-                session.close(Close.HEARTBEAT_TIMEOUT, "heartbeat timeout")
-            elif now >= next_ping:
-                nursery.start_soon(self._ping, ws, session)
-                next_ping = now + s.heartbeat_interval
-
-    async def _send(self, ws: WebSocketConnection, session: Session, frame: str) -> None:
-        try:
-            await ws.send_message(frame)
-        except ConnectionClosed:
-            session.close(Close.GOING_AWAY, "connection lost")
-
-    async def _ping(self, ws: WebSocketConnection, session: Session) -> None:
-        try:
-            await ws.ping()
-            session.last_seen = trio.current_time()
-        except ConnectionClosed:
-            pass
-
-    async def _reader(self, ws: WebSocketConnection, session: Session) -> None:
-        while True:
-            try:
-                message = await ws.get_message()
-            except ConnectionClosed:
-                session.close(Close.NORMAL, "client closed")
-                return
-            session.last_seen = trio.current_time()
-            if session.frames is not None and not session.frames.take(session.last_seen):
-                self.metrics.rate_limited.labels(kind="frames").inc()
-                session.close(Close.RATE_LIMITED, "too many frames")
-                return
-            try:
-                frame = protocol.parse_client_frame(message)
-            except ProtocolError as exc:
-                self._protocol_error(session, exc)
-                continue
-            if isinstance(frame, protocol.Ping):
-                session.offer(protocol.PONG)
-            elif isinstance(frame, protocol.Ack):
-                self._ack(session, frame)
-
-    def _ack(self, session: Session, frame: protocol.Ack) -> None:
-        try:
-            self.feeder.ack(session, frame.ch, frame.seq)
-        except ValueError as exc:
-            self._protocol_error(session, ProtocolError("bad_ack", str(exc)))
-
-    def _protocol_error(self, session: Session, exc: ProtocolError) -> None:
-        self.metrics.frame_errors.labels(code=exc.code).inc()
-        if exc.close is not None:
-            session.close(exc.close, exc.code, protocol.error(exc.code, exc.detail))
-        else:
-            session.offer(protocol.error(exc.code, exc.detail))
-
-    async def _finish(self, ws: WebSocketConnection, session: Session) -> None:
-        request = session.close_request
-        code = request.code if request else Close.GOING_AWAY
-        self.metrics.closes.labels(code=str(code)).inc()
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            try:
-                if request and request.frame:
-                    await ws.send_message(request.frame)
-                await ws.aclose(code, request.reason if request else "node stopping")
-            except ConnectionClosed:
-                pass
 
     def _count(self) -> None:
         stats = self.registry.statistics()

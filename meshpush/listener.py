@@ -8,7 +8,8 @@ raw HTTP response with the documented status and JSON body (403, 429 or 503 with
 
 An admitted connection must finish TLS (if configured) and the HTTP upgrade request within
 ``handshake_timeout`` — a client that trickles its headers (slowloris) is dropped — and the
-request itself is bounded by h11's limits inside trio-websocket.
+request itself is bounded by h11's limits (``wire.Upgrade``, on wsproto). The handler then
+runs in this connection's task: a session needs no other task while it is idle.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 
 import trio
-from trio_websocket import WebSocketRequest, wrap_server_stream
 
 from .limits import Counter, FilterError, IpFilter, KeyedBuckets, SampledLog
 from .metrics import Metrics
 from .settings import Settings
+from .wire import HandshakeFailed, Upgrade
 
 log = logging.getLogger(__name__)
-Handler = Callable[[WebSocketRequest, str], Awaitable[None]]
+Handler = Callable[[Upgrade, str], Awaitable[None]]
 _REASONS = {
     400: "Bad Request",
     403: "Forbidden",
@@ -183,21 +184,18 @@ async def _connection(
                 doorman.metrics.handshakes.labels(result=refusal.code).inc()
                 await _send_refusal(stream, refusal)
                 return
-            async with trio.open_nursery() as nursery:
-                request = await wrap_server_stream(
-                    nursery, stream, max_message_size=settings.max_frame_bytes
-                )
-                timer.deadline = float("inf")  # upgrade request complete: no more deadline
-                await handler(request, ip)
-                nursery.cancel_scope.cancel()
+            upgrade = await Upgrade.read(stream)
+            timer.deadline = float("inf")  # upgrade request complete: no more deadline
+            await handler(upgrade, ip)
         if timer.cancelled_caught:
             doorman.metrics.handshakes.labels(result="handshake_timeout").inc()
+    except HandshakeFailed as exc:
+        doorman.metrics.handshakes.labels(result="bad_request").inc()
+        log.debug("connection from %s sent no upgrade: %s", ip, exc)
     except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
         doorman.metrics.handshakes.labels(result="transport_error").inc()
         log.debug("connection from %s failed: %r", ip, exc)
-    except Exception as exc:  # e.g. a protocol error raised in the WebSocket reader task
-        # (trio-websocket answers a Ping that arrives after our Close with a Pong that wsproto
-        # refuses: python-trio/trio-websocket#184). One connection ends; the node serves on.
+    except Exception as exc:  # a bug: one connection ends, the node serves on
         doorman.metrics.session_errors.inc()
         log.warning("connection from %s ended by an error: %r", ip, exc)
     finally:

@@ -23,12 +23,12 @@ from .bridge import Bridge, best_effort
 from .bus import Bus
 from .delivery import Feeder
 from .gateway import Gateway
+from .hub import Hub
 from .looplag import LoopLag
 from .membership import Membership
 from .metrics import Metrics
 from .presence import Presence
 from .router import Router
-from .sessions import Registry
 from .settings import Settings
 from .store import Cursors, Store
 from .webhook import Webhook
@@ -43,7 +43,7 @@ class Node:
         self.settings = settings
         self.metrics = Metrics(settings.node_id)
         self.bridge = Bridge()
-        self.registry = Registry()
+        self.registry = Hub(self.metrics)
         self.bus = Bus(settings, self.bridge, self.metrics)
         self.store = Store(settings, self.bus, self.bridge, self.metrics)
         self.cursors = Cursors(self.store, self.metrics, settings.cursor_flush_interval)
@@ -142,8 +142,7 @@ class Node:
         """Leave etcd, close every session, flush cursors, then cancel every service."""
         if self.membership is not None:
             await self.membership.leave()  # bounded; never raises
-        for session in self.registry.all():
-            session.close(1001, "node stopping")
+        await self.registry.close_all(self.registry.all(), 1001, "node stopping")
         await trio.sleep(0.1)
         await best_effort("cursor flush", self.cursors.flush, 3)
         assert self._nursery is not None

@@ -1,9 +1,10 @@
-"""Ring views in, routes and migrations out; live notifications in, frames to sessions out.
+"""Ring views in, routes and migrations out: the ring, the slot subscriptions, migration.
 
 On every membership view the router builds the ring, subscribes the slots it gained *before*
 it accepts sessions for them, then redirects the sessions of slots it lost (spread over a
 jittered window) and only then unsubscribes those slots. ``route(user)`` answers the gateway:
-serve here, redirect there, or not available yet.
+serve here, redirect there, or not available yet. Live notifications go from the bus to the
+:class:`~meshpush.hub.Hub` (fan-out); the router only pumps them.
 """
 
 from __future__ import annotations
@@ -11,19 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import trio
 
 from . import protocol
-from .bus import Bus, Notification
+from .bus import Bus
 from .delivery import Feeder
+from .hub import Hub
 from .metrics import Metrics
 from .protocol import Close
 from .ring import EMPTY, Ring, slot
-from .sessions import Registry, Session
+from .sessions import Session
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class Router:
     """Owns the ring view, the slot subscriptions and session migration of one node."""
 
     def __init__(
-        self, settings: Settings, registry: Registry, bus: Bus, feeder: Feeder, metrics: Metrics
+        self, settings: Settings, registry: Hub, bus: Bus, feeder: Feeder, metrics: Metrics
     ) -> None:
         self.settings = settings
         self.feeder = feeder
@@ -161,32 +162,13 @@ class Router:
     async def _dispatch(self) -> None:
         async for note in self.bus.inbound:
             if note is None:  # NATS reconnected: notifications may have been missed
-                self.feeder.catch_up_all(self.registry.all())
+                await self.feeder.catch_up_all(self.registry.all())  # type: ignore[arg-type]
             else:
-                self.deliver(note)
-
-    def deliver(self, note: Notification) -> None:
-        """Hand a live notification to the feeds of its sessions; the frame is encoded once."""
-        ch: protocol.Channel = "broadcast" if note.ch == "broadcast" else "user"
-        if self.webhook is not None:
-            self.webhook.notified(note)
-        if ch == "broadcast":
-            targets = self.registry.all()
-        elif note.user is not None:
-            targets = list(self.registry.of_user(note.user))
-        else:
-            return
-        if not targets:
-            return
-        frame = protocol.message(
-            ch=ch, seq=note.seq, id=note.id, data_json=note.data_json, prev=note.prev
-        )
-        n = sum(self.feeder.live(s, ch, note, frame) for s in targets)
-        if n:
-            if self.webhook is not None and note.user is not None and ch == "user":
-                self.webhook.reached(note.user, note.seq)
-            self.metrics.delivered.labels(ch=ch).inc(n)
-            self.metrics.delivery_latency.observe(max(0.0, time.time() - note.published_at))
+                if self.webhook is not None:
+                    self.webhook.notified(note)
+                sent = await self.registry.deliver(note)
+                if sent and self.webhook is not None and note.user is not None:
+                    self.webhook.reached(note.user, note.seq)
 
     # ------------------------------------------------------------ ring changes
 

@@ -79,7 +79,16 @@ class Settings:
         metadata={"help": "most messages in a batch publish / users in a multi-user publish"},
     )
     session_queue: int = field(
-        default=1024, metadata={"help": "frames queued for one session before it is cut (4008)"}
+        default=1024,
+        metadata={"help": "outbound frames buffered for one session before it is slow (4008)"},
+    )
+    session_buffer_bytes: int = field(
+        default=4 << 20,
+        metadata={"help": "outbound bytes buffered for one session before it is slow (4008)"},
+    )
+    slow_consumer_grace: float = field(
+        default=5.0,
+        metadata={"help": "seconds a session may stay over its outbound bound before 4008"},
     )
     handshake_timeout: float = field(
         default=10.0, metadata={"help": "seconds a client has to finish the WebSocket handshake"}

@@ -389,6 +389,17 @@ class Store:
         result: int = await self._call(get)
         return result
 
+    async def end_seq(self, ch: str) -> int:
+        """The last seq the channel's stream ever assigned (0 for an empty stream)."""
+        stream = self.streams[ch]
+
+        async def get() -> int:
+            info = await self.bus.js.stream_info(stream)
+            return int(info.state.last_seq or 0)
+
+        result: int = await self._call(get)
+        return result
+
     async def count(self, ch: str, user: str | None) -> int:
         """How many messages of the channel are stored now."""
         subject = stream_subject(self.settings, ch, user)

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import trio
 
+from meshpush.hub import Hub
 from meshpush.metrics import Metrics
 from meshpush.router import NodeInfo, Router, View
-from meshpush.sessions import Registry
 from meshpush.settings import Settings
 
 
@@ -52,7 +52,7 @@ def view(*ids: str) -> View:
 def router(bus: FakeBus | None = None) -> tuple[Router, Metrics]:
     metrics = Metrics("n1")
     settings = Settings(node_id="n1", drain_window=0.01)
-    return Router(settings, Registry(), bus or FakeBus(), None, metrics), metrics  # type: ignore[arg-type]
+    return Router(settings, Hub(), bus or FakeBus(), None, metrics), metrics  # type: ignore[arg-type]
 
 
 def sample(metrics: Metrics, name: str) -> float:

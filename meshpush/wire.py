@@ -1,0 +1,236 @@
+"""The node's WebSocket server connections, built on wsproto directly (no per-connection tasks).
+
+* :class:`Upgrade` reads one HTTP upgrade request (h11 limits, through wsproto's
+  ``H11Handshake``) and answers it: ``reject`` (HTTP status + JSON body) or ``accept``, which
+  returns a :class:`Wire` and drops the HTTP machinery.
+* :class:`Wire` is one open WebSocket: ``receive`` feeds bytes to wsproto's frame parser and
+  returns its events; writes take *already encoded* frames (``encode_text``: a server frame is
+  never masked, so one ``bytes`` object serves every session it goes to).
+* Writes on a plain TCP socket go straight to the kernel (``os.writev`` on the nonblocking fd,
+  no await, no task) when it has room; only what does not fit is kept, and the owner drains it
+  when the socket is writable (``send_buffered``). Over TLS the frame bytes are still shared,
+  encryption is per connection through ``trio.SSLStream``: those writes are always buffered and
+  drained by the owner, in order.
+
+The ordering rule lives in the owner (``sessions.Session``): once anything is buffered, every
+later frame goes behind it, so frames never interleave or reorder.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import deque
+from collections.abc import Iterable
+from typing import cast
+
+import trio
+from wsproto import ConnectionType
+from wsproto.connection import Connection, ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Event,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+)
+from wsproto.handshake import H11Handshake
+from wsproto.utilities import RemoteProtocolError
+
+RECEIVE_BYTES = 65536
+IOV_MAX = 64  # frames per writev call
+
+
+class HandshakeFailed(Exception):
+    """The peer closed, or sent something that is not a WebSocket upgrade request."""
+
+
+def encode_text(text: str) -> bytes:
+    """One complete, unmasked WebSocket text frame (RFC 6455 §5.2) carrying ``text``."""
+    payload = text.encode()
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
+def _plain_fd(stream: trio.abc.Stream) -> int:
+    """The socket's fd if ``stream`` is plain TCP (fast path), else -1 (TLS: buffered)."""
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket.fileno()
+    return -1
+
+
+_DONE = H11Handshake(ConnectionType.SERVER)  # stands in for a finished handshake (shared)
+
+
+class Upgrade:
+    """An HTTP upgrade request read from a fresh connection, not answered yet."""
+
+    __slots__ = ("_handshake", "request", "stream")
+
+    def __init__(self, stream: trio.abc.Stream, handshake: H11Handshake, request: Request):
+        self.stream = stream
+        self._handshake = handshake
+        self.request = request
+
+    @property
+    def target(self) -> str:
+        return self.request.target
+
+    def header(self, name: bytes) -> str | None:
+        for key, value in self.request.extra_headers:
+            if key.lower() == name:
+                return value.decode("latin-1")
+        return None
+
+    @classmethod
+    async def read(cls, stream: trio.abc.Stream) -> Upgrade:
+        """Read until a complete upgrade request; raises :class:`HandshakeFailed`."""
+        handshake = H11Handshake(ConnectionType.SERVER)
+        while True:
+            data = await stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                raise HandshakeFailed("peer closed during the handshake")
+            try:
+                handshake.receive_data(cast(bytes, data))
+                for event in handshake.events():
+                    if isinstance(event, Request):
+                        return cls(stream, handshake, event)
+            except RemoteProtocolError as exc:
+                await _answer_bad_request(stream, handshake, exc)
+                raise HandshakeFailed(str(exc)) from None
+
+    async def reject(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
+        data = self._handshake.send(RejectConnection(status, headers, has_body=True))
+        data += self._handshake.send(RejectData(body, body_finished=True))
+        await self.stream.send_all(data)
+
+    async def accept(self) -> Wire:
+        """Answer 101; the HTTP machinery (h11) is dropped, only the frame parser stays."""
+        data = self._handshake.send(AcceptConnection())
+        connection = self._handshake.connection
+        assert connection is not None
+        self._handshake = _DONE
+        await self.stream.send_all(data)
+        return Wire(self.stream, connection)
+
+
+async def _answer_bad_request(
+    stream: trio.abc.Stream, handshake: H11Handshake, exc: RemoteProtocolError
+) -> None:
+    """A request that is no WebSocket upgrade gets the 4xx wsproto suggests (else nothing)."""
+    hint = exc.event_hint
+    if not isinstance(hint, RejectConnection):
+        return
+    try:
+        data = handshake.send(RejectConnection(hint.status_code or 400, list(hint.headers)))
+    except Exception:  # wsproto may refuse to answer in its state: then just hang up
+        return
+    await stream.send_all(data)
+
+
+class Wire:
+    """One open WebSocket connection (server side)."""
+
+    __slots__ = ("fd", "proto", "stream")
+
+    def __init__(self, stream: trio.abc.Stream, proto: Connection) -> None:
+        self.stream = stream
+        self.proto = proto
+        self.fd = _plain_fd(stream)
+
+    @property
+    def fast(self) -> bool:
+        return self.fd >= 0
+
+    # ------------------------------------------------------------ reading
+
+    async def receive(self) -> Iterable[Event]:
+        """Wait for bytes; the wsproto events they complete (EOF: a 1006 CloseConnection)."""
+        data = await self.stream.receive_some(RECEIVE_BYTES)
+        if self.proto.state is ConnectionState.CLOSED:
+            return ()
+        self.proto.receive_data(cast(bytes, data) or None)
+        return self.proto.events()
+
+    @property
+    def remote_closing(self) -> bool:
+        return self.proto.state is ConnectionState.REMOTE_CLOSING
+
+    # ------------------------------------------------------------ control frames
+
+    def ping_frame(self) -> bytes:
+        return self.proto.send(Ping())
+
+    def pong_frame(self, ping: Ping) -> bytes:
+        if self.proto.state is not ConnectionState.OPEN:
+            return b""
+        return self.proto.send(ping.response())
+
+    def close_frame(self, code: int, reason: str) -> bytes:
+        """The close frame (or b"" if one was sent already); answers a client's close too."""
+        if self.proto.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+            return b""
+        return self.proto.send(CloseConnection(code, reason[:120]))
+
+    # ------------------------------------------------------------ writing
+
+    def try_send(self, data: bytes) -> int:
+        """Bytes of ``data`` the kernel took now, without waiting (0 over TLS or when full).
+
+        Raises OSError when the connection is broken."""
+        if self.fd < 0:
+            return 0
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+
+    async def send_buffered(self, frames: deque[bytes]) -> tuple[int, int]:
+        """Wait until the socket takes some of the frames at the head of ``frames`` and remove
+        what was written (a partly written frame keeps its rest at the head). Returns (whole
+        frames, bytes) written. Raises OSError or a trio resource error when broken."""
+        if self.fd < 0:
+            count = len(frames)
+            chunk = b"".join(frames)
+            frames.clear()
+            await self.stream.send_all(chunk)
+            return count, len(chunk)
+        await trio.lowlevel.wait_writable(self.fd)
+        head = [frames[i] for i in range(min(IOV_MAX, len(frames)))]
+        try:
+            written = os.writev(self.fd, head)
+        except BlockingIOError:
+            return 0, 0
+        before = len(frames)
+        _consume(frames, written)
+        return before - len(frames), written
+
+    async def goodbye(self, timeout: float) -> None:
+        """After our close frame: let the client answer (or hang up), then close the socket."""
+        with trio.move_on_after(timeout):
+            while self.proto.state is not ConnectionState.CLOSED:
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    break
+                self.proto.receive_data(cast(bytes, data))
+                for _ in self.proto.events():
+                    pass
+        await self.stream.aclose()
+
+
+def _consume(frames: deque[bytes], written: int) -> None:
+    while written and frames:
+        head = frames[0]
+        if written >= len(head):
+            frames.popleft()
+            written -= len(head)
+        else:
+            frames[0] = head[written:]
+            written = 0
