@@ -1,10 +1,13 @@
 """The WebSocket front door: handshake (token, device, route), then one session until it ends.
 
-Handshake: ``/ws?token=<jwt>&device=<id>`` (or ``Authorization: Bearer``). A bad, expired or
-missing token is refused with HTTP 401 before any upgrade. A user owned by another node gets a
-``redirect`` frame and close 4302; the owner registers the session (live notifications buffer
-in its feeds from then on), reads where it resumes, accepts, and hands the connection to
-``Session.run`` in the same task.
+Handshake: ``/ws?token=<jwt>&device=<id>`` (or ``Authorization: Bearer``, or — with neither —
+a first ``{"type":"auth","token":...}`` frame within ``handshake_timeout`` after the upgrade).
+With ``refuse_after_upgrade`` (default) a refusal decided here is answered after the upgrade: an
+``error`` frame, then close 4000 + the HTTP status (4400, 4401, 4403, 4429, 4503), so a browser
+learns the reason; off, it is an HTTP status before any upgrade (and there is no auth frame).
+A user owned by another node gets a ``redirect`` frame and close 4302; the owner registers the
+session (live notifications buffer in its feeds from then on), reads where it resumes, accepts,
+and hands the connection to ``Session.run`` in the same task.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from . import listener, protocol
 from .auth import AuthError, TokenVerifier, bearer
@@ -89,6 +93,91 @@ class Hello:
     epoch: str
 
 
+class Door:
+    """How one handshake answers: HTTP before the upgrade, or frames once upgraded.
+
+    ``after_upgrade`` (the setting): a refusal with a 44xx close code accepts the upgrade,
+    sends an ``error`` frame and closes with that code. Once accepted (an auth frame was read,
+    or a refusal came later), every refusal is answered that way."""
+
+    __slots__ = ("after_upgrade", "request", "wire")
+
+    def __init__(self, request: Upgrade, after_upgrade: bool) -> None:
+        self.request = request
+        self.after_upgrade = after_upgrade
+        self.wire: Wire | None = None
+
+    async def accept(self) -> Wire:
+        if self.wire is None:
+            self.wire = await self.request.accept()
+        return self.wire
+
+    async def refuse(self, rej: Refusal) -> None:
+        code = close_code(rej)
+        with trio.move_on_after(2):
+            if self.wire is None and not (self.after_upgrade and code is not None):
+                await self.request.reject(rej.status, _http_headers(rej), _body(rej))
+                return
+            wire = await self.accept()
+            close = wire.close_frame(code or 1011, rej.code)  # 1011: no 44xx for it
+            await wire.stream.send_all(encode_text(error_frame(rej)) + close)
+            await wire.goodbye(1.0)
+
+
+AFTER_UPGRADE = {  # HTTP status of a handshake refusal -> its close code after the upgrade
+    400: Close.BAD_REQUEST,
+    401: Close.TOKEN_EXPIRED,
+    403: Close.FORBIDDEN,
+    429: Close.RATE_LIMITED,
+    503: Close.UNAVAILABLE,
+}
+
+
+def close_code(rej: Refusal) -> int | None:
+    """The close code a refusal gets after the upgrade (None: HTTP only, e.g. 404)."""
+    if rej.code == "binary_frame":
+        return Close.POLICY
+    return AFTER_UPGRADE.get(rej.status)
+
+
+def error_frame(rej: Refusal) -> str:
+    frame: dict[str, Any] = {"type": "error", "code": rej.code, "detail": rej.detail}
+    if rej.retry_after is not None:
+        frame["retry_after"] = rej.retry_after
+    if rej.code == "bad_resume":
+        ch = rej.detail.partition(" ")[0]
+        if ch in protocol.CHANNELS:
+            frame["ch"] = ch
+    return json.dumps(frame, separators=(",", ":"))
+
+
+def _body(rej: Refusal) -> bytes:
+    return json.dumps({"error": rej.code, "detail": rej.detail}).encode()
+
+
+def _http_headers(rej: Refusal) -> list[tuple[bytes, bytes]]:
+    headers = [(b"content-type", b"application/json")]
+    if rej.retry_after is not None:
+        headers.append((b"retry-after", str(rej.retry_after).encode()))
+    return headers
+
+
+def parse_auth(message: str | bytes) -> str:
+    """The token of a first ``{"type":"auth","token":...}`` frame; Refusal for anything else."""
+    if isinstance(message, bytes):
+        raise Refusal(400, "binary_frame", "binary frames are not accepted")
+    try:
+        obj = json.loads(message)
+    except (ValueError, RecursionError):
+        obj = None
+    if not isinstance(obj, dict) or obj.get("type") != "auth":
+        raise Refusal(401, "auth_expected", "the first frame must be an auth frame")
+    token = obj.get("token")
+    if set(obj) != {"type", "token"} or not isinstance(token, str) or not token:
+        raise Refusal(401, "bad_auth", 'an auth frame is {"type":"auth","token":str}')
+    return token
+
+
 def _seq(query: dict[str, str], name: str) -> int:
     raw = query.get(name, "0") or "0"
     if not raw.isdigit() or len(raw) > 19:
@@ -134,11 +223,16 @@ class Gateway:
 
     async def _handshake(self, request: Upgrade) -> None:
         """Handshakes run at most ``HANDSHAKE_CONCURRENCY`` at once: a surge of thousands waits
-        in line (parked, costing nothing) instead of stalling the loop in one huge batch."""
+        in line (parked, costing nothing) instead of stalling the loop in one huge batch. The
+        wait for an auth frame comes first, outside that line (slow clients hold no slot)."""
+        door = Door(request, self.settings.refuse_after_upgrade)
         session: Session | None = None
         try:
+            hello = await self._hello(door)
+            if hello is None:
+                return
             async with self.handshaking:
-                opened = await self._open(request)
+                opened = await self._open(door, hello)
             if opened is not None:
                 session = opened.session
                 await session.run(*opened.parts())
@@ -148,22 +242,58 @@ class Gateway:
                 self._count()
                 self.feeder.cursors.flush_soon()
 
-    async def _open(self, request: Upgrade) -> Opened | None:
-        """Check, route and (if this node owns the user) open a session; None if refused."""
+    async def _hello(self, door: Door) -> Hello | None:
+        """What the client asks for, its token verified; None once refused (or gone)."""
         try:
-            hello = self._check(request)
+            query = self._preflight(door.request)
+            token = query.get("token") or bearer(door.request.header(b"authorization"))
+            if not token and door.after_upgrade:
+                token = await self._auth_frame(door)
+                if token is None:
+                    return None
+            return self._check(query, token)
         except Refusal as rej:
-            await self._reject(request, rej)
+            await self._reject(door, rej)
             return None
+
+    async def _auth_frame(self, door: Door) -> str | None:
+        """Accept, then wait ``handshake_timeout`` for a first auth frame; None if the client
+        left. Raises :class:`Refusal` for a late, missing or malformed one."""
+        wire = await door.accept()
+        with trio.move_on_after(self.settings.handshake_timeout):
+            message = await self._first_message(wire)
+            return None if message is None else parse_auth(message)
+        raise Refusal(401, "missing_token", "no token, and no auth frame within handshake_timeout")
+
+    async def _first_message(self, wire: Wire) -> str | bytes | None:
+        """The client's first complete message (bounded by ``max_frame_bytes``)."""
+        parts: list[Any] = []
+        limit = self.settings.max_frame_bytes
+        while True:
+            for event in await wire.receive():
+                if isinstance(event, CloseConnection):
+                    return None  # the client left (the listener closes the socket)
+                if isinstance(event, Ping):
+                    await wire.stream.send_all(wire.pong_frame(event))
+                elif isinstance(event, TextMessage | BytesMessage):
+                    parts.append(event.data)
+                    if sum(len(p) for p in parts) > limit:
+                        raise Refusal(401, "bad_auth", "auth frame too big")
+                    if event.message_finished:
+                        text = isinstance(event, TextMessage)
+                        return "".join(parts) if text else b"".join(parts)
+
+    async def _open(self, door: Door, hello: Hello) -> Opened | None:
+        """Route and (if this node owns the user) open a session; None if refused."""
         route = await self._route(hello)
         if route.kind == "unavailable":
-            await self._reject(request, Refusal(503, "unavailable", route.reason, 1))
+            await self._reject(door, Refusal(503, "unavailable", route.reason, 1))
         elif route.kind == "redirect":
             assert route.node is not None
-            wire = await request.accept()
+            wire = await door.accept()
             await self._redirect_now(wire, route.node.id, route.node.ws_url, route.reason)
         else:
-            return await self._open_local(request, hello)
+            return await self._open_local(door, hello)
         return None
 
     async def _route(self, hello: Hello) -> Route:
@@ -171,17 +301,17 @@ class Gateway:
             return await self.router.route_avoiding(hello.user, hello.avoid, self._patience)
         return self.router.route(hello.user)
 
-    async def _open_local(self, request: Upgrade, hello: Hello) -> Opened | None:
+    async def _open_local(self, door: Door, hello: Hello) -> Opened | None:
         """Register first (live notifications now buffer), read where to resume, accept."""
         if self.registry.count_of_user(hello.user) >= self.settings.max_sessions_per_user:
             self.metrics.rate_limited.labels(kind="user_sessions").inc()
-            await self._reject(request, Refusal(429, "too_many_sessions", "session cap reached", 5))
+            await self._reject(door, Refusal(429, "too_many_sessions", "session cap reached", 5))
             return None
         session = Session(self.context, hello.user, hello.device, hello.expires_at)
         self.registry.add(session)
         try:
-            first, recovered = await self._start_points(request, session, hello)
-            wire = await request.accept() if first is not None else None
+            first, recovered = await self._start_points(door, session, hello)
+            wire = await door.accept() if first is not None else None
         except BaseException:
             self.registry.remove(session)
             raise
@@ -195,18 +325,16 @@ class Gateway:
         return Opened(session, wire, self._welcome(session, recovered), first)
 
     async def _start_points(
-        self, request: Upgrade, session: Session, hello: Hello
+        self, door: Door, session: Session, hello: Hello
     ) -> tuple[dict[str, list[Any]] | None, bool]:
         """Where the session resumes, or (None, False) once the handshake was refused."""
         try:
             with trio.fail_after(START_TIMEOUT):
                 return await self.feeder.start_points(session, hello.resume, hello.epoch)
         except BadResume as exc:
-            await self._reject(request, Refusal(400, "bad_resume", str(exc)))
+            await self._reject(door, Refusal(400, "bad_resume", str(exc)))
         except (StoreUnavailable, trio.TooSlowError):
-            await self._reject(
-                request, Refusal(503, "store_unavailable", "cannot read the stream", 1)
-            )
+            await self._reject(door, Refusal(503, "store_unavailable", "cannot read the stream", 1))
         return None, False
 
     @property
@@ -214,13 +342,16 @@ class Gateway:
         """How long a handshake that avoids an unreachable owner may wait for the ring."""
         return min(self.settings.lease_ttl + 1.0, self.settings.handshake_timeout)
 
-    def _check(self, request: Upgrade) -> Hello:
+    def _preflight(self, request: Upgrade) -> dict[str, str]:
+        """Path, query shape and Origin: the checks that need no token."""
         path, query = _query(request)
         if path != "/ws":
             raise Refusal(404, "not_found", "WebSocket endpoint is /ws")
         if not origin_allowed(request.header(b"origin"), self.settings.allowed_origins):
             raise Refusal(403, "origin_not_allowed", "this Origin may not connect")
-        token = query.get("token") or bearer(request.header(b"authorization"))
+        return query
+
+    def _check(self, query: dict[str, str], token: str | None) -> Hello:
         try:
             identity = self.verifier.verify(token)
         except AuthError as exc:
@@ -241,15 +372,10 @@ class Gateway:
             epoch=query.get("epoch", "")[:64],
         )
 
-    async def _reject(self, request: Upgrade, rej: Refusal) -> None:
+    async def _reject(self, door: Door, rej: Refusal) -> None:
         self.metrics.handshakes.labels(result=rej.code).inc()
         self.doorman.sampled.log(trio.current_time(), rej.code, "handshake refused: %s", rej.code)
-        body = json.dumps({"error": rej.code, "detail": rej.detail}).encode()
-        headers = [(b"content-type", b"application/json")]
-        if rej.retry_after is not None:
-            headers.append((b"retry-after", str(rej.retry_after).encode()))
-        with trio.move_on_after(2):
-            await request.reject(rej.status, headers, body)
+        await door.refuse(rej)
 
     async def _redirect_now(self, wire: Wire, node: str, url: str, reason: str) -> None:
         self.metrics.handshakes.labels(result="redirect").inc()

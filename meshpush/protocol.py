@@ -28,9 +28,12 @@ class Close(IntEnum):
     TOO_BIG = 1009
     SLOW_CONSUMER = 4008
     REDIRECT = 4302
-    TOKEN_EXPIRED = 4401
+    BAD_REQUEST = 4400  # a handshake refused after the upgrade: bad query/device/resume
+    TOKEN_EXPIRED = 4401  # also: the handshake's token is missing, invalid or expired
+    FORBIDDEN = 4403
     HEARTBEAT_TIMEOUT = 4408
     RATE_LIMITED = 4429
+    UNAVAILABLE = 4503
 
 
 class ProtocolError(Exception):

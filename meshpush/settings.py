@@ -158,6 +158,13 @@ class Settings:
     ip_filter_file: str = field(
         default="", metadata={"help": "file of 'allow <cidr>'/'block <cidr>' lines (reloaded)"}
     )
+    refuse_after_upgrade: bool = field(
+        default=True,
+        metadata={
+            "help": "answer handshake refusals (token, origin, limits) after the upgrade with an "
+            "error frame and a 44xx close a browser can read; off: HTTP statuses, no auth frame"
+        },
+    )
     allowed_origins: tuple[str, ...] = field(
         default=(), metadata={"help": "browser Origins allowed, comma separated (empty: any)"}
     )

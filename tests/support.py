@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from meshpush.auth import issue_token
 from meshpush.client import Client, Message, open_client
@@ -27,6 +29,33 @@ async def api(
     headers = {"authorization": f"Bearer {cluster.api_key}", **kwargs.pop("headers", {})}
     async with httpx.AsyncClient(base_url=node.http_url, timeout=10) as http:
         return await http.request(method, path, headers=headers, **kwargs)
+
+
+async def refusal(
+    url: str, headers: list[tuple[bytes, bytes]] | None = None, first: str | None = None
+) -> tuple[int, str, dict[Any, Any]]:
+    """How a node refuses a handshake: ``(close code, error code, error frame)`` when it
+    answers after the upgrade (the frame's code is also the close reason), or ``(HTTP status,
+    error, headers)`` when it answers before. ``first``: a frame to send once upgraded."""
+    with trio.fail_after(15):
+        try:
+            async with open_websocket_url(url, extra_headers=headers) as ws:
+                if first is not None:
+                    await ws.send_message(first)
+                frame: dict[str, Any] = json.loads(await ws.get_message())
+                try:
+                    extra = await ws.get_message()
+                except ConnectionClosed as exc:
+                    closed = exc
+                else:
+                    raise AssertionError(f"a frame after the error: {extra!r}")
+        except ConnectionRejected as exc:
+            body = json.loads(exc.body or b"{}")
+            return exc.status_code, body.get("error", ""), dict(exc.headers or ())
+    assert frame["type"] == "error", frame
+    assert closed.reason is not None
+    assert closed.reason.reason == frame["code"], (closed.reason, frame)
+    return closed.reason.code, frame["code"], frame
 
 
 async def publish(

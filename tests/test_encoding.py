@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from collections.abc import Iterator
 from urllib.parse import quote
 
 import pytest
-import trio
 from conftest import make_cluster
 from hypothesis import given
 from hypothesis import strategies as st
-from support import api, connected, publish, receive, token
-from trio_websocket import ConnectionRejected, open_websocket_url
+from support import api, connected, publish, receive, refusal, token
 
 from meshpush.auth import issue_token
 from meshpush.devcluster import LocalCluster
@@ -95,10 +92,8 @@ def one_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]
 
 
 async def _refused(url: str) -> tuple[int, str]:
-    with trio.fail_after(10), pytest.raises(ConnectionRejected) as rejected:
-        async with open_websocket_url(url):
-            pass
-    return rejected.value.status_code, json.loads(rejected.value.body or b"{}")["error"]
+    close, code, _ = await refusal(url)
+    return close, code
 
 
 @pytest.mark.cluster
@@ -111,9 +106,9 @@ async def test_api_and_handshake_refuse_control_chars(one_node: LocalCluster, ch
     assert (resp.status_code, resp.json()["error"]) == (400, "bad_user")
     good = token(one_node, "id-rule")
     url = f"{node.ws_url}?token={good}&device={quote(bad)}"
-    assert await _refused(url) == (400, "bad_device")
+    assert await _refused(url) == (4400, "bad_device")
     forged = issue_token(one_node.token_secret, bad, 600)
-    assert await _refused(f"{node.ws_url}?token={forged}&device=d") == (401, "invalid_token")
+    assert await _refused(f"{node.ws_url}?token={forged}&device=d") == (4401, "invalid_token")
     # nothing was stored, and the node serves everyone else on; ids outside Cc are fine
     user = "a\u00a0b\u200b\u2028c"
     async with connected(one_node, user, device="d\u00ad") as client:

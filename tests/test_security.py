@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import Collector, api, publish, receive
+from support import Collector, api, publish, receive, refusal
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from meshpush.auth import issue_token
@@ -79,6 +79,7 @@ def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         token_public_key_file=str(workdir / "rsa.pem"),
         allowed_origins=("https://app.example",),
         protect_metrics=True,
+        handshake_timeout=2.0,  # "missing": no token and no auth frame, refused after it
     ) as cluster:
         yield cluster
         assert all(n.proc.alive() for n in cluster.members)
@@ -120,11 +121,9 @@ async def handshake(url: str, headers: list[tuple[bytes, bytes]] | None = None) 
 
 async def refused(
     url: str, headers: list[tuple[bytes, bytes]] | None = None
-) -> tuple[int, str, dict[bytes, bytes]]:
-    with pytest.raises(ConnectionRejected) as err:
-        await handshake(url, headers)
-    body = json.loads(err.value.body or b"{}")
-    return err.value.status_code, body.get("error", ""), dict(err.value.headers or ())
+) -> tuple[int, str, dict[Any, Any]]:
+    """(close code, error, frame) after the upgrade, or (HTTP status, error, headers)."""
+    return await refusal(url, headers)
 
 
 # ---------------------------------------------------------------- tokens: table-driven
@@ -133,50 +132,50 @@ async def refused(
 def _token_cases(cluster: LocalCluster) -> dict[str, tuple[str | None, int, str]]:
     hs = cluster.token_secret
     return {
-        "missing": (None, 401, "missing_token"),
-        "garbage": ("garbage", 401, "invalid_token"),
-        "forged": (jwt.encode(claims(), "x" * 40, algorithm="HS256"), 401, "invalid_token"),
-        "expired": (jwt.encode(claims(ttl=-60), hs, algorithm="HS256"), 401, "expired_token"),
+        "missing": (None, 4401, "missing_token"),
+        "garbage": ("garbage", 4401, "invalid_token"),
+        "forged": (jwt.encode(claims(), "x" * 40, algorithm="HS256"), 4401, "invalid_token"),
+        "expired": (jwt.encode(claims(ttl=-60), hs, algorithm="HS256"), 4401, "expired_token"),
         "wrong_audience": (
             jwt.encode(claims(aud="other"), hs, algorithm="HS256"),
-            401,
+            4401,
             "invalid_token",
         ),
         "no_audience": (
             jwt.encode({k: v for k, v in claims().items() if k != "aud"}, hs, algorithm="HS256"),
-            401,
+            4401,
             "invalid_token",
         ),
         "wrong_issuer": (
             jwt.encode(claims(iss="evil"), hs, algorithm="HS256"),
-            401,
+            4401,
             "invalid_token",
         ),
-        "alg_none": (jwt.encode(claims(), None, algorithm="none"), 401, "invalid_token"),
-        "hs256_with_public_key": (_hs_with_public_key(), 401, "invalid_token"),
+        "alg_none": (jwt.encode(claims(), None, algorithm="none"), 4401, "invalid_token"),
+        "hs256_with_public_key": (_hs_with_public_key(), 4401, "invalid_token"),
         "rs256_unknown_key": (
             jwt.encode(claims(), rsa.generate_private_key(65537, 2048), algorithm="RS256"),
-            401,
+            4401,
             "invalid_token",
         ),
         "no_sub": (
             jwt.encode({k: v for k, v in claims().items() if k != "sub"}, hs, algorithm="HS256"),
-            401,
+            4401,
             "invalid_token",
         ),
         "sub_too_long": (
             jwt.encode(claims(user="x" * 257), hs, algorithm="HS256"),
-            401,
+            4401,
             "invalid_token",
         ),
         "devices_not_a_list": (
             jwt.encode(claims(devices="phone"), hs, algorithm="HS256"),
-            401,
+            4401,
             "invalid_token",
         ),
         "device_not_in_claim": (
             jwt.encode(claims(devices=["tablet"]), hs, algorithm="HS256"),
-            403,
+            4403,
             "device_not_allowed",
         ),
     }
@@ -247,7 +246,7 @@ async def test_accepted_token_kinds(strict: LocalCluster, kind: str) -> None:
     }[kind]()
     url = f"{node.ws_url}?token={token}&device=d"
     if kind.startswith("es256"):  # this node has an RSA PEM and an RSA JWKS: EC keys fail
-        assert (await refused(url))[:2] == (401, "invalid_token")
+        assert (await refused(url))[:2] == (4401, "invalid_token")
         return
     welcome = await handshake(url)
     assert (welcome["type"], welcome["user"]) == ("welcome", f"tk-{kind}")
@@ -264,14 +263,14 @@ async def test_es256_with_an_ec_public_key(tmp_path: Path) -> None:
         )
         assert (await handshake(f"{node.ws_url}?token={good}"))["user"] == "ec-user"
         hs = issue_token(cluster.token_secret, "x")  # HS256 is off: no secret on the node
-        assert (await refused(f"{node.ws_url}?token={hs}"))[:2] == (401, "invalid_token")
+        assert (await refused(f"{node.ws_url}?token={hs}"))[:2] == (4401, "invalid_token")
 
 
 async def test_origin_allowlist(strict: LocalCluster) -> None:
     node = strict.live()[0]
     url = f"{node.ws_url}?token={tok(strict, claims(user='browser'))}"
     assert (await refused(url, [(b"Origin", b"https://evil.example")]))[:2] == (
-        403,
+        4403,
         "origin_not_allowed",
     )
     assert (await handshake(url, [(b"Origin", b"https://app.example")]))["type"] == "welcome"
@@ -296,13 +295,13 @@ async def test_token_expiry_mid_session_closes_4401(strict: LocalCluster) -> Non
 @pytest.mark.parametrize(
     ("query", "status", "code"),
     [
-        ("device=", 400, "bad_device"),
-        ("device=" + "d" * 257, 400, "bad_device"),
-        ("device=a%0Ab", 400, "bad_device"),
-        ("last=-1", 400, "bad_resume"),
-        ("last=abc", 400, "bad_resume"),
-        ("blast=99999999999999999999", 400, "bad_resume"),
-        ("&".join(f"p{i}=1" for i in range(40)), 400, "bad_query"),
+        ("device=", 4400, "bad_device"),
+        ("device=" + "d" * 257, 4400, "bad_device"),
+        ("device=a%0Ab", 4400, "bad_device"),
+        ("last=-1", 4400, "bad_resume"),
+        ("last=abc", 4400, "bad_resume"),
+        ("blast=99999999999999999999", 4400, "bad_resume"),
+        ("&".join(f"p{i}=1" for i in range(40)), 4400, "bad_query"),
     ],
 )
 async def test_bad_handshake_parameters(
@@ -432,7 +431,7 @@ async def test_per_user_session_cap(limited: LocalCluster) -> None:
             await b.get_message()
             await trio.sleep(0.6)
             status, code, _ = await refused(url)
-            assert (status, code) == (429, "too_many_sessions")
+            assert (status, code) == (4429, "too_many_sessions")
     await trio.sleep(2)
 
 
