@@ -15,6 +15,13 @@
   that does not answer within the heartbeat timeout is treated as gone.
 * It never yields a ``seq`` it has already yielded on the same channel (and epoch), so server
   replays after a reconnect cannot duplicate a message for the application.
+* The token goes in a first ``{"type":"auth","token":...}`` frame (``auth="frame"``, the
+  default: no token in URLs, where proxies log them) or in the query (``auth="query"``).
+* Refusals (docs/protocol.md, "Close codes"): 1008 and 4403 are final, and so is 4401 with a
+  fixed token string or after ``MAX_AUTH_FAILURES`` refusals in a row (a token function is
+  asked again on every connect); the client then stops (state ``closed``, iteration ends).
+  4429/4503 and every other close reconnect with backoff. A ``bad_resume`` refusal (a
+  position beyond the stream's end) resets that channel's position (event ``resume_reset``).
 * ``state`` is one of :class:`State`; ``on_state`` (optional) is called on every change.
 """
 
@@ -49,6 +56,9 @@ from .protocol import Close, ProtocolError, parse_server_frame
 log = logging.getLogger(__name__)
 
 TokenSource = str | Callable[[], Awaitable[str]]
+FINAL_CLOSE_CODES = frozenset({Close.POLICY, Close.FORBIDDEN})
+MAX_AUTH_FAILURES = 3  # 4401 refusals in a row (no welcome between) before a client stops
+AUTH_MODES = ("frame", "query")
 
 
 class State(enum.Enum):
@@ -72,7 +82,10 @@ class Message:
 class ClientEvent:
     """Something the application may want to know: ``gap`` (messages lost to retention),
     ``epoch_reset`` (the store was recreated; cursors reset), ``not_recovered`` (the resume was
-    incomplete), ``chain_break`` (a seq went missing live; the SDK resumed), ``error``."""
+    incomplete), ``chain_break`` (a seq went missing live; the SDK resumed), ``resume_reset``
+    (the node refused a resume position beyond its stream's end: the channel starts over from
+    the device's cursor), ``final`` (a refusal reconnecting cannot cure: the client stopped),
+    ``error``."""
 
     kind: str
     ch: str | None
@@ -90,8 +103,18 @@ class ClientStats:
     chain_breaks: int = 0
     unexpected_errors: int = 0
     last_close: int | None = None
+    final_close: int | None = None
     last_error: str = ""
     nodes: list[str] = field(default_factory=list)
+
+
+class Refused(HandshakeError):
+    """The node refused the handshake: ``code`` is the close code (after the upgrade) or
+    4000 + the HTTP status (nodes with ``refuse_after_upgrade`` off); ``error`` its code."""
+
+    def __init__(self, code: int, error: str, detail: str = "") -> None:
+        super().__init__(f"refused {code} {error}: {detail}")
+        self.code, self.error, self.detail = code, error, detail
 
 
 class _Redirect(Exception):
@@ -123,7 +146,11 @@ class Client:
         on_state: Callable[[State], None] | None = None,
         on_event: Callable[[ClientEvent], None] | None = None,
         auto_ack: bool = True,
+        auth: str = "frame",
     ) -> None:
+        if auth not in AUTH_MODES:
+            raise ValueError(f"auth must be one of {AUTH_MODES}")
+        self.auth = auth
         self.bootstraps = [url] if isinstance(url, str) else list(url)
         if not self.bootstraps:
             raise ValueError("at least one bootstrap URL is needed")
@@ -158,6 +185,7 @@ class Client:
         self._welcomed = ("", "")  # (node id, url) of the current session
         self._redirect_node = ""
         self._url = ""
+        self._auth_failures = 0
 
     # ------------------------------------------------------------ public
 
@@ -166,10 +194,15 @@ class Client:
 
     async def _iterate(self) -> AsyncIterator[Message]:
         while True:
-            yield await self.receive()
+            try:
+                msg = await self.receive()
+            except trio.EndOfChannel:
+                return
+            yield msg
 
     async def receive(self) -> Message:
-        """The next message. With ``auto_ack`` the previous one counts as consumed (acked)."""
+        """The next message. With ``auto_ack`` the previous one counts as consumed (acked).
+        Raises ``trio.EndOfChannel`` once the client stopped for good (a final refusal)."""
         if self.auto_ack and self._handed is not None:
             self.ack(self._handed)
         msg = await self._recv.receive()
@@ -202,6 +235,9 @@ class Client:
                     continue
             except _SESSION_ERRORS as exc:
                 self._ended(url, exc)
+                if self._final(exc):
+                    await self._stop(exc)
+                    return
                 if self._unreachable(exc, target if hops else self._welcomed):
                     # that node is gone (its lease may not have expired yet): go straight to
                     # another node and ask it to hold us until the ring no longer names it
@@ -217,6 +253,29 @@ class Client:
             url, hops, target = self._rotate(), 0, ("", "")
             attempt += 1
             await self._backoff(attempt)
+
+    def _final(self, exc: Exception) -> bool:
+        """Would reconnecting repeat this refusal? (docs/protocol.md, "Close codes")"""
+        if self._online.is_set():
+            self._auth_failures = 0
+        code = _code_of(exc)
+        if code in FINAL_CLOSE_CODES:
+            return True
+        if code != Close.TOKEN_EXPIRED or self._online.is_set():
+            return False
+        if isinstance(self._token, str):  # no way to get another token
+            return True
+        self._auth_failures += 1
+        return self._auth_failures >= MAX_AUTH_FAILURES
+
+    async def _stop(self, exc: Exception) -> None:
+        """Stop for good: the state turns ``closed`` and iteration ends."""
+        code = _code_of(exc)
+        self.stats.final_close = code
+        log.warning("client stops: %r", exc)
+        self._event("final", None, code=code, detail=str(exc))
+        self._set_state(State.CLOSED)
+        await self._send.aclose()
 
     def _unreachable(self, exc: Exception, node: tuple[str, str]) -> bool:
         """Did ``node`` (id, url) just die under us? If so, avoid it until the next welcome."""
@@ -251,14 +310,19 @@ class Client:
     async def _session(self, url: str) -> None:
         self.stats.connects += 1
         self._url = url
-        target = await self._target(url)
+        token = self._token if isinstance(self._token, str) else await self._token()
         try:
-            async with self._open(target) as ws:
+            async with self._open(self._target(url, token)) as ws:
+                if self.auth == "frame":
+                    await ws.send_message(json.dumps({"type": "auth", "token": token}))
                 await self._serve(ws)
-        except ConnectionRejected as exc:
+        except ConnectionRejected as exc:  # a node answering refusals before the upgrade
             self.stats.rejections += 1
             self.stats.last_error = f"rejected {exc.status_code}"
-            raise HandshakeError(f"handshake rejected with {exc.status_code}") from None
+            error, detail = _rejection(exc.body)
+            if error == "bad_resume":
+                self._reset_resume(None, detail)
+            raise Refused(4000 + exc.status_code, error, detail) from None
 
     def _open(self, target: str) -> AsyncContextManager[WebSocketConnection]:
         if urllib.parse.urlsplit(target).scheme == "wss":
@@ -287,14 +351,14 @@ class Client:
         async with open_websocket_over(stream, host, resource, self.connect_timeout) as ws:
             yield ws
 
-    async def _target(self, url: str) -> str:
-        token = self._token if isinstance(self._token, str) else await self._token()
+    def _target(self, url: str, token: str) -> str:
         params = {
-            "token": token,
             "device": self.device,
             "last": str(self.last["user"]),
             "blast": str(self.last["broadcast"]),
         }
+        if self.auth == "query":
+            params["token"] = token
         if self.epoch:
             params["epoch"] = self.epoch
         if self._avoid[0]:
@@ -360,7 +424,17 @@ class Client:
         elif kind == "error":
             self._event("error", None, code=f.get("code"), detail=f.get("detail"))
             log.warning("server error frame: %s", f)
+            if f.get("code") == "bad_resume":
+                self._reset_resume(f.get("ch"), str(f.get("detail") or ""))
         return None
+
+    def _reset_resume(self, ch: object, detail: str) -> None:
+        """The node refused our position (beyond its stream's end): start ``ch`` (both if
+        unknown) over from the device's cursor instead of retrying the same ``last``."""
+        for name in [ch] if ch in self.last else list(self.last):
+            assert isinstance(name, str)
+            self._event("resume_reset", name, refused=self.last[name], detail=detail)
+            self.last[name] = self.consumed[name] = self._acked[name] = 0
 
     def _on_welcome(
         self, ws: WebSocketConnection, f: dict[str, Any], nursery: trio.Nursery
@@ -492,6 +566,26 @@ class Client:
             self.state = state
             if self.on_state is not None:
                 self.on_state(state)
+
+
+def _code_of(exc: Exception) -> int | None:
+    """The close code a session ended with (4000 + status for an HTTP refusal)."""
+    if isinstance(exc, Refused):
+        return exc.code
+    if isinstance(exc, ConnectionClosed) and exc.reason is not None:
+        return exc.reason.code
+    return None
+
+
+def _rejection(body: bytes | None) -> tuple[str, str]:
+    """(error, detail) of an HTTP refusal's JSON body ("" when it has none)."""
+    try:
+        obj = json.loads(body or b"{}")
+    except ValueError:
+        return "", ""
+    if not isinstance(obj, dict):
+        return "", ""
+    return str(obj.get("error", "")), str(obj.get("detail", ""))
 
 
 @asynccontextmanager

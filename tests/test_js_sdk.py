@@ -316,7 +316,9 @@ def test_browser_sdk_survives_owner_kill(
 def test_node_sdk_survives_owner_kill(
     fresh_cluster: LocalCluster, node_bin: str, js_modules: Path, tmp_path: Path
 ) -> None:
-    failover_scenario(fresh_cluster, node_bin, {"mode": "node"}, tmp_path / "driver.log")
+    """The token goes in the first frame (the SDK's default), never in a URL."""
+    config = {"mode": "node", "auth": "frame"}
+    failover_scenario(fresh_cluster, node_bin, config, tmp_path / "driver.log")
 
 
 @pytest.mark.cluster
@@ -335,6 +337,7 @@ def test_node_sdk_refreshes_tokens_before_expiry(
             "ttl": 3,
             "refreshBefore": 1,
             "device": "d1",
+            "auth": "query",  # the other way in: the token in the URL
         }
         driver = Driver(node_bin, config, tmp_path / "driver.log")
         try:

@@ -61,6 +61,7 @@ async function inNode() {
     token: secret ? () => signToken(secret, user, ttl) : async () => config.token,
     refreshBefore: config.refreshBefore ?? 30,
     device: config.device,
+    auth: config.auth ?? "frame",
     WebSocket,
   });
   wire(client, out);

@@ -26,7 +26,7 @@ export interface ClientOptions {
   token: TokenSource;
   /** Device id (1-256 bytes of UTF-8). Default "default". */
   device?: string;
-  /** "query" (default): `?token=`; "frame": a first `{"type":"auth","token"}` frame. */
+  /** "frame" (default): a first `{"type":"auth","token"}` frame; "query": `?token=`. */
   auth?: "query" | "frame";
   /** WebSocket implementation; default `globalThis.WebSocket` (pass `ws` in Node 20). */
   WebSocket?: WebSocketConstructor;
@@ -75,6 +75,8 @@ export interface ClientEvents {
   welcome: Welcome;
   /** Messages of `ch` in [from, to] were deleted by retention before this device got them. */
   gap: { ch: Channel; from: number; to: number };
+  /** The node refused `last`/`blast` for `ch` (beyond its stream's end): `ch` starts over. */
+  resume_reset: { ch: Channel; refused: number; detail: string };
   /** A msg's prev was not the last seq received: the client reconnects and resumes. */
   chain_break: { ch: Channel; expected: number; prev: number; seq: number };
   /** The store was recreated: seqs restart (last and consumed were reset). */

@@ -44,7 +44,7 @@ const MAX_AUTH_FAILURES = 3;
 
 const DEFAULTS = {
   device: "default",
-  auth: "query",
+  auth: "frame",
   maxHops: 5,
   backoffBase: 50,
   backoffCap: 5000,
@@ -404,6 +404,19 @@ export class MeshpushClient {
     return true;
   }
 
+  /**
+   * The node refused our resume position (beyond its stream's end, e.g. a recreated store):
+   * start that channel (both if unnamed) over from the device's cursor, not the same `last`.
+   */
+  _resetResume(ch, detail) {
+    for (const name of CHANNELS.includes(ch) ? [ch] : CHANNELS) {
+      this._emit("resume_reset", { ch: name, refused: this.last[name], detail: String(detail) });
+      this.last[name] = 0;
+      this.consumed[name] = 0;
+      this._acked[name] = 0;
+    }
+  }
+
   _onGap(f) {
     const { ch, from, to } = f;
     if (!CHANNELS.includes(ch) || !Number.isInteger(to)) {
@@ -536,6 +549,7 @@ class Connection {
         break;
       case "error":
         client._emit("error", { code: f.code, detail: f.detail });
+        if (f.code === "bad_resume") client._resetResume(f.ch, f.detail);
         break;
       default: // pong, and frame types this SDK does not know yet
         break;

@@ -20,12 +20,14 @@ function client(options = {}) {
     device: "d",
     WebSocket: FakeSocket,
     random: () => 0, // no backoff wait unless a test says otherwise
+    auth: "query", // most tests read the token from the URL; the default is "frame"
     ...options,
   });
   const seen = { messages: [], states: [], events: [] };
   c.on("message", (m) => seen.messages.push(m));
   c.on("state", (s) => seen.states.push(s));
-  for (const kind of ["gap", "chain_break", "epoch_reset", "not_recovered", "error", "close"]) {
+  const kinds = ["gap", "chain_break", "epoch_reset", "not_recovered", "error", "close"];
+  for (const kind of [...kinds, "resume_reset"]) {
     c.on(kind, (value) => seen.events.push({ kind, ...value }));
   }
   clients.push(c);
@@ -118,6 +120,40 @@ describe("connect and resume", () => {
     assert.equal(ws.params.token, undefined);
     ws.open();
     assert.deepEqual(ws.frames[0], { type: "auth", token: "t0" });
+  });
+
+  it("sends the token in an auth frame by default, never in the URL", async () => {
+    const c = new MeshpushClient({ urls: URLS, token: "t0", WebSocket: FakeSocket });
+    clients.push(c);
+    c.start();
+    await settle();
+    const ws = FakeSocket.last;
+    assert.equal(ws.params.token, undefined);
+    ws.open();
+    assert.deepEqual(ws.frames[0], { type: "auth", token: "t0" });
+  });
+
+  it("starts a channel over after bad_resume instead of retrying the same last", async () => {
+    const { c, seen } = client();
+    c.start();
+    await settle();
+    FakeSocket.last.welcome();
+    FakeSocket.last.msg(50, 0);
+    FakeSocket.last.msg(7, 0, { ch: "broadcast" });
+    FakeSocket.last.serverClose(Close.SLOW_CONSUMER);
+    await settle();
+    assert.equal(FakeSocket.last.params.last, "50");
+    FakeSocket.last.open();
+    FakeSocket.last.frame({ type: "error", code: "bad_resume", detail: "user ...", ch: "user" });
+    FakeSocket.last.serverClose(4400, "bad_resume");
+    await settle();
+    assert.equal(FakeSocket.last.params.last, "0");
+    assert.equal(FakeSocket.last.params.blast, "7"); // the other channel keeps its position
+    const reset = seen.events.filter((e) => e.kind === "resume_reset");
+    assert.deepEqual(reset, [{ kind: "resume_reset", ch: "user", refused: 50, detail: "user ..." }]);
+    FakeSocket.last.welcome();
+    FakeSocket.last.msg(3, 0);
+    assert.equal(seen.messages.at(-1).seq, 3); // a lower seq is delivered, not dropped
   });
 
   it("asks a token function before every connect", async () => {
