@@ -112,16 +112,6 @@ describe("connect and resume", () => {
     });
   });
 
-  it("can send the token in a first auth frame instead of the query", async () => {
-    const { c } = client({ auth: "frame" });
-    c.start();
-    await settle();
-    const ws = FakeSocket.last;
-    assert.equal(ws.params.token, undefined);
-    ws.open();
-    assert.deepEqual(ws.frames[0], { type: "auth", token: "t0" });
-  });
-
   it("sends the token in an auth frame by default, never in the URL", async () => {
     const c = new MeshpushClient({ urls: URLS, token: "t0", WebSocket: FakeSocket });
     clients.push(c);
