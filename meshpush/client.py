@@ -59,6 +59,9 @@ TokenSource = str | Callable[[], Awaitable[str]]
 FINAL_CLOSE_CODES = frozenset({Close.POLICY, Close.FORBIDDEN})
 MAX_AUTH_FAILURES = 3  # 4401 refusals in a row (no welcome between) before a client stops
 AUTH_MODES = ("frame", "query")
+REFUSAL_CODES = frozenset(
+    {Close.BAD_REQUEST, Close.TOKEN_EXPIRED, Close.FORBIDDEN, Close.RATE_LIMITED, Close.UNAVAILABLE}
+)
 
 
 class State(enum.Enum):
@@ -371,6 +374,7 @@ class Client:
         """Read frames until the session ends; raise _Redirect or the reason it ended."""
         ended: Exception | None = None
         redirect: str | None = None
+        welcomes = self.stats.welcomes
         async with trio.open_nursery() as nursery:
             try:
                 redirect = await self._read_frames(ws, nursery)
@@ -384,6 +388,10 @@ class Client:
             if code == Close.REDIRECT:
                 redirect = self.bootstrap
                 ended = None
+            elif code in REFUSAL_CODES and self.stats.welcomes == welcomes:
+                self.stats.rejections += 1  # refused after the upgrade (docs/protocol.md §1)
+                assert code is not None and ended.reason is not None
+                ended = Refused(code, ended.reason.reason or "", "after the upgrade")
         if ended is not None:
             raise ended
         if redirect is not None:

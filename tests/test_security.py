@@ -720,7 +720,8 @@ async def test_tls_handshake_refusals_keep_their_code(tmp_path: Path) -> None:
             await trio.sleep(1.0)
         assert client.stats.welcomes == 0
         assert client.stats.rejections >= 1
-        assert "401" in client.stats.last_error
+        assert "4401 invalid_token" in client.stats.last_error  # read through TLS
+        assert client.stats.final_close == Close.TOKEN_EXPIRED  # a fixed bad token: it stops
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
