@@ -26,7 +26,7 @@ import trio
 import trustme
 from conftest import make_cluster
 from support import Collector, api, assert_exact_chain, connected, publish, token
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 from wsproto import ConnectionType
 from wsproto.connection import Connection
@@ -189,10 +189,12 @@ async def test_a_resume_point_from_the_future_is_refused(
     node_cluster: tuple[LocalCluster, ssl.SSLContext | None],
 ) -> None:
     cluster, context = node_cluster
-    with pytest.raises(InvalidStatus) as err:
-        await trio.to_thread.run_sync(open_ws, cluster, "future", context, "&last=999999999")
-    assert err.value.response.status_code == 400
-    assert json.loads(err.value.response.body or b"{}")["error"] == "bad_resume"
+    ws = await trio.to_thread.run_sync(open_ws, cluster, "future", context, "&last=999999999")
+    frame = await trio.to_thread.run_sync(recv_json, ws)
+    assert (frame["type"], frame["code"], frame["ch"]) == ("error", "bad_resume", "user")
+    with pytest.raises(ConnectionClosed) as closed:
+        await trio.to_thread.run_sync(recv_json, ws)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == Close.BAD_REQUEST
     ws = await trio.to_thread.run_sync(open_ws, cluster, "future", context, "&blast=0&last=0")
     assert (await trio.to_thread.run_sync(recv_json, ws))["type"] == "welcome"
     await trio.to_thread.run_sync(ws.close)
