@@ -216,6 +216,7 @@ async def test_sdk_sends_its_token_in_the_auth_frame(after: LocalCluster) -> Non
     node, user = after.live()[0], "r-sdk"
     async with connected(after, user) as client:
         assert client.auth == "frame"
+        assert "token" not in client._target(node.ws_url, "secret-token")  # not in the URL
         seq = (await publish(after, node, user, 1))["seq"]
         assert (await receive(client)).seq == seq
     # and the query option still works
