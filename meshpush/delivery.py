@@ -109,8 +109,7 @@ class Feeder:
             *(_bind(self._end_seq, ch) for ch in claimed),
         )
         for (ch, seq), end in zip(claimed.items(), ends, strict=True):
-            if seq > end:
-                raise BadResume(f"{ch} position {seq} is beyond the end of the stream ({end})")
+            await self._check_position(ch, seq, end)
         starts = {
             ch: max(claimed.get(ch, 0), _cursor_of(stored, ch) if stored.epoch == epoch else 0)
             for ch in session.feeds
@@ -124,6 +123,16 @@ class Feeder:
             for feed, batch in ((session.feeds[ch], b) for ch, b in first.items())
         )
         return first, recovered
+
+    async def _check_position(self, ch: str, seq: int, shared_end: int) -> None:
+        """Refuse a client position beyond the stream's end. The shared end may come from a read
+        that began before the client's last message was stored (it joined another handshake's
+        read), so a position beyond it is checked again against a read of its own."""
+        if seq <= shared_end:
+            return
+        end = await self.store.end_seq(ch)
+        if seq > end:
+            raise BadResume(f"{ch} position {seq} is beyond the end of the stream ({end})")
 
     async def _first_batch(self, session: Target, ch: str, resume: int) -> list[StoredMessage]:
         feed = session.feeds[ch]

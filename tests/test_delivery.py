@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshpush.delivery import MAX_PENDING, Feed, Gap, Verdict
+import pytest
+
+from meshpush.delivery import MAX_PENDING, BadResume, Feed, Feeder, Gap, Verdict
+from meshpush.metrics import Metrics
+from meshpush.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -99,3 +103,35 @@ def test_start_keeps_what_was_buffered() -> None:
     feed.start(0, fresh=True)
     released, live = feed.finish()
     assert [n.seq for n in released] == [5] and live
+
+
+class _StoreWithEnd:
+    """Just enough of a Store for the resume-position check: the stream's end, right now."""
+
+    def __init__(self, end: int) -> None:
+        self.end = end
+        self.reads = 0
+
+    async def end_seq(self, ch: str) -> int:
+        self.reads += 1
+        return self.end
+
+
+def _feeder(store: _StoreWithEnd) -> Feeder:
+    return Feeder(Settings(), store, None, Metrics("t"))  # type: ignore[arg-type]
+
+
+async def test_a_position_beyond_a_stale_shared_end_is_checked_again() -> None:
+    """A handshake that joined an earlier handshake's read of the stream's end may see an end
+    from before the client's last message was stored: that is no reason to refuse it."""
+    store = _StoreWithEnd(5524)
+    await _feeder(store)._check_position("user", 5524, shared_end=5523)
+    assert store.reads == 1
+    await _feeder(store)._check_position("user", 5000, shared_end=5523)
+    assert store.reads == 1  # within the shared end: no second read
+
+
+async def test_a_position_beyond_the_real_end_is_refused() -> None:
+    store = _StoreWithEnd(5523)
+    with pytest.raises(BadResume, match="beyond the end"):
+        await _feeder(store)._check_position("user", 5600, shared_end=5523)
