@@ -33,6 +33,10 @@ ROOM_POLL = 0.01  # seconds between checks of a replay waiting for the socket to
 class BadResume(ValueError):
     """A client's resume point lies beyond the end of the stream (it cannot be right)."""
 
+    def __init__(self, ch: str, detail: str) -> None:
+        super().__init__(detail)
+        self.ch = ch
+
 
 class Target(Protocol):
     """What the feeder needs of a session."""
@@ -132,7 +136,7 @@ class Feeder:
             return
         end = await self.store.end_seq(ch)
         if seq > end:
-            raise BadResume(f"{ch} position {seq} is beyond the end of the stream ({end})")
+            raise BadResume(ch, f"{ch} position {seq} is beyond the end of the stream ({end})")
 
     async def _first_batch(self, session: Target, ch: str, resume: int) -> list[StoredMessage]:
         feed = session.feeds[ch]

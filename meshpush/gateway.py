@@ -144,10 +144,7 @@ def error_frame(rej: Refusal) -> str:
     frame: dict[str, Any] = {"type": "error", "code": rej.code, "detail": rej.detail}
     if rej.retry_after is not None:
         frame["retry_after"] = rej.retry_after
-    if rej.code == "bad_resume":
-        ch = rej.detail.partition(" ")[0]
-        if ch in protocol.CHANNELS:
-            frame["ch"] = ch
+    frame.update(rej.fields)
     return json.dumps(frame, separators=(",", ":"))
 
 
@@ -332,7 +329,7 @@ class Gateway:
             with trio.fail_after(START_TIMEOUT):
                 return await self.feeder.start_points(session, hello.resume, hello.epoch)
         except BadResume as exc:
-            await self._reject(door, Refusal(400, "bad_resume", str(exc)))
+            await self._reject(door, Refusal(400, "bad_resume", str(exc), fields={"ch": exc.ch}))
         except (StoreUnavailable, trio.TooSlowError):
             await self._reject(door, Refusal(503, "store_unavailable", "cannot read the stream", 1))
         return None, False

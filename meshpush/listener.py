@@ -41,9 +41,17 @@ _REASONS = {
 class Refusal(Exception):
     """A connection or handshake refused with an HTTP status and a documented error code."""
 
-    def __init__(self, status: int, code: str, detail: str, retry_after: int | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        retry_after: int | None = None,
+        fields: dict[str, str] | None = None,
+    ):
         super().__init__(detail)
         self.status, self.code, self.detail, self.retry_after = status, code, detail, retry_after
+        self.fields = fields or {}  # extra fields of the error frame (e.g. bad_resume's "ch")
 
     def http(self) -> bytes:
         """The whole raw HTTP/1.1 response."""
