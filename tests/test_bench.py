@@ -96,3 +96,21 @@ def test_fanout_smoke_node_ws(tmp_path: Path) -> None:
     assert results["node-ws"]["delivered"] == 60
     assert results["node-ws"]["vs_node_ws"] == 1.0
     assert results["raw"]["vs_node_ws"] > 0
+
+
+@pytest.mark.cluster
+def test_failover_smoke_every_client_of_the_killed_node_receives_again(tmp_path: Path) -> None:
+    out = tmp_path / "failover.json"
+    argv = ["bench", "failover", "--clients", "12", "--readers", "1", "--rate", "40"]
+    argv += ["--chunk", "4", "--ttl", "2", "--after", "4", "--drain", "1", "--json", str(out)]
+    assert main(argv) == 0  # 0: every affected client recovered, nothing lost or duplicated
+    data = json.loads(out.read_text())
+    assert data["connected"] == 12 and data["affected"] >= 1
+    assert data["summary"]["recovered"] == data["affected"] == data["sample"]
+    assert data["delivery_sampled"]["lost"] == data["delivery_sampled"]["duplicated"] == 0
+    assert data["delivery_baseline"]["lost"] == 0 and data["delivery_baseline"]["users"] == 12
+    assert data["others_dropped"] == 0  # the other nodes' clients never noticed
+    for line in data["timelines"].values():  # each one saw the close, then a survivor
+        assert line["closed"] < line["welcome"] <= line["received"]
+        assert line["node"] != data["victim"]
+    assert len(data["machine"]["loadavg"]) == 3
