@@ -32,8 +32,9 @@ Worker protocol (one JSON object per line on stdin, each answered by one line on
 Publisher (``python -m bench._resumeload publisher URL... --api-key K``), same line protocol:
 
 - ``{"op": "round", "users"}``: one message per user (``POST /v1/publish/batch``).
-- ``{"op": "steady", "users", "rate", "seconds", "chunk"}``: round-robin over ``users`` at
-  ``rate`` messages/s in batches of ``chunk`` for ``seconds``. Both answer ``{"published":
+- ``{"op": "steady", "users", "rate", "seconds", "chunk", "burst_after"}``: round-robin over
+  ``users`` at ``rate`` messages/s in batches of ``chunk`` for ``seconds``; ``burst_after``
+  seconds in, one message to every user at once (``burst_done``: when it was stored). Both answer ``{"published":
   {user: [seq, ...]}, "failed", "requests", "late", "cpu"}`` (``late``: the seconds the last
   request finished behind its schedule: > 0 means the publisher could not hold the rate).
 """
@@ -44,6 +45,7 @@ import contextlib
 import errno
 import heapq
 import json
+import math
 import os
 import random
 import select
@@ -439,7 +441,7 @@ def serve_publisher(argv: list[str]) -> None:
             cpu, users = time.process_time(), list(cmd["users"])
             published: dict[str, list[int]] = {}
             failed = requests = 0
-            late = 0.0
+            late, burst_done = 0.0, 0.0
             if cmd["op"] == "round":
                 for i in range(0, len(users), 200):
                     failed += batch(users[i : i + 200], published)
@@ -447,8 +449,15 @@ def serve_publisher(argv: list[str]) -> None:
             else:
                 chunk, rate = int(cmd["chunk"]), float(cmd["rate"])
                 start, end, i = time.monotonic(), time.monotonic() + float(cmd["seconds"]), 0
+                burst = start + float(cmd.get("burst_after", math.inf))
                 while (due := start + i * chunk / rate) < end:
-                    time.sleep(max(0.0, due - time.monotonic()))
+                    time.sleep(max(0.0, min(due, burst) - time.monotonic()))
+                    if time.monotonic() >= burst:  # one message to every user, at once
+                        for k in range(0, len(users), 200):
+                            failed += batch(users[k : k + 200], published)
+                            requests += 1
+                        burst, burst_done = math.inf, time.monotonic()
+                        continue
                     picked = [users[(i * chunk + k) % len(users)] for k in range(chunk)]
                     failed += batch(picked, published)
                     requests += 1
@@ -459,6 +468,7 @@ def serve_publisher(argv: list[str]) -> None:
                 "failed": failed,
                 "requests": requests,
                 "late": late,
+                "burst_done": burst_done,
                 "cpu": time.process_time() - cpu,
             }
             print(json.dumps(answer), flush=True)

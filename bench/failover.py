@@ -19,6 +19,7 @@ budget (lease TTL + 1 s), the clients' and publisher's CPU and the load average;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import tempfile
@@ -34,6 +35,7 @@ from meshpush.devcluster import LocalCluster, NodeProc
 
 SETTLE = 1.0  # seconds between the baseline round and the steady publishing
 BEFORE_KILL = 1.0  # seconds of steady publishing before the kill
+BURST_DELAY = 0.05  # after the kill, one message to every sampled user waits for its resume
 
 
 def split(items: list[str], n: int) -> list[list[str]]:
@@ -178,6 +180,7 @@ def run(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
                     "rate": args.rate,
                     "chunk": chunk,
                     "seconds": window,
+                    "burst_after": BEFORE_KILL + BURST_DELAY,
                 }
             ]
         )
@@ -229,6 +232,7 @@ def run(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
         "delivery_sampled": check_delivery(sampled, records),
         "delivery_baseline": check_delivery(everyone, records),
         "publisher": {k: steady[k] for k in ("failed", "requests", "late")}
+        | {"burst_stored_after_kill": steady["burst_done"] - t_kill}
         | {"baseline_failed": baseline["failed"]},
         "cpu_percent": {
             "clients": [
@@ -324,6 +328,13 @@ def report(data: dict[str, Any], s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def workdir(keep: bool) -> contextlib.AbstractContextManager[str]:
+    """A temporary folder for the cluster, left in place with ``keep`` (its logs)."""
+    if keep:
+        return contextlib.nullcontext(tempfile.mkdtemp(prefix="meshpush-failover-"))
+    return tempfile.TemporaryDirectory(prefix="meshpush-failover-")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"meshpush bench {Path(__file__).stem}")
     parser.add_argument("--clients", type=int, default=1500)
@@ -339,14 +350,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="handshakes in flight")
     parser.add_argument("--backoff-cap", type=float, default=5.0, help="the SDK's default")
     parser.add_argument("--victim", default="", help="node id (default: the fullest)")
+    parser.add_argument("--keep", action="store_true", help="keep the cluster's logs (path)")
     parser.add_argument("--json", type=Path, default=Path(".meshpush/bench/failover.json"))
     args = parser.parse_args(argv)
     settings = {"lease_ttl": args.ttl, "max_connections_per_ip": 100_000}
     with (
-        tempfile.TemporaryDirectory() as tmp,
+        workdir(args.keep) as tmp,
         LocalCluster(Path(tmp), nodes=3, cluster="bench", node_settings=settings) as cluster,
     ):
         data = run(cluster, args)
+        if args.keep:
+            print(f"cluster logs kept in {tmp}")
     data["summary"] = summary(data)
     print(report(data, data["summary"]))
     write_json(args.json, data)

@@ -26,12 +26,16 @@ etcd fails the keepalive within ``lease_ttl`` (TTL/3 + 2·TTL/3) and the node tu
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
 import random
+import socket
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -54,6 +58,20 @@ class LeaseLost(Exception):
 
 
 PROBE_TIMEOUT = 1.0  # seconds a peer has to answer GET /readyz
+PEER_PROBE_GAP = 0.2  # seconds between the two connection probes of a suspected peer
+PEER_PROBE_EVERY = 1.0  # at most one probe round per peer per this many seconds
+
+
+def _refuses(http_url: str) -> bool:
+    """Does the peer's HTTP port refuse connections (nothing listens: its process is gone)?
+    A timeout or any other error is no evidence (a partition, a slow host): False."""
+    parts = urllib.parse.urlsplit(http_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=PROBE_TIMEOUT).close()
+    except OSError as exc:
+        return exc.errno == errno.ECONNREFUSED
+    return False
 
 
 def _peer_registered(http_url: str) -> bool | None:
@@ -103,12 +121,16 @@ class Membership:
         self._lease_at: float | None = None  # trio time the lease was last known to be alive
         self.stepped_out = False
         self._changed = trio.Event()
+        self._leases: dict[str, int] = {}  # node id -> lease id of its key, from the last list
+        self._probed: dict[str, float] = {}  # node id -> when it was last probed
+        self._nursery: trio.Nursery | None = None
         metrics.backend_up.labels(backend="etcd").set_function(lambda: float(self.registered))
 
     async def run(self) -> None:
         """Register and watch until cancelled; on any etcd failure, back off and start again
         (on the next configured endpoint)."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._watch_lease)
             delay = 0.2
             while not self._leaving:
@@ -253,7 +275,44 @@ class Membership:
                 view[node_id] = NodeInfo.from_json(node_id, kv.value)
             except (ValueError, KeyError) as exc:
                 log.warning("ignoring bad membership entry %r: %r", kv.key, exc)
+        self._leases = {kv.key[len(self.prefix) :].decode(): int(kv.lease) for kv in result}
         return view
+
+    def suspect(self, node_id: str) -> None:
+        """A client could not reach ``node_id`` (a handshake with ``avoid=``) and the ring still
+        names it. If its HTTP port refuses connections twice, its process is gone: revoke its
+        lease now rather than wait up to ``lease_ttl`` for etcd to expire it. Bounded: one probe
+        round per peer per ``PEER_PROBE_EVERY``; a client's claim alone changes nothing."""
+        now = trio.current_time()
+        if (
+            not self.settings.peer_probe
+            or self._nursery is None
+            or node_id == self.me.id
+            or node_id not in self.view
+            or now < self._probed.get(node_id, -math.inf) + PEER_PROBE_EVERY
+        ):
+            return
+        self._probed[node_id] = now
+        self._nursery.start_soon(self._probe_peer, node_id)
+
+    async def _probe_peer(self, node_id: str) -> None:
+        info, lease = self.view.get(node_id), self._leases.get(node_id)
+        if info is None or not lease:
+            return
+        for attempt in range(2):
+            if attempt:
+                await trio.sleep(PEER_PROBE_GAP)
+            if not await trio.to_thread.run_sync(_refuses, info.http_url, abandon_on_cancel=True):
+                return
+        client = self._client
+        if client is None or self._leases.get(node_id) != lease:
+            return  # etcd session gone, or the peer registered again meanwhile: not that one
+        log.warning("peer %s refuses connections: revoking its lease %x", node_id, lease)
+        with trio.move_on_after(2):
+            try:
+                await aio(client.revoke_lease)(lease)
+            except Exception as exc:  # etcd errors are untyped; "not found": another was first
+                log.info("lease %x of %s not revoked: %r", lease, node_id, exc)
 
     def _with_me(self, view: View) -> View:
         return {**view, self.me.id: self.me}

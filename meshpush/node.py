@@ -97,6 +97,7 @@ class Node:
             ws_port = await nursery.start(self.gateway.serve)
             public = self.settings.replace(ws_port=ws_port, http_port=http_port)
             self.membership = Membership(public, self.router.apply, self.metrics)
+            self.router.suspect = self.membership.suspect
             nursery.start_soon(self.membership.run)
             nursery.start_soon(self._signals)
             announce(public)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -88,6 +89,8 @@ class Router:
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self.webhook: Webhook | None = None  # offline webhook hooks (meshpush/webhook.py)
+        #: told of a node a client could not reach (Membership.suspect probes it)
+        self.suspect: Callable[[str], None] = lambda node_id: None
         metrics.ready.set_function(lambda: float(self.ready))  # read at scrape time
 
     # ------------------------------------------------------------ state
@@ -134,6 +137,8 @@ class Router:
         """Route ``user``, but if the owner is ``avoid`` (a client could not reach it), wait up
         to ``patience`` seconds for the ring to change before answering with it anyway."""
         route = self.route(user)
+        if route.kind == "redirect" and route.node is not None and route.node.id == avoid:
+            self.suspect(avoid)
         with trio.move_on_after(patience):
             while route.kind == "redirect" and route.node is not None and route.node.id == avoid:
                 await self.changed.wait()

@@ -50,6 +50,13 @@ class Settings:
         default=(), metadata={"help": "publisher API keys, comma separated"}
     )
     lease_ttl: int = field(default=3, metadata={"help": "etcd lease TTL in seconds"})
+    peer_probe: bool = field(
+        default=True,
+        metadata={
+            "help": "when clients report a node unreachable (avoid=), probe its HTTP port and "
+            "revoke its lease if it refuses connections twice (a dead process)"
+        },
+    )
     nats_check_interval: float = field(
         default=1.0, metadata={"help": "seconds between NATS round-trip checks (readiness)"}
     )
