@@ -34,9 +34,10 @@ Publisher (``python -m bench._resumeload publisher URL... --api-key K``), same l
 - ``{"op": "round", "users"}``: one message per user (``POST /v1/publish/batch``).
 - ``{"op": "steady", "users", "rate", "seconds", "chunk", "burst_after"}``: round-robin over
   ``users`` at ``rate`` messages/s in batches of ``chunk`` for ``seconds``; ``burst_after``
-  seconds in, one message to every user at once (``burst_done``: when it was stored). Both answer ``{"published":
-  {user: [seq, ...]}, "failed", "requests", "late", "cpu"}`` (``late``: the seconds the last
-  request finished behind its schedule: > 0 means the publisher could not hold the rate).
+  seconds in, one message to every user at once (``burst_done``: when it was stored).
+  Both answer ``{"published": {user: [seq, ...]}, "failed", "requests", "late", "cpu"}``
+  (``late``: the seconds the last request finished behind its schedule: > 0 means the
+  publisher could not hold the rate).
 """
 
 from __future__ import annotations

@@ -223,6 +223,7 @@ def run(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
         "affected": len(affected),
         "sample": len(sample),
         "ttl": args.ttl,
+        "peer_probe": args.peer_probe,
         "budget": args.ttl + 1.0,
         "rate": args.rate,
         "chunk": chunk,
@@ -304,7 +305,8 @@ def report(data: dict[str, Any], s: dict[str, Any]) -> str:
     lines = [
         f"clients {data['connected']}/{data['clients']} ({data['per_node']}), cold connect "
         f"{data['cold_connect_seconds']:.2f} s; SIGKILL {data['victim']} holding "
-        f"{data['affected']}; recovered {s['recovered']}/{data['affected']}",
+        f"{data['affected']}; recovered {s['recovered']}/{data['affected']}; lease TTL "
+        f"{data['ttl']} s, peer probe {'on' if data['peer_probe'] else 'off'}",
         f"publisher: {data['rate']:.0f} msg/s to {data['sample']} of its users in batches of "
         f"{data['chunk']} ({data['publisher']})",
         f"survivors' views dropped {data['victim']} after: {ring}",
@@ -350,10 +352,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="handshakes in flight")
     parser.add_argument("--backoff-cap", type=float, default=5.0, help="the SDK's default")
     parser.add_argument("--victim", default="", help="node id (default: the fullest)")
+    parser.add_argument(
+        "--peer-probe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="nodes probe a peer their clients report dead (off: wait for lease expiry)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the cluster's logs (path)")
     parser.add_argument("--json", type=Path, default=Path(".meshpush/bench/failover.json"))
     args = parser.parse_args(argv)
-    settings = {"lease_ttl": args.ttl, "max_connections_per_ip": 100_000}
+    settings = {
+        "lease_ttl": args.ttl,
+        "max_connections_per_ip": 100_000,
+        "peer_probe": args.peer_probe,
+    }
     with (
         workdir(args.keep) as tmp,
         LocalCluster(Path(tmp), nodes=3, cluster="bench", node_settings=settings) as cluster,
