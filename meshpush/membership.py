@@ -124,6 +124,8 @@ class Membership:
         self._leases: dict[str, int] = {}  # node id -> lease id of its key, from the last list
         self._probed: dict[str, float] = {}  # node id -> when it was last probed
         self._nursery: trio.Nursery | None = None
+        #: told of a peer found dead, before its lease is revoked (Router.peer_dead)
+        self.on_dead: Callable[[str], None] = lambda node_id: None
         metrics.backend_up.labels(backend="etcd").set_function(lambda: float(self.registered))
 
     async def run(self) -> None:
@@ -308,6 +310,7 @@ class Membership:
         if client is None or self._leases.get(node_id) != lease:
             return  # etcd session gone, or the peer registered again meanwhile: not that one
         log.warning("peer %s refuses connections: revoking its lease %x", node_id, lease)
+        self.on_dead(node_id)
         with trio.move_on_after(2):
             try:
                 await aio(client.revoke_lease)(lease)

@@ -98,6 +98,7 @@ class Node:
             public = self.settings.replace(ws_port=ws_port, http_port=http_port)
             self.membership = Membership(public, self.router.apply, self.metrics)
             self.router.suspect = self.membership.suspect
+            self.membership.on_dead = self.router.peer_dead
             nursery.start_soon(self.membership.run)
             nursery.start_soon(self._signals)
             announce(public)

@@ -87,6 +87,7 @@ class Router:
         self._drain_ring: Ring = EMPTY
         self.changed = trio.Event()  # set (and replaced) whenever the ring changes
         self._lock = trio.Lock()
+        self._dead: dict[str, tuple[NodeInfo, Ring, Ring]] = {}  # probed dead: info, ring, next
         self._nursery: trio.Nursery | None = None
         self.webhook: Webhook | None = None  # offline webhook hooks (meshpush/webhook.py)
         #: told of a node a client could not reach (Membership.suspect probes it)
@@ -137,13 +138,36 @@ class Router:
         """Route ``user``, but if the owner is ``avoid`` (a client could not reach it), wait up
         to ``patience`` seconds for the ring to change before answering with it anyway."""
         route = self.route(user)
-        if route.kind == "redirect" and route.node is not None and route.node.id == avoid:
+        if _points_at(route, avoid):
             self.suspect(avoid)
         with trio.move_on_after(patience):
-            while route.kind == "redirect" and route.node is not None and route.node.id == avoid:
+            while _points_at(route, avoid):
+                ahead = self._route_ahead(user, avoid)
+                if ahead is not None:
+                    return ahead
                 await self.changed.wait()
                 route = self.route(user)
         return route
+
+    def peer_dead(self, node_id: str) -> None:
+        """``node_id`` was probed dead (Membership.suspect): its lease is being revoked. Wake
+        the handshakes held for it, so that those whose next owner is another node go there
+        now, while the ring waits for etcd, instead of in the surge after the ring change."""
+        info = self.view.get(node_id)
+        if info is not None and node_id != self.me:
+            self._dead[node_id] = (info, self.ring, self.ring.without(node_id))
+            self.changed.set()
+            self.changed = trio.Event()
+
+    def _route_ahead(self, user: str, dead: str) -> Route | None:
+        """A redirect to the owner ``user`` will have once ``dead`` leaves the ring, if that is
+        known (``peer_dead`` for the same node, the same ring) and is another live node."""
+        known = self._dead.get(dead)
+        if known is None or known[1] is not self.ring or self.view.get(dead) != known[0]:
+            return None
+        owner = known[2].owner(user)
+        info = self.view.get(owner) if owner is not None and owner != self.me else None
+        return None if info is None else Route("redirect", info, "owner")
 
     def misplaced_sessions(self) -> int:
         """Sessions here whose slot this node does not own (0 once membership is stable)."""
@@ -189,6 +213,7 @@ class Router:
                 self.changed = trio.Event()
             old_ring, old_owned = self.ring, self.owned
             self.view, self.ring, self.owned = dict(view), ring, owned
+            self._dead = {k: v for k, v in self._dead.items() if v[1] is ring}
             if self.draining:
                 self._drain_ring = ring.without(self.me) if self.me in ring.nodes else ring
             self.registered = registered
@@ -257,6 +282,10 @@ class Router:
         if not self.draining:
             self.begin_drain()
         await self.redirect_spread(self.registry.all(), self.settings.drain_window)
+
+
+def _points_at(route: Route, node_id: str) -> bool:
+    return route.kind == "redirect" and route.node is not None and route.node.id == node_id
 
 
 def _names(nodes: frozenset[str], most: int = 8) -> str:

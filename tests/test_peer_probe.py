@@ -15,8 +15,10 @@ import trio
 from trio_websocket import open_websocket_url
 
 from meshpush.membership import _refuses
+from meshpush.router import Route, Router
 from tests.conftest import make_cluster
 from tests.support import connected, token, user_owned_by
+from tests.test_router import router, view
 
 LONG_TTL = {"lease_ttl": 10, "handshake_timeout": 3.0}
 
@@ -66,3 +68,47 @@ def test_a_clients_avoid_claim_alone_removes_no_live_node(tmp_path: Path) -> Non
                 assert cluster.view_of(node) == ["n1", "n2", "n3"]
 
         trio.run(main)
+
+
+def _users_by_next_owner(r: Router, dead: str) -> dict[str, str]:
+    """One user per next owner among the users ``dead`` owns now."""
+    after = r.ring.without(dead)
+    found: dict[str, str] = {}
+    for i in range(2000):
+        user = f"u{i}"
+        if r.ring.owner(user) == dead:
+            found.setdefault(str(after.owner(user)), user)
+    return found
+
+
+async def test_held_handshakes_go_to_the_next_owner_once_the_peer_is_probed_dead() -> None:
+    r, _ = router()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(r.run)
+        await r.apply(view("n1", "n2", "n3"), registered=True)
+        users = _users_by_next_owner(r, "n2")
+        to_n3, to_me = users["n3"], users["n1"]
+        # a bare claim (no probe result): held for the patience, then the ring's answer
+        route = await r.route_avoiding(to_n3, "n2", patience=0.2)
+        assert route.kind == "redirect" and route.node is not None and route.node.id == "n2"
+        results: dict[str, Route] = {}
+
+        async def held(user: str) -> None:
+            results[user] = await r.route_avoiding(user, "n2", patience=5)
+
+        nursery.start_soon(held, to_n3)
+        nursery.start_soon(held, to_me)
+        await trio.sleep(0.1)
+        assert not results  # both held
+        r.peer_dead("n2")  # the probe found n2 refusing connections
+        await trio.sleep(0.1)
+        assert set(results) == {to_n3}  # sent ahead to n3 before the ring changes
+        assert results[to_n3].node is not None and results[to_n3].node.id == "n3"
+        await r.apply(view("n1", "n3"), registered=True)  # the lease is gone: the ring moves
+        await trio.sleep(0.1)
+        assert results[to_me].kind == "local"
+        # a node that came back (new registration) under the same id is not "dead" any more
+        await r.apply(view("n1", "n2", "n3"), registered=True)
+        route = await r.route_avoiding(to_n3, "n2", patience=0.2)
+        assert route.node is not None and route.node.id == "n2"
+        nursery.cancel_scope.cancel()
