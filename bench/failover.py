@@ -6,14 +6,17 @@ and connects ``--clients`` sessions held by ``--readers`` lean client processes
 in its own process first sends one message to every user (everyone has a ``last`` to resume
 from), then publishes round-robin to a sample of the victim's users (``--sample``, default
 all) at a steady ``--rate`` in ``POST /v1/publish/batch`` requests. One second in, the node
-holding the most sessions is SIGKILLed. Per client of the killed node: receiving again = first
-message received after the kill minus the kill time (``CLOCK_MONOTONIC`` is system-wide), beside
+holding the most sessions is SIGKILLed, and 50 ms later the publisher sends one message to
+every sampled user at once, so each has a stored message waiting when it resumes (receiving
+again then measures the failover, not the publisher's round-robin). Per client of the killed
+node: receiving again = first message received after the kill minus the kill time
+(``CLOCK_MONOTONIC`` is system-wide), beside
 its timeline (connection seen closed, welcome from a survivor, attempts, redirects) and the
 time each survivor's view dropped the dead node. Every message the publisher got a 202 for
 must arrive exactly once for every sampled user. Prints p50/p99/max against the invariant-3
 budget (lease TTL + 1 s), the clients' and publisher's CPU and the load average; writes JSON.
 
-    meshpush bench failover [--clients 1500] [--readers 3] [--rate 500] [--ttl 3]
+    meshpush bench failover [--clients 1500] [--readers 2] [--rate 0] [--ttl 3] [--no-peer-probe]
 """
 
 from __future__ import annotations
@@ -172,12 +175,13 @@ def run(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
         window = BEFORE_KILL + args.after
         clients.send([{"op": "run", "seconds": window + args.drain}] * readers)
         chunk = max(1, min(args.chunk, len(sample)))
+        rate = args.rate or float(min(len(sample), 500))
         publisher.send(
             [
                 {
                     "op": "steady",
                     "users": sample,
-                    "rate": args.rate,
+                    "rate": rate,
                     "chunk": chunk,
                     "seconds": window,
                     "burst_after": BEFORE_KILL + BURST_DELAY,
@@ -225,7 +229,7 @@ def run(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
         "ttl": args.ttl,
         "peer_probe": args.peer_probe,
         "budget": args.ttl + 1.0,
-        "rate": args.rate,
+        "rate": rate,
         "chunk": chunk,
         "ring_change": ring,
         "timelines": lines,
@@ -342,7 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=1500)
     parser.add_argument("--readers", type=int, default=os.cpu_count() or 2, help="client processes")
     parser.add_argument("--ttl", type=int, default=3, help="lease TTL (s)")
-    parser.add_argument("--rate", type=float, default=500.0, help="messages/s after the kill")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="messages/s to the sample (0: one per sampled user per second, at most 500)",
+    )
     parser.add_argument("--chunk", type=int, default=50, help="messages per batch request")
     parser.add_argument(
         "--sample", type=int, default=0, help="publish to this many of the victim's users (0: all)"
