@@ -74,7 +74,8 @@ def timeline(record: dict[str, Any], t_kill: float) -> dict[str, Any]:
 def check_delivery(
     published: dict[str, list[int]], records: dict[str, dict[str, Any]]
 ) -> dict[str, int]:
-    """Lost: published (202) but never received; duplicated: received more than once."""
+    """Missing: published (202) but not received by the end of the run (lost, unless its
+    client was still reconnecting); duplicated: received more than once."""
     lost = dup = 0
     for user, seqs in published.items():
         got = [s for s, _ in records[user]["seqs"]]
@@ -83,7 +84,7 @@ def check_delivery(
     return {
         "users": len(published),
         "messages": sum(map(len, published.values())),
-        "lost": lost,
+        "missing": lost,
         "duplicated": dup,
     }
 
@@ -322,8 +323,8 @@ def report(data: dict[str, Any], s: dict[str, Any]) -> str:
         f"ratio p99 / budget = {verdict} (must be < 1)",
         f"redirected {s['redirected']}, backed off {s['backed_off']}, most connects by one "
         f"client {s['connects_max']}; other nodes' clients dropped: {data['others_dropped']}",
-        f"sampled users: {d['messages']} messages to {d['users']} users, lost {d['lost']}, "
-        f"duplicated {d['duplicated']}; baseline round to all: lost {b['lost']}, "
+        f"sampled users: {d['messages']} messages to {d['users']} users, missing {d['missing']}, "
+        f"duplicated {d['duplicated']}; baseline round to all: missing {b['missing']}, "
         f"duplicated {b['duplicated']}",
         f"CPU (100% = one core) clients {' '.join(f'{c:.0f}%' for c in cpu['clients'])} "
         f"(busiest run {cpu['clients_max_run']:.0f}%), publisher {cpu['publisher']:.0f}%, "
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report(data, data["summary"]))
     write_json(args.json, data)
     s, d = data["summary"], data["delivery_sampled"]
-    ok = s["recovered"] == data["affected"] and not d["lost"] and not d["duplicated"]
+    ok = s["recovered"] == data["affected"] and not d["missing"] and not d["duplicated"]
     return 0 if ok else 1
 
 

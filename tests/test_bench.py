@@ -107,8 +107,8 @@ def test_failover_smoke_every_client_of_the_killed_node_receives_again(tmp_path:
     data = json.loads(out.read_text())
     assert data["connected"] == 12 and data["affected"] >= 1
     assert data["summary"]["recovered"] == data["affected"] == data["sample"]
-    assert data["delivery_sampled"]["lost"] == data["delivery_sampled"]["duplicated"] == 0
-    assert data["delivery_baseline"]["lost"] == 0 and data["delivery_baseline"]["users"] == 12
+    assert data["delivery_sampled"]["missing"] == data["delivery_sampled"]["duplicated"] == 0
+    assert data["delivery_baseline"]["missing"] == 0 and data["delivery_baseline"]["users"] == 12
     assert data["others_dropped"] == 0  # the other nodes' clients never noticed
     for line in data["timelines"].values():  # each one saw the close, then a survivor
         assert line["closed"] < line["welcome"] <= line["received"]
