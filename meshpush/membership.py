@@ -11,8 +11,9 @@ stop cleanly even when its backends do not answer.
 
 Several etcd endpoints (members of one cluster) may be configured: each new session uses the
 next one after a failure, so a node whose member died or is cut off reconnects to another.
-A lease that was not refreshed for a whole TTL may have expired, and then the other nodes own
-our slots: if another node still reaches etcd (asked over HTTP, ``GET /readyz`` ->
+A lease that was not refreshed for a whole TTL may have expired (unless etcd, asked directly,
+says it lives: a keepalive late on a starved node is not a lost lease), and then the other
+nodes own our slots: if another node still reaches etcd (asked over HTTP, ``GET /readyz`` ->
 ``registered``), or no other node answers at all, the node *steps out* of its own view (its
 sessions are redirected to the owners the rest of the view names, which is what the others
 compute once the lease is gone) and is not ready until it is registered again. When every node
@@ -171,8 +172,25 @@ class Membership:
             await trio.sleep(0.5)
             if self._lease_at != lease_at or not await self._others_reach_etcd():
                 continue
-            if self._lease_at == lease_at and not self._leaving:  # no new lease meanwhile
+            if self._lease_at != lease_at or self._leaving:  # a new lease meanwhile
+                continue
+            if not await self._lease_lives():
                 await self._step_out()
+
+    async def _lease_lives(self) -> bool:
+        """Does etcd say our lease still lives? A keepalive that was late on a starved node is
+        not a lost lease: stepping out while the others still route to us would bounce our
+        clients between us and them. No answer (etcd unreachable from here) is no evidence."""
+        client, lease = self._client, self._lease
+        if client is None or lease is None:
+            return False
+        with trio.move_on_after(PROBE_TIMEOUT):
+            try:
+                info = await aio(client.get_lease_info)(lease.id, keys=False)
+            except Exception:  # etcd/grpc errors are untyped: no answer
+                return False
+            return int(getattr(info, "TTL", -1)) > 0
+        return False
 
     async def _others_reach_etcd(self) -> bool:
         """True if a peer of the last view says it is registered, or if none answers."""

@@ -1,14 +1,16 @@
-"""Fast failure detection: a node whose clients report a dead peer (``avoid=``) probes it and
-revokes its lease when it refuses connections, instead of waiting for the lease to expire.
+"""Failover: a node whose clients report a dead peer (``avoid=``) probes it and revokes its
+lease when it refuses connections, instead of waiting for the lease to expire; held handshakes
+go ahead to their next owner; a starved node whose lease still lives does not step out.
 
-Real etcd, NATS and node processes (``fresh_cluster``-style, lease TTL 10 s so that an
-expiry cannot explain a fast ring change)."""
+Cluster tests use real etcd, NATS and node processes (lease TTL 10 s, so that an expiry cannot
+explain a fast ring change); the router and the lease watchdog are tested with fakes."""
 
 from __future__ import annotations
 
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -18,6 +20,7 @@ from meshpush.membership import _refuses
 from meshpush.router import Route, Router
 from tests.conftest import make_cluster
 from tests.support import connected, token, user_owned_by
+from tests.test_chaos_backends import _membership, _Views
 from tests.test_router import router, view
 
 LONG_TTL = {"lease_ttl": 10, "handshake_timeout": 3.0}
@@ -112,3 +115,28 @@ async def test_held_handshakes_go_to_the_next_owner_once_the_peer_is_probed_dead
         route = await r.route_avoiding(to_n3, "n2", patience=0.2)
         assert route.node is not None and route.node.id == "n2"
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("lives", [True, False])
+async def test_a_late_keepalive_does_not_step_out_while_etcd_holds_the_lease(
+    autojump_clock: Any, lives: bool
+) -> None:
+    """A node starved during a failover surge missed its keepalive deadline while its lease
+    was still alive: it stepped out and bounced its clients. It now asks etcd first."""
+    views = _Views()
+    m = _membership(views)
+    m._lease_at = trio.current_time()
+
+    async def others_reach_etcd() -> bool:
+        return True
+
+    async def lease_lives() -> bool:
+        return lives
+
+    m._others_reach_etcd = others_reach_etcd  # type: ignore[method-assign]
+    m._lease_lives = lease_lives  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(m._watch_lease)
+        await trio.sleep(3.5)
+        nursery.cancel_scope.cancel()
+    assert m.stepped_out is not lives
