@@ -65,11 +65,15 @@ PEER_PROBE_EVERY = 1.0  # at most one probe round per peer per this many seconds
 
 def _refuses(http_url: str) -> bool:
     """Does the peer's HTTP port refuse connections (nothing listens: its process is gone)?
-    A timeout or any other error is no evidence (a partition, a slow host): False."""
+    A timeout or any other error is no evidence (a partition, a slow host): False. So is an
+    unspecified address (a node listening on 0.0.0.0 without a public URL): it would name
+    this host, not the peer."""
     parts = urllib.parse.urlsplit(http_url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
+    if parts.hostname in (None, "", "0.0.0.0", "::"):
+        return False
     try:
-        socket.create_connection((parts.hostname or "", port), timeout=PROBE_TIMEOUT).close()
+        socket.create_connection((parts.hostname, port), timeout=PROBE_TIMEOUT).close()
     except OSError as exc:
         return exc.errno == errno.ECONNREFUSED
     return False

@@ -31,6 +31,8 @@ def test_refuses_only_when_nothing_listens() -> None:
         port = server.getsockname()[1]
         assert not _refuses(f"http://127.0.0.1:{port}")  # listening: alive
     assert _refuses(f"http://127.0.0.1:{port}")  # closed: refused
+    assert not _refuses(f"http://0.0.0.0:{port}")  # names this host, not the peer
+    assert not _refuses(f"http://[::]:{port}")
 
 
 @pytest.mark.cluster
