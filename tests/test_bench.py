@@ -102,7 +102,7 @@ def test_fanout_smoke_node_ws(tmp_path: Path) -> None:
 def test_failover_smoke_every_client_of_the_killed_node_receives_again(tmp_path: Path) -> None:
     out = tmp_path / "failover.json"
     argv = ["bench", "failover", "--clients", "12", "--readers", "1", "--rate", "40"]
-    argv += ["--chunk", "4", "--ttl", "2", "--after", "4", "--drain", "1", "--json", str(out)]
+    argv += ["--chunk", "4", "--ttl", "2", "--after", "5", "--drain", "1", "--json", str(out)]
     assert main(argv) == 0  # 0: every affected client recovered, nothing lost or duplicated
     data = json.loads(out.read_text())
     assert data["connected"] == 12 and data["affected"] >= 1
