@@ -259,15 +259,16 @@ def run(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
 def summary(data: dict[str, Any]) -> dict[str, Any]:
     """Percentiles of each phase over the affected clients."""
     lines = list(data["timelines"].values())
-    ring = [v for v in data["ring_change"].values() if v is not None]
-    ring_at = max(ring) if ring else None
+    rings: dict[str, float | None] = data["ring_change"]
     out: dict[str, Any] = {"recovered": sum(1 for x in lines if x["received"] is not None)}
     phases = {
         "closed seen": [x["closed"] for x in lines],
         "welcome": [x["welcome"] for x in lines],
         "receiving again": [x["received"] for x in lines],
-        "welcome - ring change": [
-            x["welcome"] - ring_at for x in lines if x["welcome"] is not None and ring_at
+        "welcome - ring change": [  # on the node that welcomed it
+            x["welcome"] - rings[x["node"]]
+            for x in lines
+            if x["welcome"] is not None and rings.get(x["node"]) is not None
         ],
     }
     for name, values in phases.items():
@@ -305,7 +306,7 @@ def report(data: dict[str, Any], s: dict[str, Any]) -> str:
     ring = ", ".join(
         f"{k} {v:.2f} s" if v is not None else f"{k} never" for k, v in data["ring_change"].items()
     )
-    d, b = data["delivery_sampled"], data["delivery_baseline"]
+    d, b, pub = data["delivery_sampled"], data["delivery_baseline"], data["publisher"]
     verdict = "-" if recv is None else f"{recv['p99'] / budget:.2f}"
     lines = [
         f"clients {data['connected']}/{data['clients']} ({data['per_node']}), cold connect "
@@ -313,7 +314,9 @@ def report(data: dict[str, Any], s: dict[str, Any]) -> str:
         f"{data['affected']}; recovered {s['recovered']}/{data['affected']}; lease TTL "
         f"{data['ttl']} s, peer probe {'on' if data['peer_probe'] else 'off'}",
         f"publisher: {data['rate']:.0f} msg/s to {data['sample']} of its users in batches of "
-        f"{data['chunk']} ({data['publisher']})",
+        f"{data['chunk']}; {pub['requests']} requests, {pub['failed']} failed, at most "
+        f"{pub['late']:.2f} s behind schedule; the burst was stored "
+        f"{pub['burst_stored_after_kill']:.2f} s after the kill",
         f"survivors' views dropped {data['victim']} after: {ring}",
         "",
         "seconds after the SIGKILL (affected clients):",
