@@ -32,7 +32,7 @@ YIELD_EVERY = 256
 COALESCE_FRAMES = 256  # frames of one group written to a session in one go, at most
 COALESCE_BYTES = 64 * 1024  # ... and about this many bytes
 DISPATCH_MAX = 1024  # notifications taken from the bus in one go, at most
-FRAME_OVERHEAD = 96  # a msg frame's bytes beside its data (header, seq, prev, id), roughly
+FRAME_OVERHEAD = 80  # a msg frame's bytes beside its data and id (header, seq, prev), about
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +49,7 @@ class Hub:
         self._by_user: dict[str, dict[str, set[Session]]] = {}
         self._by_slot: dict[int, set[str]] = {}
         self._count = 0
+        self._unyielded = 0  # sessions fanned out to since the last checkpoint
 
     # ------------------------------------------------------------ registry
 
@@ -114,16 +115,30 @@ class Hub:
         frames in one write. Returns how many sessions got each notification."""
         sent = [0] * len(notes)
         self._unyielded = 0
-        for indexes in _groups(notes):
-            for chunk in _chunks(indexes, notes):
-                await self._fan([notes[i] for i in chunk], chunk, sent)
+        for group in _groups(notes):
+            await self._fan(group, notes, sent)
         return sent
 
-    async def _fan(self, run: list[Notification], indexes: list[int], sent: list[int]) -> None:
-        """One coalesced group: notifications of one channel with the same targets."""
-        targets = self.targets(run[0])
+    async def _fan(self, group: list[int], notes: Sequence[Notification], sent: list[int]) -> None:
+        """One group (notifications with the same targets), in chunks: a chunk never holds
+        more frames or bytes than a session may buffer (``Limits.out_frames``/``out_bytes``),
+        so a chunk alone never makes a session a slow consumer."""
+        targets = self.targets(notes[group[0]])
         if not targets:
             return
+        limits = targets[0].ctx.limits
+        most = min(COALESCE_FRAMES, limits.out_frames), min(COALESCE_BYTES, limits.out_bytes)
+        for k, chunk in enumerate(_chunks(group, notes, *most)):
+            if k:  # let the sessions' drains run; sessions may have come and gone meanwhile
+                await trio.lowlevel.checkpoint()
+                targets = self.targets(notes[group[0]])
+            await self._fan_chunk(targets, [notes[i] for i in chunk], chunk, sent)
+
+    async def _fan_chunk(
+        self, targets: list[Session], run: list[Notification], indexes: list[int], sent: list[int]
+    ) -> None:
+        """Notifications of one channel with the same targets: each frame encoded once, and
+        one write per session for all of them."""
         ch: protocol.Channel = "broadcast" if run[0].ch == "broadcast" else "user"
         frames = [encode_text(_frame_text(ch, n)) for n in run]
         joined = frames[0] if len(frames) == 1 else b"".join(frames)
@@ -199,19 +214,22 @@ def _chained(run: list[Notification]) -> bool:
     return all(b.prev == a.seq < b.seq for a, b in itertools.pairwise(run))
 
 
-def _chunks(indexes: list[int], notes: Sequence[Notification]) -> list[list[int]]:
-    """A group cut into pieces of at most ``COALESCE_FRAMES`` frames and about
-    ``COALESCE_BYTES`` bytes: one write per session stays bounded."""
+def _chunks(
+    indexes: list[int], notes: Sequence[Notification], frames: int, size: int
+) -> list[list[int]]:
+    """A group cut into pieces of at most ``frames`` frames and about ``size`` bytes (a
+    single larger message is a piece of its own)."""
     if len(indexes) == 1:
         return [indexes]
     chunks: list[list[int]] = [[]]
-    size = 0
+    taken = 0
     for i in indexes:
-        if len(chunks[-1]) >= COALESCE_FRAMES or size >= COALESCE_BYTES:
+        more = len(notes[i].data_json) + len(notes[i].id) + FRAME_OVERHEAD
+        if chunks[-1] and (len(chunks[-1]) >= frames or taken + more > size):
             chunks.append([])
-            size = 0
+            taken = 0
         chunks[-1].append(i)
-        size += len(notes[i].data_json) + FRAME_OVERHEAD
+        taken += more
     return chunks
 
 

@@ -91,12 +91,28 @@ def test_groups_keep_arrival_order_per_target() -> None:
     assert hub_module._groups(notes) == [[0, 2], [1], [3, 4], [5], [6]]
 
 
-def test_chunks_bound_frames_and_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub_module, "COALESCE_FRAMES", 4)
+def test_chunks_bound_frames_and_bytes() -> None:
     notes = chain(1, 10)
-    assert [len(c) for c in hub_module._chunks(list(range(10)), notes)] == [4, 4, 2]
+    assert [len(c) for c in hub_module._chunks(list(range(10)), notes, 4, 10**6)] == [4, 4, 2]
     big = chain(1, 3, size=70_000)
-    assert hub_module._chunks([0, 1, 2], big) == [[0], [1], [2]]
+    assert hub_module._chunks([0, 1, 2], big, 256, 65536) == [[0], [1], [2]]
+    assert hub_module._chunks([0, 1, 2], notes, 256, 250) == [[0, 1], [2]]
+
+
+async def test_a_group_is_cut_to_what_a_session_may_buffer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A burst bigger than the outbound bound (a TLS session buffers every frame) is written in
+    chunks of at most ``out_frames``: it never makes the session a slow consumer by itself."""
+    ctx = context(Limits(heartbeat_interval=100, heartbeat_timeout=300, out_frames=8))
+    writes = CountingWrites(monkeypatch)
+    hub = Hub()
+    session = live(Session(ctx, "u", "d", 0))
+    hub.add(session)
+    chunks: list[int] = []
+    monkeypatch.setattr(Session, "write_many", lambda s, f, j: chunks.append(len(f)) or True)
+    assert await hub.deliver_many(chain(1, 20)) == [1] * 20
+    assert chunks == [8, 8, 4] and writes.calls == 0
 
 
 async def test_waiting_takes_what_is_there_and_splits_at_a_catch_up() -> None:
@@ -121,14 +137,15 @@ async def test_many_messages_reach_a_session_in_one_write_and_parse(
     notes = [note(k + 1, k, size=size, ch="broadcast") for k, size in enumerate(sizes)]
     hub = Hub()
     with trio.fail_after(20):
-        async with running(context()) as (s1, p1), running(context(), user="v") as (s2, p2):
+        ctx = context(Limits(heartbeat_interval=100, heartbeat_timeout=300, out_frames=1024))
+        async with running(ctx) as (s1, p1), running(ctx, user="v") as (s2, p2):
             hub.add(s1)
             hub.add(s2)
             writes = CountingWrites(monkeypatch)
             sent = await hub.deliver_many(notes)
             assert sent == [2] * len(notes)
-            # 64 KiB of frames at most per write: the 64 KiB message starts a second one
-            assert writes.calls == 2 * 2
+            # about 64 KiB per write: the 64 KiB message is a write of its own
+            assert writes.calls == 2 * 3
             got = [texts(await p.frames(1 + len(notes))) for p in (p1, p2)]
     for frames in got:
         assert frames[0] == {"type": "welcome"}
