@@ -110,7 +110,12 @@ async def test_a_group_is_cut_to_what_a_session_may_buffer(
     session = live(Session(ctx, "u", "d", 0))
     hub.add(session)
     chunks: list[int] = []
-    monkeypatch.setattr(Session, "write_many", lambda s, f, j: chunks.append(len(f)) or True)
+
+    def write_many(session: Session, frames: list[bytes], joined: bytes) -> bool:
+        chunks.append(len(frames))
+        return True
+
+    monkeypatch.setattr(Session, "write_many", write_many)
     assert await hub.deliver_many(chain(1, 20)) == [1] * 20
     assert chunks == [8, 8, 4] and writes.calls == 0
 
