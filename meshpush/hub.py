@@ -49,6 +49,7 @@ class Hub:
         self._by_user: dict[str, dict[str, set[Session]]] = {}
         self._by_slot: dict[int, set[str]] = {}
         self._count = 0
+        self._all: list[Session] | None = None  # every session, kept until one comes or goes
         self._unyielded = 0  # sessions fanned out to since the last checkpoint
 
     # ------------------------------------------------------------ registry
@@ -58,6 +59,7 @@ class Hub:
         devices.setdefault(session.device, set()).add(session)
         self._by_slot.setdefault(session.slot, set()).add(session.user)
         self._count += 1
+        self._all = None
 
     def remove(self, session: Session) -> None:
         devices = self._by_user.get(session.user)
@@ -66,6 +68,7 @@ class Hub:
             return
         sessions.discard(session)
         self._count -= 1
+        self._all = None
         if not sessions:
             del devices[session.device]  # type: ignore[union-attr]
         if not devices:
@@ -86,7 +89,17 @@ class Hub:
         return [s for sl in slots for user in self._by_slot.get(sl, ()) for s in self.of_user(user)]
 
     def all(self) -> list[Session]:
-        return [s for devices in self._by_user.values() for ss in devices.values() for s in ss]
+        """Every session (a new list: the caller may keep it while sessions come and go)."""
+        return list(self._every())
+
+    def _every(self) -> list[Session]:
+        """Every session, built once per change of the registry (broadcasts in a row share
+        it); never modified, only replaced."""
+        if self._all is None:
+            self._all = [
+                s for devices in self._by_user.values() for ss in devices.values() for s in ss
+            ]
+        return self._all
 
     def occupied_slots(self) -> frozenset[int]:
         return frozenset(self._by_slot)
@@ -101,7 +114,7 @@ class Hub:
 
     def targets(self, note: Notification) -> list[Session]:
         if note.ch == "broadcast":
-            return self.all()
+            return self._every()
         return list(self.of_user(note.user)) if note.user is not None else []
 
     async def deliver(self, note: Notification) -> int:
