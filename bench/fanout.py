@@ -18,17 +18,21 @@ is read from its /metrics (``meshpush_event_loop_stall_max_seconds``).
 
     meshpush bench fanout [--sessions 2000] [--broadcasts 100] [--size 100] [--readers 2]
         [--servers meshpush,node-ws,websockets,trio-websocket,raw] [--stall-sessions 10000]
-        [--per-call 100] [--json .meshpush/bench/fanout.json]
+        [--per-call 100] [--profile DIR] [--json .meshpush/bench/fanout.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,11 +115,60 @@ def measure_meshpush(
     target: MeshpushTarget, args: argparse.Namespace, sessions: int, count: int
 ) -> list[dict[str, Any]]:
     """Both meshpush rows on the same sessions: sequential single POSTs, then batches."""
+    rows = {"meshpush": target.broadcast, "meshpush-batch": batch_sender(target, args.per_call)}
+    results = []
     with ReaderPool(args.readers) as pool:
         ok = connect(pool, target, sessions)["ok"]
-        single = deliver(pool, target, target.broadcast, args, count, ok)
-        batched = deliver(pool, target, batch_sender(target, args.per_call), args, count, ok)
-    return [{"server": "meshpush", **single}, {"server": "meshpush-batch", **batched}]
+        for name, send in rows.items():
+            with profiled(target.pid, args.profile, name):
+                results.append({"server": name, **deliver(pool, target, send, args, count, ok)})
+    return results
+
+
+@contextlib.contextmanager
+def profiled(pid: int, folder: Path | None, name: str) -> Iterator[None]:
+    """With ``--profile DIR``: py-spy samples process ``pid`` meanwhile (raw stacks, one line
+    per stack with its count) into ``DIR/<name>.txt``; py-spy comes from PyPI (not installed
+    by the bench: ``pip install py-spy``)."""
+    if folder is None:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
+    folder.mkdir(parents=True, exist_ok=True)
+    argv = [spy, "record", "-p", str(pid), "-r", "250", "-f", "raw", "--nonblocking"]
+    proc = subprocess.Popen(
+        [*argv, "-o", str(folder / f"{name}.txt")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # py-spy attaches
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def hottest(path: Path, most: int = 6) -> list[tuple[str, float]]:
+    """The functions with the most samples of their own in a raw py-spy profile (share)."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        name = leaf.split(" (")[0] + " " + leaf.rsplit("/", 1)[-1].split(":")[0].rstrip(")")
+        counts[name] = counts.get(name, 0) + int(n)
+        total += int(n)
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:most]
+    return [(name, n / total) for name, n in ranked] if total else []
 
 
 def batch_sender(target: MeshpushTarget, per_call: int) -> Send:
@@ -217,6 +270,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "results": results,
         "skipped": skipped,
         "stall": stall,
+        "profiles": {
+            name: hottest(args.profile / f"{name}.txt")
+            for name in MESHPUSH_ROWS
+            if args.profile is not None and (args.profile / f"{name}.txt").exists()
+        },
     }
 
 
@@ -249,6 +307,10 @@ def report(data: dict[str, Any]) -> str:
             per_call = min(p.get("per_call", p["broadcasts"]), p["broadcasts"])
             what = MESHPUSH_ROWS[r["server"]].format(per_call=per_call)
             lines.append(f"{r['server']}: {what}")
+    for name, hot in data.get("profiles", {}).items():
+        lines.append(
+            f"{name} node profile (own samples): " + ", ".join(f"{f} {x:.0%}" for f, x in hot)
+        )
     for name, why in data["skipped"].items():
         lines.append(f"skipped {name}: {why}")
     for r in data["results"]:
@@ -295,6 +357,12 @@ def main(argv: list[str]) -> int:
         type=int,
         default=100,
         help="broadcasts per POST in the meshpush-batch row (at most the node's max_batch)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="folder: py-spy profiles of the node during each meshpush row (needs py-spy)",
     )
     parser.add_argument("--timeout", type=float, default=120.0, help="per phase, seconds")
     parser.add_argument("--json", type=Path, default=Path(".meshpush/bench/fanout.json"))
