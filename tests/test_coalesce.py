@@ -1,18 +1,23 @@
 """Coalesced fan-out (meshpush/hub.py ``deliver_many``) over real socket pairs, no node: the
-frames of many messages go to a session in one write and parse with wsproto; feeds advance
-exactly as one-by-one deliveries would; order holds when coalesced, fast and buffered writes
-mix; a reader that stops is still cut with 4008, its buffer counted per frame."""
+frames of many messages go to a session in one write and parse with wsproto, plain and over
+TLS; feeds advance exactly as one-by-one deliveries would; order holds when coalesced, fast and
+buffered writes mix; a reader that stops is still cut with 4008, its buffer counted per
+frame."""
 
 from __future__ import annotations
 
 import itertools
 import random
+import ssl
 from typing import Any
 
 import pytest
 import trio
+import trustme
 from test_sessions import LIMITS, context, live, note, running, texts
-from wsproto.events import CloseConnection
+from wsproto import ConnectionType
+from wsproto.connection import Connection
+from wsproto.events import CloseConnection, TextMessage
 
 from meshpush import hub as hub_module
 from meshpush.bus import Notification
@@ -235,3 +240,51 @@ async def test_a_stopped_reader_is_cut_4008_with_its_buffer_counted_per_frame() 
     assert closes[0].code == Close.SLOW_CONSUMER
     seqs = [m["seq"] for m in texts(events)[1:]]
     assert seqs == list(range(1, len(seqs) + 1))  # a prefix, in order, nothing skipped
+
+
+async def test_coalesced_frames_parse_over_tls() -> None:
+    """Over TLS every frame goes through the session's buffer and ``SSLStream``: a coalesced
+    group (every length encoding) still reaches wsproto's client whole, in order."""
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    a, b = _socket_streams()
+    server = trio.SSLStream(a, server_ctx, server_side=True)
+    client = trio.SSLStream(b, client_ctx, server_hostname="127.0.0.1")
+    ctx = context(Limits(heartbeat_interval=100, heartbeat_timeout=300, out_frames=1024))
+    session = live(Session(ctx, "u", "d", expires_at=2e9))
+    wire = Wire(server, Connection(ConnectionType.SERVER))
+    assert not wire.fast
+    sizes = [0, 125, 126, 65535, 65536, *([100] * 60)]
+    notes = [note(k + 1, k, size=size, ch="broadcast") for k, size in enumerate(sizes)]
+    hub = Hub()
+    proto = Connection(ConnectionType.CLIENT)
+    got: list[str] = []
+    parts: list[str] = []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            await server.do_handshake()
+            await nursery.start(session.run, wire, '{"type":"welcome"}', {})
+            hub.add(session)
+            assert await hub.deliver_many(notes) == [1] * len(notes)
+            while len(got) < 1 + len(notes):
+                proto.receive_data(await client.receive_some(65536))
+                for event in proto.events():
+                    if isinstance(event, TextMessage):
+                        parts.append(event.data)
+                        if event.message_finished:
+                            got.append("".join(parts))
+                            parts.clear()
+            session.close(Close.GOING_AWAY, "test over")
+    frames = texts([TextMessage(g) for g in got])
+    assert frames[0] == {"type": "welcome"}
+    assert [m["seq"] for m in frames[1:]] == list(range(1, len(notes) + 1))
+    assert [len(m["data"]) for m in frames[1:]] == sizes
+
+
+def _socket_streams() -> tuple[trio.SocketStream, trio.SocketStream]:
+    left, right = trio.socket.socketpair()
+    return trio.SocketStream(left), trio.SocketStream(right)
