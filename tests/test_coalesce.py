@@ -271,7 +271,7 @@ async def test_coalesced_frames_parse_over_tls() -> None:
             hub.add(session)
             assert await hub.deliver_many(notes) == [1] * len(notes)
             while len(got) < 1 + len(notes):
-                proto.receive_data(await client.receive_some(65536))
+                proto.receive_data(bytes(await client.receive_some(65536)))
                 for event in proto.events():
                     if isinstance(event, TextMessage):
                         parts.append(event.data)
