@@ -116,7 +116,7 @@ async def _get_all(batcher: Batcher[str, str], keys: list[str], out: dict[str, A
             nursery.start_soon(one, key)
 
 
-async def test_a_batch_of_concurrent_requests_is_one_read() -> None:
+async def test_a_batch_of_concurrent_requests_is_one_read(autojump_clock: trio.abc.Clock) -> None:
     fetch = Fetches()
     batcher: Batcher[str, str] = Batcher(fetch)
     out: dict[str, Any] = {}
@@ -129,7 +129,9 @@ async def test_a_batch_of_concurrent_requests_is_one_read() -> None:
     assert (batcher.batches, batcher.requests) == (1, 100)
 
 
-async def test_requests_made_while_a_read_is_under_way_gather_into_the_next_batch() -> None:
+async def test_requests_made_while_a_read_is_under_way_gather_into_the_next_batch(
+    autojump_clock: trio.abc.Clock,
+) -> None:
     fetch = Fetches()
     batcher: Batcher[str, str] = Batcher(fetch, max_batch=30)
     out: dict[str, Any] = {}
@@ -144,7 +146,7 @@ async def test_requests_made_while_a_read_is_under_way_gather_into_the_next_batc
     assert len(out) == 51 and all(out[k] == k.upper() for k in out)
 
 
-async def test_a_failing_read_fails_only_its_own_batch() -> None:
+async def test_a_failing_read_fails_only_its_own_batch(autojump_clock: trio.abc.Clock) -> None:
     fetch = Fetches()
     batcher: Batcher[str, str] = Batcher(fetch)
     out: dict[str, Any] = {}
