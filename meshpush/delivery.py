@@ -113,13 +113,14 @@ class Batcher(Generic[K, V]):
     """Requests made together share one read: the resume points of concurrent handshakes.
 
     ``get(key)`` queues ``key`` and waits. The batcher's task (:meth:`run`) takes everything
-    queued — up to ``max_batch`` keys, all that arrived in the same scheduler round — and calls
-    ``fetch(keys)`` once for them, each batch in a task of its own: a slow or stuck batch never
-    holds up the next one, and the reads of a batch start after every request in it was made
-    (so what a handshake reads is never older than the handshake). If ``fetch`` raises, every
-    request of that batch (and only of that batch) raises the same error. Callers bound their
-    own wait (their cancel scope). Without the task running (unit tests), ``get`` reads a
-    batch of one itself."""
+    queued (up to ``max_batch`` keys) and calls ``fetch(keys)`` once for them, each batch in a
+    task of its own. While ``max_inflight`` batches are being read, new requests gather for the
+    next one — for at most ``patience`` seconds, so a slow or stuck read delays the next batch
+    by that much at most: a quiet node reads at once, a busy one in large batches. The reads
+    of a batch start after every request in it was made (what a handshake reads is never
+    older than the handshake). If ``fetch`` raises, every request of that batch (and only of
+    that batch) raises the same error. Callers bound their own wait (their cancel scope).
+    Without the task running (unit tests), ``get`` reads a batch of one itself."""
 
     def __init__(
         self,
@@ -255,16 +256,17 @@ class Feeder:
         for ch, seq in claimed.items():
             await self._check_position(ch, seq, known.last(ch))
         stored = known.cursor
-        first: dict[str, list[StoredMessage]] = {}
+        unread: list[str] = []  # channels with messages stored after their resume point
         for ch, feed in session.feeds.items():
             resume = max(claimed.get(ch, 0), _cursor_of(stored, ch) if stored.epoch == epoch else 0)
             await self._position(feed, ch, session.user, resume, known.last(ch))
-            first[ch] = [] if feed.sent >= known.last(ch) else None  # type: ignore[assignment]
-        unread = [ch for ch, batch in first.items() if batch is None]
+            if feed.sent < known.last(ch):
+                unread.append(ch)
         batches = await _gather(
             *(_bind(self._read, session, ch, session.feeds[ch].sent) for ch in unread)
         )
-        first.update(zip(unread, batches, strict=True))
+        read = dict(zip(unread, batches, strict=True))
+        first = {ch: read.get(ch, []) for ch in session.feeds}
         recovered = all(
             not batch or feed.fresh or feed.skip or batch[0].prev == feed.sent
             for feed, batch in ((session.feeds[ch], b) for ch, b in first.items())
