@@ -471,7 +471,7 @@ class Store:
         kv = self.kv
         if not keys:
             return {}
-        if not kv._direct:  # a bucket whose stream could not be switched to direct gets
+        if not getattr(kv, "_direct", False):  # a bucket without direct gets: one get a key
             got = await asyncio.gather(*(_kv_value(kv, k) for k in keys))
             return {k: _parse_cursor(v) for k, v in zip(keys, got, strict=True) if v is not None}
         prefix = f"$KV.{self.bucket}."
