@@ -596,7 +596,8 @@ class Starts:
 
 
 class Cursors:
-    """Per-device acked seqs: read at connect, written in batches (not once per ack)."""
+    """Per-device acked seqs: written in batches (not once per ack); read at connect in
+    batches too (``Store.start_reads``), preferring what is pending here (:meth:`pending`)."""
 
     def __init__(self, store: Store, metrics: Metrics, interval: float = 1.0) -> None:
         self.store = store
@@ -607,24 +608,6 @@ class Cursors:
         self._wake = trio.Event()
         self.writes = 0
         self.flushes = 0
-
-    async def load(self, user: str, device: str) -> Cursor:
-        key = cursor_key(user, device)
-        pending = self.pending(key)
-        if pending is not None:
-            return pending
-
-        async def get() -> Cursor:
-            value = await _kv_value(self.store.kv, key)
-            return Cursor() if value is None else _parse_cursor(value)
-
-        try:
-            cursor: Cursor = await self.store._call(get)
-        except (StoreUnavailable, ValueError) as exc:
-            self.metrics.backend_errors.labels(backend="cursor_read").inc()
-            log.warning("cursor read failed for a device, resuming from the client's seq: %r", exc)
-            return Cursor()
-        return cursor
 
     def pending(self, key: str) -> Cursor | None:
         """A cursor of ``key`` not written yet (fresher than the bucket's), or None."""
