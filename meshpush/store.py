@@ -244,7 +244,8 @@ class Store:
 
     async def _cursor_bucket(self) -> Any:
         """The cursor bucket, with direct gets allowed (a batch of cursors is one request). A
-        bucket made before that is updated in place (nothing else of it changes)."""
+        bucket that exists with another configuration (made by an older meshpush) is used as
+        it is, switched to direct gets in place (nothing else of it changes)."""
         s = self.settings
         config = nats.js.api.KeyValueConfig(
             bucket=self.bucket,
@@ -253,15 +254,15 @@ class Store:
             replicas=s.stream_replicas,
             direct=True,
         )
+        js = self.bus.js
         try:
-            return await self.bus.js.create_key_value(config)
-        except nats.js.errors.BadRequestError:
-            info = await self.bus.js.stream_info(f"KV_{self.bucket}")
-            if info.config.allow_direct:
-                raise
-            info.config.allow_direct = True
-            await self.bus.js.update_stream(info.config)
-            return await self.bus.js.create_key_value(config)
+            return await js.create_key_value(config)
+        except nats.js.errors.BadRequestError:  # it exists with another configuration
+            info = await js.stream_info(f"KV_{self.bucket}")
+            if not info.config.allow_direct:
+                info.config.allow_direct = True
+                await js.update_stream(info.config)
+            return await js.key_value(self.bucket)
 
     async def _add_or_update(self, cfg: Any) -> Any:
         try:
