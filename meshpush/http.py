@@ -287,7 +287,7 @@ class HttpServer:
         max_body: int,
         max_connections: int = 1024,
         request_timeout: float = 10.0,
-        idle_timeout: float = 5.0,
+        idle_timeout: float = 20.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.routes = routes
