@@ -7,9 +7,10 @@ under plain asyncio (docs/performance.md). :class:`AckInbox` sends a whole *roun
 publishes with reply subjects under one inbox subscription and waits once for the round: no
 future or timer per message. Each answer becomes a :class:`Stored`-like tuple, the seq
 JetStream says is the real last one (``wrong last sequence``), or an error.
-:class:`GroupCommit` merges the publish requests that arrive while earlier ones are in flight,
-so single publishes from many HTTP requests share rounds too. Runs on the asyncio loop
-(called from :mod:`meshpush.store` inside bridge crossings).
+:class:`GroupCommit` (trio side) merges the publish requests that arrive while earlier ones are
+in flight, so single publishes from many HTTP requests share one bridge crossing and one round.
+:class:`AckInbox` runs on the asyncio loop (called from :mod:`meshpush.store` inside bridge
+crossings).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import nats.errors
+import trio
 
 WRONG_LAST = 10071
 _LAST_RE = re.compile(r"wrong last sequence: (\d+)")
@@ -152,45 +154,96 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-class GroupCommit(Generic[Item, Result]):
-    """Merge concurrent requests: at most ``lanes`` merged batches run at once; a request that
-    arrives while every lane is busy joins the next batch (one round of publishes, one socket
-    write, one wait for many HTTP requests — group commit, without waiting on a timer).
+class _Waiting(Generic[Item, Result]):
+    __slots__ = ("answered", "done", "error", "items", "lead", "result")
 
-    ``run`` gets the concatenated items and returns one result per item, in order."""
+    def __init__(self, items: list[Item]) -> None:
+        self.items = items
+        self.done = trio.Event()
+        self.lead = False  # woken to take a lane over (a lane's task was cancelled)
+        self.answered = False
+        self.result: Sequence[Result] = ()
+        self.error: BaseException | None = None
+
+    def answer(self, result: Sequence[Result], error: BaseException | None = None) -> None:
+        if not self.answered:
+            self.answered, self.result, self.error = True, result, error
+            self.done.set()
+
+
+class GroupCommit(Generic[Item, Result]):
+    """Merge concurrent requests (trio side): at most ``lanes`` merged batches run at once;
+    the requests that arrive while every lane is busy wait and go together in the next one —
+    one bridge crossing, one asyncio task and one round of publishes for many HTTP requests
+    (group commit, without waiting on a timer). ``run`` gets the concatenated items and
+    returns one result per item, in order.
+
+    A lane is the task of a request that found one free; it serves the queue until it is
+    empty. If that task is cancelled, its batch's outcome is unknown (``cancelled(items)``
+    answers it) and the oldest waiting request takes the lane over."""
 
     def __init__(
-        self, run: Callable[[list[Item]], Awaitable[Sequence[Result]]], lanes: int = 4
+        self,
+        run: Callable[[list[Item]], Awaitable[Sequence[Result]]],
+        cancelled: Callable[[list[Item]], Sequence[Result]],
+        lanes: int = 4,
     ) -> None:
         self._run = run
+        self._cancelled = cancelled
         self._lanes = lanes
-        self._queue: list[tuple[list[Item], asyncio.Future[Sequence[Result]]]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._busy = 0
+        self._queue: list[_Waiting[Item, Result]] = []
         self.batches = 0
 
     async def submit(self, items: list[Item]) -> Sequence[Result]:
-        future: asyncio.Future[Sequence[Result]] = asyncio.get_running_loop().create_future()
-        self._queue.append((items, future))
-        if len(self._tasks) < self._lanes:
-            task = asyncio.ensure_future(self._lane())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return await future
+        me: _Waiting[Item, Result] = _Waiting(items)
+        self._queue.append(me)
+        if self._busy < self._lanes:
+            self._busy += 1
+            await self._lane()
+        else:
+            try:
+                await me.done.wait()
+            except BaseException:
+                if me in self._queue:
+                    self._queue.remove(me)
+                if me.lead:  # the lane handed to us goes on to the next waiter
+                    self._busy -= 1
+                    self._hand_over()
+                raise
+            if me.lead:
+                await self._lane()
+        if me.error is not None:
+            raise me.error
+        return me.result
+
+    def _hand_over(self) -> None:
+        waiting = [w for w in self._queue if not w.lead]
+        if waiting and self._busy < self._lanes:
+            self._busy += 1
+            waiting[0].lead = True
+            waiting[0].done.set()
 
     async def _lane(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            self.batches += 1
-            merged = [item for items, _ in batch for item in items]
-            try:
-                results = await self._run(merged)
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            start = 0
-            for items, future in batch:
-                if not future.done():
-                    future.set_result(results[start : start + len(items)])
-                start += len(items)
+        """Serve the queue until it is empty (``_busy`` counts this lane already)."""
+        batch: list[_Waiting[Item, Result]] = []
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                self.batches += 1
+                merged = [item for w in batch for item in w.items]
+                try:
+                    results = await self._run(merged)
+                except Exception as exc:
+                    for w in batch:
+                        w.answer((), exc)
+                    continue
+                start = 0
+                for w in batch:
+                    w.answer(results[start : start + len(w.items)])
+                    start += len(w.items)
+        finally:
+            for w in batch:
+                w.answer(self._cancelled(w.items))  # no-op for those answered above
+            self._busy -= 1
+            self._hand_over()

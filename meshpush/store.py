@@ -173,6 +173,10 @@ def _skip_rest(indexes: list[int], outcomes: list[Outcome | None]) -> None:
         outcomes[i] = skipped
 
 
+def _cancelled(items: list[Outgoing]) -> list[Outcome]:
+    return [StoreTimeout("outcome unknown: the publishing task was cancelled")] * len(items)
+
+
 def dedup_id(item: Outgoing) -> str:
     """``Nats-Msg-Id``: idempotency is per user (and per broadcast), whatever the id's bytes."""
     key = f"{item.ch}\0{item.user or ''}\0{item.id}".encode()
@@ -205,7 +209,8 @@ class Store:
         self.chain_retries = 0
         self.publish_timeout = 5.0
         self._acks = AckInbox()
-        self._commits: GroupCommit[Outgoing, Outcome] = GroupCommit(self._publish_all)
+        # concurrent requests share one bridge crossing and one round of publishes
+        self._commits: GroupCommit[Outgoing, Outcome] = GroupCommit(self._cross, _cancelled)
 
     # ------------------------------------------------------------ setup
 
@@ -288,15 +293,20 @@ class Store:
         order given, so each one's ``prev`` is exact."""
         if self.bus.js is None or not self.bus.connected:
             return [StoreUnavailable("not stored: not connected to NATS")] * len(items)
-        try:
-            outcomes: Sequence[Outcome] = await self.bridge.call(
-                lambda: self._commits.submit(items), timeout=math.inf
-            )
-        except BridgeClosed as exc:
-            return [StoreUnavailable(f"not stored: {exc}")] * len(items)
+        outcomes = await self._commits.submit(items)
         for outcome in outcomes:
             if isinstance(outcome, StoreTimeout):
                 self.metrics.backend_errors.labels(backend="nats").inc()
+        return outcomes
+
+    async def _cross(self, items: list[Outgoing]) -> Sequence[Outcome]:
+        """One bridge crossing for the merged requests of a group commit."""
+        try:
+            outcomes: Sequence[Outcome] = await self.bridge.call(
+                lambda: self._publish_all(items), timeout=math.inf
+            )
+        except BridgeClosed as exc:
+            return [StoreUnavailable(f"not stored: {exc}")] * len(items)
         return outcomes
 
     async def _publish_all(self, items: list[Outgoing]) -> Sequence[Outcome]:

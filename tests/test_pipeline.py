@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 import pytest
+import trio
 
 from meshpush.pipeline import Ack, GroupCommit, NoAnswer, Refused, WrongLast, parse_ack
 
@@ -30,34 +30,71 @@ def test_an_unreadable_answer_is_an_unknown_outcome() -> None:
     assert isinstance(parse_ack(b"garbage", None), NoAnswer)
 
 
-def test_group_commit_merges_requests_that_wait_and_answers_each_its_slice() -> None:
+async def test_group_commit_merges_requests_that_wait_and_answers_each_its_slice() -> None:
     calls: list[list[int]] = []
 
     async def run(items: list[int]) -> list[int]:
         calls.append(items)
-        await asyncio.sleep(0.01)
+        await trio.sleep(0.01)
         return [i * 10 for i in items]
 
-    async def go() -> list[Sequence[int]]:
-        commit: GroupCommit[int, int] = GroupCommit(run, lanes=1)
-        first = asyncio.ensure_future(commit.submit([0, 100]))
-        await asyncio.sleep(0.001)  # its batch is running
-        rest = await asyncio.gather(*(commit.submit([i, i + 100]) for i in range(1, 5)))
-        return [await first, *rest]
+    commit: GroupCommit[int, int] = GroupCommit(run, cancelled, lanes=1)
+    results: dict[int, Sequence[int]] = {}
 
-    results = asyncio.run(go())
-    assert results == [[i * 10, (i + 100) * 10] for i in range(5)]
+    async def submit(i: int) -> None:
+        results[i] = await commit.submit([i, i + 100])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(submit, 0)
+        await trio.sleep(0.001)  # its batch is running
+        for i in range(1, 5):
+            nursery.start_soon(submit, i)
+    assert results == {i: [i * 10, (i + 100) * 10] for i in range(5)}
     assert calls[0] == [0, 100]  # the first ran alone; the four that waited ran together
-    assert calls[1] == [1, 101, 2, 102, 3, 103, 4, 104]
+    assert sorted(calls[1]) == sorted([1, 101, 2, 102, 3, 103, 4, 104])
 
 
-def test_group_commit_gives_each_waiting_request_the_error() -> None:
+def cancelled(items: list[int]) -> list[int]:
+    return [-1] * len(items)
+
+
+async def test_group_commit_gives_each_waiting_request_the_error() -> None:
     async def run(items: list[int]) -> list[int]:
         raise RuntimeError("boom")
 
-    async def go() -> None:
-        commit: GroupCommit[int, int] = GroupCommit(run)
-        with pytest.raises(RuntimeError):
-            await commit.submit([1])
+    commit: GroupCommit[int, int] = GroupCommit(run, cancelled)
+    with pytest.raises(RuntimeError):
+        await commit.submit([1])
 
-    asyncio.run(go())
+
+async def test_a_cancelled_lane_hands_its_queue_to_a_waiting_request() -> None:
+    gate = trio.Event()
+
+    async def run(items: list[int]) -> list[int]:
+        if 0 in items:
+            await trio.sleep_forever()  # the first lane's task will be cancelled
+        await gate.wait()
+        return items
+
+    commit: GroupCommit[int, int] = GroupCommit(run, cancelled, lanes=1)
+    results: dict[int, Sequence[int]] = {}
+    first_scope = trio.CancelScope()
+
+    async def first() -> None:
+        with first_scope:
+            results[0] = await commit.submit([0])
+
+    async def submit(i: int) -> None:
+        results[i] = await commit.submit([i])
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            await trio.sleep(0.01)
+            nursery.start_soon(submit, 1)
+            nursery.start_soon(submit, 2)
+            await trio.sleep(0.01)
+            first_scope.cancel()
+            await trio.sleep(0.01)
+            gate.set()
+    assert results == {1: [1], 2: [2]}  # served by the waiter that took the lane over
