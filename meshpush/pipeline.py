@@ -143,11 +143,20 @@ class AckInbox:
                 round_.answer(i, Refused(f"not sent: {type(exc).__name__}"))
             except (nats.errors.Error, OSError) as exc:
                 round_.answer(i, NoAnswer(f"send failed: {type(exc).__name__}"))
-        if round_.remaining:
-            await asyncio.wait([round_.done], timeout=timeout)
-        for token in tokens:
-            self._waiting.pop(token, None)
+        try:
+            if round_.remaining:  # one timer and no extra task (asyncio.wait adds a waiter)
+                timer = asyncio.get_running_loop().call_later(timeout, _expire, round_.done)
+                await round_.done
+                timer.cancel()
+        finally:
+            for token in tokens:
+                self._waiting.pop(token, None)
         return [a if a is not None else NoAnswer("no answer in time") for a in round_.answers]
+
+
+def _expire(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 Item = TypeVar("Item")
