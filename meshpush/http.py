@@ -227,6 +227,29 @@ def parse_head(head: bytes) -> tuple[str, str, str, bool, dict[str, str]]:
     return method.decode("ascii"), unquote(path), query, parts[2] == b"HTTP/1.1", headers
 
 
+def _keep_alive(http11: bool, headers: dict[str, str]) -> bool:
+    connection = headers.get("connection", "").lower()
+    return "close" not in connection if http11 else "keep-alive" in connection
+
+
+def _buffered(buf: bytearray, max_body: int) -> tuple[Request, bool] | None:
+    """The first request in ``buf`` (taken out of it) if it is there whole with a
+    ``Content-Length`` body or none; None for anything else (the timed, general path)."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0 or end > MAX_HEAD or buf.startswith(b"\r\n"):
+        return None
+    method, path, query, http11, headers = parse_head(bytes(buf[:end]))
+    length = headers.get("content-length", "0")
+    if "transfer-encoding" in headers or not (length.isdigit() and length.isascii()):
+        return None
+    n, start = int(length), end + 4
+    if n > max_body or len(buf) < start + n:
+        return None
+    body = bytes(buf[start : start + n])
+    del buf[: start + n]
+    return Request(method, path, query, headers, body), _keep_alive(http11, headers)
+
+
 class _Conn:
     """One connection's buffered reads (bounded by the caller's deadlines)."""
 
@@ -345,16 +368,25 @@ class HttpServer:
                 if not conn.buf:
                     return  # idle keep-alive connection: closed quietly
             failed: BadRequest | None = None
-            with trio.move_on_after(self.request_timeout) as timer:
-                try:
-                    request, keep_alive = await self._read(conn)
-                except BadRequest as exc:
-                    failed = exc
+            try:  # usually the whole request is in the buffer already: no timer needed
+                whole = _buffered(conn.buf, self.max_body)
+            except BadRequest as exc:
+                whole, failed = None, exc
+            if whole is not None:
+                request, keep_alive = whole
+            elif failed is None:
+                with trio.move_on_after(self.request_timeout) as timer:
+                    try:
+                        request, keep_alive = await self._read(conn)
+                    except BadRequest as exc:
+                        failed = exc
+                if timer.cancelled_caught:
+                    await conn.stream.send_all(
+                        render(error_response(408, "request too slow"), False)
+                    )
+                    return
             if failed is not None:
                 await self._fail(conn, failed)
-                return
-            if timer.cancelled_caught:
-                await conn.stream.send_all(render(error_response(408, "request too slow"), False))
                 return
             self.requests += 1
             response = await self.routes.dispatch(request)
@@ -383,10 +415,8 @@ class HttpServer:
         head = bytes(conn.buf[:end]).lstrip(b"\r\n")  # tolerate CRLFs between requests
         del conn.buf[: end + 4]
         method, path, query, http11, headers = parse_head(head)
-        connection = headers.get("connection", "").lower()
-        keep_alive = "close" not in connection if http11 else "keep-alive" in connection
         body = await self._body(conn, headers, http11)
-        return Request(method, path, query, headers, body), keep_alive
+        return Request(method, path, query, headers, body), _keep_alive(http11, headers)
 
     async def _body(self, conn: _Conn, headers: dict[str, str], http11: bool) -> bytes:
         length, coding = headers.get("content-length"), headers.get("transfer-encoding")
