@@ -30,6 +30,7 @@ import socket
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,14 +135,16 @@ def generator(load: Load, out: Any) -> None:
     """Publish ``load.count`` messages over raw keep-alive HTTP/1.1 connections.
 
     One request per chunk (one message for single publishes), ``load.concurrency``
-    connections, each with one request in flight whose answer is awaited (and checked: 202,
-    and no per-item error in a batch) before its next request. A selector loop over plain
-    sockets: ~0.05 ms of CPU per request, against ~1.3 ms for httpx (docs/performance.md),
-    so the generator is not what limits the rate."""
-    numbers = range(load.first, load.first + load.count)
-    chunks = [numbers[i : i + load.batch] for i in range(0, len(numbers), load.batch)]
+    connections spread over the nodes, each with one request in flight whose answer is
+    awaited (and checked: 202, and no per-item error in a batch) before its next request. A
+    selector loop over plain sockets: ~0.1 ms of CPU per request, against ~1.3 ms for httpx
+    (docs/performance.md), so the generator is not what limits the rate.
+
+    User-affine: each user's messages go through one node (as a backend that shards its
+    publishers by user would), so two nodes never race on one user's chain (a race costs a
+    ``wrong last sequence`` retry round; docs/performance.md)."""
     cpu = time.process_time()
-    errors, start = _lean_load(load, chunks)
+    errors, start = _lean_load(load, _affine_chunks(load))
     out.put(
         {
             "errors": errors,
@@ -153,7 +156,23 @@ def generator(load: Load, out: Any) -> None:
     )
 
 
-def _request(load: Load, chunk: range, host: str) -> bytes:
+def _affine_chunks(load: Load) -> list[tuple[int, list[int]]]:
+    """(node index, message numbers) per request: message i goes to user i % users and
+    through node crc32(user) % nodes; chunks of the nodes interleave."""
+    nodes = len(load.http_urls)
+    per_node: list[list[int]] = [[] for _ in range(nodes)]
+    for i in range(load.first, load.first + load.count):
+        user = load.users[i % len(load.users)]
+        per_node[zlib.crc32(user.encode()) % nodes].append(i)
+    split = [
+        [(n, ns[j : j + load.batch]) for j in range(0, len(ns), load.batch)]
+        for n, ns in enumerate(per_node)
+    ]
+    longest = max(len(chunks) for chunks in split)
+    return [chunks[j] for j in range(longest) for chunks in split if j < len(chunks)]
+
+
+def _request(load: Load, chunk: list[int], host: str) -> bytes:
     data = {"t": time.monotonic()}
     users = [load.users[i % len(load.users)] for i in chunk]
     if load.batch == 1:
@@ -191,35 +210,43 @@ def _failed(status: int, body: bytes, batch: int) -> int:
     return sum("error" in r for r in json.loads(body)["results"])
 
 
-def _lean_load(load: Load, chunks: list[range]) -> tuple[int, float]:
-    """The selector loop: (errors, start time)."""
+def _lean_load(load: Load, chunks: list[tuple[int, list[int]]]) -> tuple[int, float]:
+    """The selector loop: (errors, start time). Chunk k is due at ``k * batch / rate``."""
     sel = selectors.DefaultSelector()
+    nodes = len(load.http_urls)
     socks = []
-    for i in range(min(load.concurrency, len(chunks))):
-        url = urlsplit(load.http_urls[i % len(load.http_urls)])
+    for i in range(max(nodes, min(load.concurrency, len(chunks)))):
+        url = urlsplit(load.http_urls[i % nodes])
         sock = socket.create_connection((url.hostname, url.port), timeout=10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         socks.append((sock, url.netloc))
-    idle, pending = collections.deque(range(len(socks))), 0  # FIFO: every connection stays warm
+    # FIFO per node: every connection stays warm (the node closes idle ones)
+    idle = [collections.deque(range(n, len(socks), nodes)) for n in range(nodes)]
+    queues: list[collections.deque[tuple[int, list[int]]]] = [collections.deque() for _ in idle]
+    for k, (node, numbers) in enumerate(chunks):
+        queues[node].append((k, numbers))
     bufs = [bytearray() for _ in socks]
     sizes = [0] * len(socks)
-    errors, k, deadline = 0, 0, time.monotonic() + 600
+    errors, pending, deadline = 0, 0, time.monotonic() + 600
     start = time.monotonic()
-    while (k < len(chunks) or pending) and time.monotonic() < deadline:
-        while idle and k < len(chunks):
-            due = start + k * load.batch / load.rate if load.rate else 0.0
-            if due > time.monotonic():
-                break
-            c = idle.popleft()
-            sock, host = socks[c]
-            sock.setblocking(True)
-            sock.sendall(_request(load, chunks[k], host))
-            sock.setblocking(False)
-            sel.register(sock, selectors.EVENT_READ, c)
-            sizes[c], k, pending = len(chunks[k]), k + 1, pending + 1
-        wait = 0.001 if load.rate and idle and k < len(chunks) else 1.0
-        for key, _ in sel.select(wait):
+    while (any(queues) or pending) and time.monotonic() < deadline:
+        now = time.monotonic()
+        for node in range(nodes):
+            while idle[node] and queues[node]:
+                k, numbers = queues[node][0]
+                if load.rate and start + k * load.batch / load.rate > now:
+                    break
+                queues[node].popleft()
+                c = idle[node].popleft()
+                sock, host = socks[c]
+                sock.setblocking(True)
+                sock.sendall(_request(load, numbers, host))
+                sock.setblocking(False)
+                sel.register(sock, selectors.EVENT_READ, c)
+                sizes[c], pending = len(numbers), pending + 1
+        waiting = load.rate and any(idle[n] and queues[n] for n in range(nodes))
+        for key, _ in sel.select(0.001 if waiting else 1.0):
             c = key.data
             data = socks[c][0].recv(262144)
             if not data:
@@ -229,9 +256,9 @@ def _lean_load(load: Load, chunks: list[range]) -> tuple[int, float]:
             if answer is not None:
                 errors += _failed(*answer, sizes[c])
                 sel.unregister(socks[c][0])
-                idle.append(c)
+                idle[c % nodes].append(c)
                 pending -= 1
-    errors += sum(len(chunk) for chunk in chunks[k:])
+    errors += sum(len(numbers) for queue in queues for _, numbers in queue)
     for sock, _ in socks:
         sock.close()
     return errors, start

@@ -187,9 +187,10 @@ class GroupCommit(Generic[Item, Result]):
     (group commit, without waiting on a timer). ``run`` gets the concatenated items and
     returns one result per item, in order.
 
-    A lane is the task of a request that found one free; it serves the queue until it is
-    empty. If that task is cancelled, its batch's outcome is unknown (``cancelled(items)``
-    answers it) and the oldest waiting request takes the lane over."""
+    A lane is the task of a request that found one free; it runs one batch, then the oldest
+    request that queued meanwhile takes the lane over (so no request's answer waits for other
+    requests' batches). If a lane's task is cancelled, its batch's outcome is unknown
+    (``cancelled(items)`` answers it) and the lane is handed over the same way."""
 
     def __init__(
         self,
@@ -210,18 +211,23 @@ class GroupCommit(Generic[Item, Result]):
         if self._busy < self._lanes:
             self._busy += 1
             await self._lane()
-        else:
+        while not me.answered:
+            if me.lead:  # handed a lane (counted in _busy by _hand_over)
+                me.lead = False
+                await self._lane()
+                continue
+            if me.done.is_set():  # woken to lead, but another lane took our entry
+                me.done = trio.Event()
             try:
                 await me.done.wait()
             except BaseException:
                 if me in self._queue:
                     self._queue.remove(me)
                 if me.lead:  # the lane handed to us goes on to the next waiter
+                    me.lead = False
                     self._busy -= 1
                     self._hand_over()
                 raise
-            if me.lead:
-                await self._lane()
         if me.error is not None:
             raise me.error
         return me.result
@@ -234,11 +240,12 @@ class GroupCommit(Generic[Item, Result]):
             waiting[0].done.set()
 
     async def _lane(self) -> None:
-        """Serve the queue until it is empty (``_busy`` counts this lane already)."""
-        batch: list[_Waiting[Item, Result]] = []
+        """Run one merged batch of everything queued (``_busy`` counts this lane already),
+        then hand the lane to the oldest request that queued meanwhile: the task that ran a
+        batch returns to its own caller at once."""
+        batch, self._queue = self._queue, []
         try:
-            while self._queue:
-                batch, self._queue = self._queue, []
+            if batch:
                 self.batches += 1
                 merged = [item for w in batch for item in w.items]
                 try:
@@ -246,11 +253,11 @@ class GroupCommit(Generic[Item, Result]):
                 except Exception as exc:
                     for w in batch:
                         w.answer((), exc)
-                    continue
-                start = 0
-                for w in batch:
-                    w.answer(results[start : start + len(w.items)])
-                    start += len(w.items)
+                else:
+                    start = 0
+                    for w in batch:
+                        w.answer(results[start : start + len(w.items)])
+                        start += len(w.items)
         finally:
             for w in batch:
                 w.answer(self._cancelled(w.items))  # no-op for those answered above
