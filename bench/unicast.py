@@ -140,11 +140,14 @@ def generator(load: Load, out: Any) -> None:
     selector loop over plain sockets: ~0.1 ms of CPU per request, against ~1.3 ms for httpx
     (docs/performance.md), so the generator is not what limits the rate.
 
-    User-affine: each user's messages go through one node (as a backend that shards its
-    publishers by user would), so two nodes never race on one user's chain (a race costs a
-    ``wrong last sequence`` retry round; docs/performance.md)."""
+    Single publishes are user-affine: each user's messages go through one node (as a backend
+    that shards its publishers by user would), so two nodes never race on one user's chain (a
+    race costs a ``wrong last sequence`` retry round; docs/performance.md). Batches all go to
+    the first node, as the publisher SDK sends them: a batch then spans every user, so it
+    needs the fewest rounds (one per message of its most frequent user)."""
+    urls = load.http_urls if load.batch == 1 else load.http_urls[:1]
     cpu = time.process_time()
-    errors, start = _lean_load(load, _affine_chunks(load))
+    errors, start = _lean_load(load, urls, _affine_chunks(load, len(urls)))
     out.put(
         {
             "errors": errors,
@@ -156,10 +159,9 @@ def generator(load: Load, out: Any) -> None:
     )
 
 
-def _affine_chunks(load: Load) -> list[tuple[int, list[int]]]:
+def _affine_chunks(load: Load, nodes: int) -> list[tuple[int, list[int]]]:
     """(node index, message numbers) per request: message i goes to user i % users and
     through node crc32(user) % nodes; chunks of the nodes interleave."""
-    nodes = len(load.http_urls)
     per_node: list[list[int]] = [[] for _ in range(nodes)]
     for i in range(load.first, load.first + load.count):
         user = load.users[i % len(load.users)]
@@ -210,13 +212,15 @@ def _failed(status: int, body: bytes, batch: int) -> int:
     return sum("error" in r for r in json.loads(body)["results"])
 
 
-def _lean_load(load: Load, chunks: list[tuple[int, list[int]]]) -> tuple[int, float]:
+def _lean_load(
+    load: Load, urls: list[str], chunks: list[tuple[int, list[int]]]
+) -> tuple[int, float]:
     """The selector loop: (errors, start time). Chunk k is due at ``k * batch / rate``."""
     sel = selectors.DefaultSelector()
-    nodes = len(load.http_urls)
+    nodes = len(urls)
     socks = []
     for i in range(max(nodes, min(load.concurrency, len(chunks)))):
-        url = urlsplit(load.http_urls[i % nodes])
+        url = urlsplit(urls[i % nodes])
         sock = socket.create_connection((url.hostname, url.port), timeout=10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
