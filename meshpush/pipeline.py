@@ -7,10 +7,10 @@ under plain asyncio (docs/performance.md). :class:`AckInbox` sends a whole *roun
 publishes with reply subjects under one inbox subscription and waits once for the round: no
 future or timer per message. Each answer becomes a :class:`Stored`-like tuple, the seq
 JetStream says is the real last one (``wrong last sequence``), or an error.
-:class:`GroupCommit` (trio side) merges the publish requests that arrive while earlier ones are
-in flight, so single publishes from many HTTP requests share one bridge crossing and one round.
-:class:`AckInbox` runs on the asyncio loop (called from :mod:`meshpush.store` inside bridge
-crossings).
+:class:`GroupCommit` merges the publish requests that arrive while earlier ones are in flight,
+so single publishes from many HTTP requests share rounds too. Runs on the asyncio loop
+(called from :mod:`meshpush.store` inside bridge crossings). :class:`TrioGroupCommit` merges
+small requests already on the trio side, so they share one bridge crossing too.
 """
 
 from __future__ import annotations
@@ -163,6 +163,50 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
+class GroupCommit(Generic[Item, Result]):
+    """Merge concurrent requests: at most ``lanes`` merged batches run at once; a request that
+    arrives while every lane is busy joins the next batch (one round of publishes, one socket
+    write, one wait for many HTTP requests — group commit, without waiting on a timer).
+
+    ``run`` gets the concatenated items and returns one result per item, in order."""
+
+    def __init__(
+        self, run: Callable[[list[Item]], Awaitable[Sequence[Result]]], lanes: int = 4
+    ) -> None:
+        self._run = run
+        self._lanes = lanes
+        self._queue: list[tuple[list[Item], asyncio.Future[Sequence[Result]]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0
+
+    async def submit(self, items: list[Item]) -> Sequence[Result]:
+        future: asyncio.Future[Sequence[Result]] = asyncio.get_running_loop().create_future()
+        self._queue.append((items, future))
+        if len(self._tasks) < self._lanes:
+            task = asyncio.ensure_future(self._lane())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _lane(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            self.batches += 1
+            merged = [item for items, _ in batch for item in items]
+            try:
+                results = await self._run(merged)
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            start = 0
+            for items, future in batch:
+                if not future.done():
+                    future.set_result(results[start : start + len(items)])
+                start += len(items)
+
+
 class _Waiting(Generic[Item, Result]):
     __slots__ = ("answered", "done", "error", "items", "lead", "result")
 
@@ -180,8 +224,9 @@ class _Waiting(Generic[Item, Result]):
             self.done.set()
 
 
-class GroupCommit(Generic[Item, Result]):
-    """Merge concurrent requests (trio side): at most ``lanes`` merged batches run at once;
+class TrioGroupCommit(Generic[Item, Result]):
+    """:class:`GroupCommit` on the trio side, for small requests (single publishes): at most
+    ``lanes`` merged batches run at once;
     the requests that arrive while every lane is busy wait and go together in the next one —
     one bridge crossing, one asyncio task and one round of publishes for many HTTP requests
     (group commit, without waiting on a timer). ``run`` gets the concatenated items and

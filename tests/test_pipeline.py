@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Sequence
 
 import pytest
 import trio
 
-from meshpush.pipeline import Ack, GroupCommit, NoAnswer, Refused, WrongLast, parse_ack
+from meshpush.pipeline import (
+    Ack,
+    GroupCommit,
+    NoAnswer,
+    Refused,
+    TrioGroupCommit,
+    WrongLast,
+    parse_ack,
+)
 
 
 def test_an_ack_gives_the_seq_and_the_duplicate_flag() -> None:
@@ -31,7 +40,40 @@ def test_an_unreadable_answer_is_an_unknown_outcome() -> None:
     assert isinstance(parse_ack(b"garbage", None), NoAnswer)
 
 
-async def test_group_commit_merges_requests_that_wait_and_answers_each_its_slice() -> None:
+def test_group_commit_merges_requests_that_wait_and_answers_each_its_slice() -> None:
+    calls: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int]:
+        calls.append(items)
+        await asyncio.sleep(0.01)
+        return [i * 10 for i in items]
+
+    async def go() -> list[Sequence[int]]:
+        commit: GroupCommit[int, int] = GroupCommit(run, lanes=1)
+        first = asyncio.ensure_future(commit.submit([0, 100]))
+        await asyncio.sleep(0.001)  # its batch is running
+        rest = await asyncio.gather(*(commit.submit([i, i + 100]) for i in range(1, 5)))
+        return [await first, *rest]
+
+    results = asyncio.run(go())
+    assert results == [[i * 10, (i + 100) * 10] for i in range(5)]
+    assert calls[0] == [0, 100]  # the first ran alone; the four that waited ran together
+    assert calls[1] == [1, 101, 2, 102, 3, 103, 4, 104]
+
+
+def test_group_commit_gives_each_waiting_request_the_error() -> None:
+    async def run(items: list[int]) -> list[int]:
+        raise RuntimeError("boom")
+
+    async def go() -> None:
+        commit: GroupCommit[int, int] = GroupCommit(run)
+        with pytest.raises(RuntimeError):
+            await commit.submit([1])
+
+    asyncio.run(go())
+
+
+async def test_trio_group_commit_merges_requests_that_wait_and_answers_each_its_slice() -> None:
     calls: list[list[int]] = []
 
     async def run(items: list[int]) -> list[int]:
@@ -39,7 +81,7 @@ async def test_group_commit_merges_requests_that_wait_and_answers_each_its_slice
         await trio.sleep(0.01)
         return [i * 10 for i in items]
 
-    commit: GroupCommit[int, int] = GroupCommit(run, cancelled, lanes=1)
+    commit: TrioGroupCommit[int, int] = TrioGroupCommit(run, cancelled, lanes=1)
     results: dict[int, Sequence[int]] = {}
 
     async def submit(i: int) -> None:
@@ -59,11 +101,11 @@ def cancelled(items: list[int]) -> list[int]:
     return [-1] * len(items)
 
 
-async def test_group_commit_gives_each_waiting_request_the_error() -> None:
+async def test_trio_group_commit_gives_each_waiting_request_the_error() -> None:
     async def run(items: list[int]) -> list[int]:
         raise RuntimeError("boom")
 
-    commit: GroupCommit[int, int] = GroupCommit(run, cancelled)
+    commit: TrioGroupCommit[int, int] = TrioGroupCommit(run, cancelled)
     with pytest.raises(RuntimeError):
         await commit.submit([1])
 
@@ -77,7 +119,7 @@ async def test_a_cancelled_lane_hands_its_queue_to_a_waiting_request() -> None:
         await gate.wait()
         return items
 
-    commit: GroupCommit[int, int] = GroupCommit(run, cancelled, lanes=1)
+    commit: TrioGroupCommit[int, int] = TrioGroupCommit(run, cancelled, lanes=1)
     results: dict[int, Sequence[int]] = {}
     first_scope = trio.CancelScope()
 
@@ -106,7 +148,7 @@ async def test_a_lane_answers_its_own_request_without_waiting_for_later_batches(
         await trio.sleep(0.05)
         return items
 
-    commit: GroupCommit[int, int] = GroupCommit(run, cancelled, lanes=1)
+    commit: TrioGroupCommit[int, int] = TrioGroupCommit(run, cancelled, lanes=1)
     finished: list[int] = []
 
     async def submit(i: int) -> None:
@@ -125,7 +167,7 @@ async def test_a_lane_answers_its_own_request_without_waiting_for_later_batches(
 
 
 @pytest.mark.parametrize("seed", range(5))
-async def test_group_commit_answers_every_request_its_own_slice_under_churn(seed: int) -> None:
+async def test_trio_group_commit_answers_every_request_its_own_slice_under_churn(seed: int) -> None:
     """Random arrivals, batch durations and cancellations (lanes handed over while new
     requests start lanes of their own): every request that was not cancelled is answered,
     with the results of its own items (never another request's)."""
@@ -135,7 +177,7 @@ async def test_group_commit_answers_every_request_its_own_slice_under_churn(seed
         await trio.sleep(rng.random() * 0.01)
         return [i * 2 for i in items]
 
-    commit: GroupCommit[int, int] = GroupCommit(run, cancelled, lanes=2)
+    commit: TrioGroupCommit[int, int] = TrioGroupCommit(run, cancelled, lanes=2)
     answered: dict[int, Sequence[int]] = {}
 
     async def submit(i: int) -> None:
