@@ -75,11 +75,12 @@ class Counter:
         self.total = 0
         self._counts: dict[str, int] = {}
 
-    def acquire(self, key: str) -> str | None:
-        """Count one more for ``key``; or return why not (``"total"`` / ``"per_key"``)."""
+    def acquire(self, key: str, capped: bool = True) -> str | None:
+        """Count one more for ``key``; or return why not (``"total"`` / ``"per_key"``).
+        ``capped=False``: only the total cap applies to this one."""
         if self.total >= self.total_cap:
             return "total"
-        if self._counts.get(key, 0) >= self.per_key:
+        if capped and self._counts.get(key, 0) >= self.per_key:
             return "per_key"
         self._counts[key] = self._counts.get(key, 0) + 1
         self.total += 1

@@ -6,6 +6,11 @@ bucket), a per-IP connection cap and a node-wide connection cap. A refused peer 
 raw HTTP response with the documented status and JSON body (403, 429 or 503 with
 ``Retry-After``), written without reading its request, so refusing is cheaper than serving.
 
+A peer inside ``trusted_proxies`` is a proxy: its connection counts only towards the node cap
+until its client is known — from a PROXY protocol header (``proxy_protocol``: required from
+such peers, read before TLS) or the upgrade request's ``X-Forwarded-For`` (``proxyproto``) —
+and is then admitted by the client's address (the same refusals, raw HTTP, after the request).
+
 An admitted connection must finish TLS (if configured) and the HTTP upgrade request within
 ``handshake_timeout`` — a client that trickles its headers (slowloris) is dropped — and the
 request itself is bounded by h11's limits (``wire.Upgrade``, on wsproto). The handler then
@@ -24,7 +29,9 @@ from functools import partial
 import trio
 
 from .limits import Counter, FilterError, IpFilter, KeyedBuckets, SampledLog
+from .logs import CLIENT_IP
 from .metrics import Metrics
+from .proxyproto import CidrSet, ProxyHeaderError, forwarded_client, read_header
 from .settings import Settings
 from .wire import HandshakeFailed, Upgrade
 
@@ -36,6 +43,7 @@ _REASONS = {
     429: "Too Many Requests",
     503: "Service Unavailable",
 }
+PENDING = ""  # the key counted for a trusted proxy's connection until its client is known
 
 
 class Refusal(Exception):
@@ -76,6 +84,7 @@ class Doorman:
         self.buckets = KeyedBuckets(settings.handshake_rate, settings.handshake_burst)
         self.connections = Counter(settings.max_connections_per_ip, settings.max_connections)
         self.filter = IpFilter()
+        self.trusted = CidrSet.parse(settings.trusted_proxies)
         self.sampled = SampledLog(log)
         self._filter_mtime: float | None = None
         if settings.ip_filter_file and not self.reload_filter():
@@ -83,7 +92,28 @@ class Doorman:
             raise ValueError(f"ip_filter_file {settings.ip_filter_file!r} cannot be loaded")
 
     def admit(self, ip: str) -> Refusal | None:
-        """None and one connection counted for ``ip``; or the refusal to send."""
+        """None and one connection counted for ``ip``; or the refusal to send. ``PENDING``: a
+        trusted proxy's connection whose client is not known yet (only the node cap applies)."""
+        refusal = None if ip == PENDING else self._screen(ip)
+        if refusal is not None:
+            return refusal
+        over = self.connections.acquire(ip, capped=ip != PENDING)
+        if over == "total":
+            return Refusal(503, "node_full", "this node is at its connection limit", 5)
+        if over == "per_key":
+            self.metrics.rate_limited.labels(kind="connections").inc()
+            return Refusal(429, "too_many_connections", "too many connections from this address", 5)
+        self.metrics.connections.set(self.connections.total)
+        return None
+
+    def readmit(self, old: str, ip: str) -> Refusal | None:
+        """Count the connection counted for ``old`` for its real client ``ip`` instead (the
+        filter and the limits of ``ip`` apply); refused, nothing stays counted."""
+        self.release(old)
+        return self.admit(ip)
+
+    def _screen(self, ip: str) -> Refusal | None:
+        """The IP filter and the handshake rate of ``ip``."""
         verdict = self.filter.verdict(ip)
         if verdict is not None:
             self.metrics.blocked.labels(reason=verdict).inc()
@@ -92,13 +122,6 @@ class Doorman:
         if not allowed:
             self.metrics.rate_limited.labels(kind="handshake").inc()
             return Refusal(429, "rate_limited", "too many handshakes", max(1, round(wait)))
-        over = self.connections.acquire(ip)
-        if over == "total":
-            return Refusal(503, "node_full", "this node is at its connection limit", 5)
-        if over == "per_key":
-            self.metrics.rate_limited.labels(kind="connections").inc()
-            return Refusal(429, "too_many_connections", "too many connections from this address", 5)
-        self.metrics.connections.set(self.connections.total)
         return None
 
     def release(self, ip: str) -> None:
@@ -177,26 +200,40 @@ async def _connection(
     context: ssl.SSLContext | None,
     tcp: trio.SocketStream,
 ) -> None:
-    ip = _peer(tcp)
-    refusal = doorman.admit(ip)
+    ip = peer = _peer(tcp)  # ip: the address counted; peer: the best known client address
+    if peer in doorman.trusted:
+        ip = PENDING  # admitted by its client's address once known
+    refusal = doorman.admit(ip)  # None: one connection counted for ip
     try:
         stream: trio.abc.Stream = tcp
         with trio.move_on_after(settings.handshake_timeout) as timer:
+            if ip == PENDING and settings.proxy_protocol and refusal is None:
+                peer = await read_header(tcp.receive_some) or peer
+                if peer not in doorman.trusted:
+                    ip, refusal = peer, doorman.readmit(PENDING, peer)
             if context is not None:
                 stream = trio.SSLStream(tcp, context, server_side=True, https_compatible=True)
                 await stream.do_handshake()
             if refusal is not None:
-                doorman.sampled.log(
-                    trio.current_time(), refusal.code, "refused %s: %s", ip, refusal.code
-                )
-                doorman.metrics.handshakes.labels(result=refusal.code).inc()
-                await _send_refusal(stream, refusal)
+                await _refuse(doorman, stream, peer, refusal)
                 return
             upgrade = await Upgrade.read(stream)
+            if ip == PENDING:
+                ip = peer = forwarded_client(_forwarded_for(upgrade), doorman.trusted, peer)
+                refusal = doorman.readmit(PENDING, ip)
+                if refusal is not None:
+                    await _refuse(doorman, stream, peer, refusal)
+                    return
             timer.deadline = float("inf")  # upgrade request complete: no more deadline
+            CLIENT_IP.set(ip)  # log lines of this connection's task name its client
             await handler(upgrade, ip)
         if timer.cancelled_caught:
             doorman.metrics.handshakes.labels(result="handshake_timeout").inc()
+    except ProxyHeaderError as exc:
+        doorman.metrics.handshakes.labels(result="bad_proxy_header").inc()
+        doorman.sampled.log(
+            trio.current_time(), "bad_proxy_header", "bad PROXY header from %s: %s", peer, exc
+        )
     except HandshakeFailed as exc:
         doorman.metrics.handshakes.labels(result="bad_request").inc()
         log.debug("connection from %s sent no upgrade: %s", ip, exc)
@@ -211,6 +248,18 @@ async def _connection(
             doorman.release(ip)
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await tcp.aclose()
+
+
+def _forwarded_for(upgrade: Upgrade) -> list[str]:
+    """Every X-Forwarded-For line of the request, in order."""
+    pairs = upgrade.request.extra_headers
+    return [value.decode("latin-1") for key, value in pairs if key.lower() == b"x-forwarded-for"]
+
+
+async def _refuse(doorman: Doorman, stream: trio.abc.Stream, ip: str, refusal: Refusal) -> None:
+    doorman.sampled.log(trio.current_time(), refusal.code, "refused %s: %s", ip, refusal.code)
+    doorman.metrics.handshakes.labels(result=refusal.code).inc()
+    await _send_refusal(stream, refusal)
 
 
 async def _send_refusal(stream: trio.abc.Stream, refusal: Refusal) -> None:

@@ -2,7 +2,9 @@
 
 JSON lines carry ``time``, ``level``, ``node``, ``logger``, ``event`` (the message) and, when a
 log call names a session, ``session`` (its id) and ``user_hash`` (a short SHA-256 of the user
-id, never the id itself). In both formats the node's secrets (API keys, token secrets) and
+id, never the id itself); lines logged by a WebSocket connection's own task (its session
+included) carry ``client_ip``, the client's address (behind trusted proxies, the one they
+forwarded). In both formats the node's secrets (API keys, token secrets) and
 anything shaped like a JWT are replaced by ``[redacted]`` before a line is written, and a
 session is shown by its id and user hash only. Message bodies are never logged by meshpush.
 """
@@ -15,6 +17,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO, runtime_checkable
 
@@ -24,6 +27,8 @@ FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 REDACTED = "[redacted]"
 # header.payload.signature, each base64url; a JWT header always starts with {" = eyJ
+# the client address of the connection whose task is running (set by the listener)
+CLIENT_IP: ContextVar[str | None] = ContextVar("client_ip", default=None)
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
@@ -75,6 +80,9 @@ class Redactor(logging.Filter):
                     sessions.append(arg)
                 args.append(arg)
             record.args = tuple(args)
+        client_ip = CLIENT_IP.get()
+        if client_ip is not None and not hasattr(record, "client_ip"):
+            record.client_ip = client_ip
         if sessions and not hasattr(record, "session"):
             record.session, record.user_hash = sessions[0].id, sessions[0].user_hash
         record.msg = self.scrub(record.getMessage())
@@ -101,7 +109,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
-        for key in ("session", "user_hash"):
+        for key in ("session", "user_hash", "client_ip"):
             if hasattr(record, key):
                 line[key] = getattr(record, key)
         if record.exc_text:  # filled (and scrubbed) by the Redactor

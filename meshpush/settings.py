@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .proxyproto import CidrSet
+
 ENV_PREFIX = "MESHPUSH_"
 
 
@@ -168,6 +170,20 @@ class Settings:
     ip_filter_file: str = field(
         default="", metadata={"help": "file of 'allow <cidr>'/'block <cidr>' lines (reloaded)"}
     )
+    trusted_proxies: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "CIDRs of proxies believed about the client address (PROXY header, "
+            "X-Forwarded-For), comma separated (empty: trust nobody)"
+        },
+    )
+    proxy_protocol: bool = field(
+        default=False,
+        metadata={
+            "help": "a connection from trusted_proxies must start with a PROXY protocol v1/v2 "
+            "header (others are served as they are)"
+        },
+    )
     refuse_after_upgrade: bool = field(
         default=True,
         metadata={
@@ -209,6 +225,9 @@ class Settings:
     log_format: str = field(
         default="text", metadata={"help": "log lines: text, or json (one object per line)"}
     )
+
+    def __post_init__(self) -> None:
+        CidrSet.parse(self.trusted_proxies)  # a bad CIDR: ValueError naming the value
 
     @property
     def tls(self) -> bool:
