@@ -257,6 +257,7 @@ def _forwarded_for(upgrade: Upgrade) -> list[str]:
 
 
 async def _refuse(doorman: Doorman, stream: trio.abc.Stream, ip: str, refusal: Refusal) -> None:
+    CLIENT_IP.set(ip)
     doorman.sampled.log(trio.current_time(), refusal.code, "refused %s: %s", ip, refusal.code)
     doorman.metrics.handshakes.labels(result=refusal.code).inc()
     await _send_refusal(stream, refusal)
