@@ -1,4 +1,6 @@
-"""Who the client is behind a proxy, pure logic: PROXY protocol v1/v2, X-Forwarded-For, CIDR sets.
+"""Who the client is behind a proxy: PROXY protocol v1/v2, X-Forwarded-For, CIDR sets.
+
+Pure logic, except :func:`read_header`, which reads through a ``receive`` function it is given.
 
 Only a peer inside ``trusted_proxies`` (a :class:`CidrSet`) is believed about another address:
 
@@ -24,6 +26,8 @@ import ipaddress
 import struct
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+
+from .wire import HandshakeFailed
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -210,10 +214,14 @@ def _is_prefix(data: bytes, full: bytes) -> bool:
 async def read_header(receive: Callable[[int], Awaitable[bytes]]) -> str | None:
     """Read one PROXY header with ``receive(max_bytes)`` (a stream's ``receive_some``), never
     a byte past it; returns the carried client address (None: the TCP peer is the client).
-    Raises :class:`ProxyHeaderError` (malformed, oversize, or the peer closed before the end)."""
+    Raises :class:`ProxyHeaderError` (malformed, oversize, or the peer closed before the end),
+    or :class:`~meshpush.wire.HandshakeFailed` if it closed before sending anything (a load
+    balancer's TCP health check, a port scan: no bad header)."""
     data = b""
     while True:
         chunk = await receive(to_read(data))
+        if not chunk and not data:
+            raise HandshakeFailed("peer closed before a PROXY header")
         if not chunk:
             raise ProxyHeaderError(f"peer closed after {len(data)} bytes of a PROXY header")
         data += chunk

@@ -214,6 +214,8 @@ COMBOS: dict[str, dict[str, Any]] = {
         "publicWsUrl": "wss://$(POD_NAME).ws.example.com/ws",
         "config": {
             "allowed_origins": ["https://a.example.com", "https://b.example.com"],
+            "trusted_proxies": ["10.244.0.0/16", "fd00:10:244::/56"],
+            "proxy_protocol": "true",
             "max_message_age": "1209600",
             "handshake_rate": 0.5,
             "log_level": "debug",
@@ -289,6 +291,7 @@ def test_numbers_and_lists_render_as_the_node_reads_them() -> None:
     assert data["MESHPUSH_MAX_MESSAGE_AGE"] == "1209600"
     assert data["MESHPUSH_HANDSHAKE_RATE"] == "0.5"
     assert data["MESHPUSH_ALLOWED_ORIGINS"] == "https://a.example.com,https://b.example.com"
+    assert data["MESHPUSH_TRUSTED_PROXIES"] == "10.244.0.0/16,fd00:10:244::/56"
     env = {k.removeprefix("MESHPUSH_").lower(): v for k, v in data.items()}
     from meshpush.settings import from_sources
 
@@ -358,6 +361,8 @@ def test_network_policy() -> None:
         ({"config": {"log_format": "xml"}}, "log_format"),
         ({"config": {"protect_metrics": "maybe"}}, "protect_metrics"),
         ({"config": {"cluster": "has.dots"}}, "cluster"),
+        ({"config": {"trusted_proxies": ["10.0.0.0/8", "ingress-pods"]}}, "trusted_proxies"),
+        ({"config": {"trusted_proxies": "10.0.0.0/8,0.0.0.0/0;"}}, "trusted_proxies"),
         ({"config": {"node_id": "n1"}}, "node_id"),
         ({"ports": {"ws": 70000, "http": 8900}}, "ws"),
         ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),

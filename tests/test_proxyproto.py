@@ -30,6 +30,7 @@ from meshpush.proxyproto import (
     to_read,
 )
 from meshpush.settings import Settings, add_arguments, env_for, from_sources
+from meshpush.wire import HandshakeFailed
 
 TRUSTED = CidrSet.parse(["10.0.0.0/8", "fd00::/8", "192.0.2.1"])
 
@@ -212,6 +213,9 @@ async def test_read_header_never_reads_past_the_header(header: bytes, client: st
 
 
 async def test_read_header_errors() -> None:
+    _, receive = byte_feeder(b"")  # a TCP health check: connect, close
+    with pytest.raises(HandshakeFailed):
+        await read_header(receive)  # type: ignore[arg-type]
     _, receive = byte_feeder(b"PROXY TCP4 203.0")  # then the peer closes
     with pytest.raises(ProxyHeaderError, match="closed after 16 bytes"):
         await read_header(receive)  # type: ignore[arg-type]

@@ -42,6 +42,8 @@ ENUMS = {
     "log_format": ["text", "json"],
 }
 PATTERNS = {"cluster": "^[A-Za-z0-9_-]{1,64}$", "etcd": "^.+:[0-9]{1,5}$"}
+CIDR = r"[0-9A-Fa-f:.]+(/[0-9]{1,3})?"  # the node checks each one exactly when it starts
+ITEM_PATTERNS = {"trusted_proxies": CIDR}  # list settings whose items have a shape
 INT = "^-?[0-9]+$"
 FLOAT = r"^-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"
 BOOLS = ["1", "true", "yes", "on", "0", "false", "no", "off", ""]
@@ -66,7 +68,7 @@ def setting_schema(f: dataclasses.Field[Any]) -> dict[str, Any]:
     elif kind == "bool":
         out["anyOf"] = [{"type": "boolean"}, {"type": "string", "enum": BOOLS}]
     elif kind.startswith("tuple"):
-        out["anyOf"] = [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]
+        out["anyOf"] = list_schema(ITEM_PATTERNS.get(f.name))
     elif f.name in ENUMS:
         values = ENUMS[f.name]
         out["enum"] = values + [v.lower() for v in values if v.lower() not in values]
@@ -75,6 +77,15 @@ def setting_schema(f: dataclasses.Field[Any]) -> dict[str, Any]:
         if f.name in PATTERNS:
             out["pattern"] = PATTERNS[f.name]
     return out
+
+
+def list_schema(item: str | None) -> list[dict[str, Any]]:
+    """A list setting: one comma-separated string, or an array of strings."""
+    if item is None:
+        return [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]
+    joined = rf"^( *{item} *(, *{item} *)*)?$"
+    items = {"type": "string", "pattern": f"^ *{item} *$"}
+    return [{"type": "string", "pattern": joined}, {"type": "array", "items": items}]
 
 
 def config_schema() -> dict[str, Any]:
