@@ -236,13 +236,13 @@ async def _connection(
         )
     except HandshakeFailed as exc:
         doorman.metrics.handshakes.labels(result="bad_request").inc()
-        log.debug("connection from %s sent no upgrade: %s", ip, exc)
+        log.debug("connection from %s sent no upgrade: %s", peer, exc)
     except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
         doorman.metrics.handshakes.labels(result="transport_error").inc()
-        log.debug("connection from %s failed: %r", ip, exc)
+        log.debug("connection from %s failed: %r", peer, exc)
     except Exception as exc:  # a bug: one connection ends, the node serves on
         doorman.metrics.session_errors.inc()
-        log.warning("connection from %s ended by an error: %r", ip, exc)
+        log.warning("connection from %s ended by an error: %r", peer, exc)
     finally:
         if refusal is None:
             doorman.release(ip)
