@@ -10,13 +10,16 @@ import ipaddress
 import json
 import re
 import socket
+import ssl
 import struct
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trustme
 from conftest import make_cluster
 from support import api, publish
 from wsproto import ConnectionType, WSConnection
@@ -39,6 +42,7 @@ FILTER = "block 198.51.100.0/24\nblock 2001:db8:bad::/48\n"
 QUIET = {"heartbeat_interval": 25.0, "heartbeat_timeout": 60.0}  # raw clients answer no pings
 
 
+@contextmanager
 def node_of(tmp: Path, **settings: Any) -> Iterator[LocalCluster]:
     (tmp / "ipfilter").write_text(FILTER)
     with make_cluster(
@@ -59,13 +63,15 @@ def node_of(tmp: Path, **settings: Any) -> Iterator[LocalCluster]:
 @pytest.fixture(scope="module")
 def pp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """One node: 127.0.0.1 is a trusted proxy that must send a PROXY header."""
-    yield from node_of(tmp_path_factory.mktemp("pp"), proxy_protocol=True)
+    with node_of(tmp_path_factory.mktemp("pp"), proxy_protocol=True) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
 def xff(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """One node: 127.0.0.1 is a trusted HTTP proxy (X-Forwarded-For), no PROXY protocol."""
-    yield from node_of(tmp_path_factory.mktemp("xff"))
+    with node_of(tmp_path_factory.mktemp("xff")) as cluster:
+        yield cluster
 
 
 # ---------------------------------------------------------------- a raw WebSocket client
@@ -91,11 +97,14 @@ def v2(client: str | None, command: int = 1) -> bytes:
 class Raw:
     """One connection from ``source`` that may send anything before its upgrade request."""
 
-    def __init__(self, node: NodeProc, source: str = "127.0.0.1") -> None:
+    def __init__(
+        self, node: NodeProc, source: str = "127.0.0.1", tls: ssl.SSLContext | None = None
+    ) -> None:
         port = int(node.ws_url.rsplit(":", 1)[1].split("/")[0])
         self.sock = socket.create_connection(
             ("127.0.0.1", port), timeout=10, source_address=(source, 0)
         )
+        self.tls = tls
         self.ws = WSConnection(ConnectionType.CLIENT)
 
     def open(
@@ -105,6 +114,9 @@ class Raw:
         target = f"/ws?token={issue_token(cluster.token_secret, user)}&device=d1"
         headers = [(b"x-forwarded-for", value.encode()) for value in xff]
         request = Request(host="127.0.0.1", target=target, extra_headers=headers)
+        if self.tls is not None:  # the PROXY header goes first, in clear; then TLS
+            self.sock.sendall(prefix)
+            prefix, self.sock = b"", self.tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
         self.sock.sendall(prefix + self.ws.send(request))
         status, body = 0, b""
         while True:
@@ -204,6 +216,17 @@ async def test_proxy_local_and_unknown_mean_the_proxy_itself(pp: LocalCluster) -
     assert answer(pp, "local", v2(None)) == (101, "welcome")
     await trio.sleep(0.3)
     assert answer(pp, "unknown", b"PROXY UNKNOWN\r\n") == (101, "welcome")
+
+
+async def test_a_proxy_chain_reads_forwarded_for_after_a_trusted_proxy_header(
+    pp: LocalCluster,
+) -> None:
+    """A PROXY header naming another trusted proxy (or LOCAL): X-Forwarded-For is next."""
+    blocked = ("198.51.100.9",)
+    assert answer(pp, "c1", v1("127.0.0.1"), xff=blocked) == (403, "ip_blocked")
+    assert answer(pp, "c2", v2(None), xff=blocked) == (403, "ip_blocked")
+    # an untrusted address in the PROXY header is final: its X-Forwarded-For is not read
+    assert answer(pp, "c3", v1("203.0.113.71"), xff=blocked) == (101, "welcome")
 
 
 async def test_a_proxy_header_from_an_untrusted_peer_is_a_bad_request(pp: LocalCluster) -> None:
@@ -307,3 +330,30 @@ async def test_forwarded_for_from_an_untrusted_peer_is_ignored(xff: LocalCluster
 
 async def test_a_proxy_header_is_a_bad_request_when_the_protocol_is_off(xff: LocalCluster) -> None:
     assert answer(xff, "off", v1("203.0.113.50"))[0] == 400
+
+
+async def test_tls_behind_a_proxy_v2_load_balancer(tmp_path: Path) -> None:
+    """The node reads exactly the PROXY header, then its TLS handshake (an NLB passing TLS)."""
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "s.pem"))
+    tls = ssl.create_default_context()
+    ca.configure_trust(tls)
+    pem = str(tmp_path / "s.pem")
+    with node_of(tmp_path, proxy_protocol=True, tls_cert_file=pem, tls_key_file=pem) as cluster:
+        node = cluster.live()[0]
+        held = Raw(node, tls=tls)
+        try:
+            assert held.open(cluster, "t1", v2("203.0.113.60"))[1]["type"] == "welcome"
+            again = Raw(node, tls=tls)
+            try:
+                status, body = again.open(cluster, "t2", v2("203.0.113.60"))
+                assert (status, body["error"]) == (429, "too_many_connections")
+            finally:
+                again.close()
+            other = Raw(node, tls=tls)
+            try:
+                assert other.open(cluster, "t3", v1("203.0.113.61"))[1]["type"] == "welcome"
+            finally:
+                other.close()
+        finally:
+            held.close()
