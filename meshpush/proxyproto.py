@@ -87,6 +87,8 @@ class CidrSet:
         return cls(tuple(networks))
 
     def __contains__(self, ip: object) -> bool:
+        if not self.networks:  # the default: no parsing on every accept
+            return False
         addr = address(ip) if isinstance(ip, str) else None
         return addr is not None and any(addr in net for net in self.networks)
 
