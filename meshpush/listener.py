@@ -207,9 +207,9 @@ async def _connection(
     try:
         stream: trio.abc.Stream = tcp
         with trio.move_on_after(settings.handshake_timeout) as timer:
-            if ip == PENDING and settings.proxy_protocol and refusal is None:
+            if ip == PENDING and settings.proxy_protocol:  # even refused: TLS comes after it
                 peer = await read_header(tcp.receive_some) or peer
-                if peer not in doorman.trusted:
+                if refusal is None and peer not in doorman.trusted:
                     ip, refusal = peer, doorman.readmit(PENDING, peer)
             if context is not None:
                 stream = trio.SSLStream(tcp, context, server_side=True, https_compatible=True)
