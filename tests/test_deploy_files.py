@@ -338,6 +338,21 @@ def test_httproute_and_hpa() -> None:
     assert "< 2" in next(r["expr"] for r in missing if r["alert"] == "MeshpushNodesMissing")
 
 
+def notes(values: dict[str, Any]) -> str:
+    rendered = helm_sdk().Chart.load(CHART).render(values, name="push", namespace="push")
+    return "".join(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+
+
+def test_notes_say_where_client_addresses_come_from() -> None:
+    trusted = notes(COMBOS["strings-lists-overrides"])
+    assert "taken from the proxies in 10.244.0.0/16,fd00:10:244::/56" in trusted
+    assert "a PROXY protocol header, required from them" in trusted
+    xff = {**AUTH, "config": {"trusted_proxies": "10.244.0.0/16"}}
+    assert "(X-Forwarded-For)" in notes(xff)
+    assert "config.trusted_proxies is empty" in notes(COMBOS["tls-ingress-netpol-monitoring"])
+    assert "Client addresses" not in notes(AUTH)  # no proxy in the chart, nothing to say
+
+
 def test_network_policy() -> None:
     [policy] = by_kind(render(COMBOS["tls-ingress-netpol-monitoring"]), "NetworkPolicy")
     spec = policy["spec"]
