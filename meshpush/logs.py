@@ -4,9 +4,10 @@ JSON lines carry ``time``, ``level``, ``node``, ``logger``, ``event`` (the messa
 log call names a session, ``session`` (its id) and ``user_hash`` (a short SHA-256 of the user
 id, never the id itself); lines logged by a WebSocket connection's own task (its session
 included) carry ``client_ip``, the client's address (behind trusted proxies, the one they
-forwarded). In both formats the node's secrets (API keys, token secrets) and
-anything shaped like a JWT are replaced by ``[redacted]`` before a line is written, and a
-session is shown by its id and user hash only. Message bodies are never logged by meshpush.
+forwarded); text lines end with `` [client <ip>]`` unless the message already names it. In
+both formats the node's secrets (API keys, token secrets) and anything shaped like a JWT are
+replaced by ``[redacted]`` before a line is written, and a session is shown by its id and user
+hash only. Message bodies are never logged by meshpush.
 """
 
 from __future__ import annotations
@@ -94,6 +95,18 @@ class Redactor(logging.Filter):
         return True
 
 
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``, plus `` [client <ip>]`` on a connection's lines that do not name it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        client_ip = getattr(record, "client_ip", None)
+        if client_ip is None or client_ip in record.getMessage():
+            return line
+        head, newline, rest = line.partition("\n")  # before a traceback, if any
+        return f"{head} [client {client_ip}]{newline}{rest}"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line."""
 
@@ -131,7 +144,7 @@ def setup(settings: Settings, stream: TextIO | None = None) -> logging.Handler:
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter(settings.node_id))
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 import struct
+from collections.abc import Iterator
 from io import StringIO
 
 import pytest
@@ -340,20 +341,41 @@ async def test_node_cap_counts_pending_proxy_connections() -> None:
     assert refused is not None and refused.code == "node_full"
 
 
+@pytest.fixture
+def root_logger() -> Iterator[None]:
+    """logs.setup replaces the root logger's handlers: put pytest's back afterwards."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+
+
+async def connection(ip: str) -> None:
+    """What a WebSocket connection's task does: name its client, then log."""
+    logs.CLIENT_IP.set(ip)
+    logging.getLogger("meshpush.gateway").warning("handshake refused: %s", "x")
+    logging.getLogger("meshpush.listener").warning("refused %s: y", ip)
+
+
+@pytest.mark.usefixtures("root_logger")
 async def test_json_log_lines_of_a_connection_carry_its_client_ip() -> None:
     out = StringIO()
-    handler = logs.setup(Settings(node_id="n", log_format="json"), out)
-    try:
-
-        async def connection(ip: str) -> None:
-            logs.CLIENT_IP.set(ip)
-            logging.getLogger("meshpush.sessions").warning("a session line")
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(connection, "203.0.113.7")
-        logging.getLogger("meshpush.node").warning("not about a connection")
-    finally:
-        logging.getLogger().removeHandler(handler)
-    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    logs.setup(Settings(node_id="n", log_format="json"), out)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection, "203.0.113.7")
+    logging.getLogger("meshpush.node").warning("not about a connection")
+    first, _, other = (json.loads(line) for line in out.getvalue().splitlines())
     assert first["client_ip"] == "203.0.113.7"
-    assert "client_ip" not in second  # the task's context, not the whole process
+    assert "client_ip" not in other  # the task's context, not the whole process
+
+
+@pytest.mark.usefixtures("root_logger")
+async def test_text_log_lines_of_a_connection_end_with_its_client_ip() -> None:
+    out = StringIO()
+    logs.setup(Settings(node_id="n"), out)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection, "2001:db8::7")
+    first, second = out.getvalue().splitlines()
+    assert first.endswith("meshpush.gateway: handshake refused: x [client 2001:db8::7]")
+    assert second.endswith("meshpush.listener: refused 2001:db8::7: y")  # named once
