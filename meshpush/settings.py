@@ -228,6 +228,11 @@ class Settings:
 
     def __post_init__(self) -> None:
         CidrSet.parse(self.trusted_proxies)  # a bad CIDR: ValueError naming the value
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ValueError(
+                "bad value for proxy_protocol: it needs trusted_proxies (the peers that send "
+                "the PROXY header)"
+            )
 
     @property
     def tls(self) -> bool:

@@ -300,6 +300,11 @@ def test_bad_trusted_proxies_name_the_value(bad: str) -> None:
         Settings(node_id="n", trusted_proxies=(bad,))
 
 
+def test_proxy_protocol_needs_trusted_proxies() -> None:
+    with pytest.raises(ValueError, match="bad value for proxy_protocol: it needs trusted_proxies"):
+        from_sources(None, {"MESHPUSH_PROXY_PROTOCOL": "true"})
+
+
 def test_trusted_proxies_from_env_and_flags() -> None:
     env = {"MESHPUSH_TRUSTED_PROXIES": "10.0.0.0/8, fd00::/8", "MESHPUSH_PROXY_PROTOCOL": "on"}
     s = from_sources(None, env)
