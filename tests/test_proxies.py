@@ -338,27 +338,30 @@ async def test_a_proxy_header_is_a_bad_request_when_the_protocol_is_off(xff: Loc
 
 
 async def test_tls_behind_a_proxy_v2_load_balancer(tmp_path: Path) -> None:
-    """The node reads exactly the PROXY header, then its TLS handshake (an NLB passing TLS)."""
+    """The node reads exactly the PROXY header, then its TLS handshake (an NLB passing TLS);
+    every refusal (per-IP cap, node cap) reaches the client through both."""
     ca = trustme.CA()
     ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "s.pem"))
     tls = ssl.create_default_context()
     ca.configure_trust(tls)
     pem = str(tmp_path / "s.pem")
-    with node_of(tmp_path, proxy_protocol=True, tls_cert_file=pem, tls_key_file=pem) as cluster:
-        node = cluster.live()[0]
-        held = Raw(node, tls=tls)
+    tls_node = {"tls_cert_file": pem, "tls_key_file": pem, "max_connections": 2}
+    with node_of(tmp_path, proxy_protocol=True, **tls_node) as cluster:
+        raws: list[Raw] = []
+
+        def through_tls(user: str, header: bytes) -> tuple[int, dict[str, Any]]:
+            raws.append(Raw(cluster.live()[0], tls=tls))  # connected now: counted from now
+            return raws[-1].open(cluster, user, header)
+
         try:
-            assert held.open(cluster, "t1", v2("203.0.113.60"))[1]["type"] == "welcome"
-            again = Raw(node, tls=tls)
-            try:
-                status, body = again.open(cluster, "t2", v2("203.0.113.60"))
-                assert (status, body["error"]) == (429, "too_many_connections")
-            finally:
-                again.close()
-            other = Raw(node, tls=tls)
-            try:
-                assert other.open(cluster, "t3", v1("203.0.113.61"))[1]["type"] == "welcome"
-            finally:
-                other.close()
+            assert through_tls("t1", v2("203.0.113.60"))[1]["type"] == "welcome"
+            status, body = through_tls("t2", v2("203.0.113.60"))
+            assert (status, body["error"]) == (429, "too_many_connections")
+            raws.pop().close()
+            assert through_tls("t3", v1("203.0.113.61"))[1]["type"] == "welcome"
+            # two open: the node is full, and says so after the header and TLS
+            status, body = through_tls("t4", v2("203.0.113.62"))
+            assert (status, body["error"]) == (503, "node_full")
         finally:
-            held.close()
+            for raw in raws:
+                raw.close()
