@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import tracing
 from .auth import AuthError, bearer, check_api_key
 from .encoding import BadId, check_id
 from .metrics import Metrics
@@ -242,6 +243,7 @@ class Api:
 
     # ------------------------------------------------------------ handlers
 
+    @tracing.http("/v1/publish")
     async def publish(self, request: Request) -> Response:
         body = await read_json(request, self.settings.max_body_bytes)
         if "users" in body:
@@ -264,6 +266,7 @@ class Api:
         results = [{"user": u, **outcome_json(o)} for u, o in zip(users, outcomes, strict=True)]
         return JSONResponse({"id": msg_id, "results": results}, status_code=202)
 
+    @tracing.http("/v1/publish/batch")
     async def batch(self, request: Request) -> Response:
         """``{"messages": [...]}``: each valid item stored, each invalid one answered."""
         body = await read_json(request, self.settings.max_body_bytes)
@@ -285,6 +288,7 @@ class Api:
         ]
         return JSONResponse({"results": results}, status_code=202)
 
+    @tracing.http("/v1/broadcast")
     async def broadcast(self, request: Request) -> Response:
         body = await read_json(request, self.settings.max_body_bytes)
         check_fields(body, {"data"}, {"id"})

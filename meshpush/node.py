@@ -17,7 +17,7 @@ import signal
 import trio
 import trio_asyncio
 
-from . import logs
+from . import logs, tracing
 from .api import Api
 from .bridge import Bridge, best_effort
 from .bus import Bus
@@ -167,8 +167,11 @@ def announce(settings: Settings) -> None:
 
 def main(settings: Settings) -> int:
     logs.setup(settings)
+    tracing.setup(settings.node_id)  # on only when OTEL_* variables ask (docs/operations.md)
     try:
         trio.run(Node(settings).run)
     except KeyboardInterrupt:  # a signal arrived after the signal handler was gone
         return 130
+    finally:
+        tracing.stop()  # flushes batched spans (bounded by the exporters' timeouts)
     return 0

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 import trio
 
-from . import protocol
+from . import protocol, tracing
 from .bus import Bus
 from .delivery import Feeder
 from .hub import Hub
@@ -195,7 +195,10 @@ class Router:
             else:
                 if self.webhook is not None:
                     self.webhook.notified(note)
-                sent = await self.registry.deliver(note)
+                if tracing.ON and note.trace is not None:
+                    sent = await tracing.deliver(self.registry.deliver, note, self.me)
+                else:
+                    sent = await self.registry.deliver(note)
                 if sent and self.webhook is not None and note.user is not None:
                     self.webhook.reached(note.user, note.seq)
 

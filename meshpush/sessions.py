@@ -27,6 +27,7 @@ from typing import Any
 import trio
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
+from . import tracing
 from .delivery import Feeder
 from .feed import Chained, Feed, Verdict
 from .machine import CloseDecision, Limits, SessionMachine
@@ -114,6 +115,8 @@ class Session:
     def live(self, ch: str, note: Chained, frame: bytes) -> bool:
         """A live notification for this session; True if its (shared) frame was written."""
         verdict = self.machine.feeds[ch].live(note)
+        if tracing.ON:
+            tracing.fed(self, ch, verdict)
         if verdict is Verdict.DELIVER:
             return self.write(frame)
         if verdict is Verdict.CATCH_UP:
@@ -127,7 +130,10 @@ class Session:
         """Write an encoded frame now, or behind what waits; False if the session is closing."""
         if self.machine.closing is not None or self.wire is None:
             return False
-        self._push(frame)
+        if tracing.ON:
+            tracing.write(self._push, self, frame)
+        else:
+            self._push(frame)
         return True
 
     @property

@@ -34,6 +34,7 @@ import nats.js.api
 import nats.js.errors
 import trio
 
+from . import tracing
 from .bridge import Bridge, BridgeClosed, aio
 from .bus import Bus, encode_notification
 from .encoding import BadId, decode_token, encode_token
@@ -66,6 +67,7 @@ class Outgoing:
     user: str | None
     id: str
     data_json: str
+    trace: tracing.Trace | None = None  # set by meshpush.tracing, only when tracing is on
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +166,8 @@ def _publish(subject: str, prev: int, item: Outgoing) -> Publish:
         "Mp-Prev": str(prev),
         "Mp-Id": encode_token(item.id),
     }
+    if item.trace is not None:
+        headers["traceparent"] = item.trace.traceparent
     return Publish(subject, item.data_json.encode(), headers)
 
 
@@ -269,6 +273,11 @@ class Store:
         Messages of different subjects (users) are in flight together and their acks are
         awaited together; messages of one subject are chained one after the other, in the
         order given, so each one's ``prev`` is exact."""
+        if tracing.ON:
+            return await tracing.store(self._publish_many, items, self.settings.node_id)
+        return await self._publish_many(items)
+
+    async def _publish_many(self, items: list[Outgoing]) -> Sequence[Outcome]:
         if self.bus.js is None or not self.bus.connected:
             return [StoreUnavailable("not stored: not connected to NATS")] * len(items)
         try:
@@ -344,10 +353,11 @@ class Store:
     async def _notify(self, item: Outgoing, stored: Stored) -> None:
         """The live hint; a failure is logged and counted (the stream has the message)."""
         head = {"u": item.user, "s": stored.seq, "p": stored.prev, "i": item.id, "t": time.time()}
+        subject = self.bus.live_subject(item.ch, item.user)
+        trace = tracing.notify(item.trace, subject, stored.seq) if item.trace else None
         try:
             await self.bus.nc.publish(
-                self.bus.live_subject(item.ch, item.user),
-                encode_notification(head, item.data_json),
+                subject, encode_notification(head, item.data_json), headers=trace
             )
         except (nats.errors.Error, OSError) as exc:
             self.metrics.backend_errors.labels(backend="notify").inc()

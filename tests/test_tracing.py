@@ -1,0 +1,321 @@
+"""Tracing (meshpush/tracing.py): off by default and absent when off; one trace across nodes.
+
+The cluster test runs two real nodes *in this process* (real etcd and nats-server -js from the
+wheels, started by LocalCluster) so that both export to one SDK ``InMemorySpanExporter``: a
+publish through node a to a user owned by node b must give one trace holding a's publish
+spans and b's delivery spans, linked parent to child.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from conftest import FAST
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from meshpush import tracing
+from meshpush.auth import issue_token
+from meshpush.client import Client, open_client
+from meshpush.devcluster import LocalCluster
+from meshpush.node import Node
+from meshpush.settings import env_for
+
+UPSTREAM_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+UPSTREAM_SPAN = "00f067aa0ba902b7"
+# a node stopped inside a running trio (not at process exit) leaves trio-asyncio deferred calls
+IN_PROCESS_STOP = "ignore:coroutine '_call_defer' was never awaited:RuntimeWarning"
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    ("env", "exporters"),
+    [
+        ({}, []),
+        ({"OTEL_SERVICE_NAME": "x", "OTEL_TRACES_SAMPLER": "always_on"}, []),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, ["otlp"]),
+        ({"OTEL_TRACES_EXPORTER": "console, otlp"}, ["console", "otlp"]),
+        ({"OTEL_TRACES_EXPORTER": "none"}, []),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, ["otlp"]),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"}, ["otlp"]),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:1"}, []),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}, []),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "false"}, ["otlp"]),
+    ],
+)
+def test_wanted_reads_the_standard_variables(env: dict[str, str], exporters: list[str]) -> None:
+    assert tracing.wanted(env) == exporters
+
+
+def test_otlp_exporter_follows_the_protocol_variables() -> None:
+    assert tracing.exporter_name("otlp", {}) == "otlp_proto_http"
+    grpc = {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    assert tracing.exporter_name("otlp", grpc) == "otlp_proto_grpc"
+    both = {**grpc, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
+    assert tracing.exporter_name("otlp", both) == "otlp_proto_http"
+    assert tracing.exporter_name("console", grpc) == "console"
+    with pytest.raises(tracing.TracingError, match="http/json"):
+        tracing.exporter_name("otlp", {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+
+
+def test_setup_refuses_an_unknown_exporter_clearly() -> None:
+    with pytest.raises(tracing.TracingError, match=r"unknown trace exporter 'zipkn'.*console"):
+        tracing.setup("n1", {"OTEL_TRACES_EXPORTER": "zipkn"})
+    assert not tracing.ON
+
+
+def test_setup_turns_tracing_on_and_stop_off() -> None:
+    assert not tracing.setup("n1", {})
+    assert not tracing.ON
+    try:
+        assert tracing.setup("n1", {"OTEL_TRACES_EXPORTER": "console"})
+        assert tracing.ON
+        assert tracing._state is not None
+        resource = tracing._state.provider.resource.attributes
+        assert resource["service.instance.id"] == "n1"
+        assert resource["service.name"] in ("meshpush", os.environ.get("OTEL_SERVICE_NAME"))
+    finally:
+        tracing.stop()
+    assert not tracing.ON and tracing._state is None
+
+
+def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**clean, **env},
+        timeout=60,
+    )
+
+
+def test_off_by_default_imports_no_opentelemetry() -> None:
+    code = (
+        "import sys\n"
+        "import meshpush.node, meshpush.cli, meshpush.api, meshpush.sessions\n"
+        "from meshpush import tracing\n"
+        "print(tracing.setup('n1'), tracing.ON)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"
+    )
+    done = _python(code, {})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["False False", "[]"]
+    # the check can fail: with the variables set, setup imports the SDK
+    done = _python(code, {"OTEL_TRACES_EXPORTER": "console"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "True True"
+    assert "opentelemetry.sdk.trace" in done.stdout
+
+
+def test_node_with_a_bad_exporter_exits_with_a_clear_error(tmp_path: Path) -> None:
+    env = {**env_for(_unreachable()), "OTEL_TRACES_EXPORTER": "nope"}
+    done = subprocess.run(
+        [sys.executable, "-m", "meshpush", "node"],
+        capture_output=True,
+        text=True,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **env},
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "unknown trace exporter 'nope'" in done.stderr
+
+
+def _unreachable() -> Any:
+    from meshpush.settings import Settings
+
+    return Settings(node_id="n1", etcd="127.0.0.1:9", nats_url="nats://127.0.0.1:9")
+
+
+# ---------------------------------------------------------------- two nodes, one trace
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """etcd and nats-server -js only: the nodes run in the test's process."""
+    workdir = tmp_path_factory.mktemp("tracing")
+    with LocalCluster(workdir, nodes=0, cluster="tr", node_settings=FAST) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracing.start(provider)
+    try:
+        yield memory
+    finally:
+        tracing.stop()
+        provider.shutdown()
+
+
+@asynccontextmanager
+async def two_nodes(backends: LocalCluster) -> AsyncIterator[tuple[Node, Node]]:
+    async with trio.open_nursery() as nursery:
+        a = await nursery.start(Node(backends.settings_for("a")).run)
+        b = await nursery.start(Node(backends.settings_for("b")).run)
+        try:
+            with trio.fail_after(30):
+                while not all(n.router.ready and set(n.router.view) == {"a", "b"} for n in (a, b)):
+                    await trio.sleep(0.05)
+            yield a, b
+        finally:
+            with trio.move_on_after(10):
+                await a.stop()
+                await b.stop()
+            nursery.cancel_scope.cancel()
+
+
+def user_of(node: Node, via: Node) -> str:
+    for i in range(1000):
+        route = via.router.route(f"user-{i}")
+        if route.node is not None and route.node.id == node.settings.node_id:
+            return f"user-{i}"
+    raise AssertionError("no user owned by the node")
+
+
+@asynccontextmanager
+async def online(backends: LocalCluster, node: Node, user: str) -> AsyncIterator[Client]:
+    async def token() -> str:
+        return issue_token(backends.token_secret, user, 600)
+
+    async with open_client([node.settings.ws_url], token=token, device="d1") as client:
+        with trio.fail_after(15):
+            await client.wait_online()
+        yield client
+
+
+async def publish(node: Node, key: str, user: str, data: Any, **headers: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=node.settings.http_url, timeout=10) as http:
+        resp = await http.post(
+            "/v1/publish",
+            json={"user": user, "data": data},
+            headers={"authorization": f"Bearer {key}", **headers},
+        )
+    assert resp.status_code == 202, resp.text
+    result: dict[str, Any] = resp.json()
+    return result
+
+
+async def stored_headers(node: Node, seq: int) -> dict[str, str]:
+    stream = node.store.streams["user"]
+    msg = await node.bridge.call(lambda: node.bus.js.get_msg(stream, seq), timeout=5)
+    return dict(msg.headers or {})
+
+
+def by_name(spans: tuple[ReadableSpan, ...]) -> dict[str, ReadableSpan]:
+    named = {s.name: s for s in spans}
+    assert len(named) == len(spans), [s.name for s in spans]
+    return named
+
+
+def parent_of(span: ReadableSpan) -> int:
+    assert span.parent is not None, span.name
+    return span.parent.span_id
+
+
+def span_id(span: ReadableSpan) -> int:
+    assert span.context is not None
+    return span.context.span_id
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings(IN_PROCESS_STOP)
+async def test_one_trace_from_publish_on_one_node_to_delivery_on_another(
+    backends: LocalCluster, exporter: InMemorySpanExporter
+) -> None:
+    async with two_nodes(backends) as (a, b):
+        user = user_of(b, via=a)
+        async with online(backends, b, user) as client:
+            upstream = f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"
+            result = await publish(a, backends.api_key, user, {"n": 1}, traceparent=upstream)
+            with trio.fail_after(10):
+                msg = await client.receive()
+            assert msg.seq == result["seq"]
+            with trio.fail_after(10):
+                while "meshpush.deliver" not in {s.name for s in exporter.get_finished_spans()}:
+                    await trio.sleep(0.02)
+            headers = await stored_headers(a, result["seq"])
+
+    spans = exporter.get_finished_spans()
+    assert {s.context.trace_id for s in spans if s.context} == {int(UPSTREAM_TRACE, 16)}
+    named = by_name(spans)
+    assert set(named) == {
+        "POST /v1/publish",
+        "meshpush.store",
+        "meshpush.notify",
+        "meshpush.deliver",
+        "meshpush.feed",
+        "meshpush.write",
+    }
+    server, store, notify = (
+        named["POST /v1/publish"],
+        named["meshpush.store"],
+        named["meshpush.notify"],
+    )
+    deliver, feed, write = (
+        named["meshpush.deliver"],
+        named["meshpush.feed"],
+        named["meshpush.write"],
+    )
+    # the chain: upstream -> a's publish spans -> b's delivery spans
+    assert parent_of(server) == int(UPSTREAM_SPAN, 16)
+    assert parent_of(store) == span_id(server)
+    assert parent_of(notify) == span_id(store)
+    assert parent_of(deliver) == span_id(notify)
+    assert deliver.parent is not None and deliver.parent.is_remote
+    assert parent_of(feed) == span_id(deliver)
+    assert parent_of(write) == span_id(feed)
+    # which node did what
+    for span in (server, store):
+        assert span.attributes is not None and span.attributes["meshpush.node"] == "a"
+    assert deliver.attributes is not None and deliver.attributes["meshpush.node"] == "b"
+    assert server.attributes is not None and server.attributes["http.response.status_code"] == 202
+    assert store.attributes is not None and store.attributes["meshpush.seq"] == msg.seq
+    assert deliver.attributes["meshpush.seq"] == msg.seq
+    assert deliver.attributes["messaging.message.id"] == msg.id
+    assert deliver.attributes["meshpush.sessions"] == 1
+    assert feed.attributes is not None and feed.attributes["meshpush.verdict"] == "deliver"
+    assert write.attributes is not None and write.attributes["meshpush.bytes"] > 0
+    # the user is named by its hash only
+    for span in spans:
+        assert user not in repr(dict(span.attributes or {})), span.name
+    assert deliver.attributes["meshpush.user_hash"] == store.attributes["meshpush.user_hash"]
+    # the stored message carries the trace too (a replay can link to it)
+    assert headers["traceparent"].split("-")[1] == UPSTREAM_TRACE
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings(IN_PROCESS_STOP)
+async def test_off_no_spans_and_no_trace_headers(
+    backends: LocalCluster, exporter: InMemorySpanExporter
+) -> None:
+    tracing.stop()  # the nodes run with tracing off
+    async with two_nodes(backends) as (a, b):
+        user = user_of(b, via=a)
+        async with online(backends, b, user) as client:
+            upstream = f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"
+            result = await publish(a, backends.api_key, user, {"n": 2}, traceparent=upstream)
+            with trio.fail_after(10):
+                msg = await client.receive()
+            assert msg.seq == result["seq"]
+            headers = await stored_headers(a, result["seq"])
+    assert exporter.get_finished_spans() == ()
+    assert "traceparent" not in headers
