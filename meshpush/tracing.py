@@ -406,6 +406,8 @@ def write(push: Callable[[bytes], None], session: Any, frame: bytes) -> None:
         context=parent,
         attributes={"meshpush.session": session.id, "meshpush.bytes": len(frame)},
     )
-    with state.use_span(span, end_on_exit=True):
+    try:
         push(frame)
         span.set_attribute("meshpush.queued", session.buffered > 0)
+    finally:  # no context attach: children name their parent explicitly
+        span.end()
