@@ -223,19 +223,22 @@ async def _serve(handler: Callable[..., Awaitable[Any]], api: Any, request: Any,
             "meshpush.node": api.settings.node_id,
         },
     )
-    with state.use_span(span, end_on_exit=True, record_exception=False):
+    with state.use_span(
+        span, end_on_exit=True, record_exception=False, set_status_on_exception=False
+    ):
         try:
             response = await handler(api, request)
         except Exception as exc:  # an ApiError carries its status and code
-            _http_failed(span, getattr(exc, "status", 500), getattr(exc, "code", type(exc)))
+            code = getattr(exc, "code", type(exc).__name__)
+            _http_failed(span, getattr(exc, "status", 500), str(code))
             raise
         span.set_attribute("http.response.status_code", response.status_code)
         return response
 
 
-def _http_failed(span: Span, status: int, code: object) -> None:
+def _http_failed(span: Span, status: int, code: str) -> None:
     span.set_attribute("http.response.status_code", status)
-    span.set_attribute("error.type", code if isinstance(code, str) else type(code).__name__)
+    span.set_attribute("error.type", code)
     if status >= 500 and _state is not None:
         span.set_status(_state.error)
 
@@ -274,24 +277,27 @@ async def store(
         dataclasses.replace(i, trace=Trace(*state.child(s)))
         for i, s in zip(items, spans, strict=True)
     ]
-    outcomes: Sequence[Outcome | None] = [None] * len(items)  # None: the call was cancelled
     try:
-        outcomes = done = await publish(traced)
-    finally:
-        for span, outcome in zip(spans, outcomes, strict=True):
-            _stored(span, outcome)
-    return done
-
-
-def _stored(span: Span, outcome: Outcome | None) -> None:
-    seq = getattr(outcome, "seq", None)
-    if seq is not None:
+        outcomes = await publish(traced)
+    except BaseException as exc:  # cancelled (or a bug): no outcome to name
+        for span in spans:
+            _failed(span, type(exc).__name__)
+        raise
+    for span, outcome in zip(spans, outcomes, strict=True):
+        seq = getattr(outcome, "seq", None)
+        if seq is None:  # StoreUnavailable / StoreTimeout
+            _failed(span, type(outcome).__name__)
+            continue
         span.set_attribute("meshpush.seq", seq)
         span.set_attribute("meshpush.duplicate", bool(getattr(outcome, "duplicate", False)))
-    else:  # StoreUnavailable / StoreTimeout, or the call was cancelled (None)
-        span.set_attribute("error.type", type(outcome).__name__ if outcome else "cancelled")
-        if _state is not None:
-            span.set_status(_state.error)
+        span.end()
+    return outcomes
+
+
+def _failed(span: Span, error: str) -> None:
+    span.set_attribute("error.type", error)
+    if _state is not None:
+        span.set_status(_state.error)
     span.end()
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -23,13 +25,21 @@ from conftest import FAST
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 
 from meshpush import tracing
 from meshpush.auth import issue_token
+from meshpush.bus import Notification
 from meshpush.client import Client, open_client
 from meshpush.devcluster import LocalCluster
+from meshpush.hub import Hub
+from meshpush.logs import user_hash
+from meshpush.machine import Limits
+from meshpush.metrics import Metrics
 from meshpush.node import Node
+from meshpush.sessions import Context, Session
 from meshpush.settings import env_for
+from meshpush.store import Outcome, Outgoing, Stored, StoreUnavailable, _publish
 
 UPSTREAM_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 UPSTREAM_SPAN = "00f067aa0ba902b7"
@@ -138,6 +148,113 @@ def _unreachable() -> Any:
     from meshpush.settings import Settings
 
     return Settings(node_id="n1", etcd="127.0.0.1:9", nats_url="nats://127.0.0.1:9")
+
+
+# ---------------------------------------------------------------- spans, with fakes
+
+
+class _ApiError(Exception):
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(code)
+        self.status, self.code = status, code
+
+
+class _Api:
+    settings = SimpleNamespace(node_id="n1")
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+
+    @tracing.http("/v1/publish")
+    async def publish(self, request: Any) -> Any:
+        if self.error is not None:
+            raise self.error
+        return SimpleNamespace(status_code=202)
+
+
+def _request(**headers: str) -> Any:
+    return SimpleNamespace(method="POST", headers=headers)
+
+
+async def test_http_span_names_the_status_and_the_api_error(
+    exporter: InMemorySpanExporter,
+) -> None:
+    assert (await _Api().publish(_request())).status_code == 202
+    with pytest.raises(_ApiError):
+        await _Api(_ApiError(400, "bad_json")).publish(_request())
+    with pytest.raises(_ApiError):
+        await _Api(_ApiError(503, "store_unavailable")).publish(_request())
+    with pytest.raises(RuntimeError):
+        await _Api(RuntimeError("a bug")).publish(_request())
+    ok, bad, down, bug = exporter.get_finished_spans()
+    assert ok.name == "POST /v1/publish" and ok.kind is SpanKind.SERVER
+    assert ok.attributes is not None and ok.attributes["http.response.status_code"] == 202
+    assert bad.attributes is not None and bad.attributes["error.type"] == "bad_json"
+    assert bad.status.status_code is StatusCode.UNSET  # the client's fault, not the server's
+    assert down.attributes is not None and down.attributes["http.response.status_code"] == 503
+    assert down.status.status_code is StatusCode.ERROR
+    assert bug.attributes is not None and bug.attributes["error.type"] == "RuntimeError"
+    assert bug.attributes["http.response.status_code"] == 500
+
+
+async def test_http_span_continues_the_publishers_trace(exporter: InMemorySpanExporter) -> None:
+    await _Api().publish(_request(traceparent=f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"))
+    [span] = exporter.get_finished_spans()
+    assert span.context is not None and span.context.trace_id == int(UPSTREAM_TRACE, 16)
+    assert parent_of(span) == int(UPSTREAM_SPAN, 16)
+
+
+async def test_store_spans_carry_the_outcome_and_the_items_their_context(
+    exporter: InMemorySpanExporter,
+) -> None:
+    items = [Outgoing("user", "alice", "m1", "1"), Outgoing("user", "bob", "m2", "1")]
+
+    async def publish(traced: list[Outgoing]) -> list[Outcome]:
+        assert [t.trace is not None for t in traced] == [True, True]
+        assert _publish("s", 4, traced[0]).headers["traceparent"].startswith("00-")
+        return [Stored(5, 4, False), StoreUnavailable("not stored: test")]
+
+    outcomes = await tracing.store(publish, items, "n1")
+    assert isinstance(outcomes[0], Stored)
+    stored, failed = exporter.get_finished_spans()
+    assert stored.attributes is not None and stored.attributes["meshpush.seq"] == 5
+    assert stored.attributes["meshpush.user_hash"] == user_hash("alice")
+    assert failed.attributes is not None and failed.attributes["error.type"] == "StoreUnavailable"
+    assert failed.status.status_code is StatusCode.ERROR
+
+    async def cancelled(traced: list[Outgoing]) -> list[Outcome]:
+        raise trio.TooSlowError
+
+    exporter.clear()
+    with pytest.raises(trio.TooSlowError):
+        await tracing.store(cancelled, items, "n1")
+    spans = exporter.get_finished_spans()
+    assert [s.attributes["error.type"] for s in spans if s.attributes] == ["TooSlowError"] * 2
+
+
+class _Wire:
+    def try_send(self, data: bytes) -> int:
+        return len(data)
+
+
+async def test_session_spans_are_capped_per_delivery(exporter: InMemorySpanExporter) -> None:
+    hub = Hub()
+    ctx = Context(Limits(), None, Metrics("n1"))  # type: ignore[arg-type]
+    for i in range(tracing.SESSION_SPANS + 4):
+        session = Session(ctx, "alice", f"d{i}", time.time() + 60)
+        session.wire = _Wire()  # type: ignore[assignment]
+        session.feeds["user"].replaying = False
+        hub.add(session)
+    note = Notification("user", "alice", 1, 0, "m1", time.time(), "1")
+    note = tracing.received(note, {"traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"})
+    assert await tracing.deliver(hub.deliver, note, "n1") == tracing.SESSION_SPANS + 4
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert names.count("meshpush.feed") == names.count("meshpush.write") == tracing.SESSION_SPANS
+    assert names.count("meshpush.deliver") == 1
+    # a frame written outside a traced delivery (a replay, a welcome) gets no span
+    exporter.clear()
+    assert session.write(b"x")
+    assert exporter.get_finished_spans() == ()
 
 
 # ---------------------------------------------------------------- two nodes, one trace
