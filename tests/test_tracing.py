@@ -8,12 +8,15 @@ spans and b's delivery spans, linked parent to child.
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,11 +24,17 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from conftest import FAST
+from conftest import FAST, make_cluster
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from support import connected, receive, user_owned_by, wait_until
+from support import publish as publish_to
 
 from meshpush import tracing
 from meshpush.auth import issue_token
@@ -436,3 +445,93 @@ async def test_off_no_spans_and_no_trace_headers(
             headers = await stored_headers(a, result["seq"])
     assert exporter.get_finished_spans() == ()
     assert "traceparent" not in headers
+
+
+# ---------------------------------------------------------------- node processes, OTLP
+
+
+class Collector:
+    """A minimal OTLP/HTTP trace receiver on 127.0.0.1 (what an OpenTelemetry Collector's
+    ``otlp`` receiver does with ``POST /v1/traces``), keeping (node, span name, trace id,
+    span id, parent span id) of every span it is sent."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, str, bytes, bytes, bytes]] = []
+        self.services: set[str] = set()
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if self.headers.get("content-encoding") == "gzip":
+                    body = gzip.decompress(body)
+                collector.receive(ExportTraceServiceRequest.FromString(body))
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def receive(self, request: Any) -> None:
+        for resource_spans in request.resource_spans:
+            resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            self.services.add(resource["service.name"])
+            for scope in resource_spans.scope_spans:
+                for span in scope.spans:
+                    node = resource["service.instance.id"]
+                    ids = (span.trace_id, span.span_id, span.parent_span_id)
+                    self.spans.append((node, span.name, *ids))
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    receiver = Collector()
+    receiver.thread.start()
+    try:
+        yield receiver
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+async def test_node_processes_export_one_trace_over_otlp_set_by_otel_variables(
+    tmp_path: Path, collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [n for n in os.environ if n.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)  # nothing else
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # export within 0.1 s, not 5 s
+    with make_cluster(tmp_path / "cluster", nodes=2) as cluster:
+        first, second = cluster.live()
+        user = await user_owned_by(cluster, second.id)
+        async with connected(cluster, user, via=second) as client:
+            await publish_to(cluster, first, user, {"n": 3})
+            await receive(client)
+        wanted = {(first.id, "meshpush.notify"), (second.id, "meshpush.write")}
+        await wait_until(lambda: wanted <= {(s[0], s[1]) for s in collector.spans}, timeout=15)
+    assert collector.services == {"meshpush"}
+    [notify] = [s for s in collector.spans if s[1] == "meshpush.notify"]
+    trace = [s for s in collector.spans if s[2] == notify[2]]
+    assert {(node, name) for node, name, *_ in trace} == {
+        (first.id, "POST /v1/publish"),
+        (first.id, "meshpush.store"),
+        (first.id, "meshpush.notify"),
+        (second.id, "meshpush.deliver"),
+        (second.id, "meshpush.feed"),
+        (second.id, "meshpush.write"),
+    }
+    [deliver] = [s for s in trace if s[1] == "meshpush.deliver"]
+    assert deliver[4] == notify[3]  # b's delivery hangs under a's notification
