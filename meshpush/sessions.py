@@ -116,7 +116,7 @@ class Session:
         """A live notification for this session; True if its (shared) frame was written."""
         verdict = self.machine.feeds[ch].live(note)
         if tracing.ON:
-            tracing.fed(self, ch, verdict)
+            tracing.fed(self, ch, note, verdict)
         if verdict is Verdict.DELIVER:
             return self.write(frame)
         if verdict is Verdict.CATCH_UP:

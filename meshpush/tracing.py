@@ -337,9 +337,9 @@ def received(note: Notification, headers: Mapping[str, str]) -> Notification:
 
 @dataclass(slots=True)
 class _Delivery:
-    """The delivery being traced in this task: parent of its session spans."""
+    """The deliveries being traced in this task: the parents of their session spans."""
 
-    parent: Context
+    parents: dict[int, Context]  # id(notification) -> its meshpush.deliver span's context
     budget: int = SESSION_SPANS
     feed: Context | None = None  # the last feed span that let a frame through
     open: bool = True
@@ -354,39 +354,69 @@ async def deliver(
     fan_out: Callable[[Notification], Awaitable[int]], note: Notification, node: str
 ) -> int:
     """``fan_out(note)`` inside a ``meshpush.deliver`` span continuing the publisher's trace."""
-    state, trace = _state, note.trace
-    if state is None or trace is None:
-        return await fan_out(note)
-    attributes = _message_attributes(node, note.ch, note.user, note.id)
-    attributes["meshpush.seq"] = note.seq
-    span = state.tracer.start_span(
-        "meshpush.deliver",
-        context=trace.parent,
-        kind=state.kinds.CONSUMER,
-        attributes=attributes,
-        start_time=trace.at or None,
-    )
-    delivery = _Delivery(state.in_context(span))
+
+    async def one(notes: Sequence[Notification]) -> list[int]:
+        return [await fan_out(notes[0])]
+
+    [sent] = await deliver_many(one, [note], node)
+    return sent
+
+
+async def deliver_many(
+    fan_out: Callable[[Sequence[Notification]], Awaitable[list[int]]],
+    notes: Sequence[Notification],
+    node: str,
+) -> list[int]:
+    """``fan_out(notes)`` (notifications delivered together; it returns how many sessions got
+    each) with a ``meshpush.deliver`` span for each traced one, from its arrival."""
+    state = _state
+    traced = [(i, n) for i, n in enumerate(notes) if n.trace is not None]
+    if state is None or not traced:
+        return await fan_out(notes)
+    spans = [(i, n, _deliver_span(state, n, node)) for i, n in traced]
+    delivery = _Delivery({id(n): state.in_context(span) for _, n, span in spans})
     token = _delivery.set(delivery)
     try:
-        with state.use_span(span, end_on_exit=True):
-            sent = await fan_out(note)
-            span.set_attribute("meshpush.sessions", sent)
-            return sent
+        sent = await fan_out(notes)
+    except BaseException as exc:
+        for _, _, span in spans:
+            _failed(span, type(exc).__name__)
+        raise
     finally:
         delivery.open = False
         _delivery.reset(token)
+    for i, _, span in spans:
+        span.set_attribute("meshpush.sessions", sent[i])
+        span.end()
+    return sent
 
 
-def fed(session: Any, ch: str, verdict: Verdict) -> None:
+def _deliver_span(state: _State, note: Notification, node: str) -> Span:
+    assert note.trace is not None
+    attributes = _message_attributes(node, note.ch, note.user, note.id)
+    attributes["meshpush.seq"] = note.seq
+    return state.tracer.start_span(
+        "meshpush.deliver",
+        context=note.trace.parent,
+        kind=state.kinds.CONSUMER,
+        attributes=attributes,
+        start_time=note.trace.at or None,
+    )
+
+
+def fed(session: Any, ch: str, note: object, verdict: Verdict) -> None:
     """A ``meshpush.feed`` span: what the session's feed did with a live notification."""
     delivery, state = _delivery.get(), _state
     if delivery is None or not delivery.open or delivery.budget <= 0 or state is None:
         return
+    parent = delivery.parents.get(id(note))
+    delivery.feed = None
+    if parent is None:  # an untraced notification delivered with traced ones
+        return
     delivery.budget -= 1
     span = state.tracer.start_span(
         "meshpush.feed",
-        context=delivery.parent,
+        context=parent,
         attributes={
             "meshpush.session": session.id,
             "meshpush.ch": ch,

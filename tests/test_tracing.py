@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -41,6 +41,7 @@ from meshpush.auth import issue_token
 from meshpush.bus import Notification
 from meshpush.client import Client, open_client
 from meshpush.devcluster import LocalCluster
+from meshpush.feed import Verdict
 from meshpush.hub import Hub
 from meshpush.logs import user_hash
 from meshpush.machine import Limits
@@ -264,6 +265,35 @@ async def test_session_spans_are_capped_per_delivery(exporter: InMemorySpanExpor
     exporter.clear()
     assert session.write(b"x")
     assert exporter.get_finished_spans() == ()
+
+
+async def test_notifications_delivered_together_get_a_deliver_span_each(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """A fan-out that takes several notifications at once (coalesced): each traced one has
+    its own deliver span, and each session span hangs under its own notification's."""
+    upstream = f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"
+    notes = [Notification("user", "alice", s, s - 1, f"m{s}", time.time(), "1") for s in (1, 2, 3)]
+    for i in (0, 2):  # the second one came without a traceparent
+        notes[i] = tracing.received(notes[i], {"traceparent": upstream})
+    session = SimpleNamespace(id=7, buffered=0)
+    written: list[bytes] = []
+
+    async def fan_out(batch: Sequence[Notification]) -> list[int]:
+        for note in batch:
+            tracing.fed(session, "user", note, Verdict.DELIVER)
+            tracing.write(written.append, session, b"frame")
+        return [1, 1, 1]
+
+    assert await tracing.deliver_many(fan_out, notes, "n1") == [1, 1, 1]
+    assert written == [b"frame"] * 3
+    spans = exporter.get_finished_spans()
+    delivers = [s for s in spans if s.name == "meshpush.deliver"]
+    assert [d.attributes["meshpush.seq"] for d in delivers if d.attributes] == [1, 3]
+    feeds = [s for s in spans if s.name == "meshpush.feed"]
+    assert [parent_of(f) for f in feeds] == [span_id(d) for d in delivers]
+    writes = [s for s in spans if s.name == "meshpush.write"]
+    assert [parent_of(w) for w in writes] == [span_id(f) for f in feeds]
 
 
 # ---------------------------------------------------------------- two nodes, one trace
