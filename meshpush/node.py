@@ -173,5 +173,5 @@ def main(settings: Settings) -> int:
     except KeyboardInterrupt:  # a signal arrived after the signal handler was gone
         return 130
     finally:
-        tracing.stop()  # flushes batched spans (bounded by the exporters' timeouts)
+        tracing.stop()  # exports what is batched, for at most tracing.STOP_TIMEOUT
     return 0

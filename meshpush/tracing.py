@@ -28,6 +28,7 @@ import contextvars
 import dataclasses
 import functools
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
 #: The one flag the hot paths read. True between :func:`start` and :func:`stop`.
 ON = False
+STOP_TIMEOUT = 3.0  # seconds stop() waits for the last batch of spans to be exported
 SESSION_SPANS = 16  # feed/write spans per delivery at most (a broadcast reaches thousands)
 EXPORTER_GROUP = "opentelemetry_traces_exporter"
 OTLP_PROTOCOLS = {"grpc": "otlp_proto_grpc", "http/protobuf": "otlp_proto_http"}
@@ -116,7 +118,8 @@ def setup(node_id: str, env: Mapping[str, str] | None = None) -> bool:
             "tracing was asked for (OTEL_* variables) but OpenTelemetry is not installed: "
             "pip install 'meshpush[tracing]'"
         ) from None
-    provider = TracerProvider(resource=_resource(node_id))
+    # no atexit hook of the SDK's own: stop() shuts it down, bounded by STOP_TIMEOUT
+    provider = TracerProvider(resource=_resource(node_id), shutdown_on_exit=False)
     for name in names:
         provider.add_span_processor(BatchSpanProcessor(_exporter(exporter_name(name, env))))
     start(provider, owned=True)
@@ -179,13 +182,16 @@ def start(provider: TracerProvider, owned: bool = False) -> None:
     ON = True
 
 
-def stop() -> None:
-    """Tracing off; an owned provider is shut down (bounded by its exporters' timeouts)."""
+def stop(timeout: float = STOP_TIMEOUT) -> None:
+    """Tracing off; an owned provider is shut down: what is batched is exported if that takes
+    less than ``timeout`` (the SDK would wait 30 s for an unreachable collector)."""
     global ON, _state
     ON = False
     state, _state = _state, None
     if state is not None and state.owned:
-        state.provider.shutdown()
+        flush = threading.Thread(target=state.provider.shutdown, name="tracing-stop", daemon=True)
+        flush.start()
+        flush.join(timeout)
 
 
 # ---------------------------------------------------------------- publishing node

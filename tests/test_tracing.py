@@ -111,6 +111,19 @@ def test_setup_turns_tracing_on_and_stop_off() -> None:
     assert not tracing.ON and tracing._state is None
 
 
+def test_stop_is_bounded_when_the_collector_is_unreachable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")  # nobody listens
+    assert tracing.setup("n1", {"OTEL_TRACES_EXPORTER": "otlp"})
+    assert tracing._state is not None
+    tracing._state.tracer.start_span("lost").end()
+    started = time.monotonic()
+    tracing.stop(timeout=1.0)  # the exporter alone would retry for 10 s
+    assert time.monotonic() - started < 5
+    assert not tracing.ON
+
+
 def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     return subprocess.run(
