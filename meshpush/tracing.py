@@ -158,10 +158,17 @@ class _State:
         self.provider, self.owned = provider, owned
         self.tracer = provider.get_tracer("meshpush", __version__)
         self.propagator = TraceContextTextMapPropagator()
+        self.current_span = trace.get_current_span
         self.in_context = trace.set_span_in_context
         self.use_span = trace.use_span
         self.kinds = trace.SpanKind
         self.error = trace.Status(trace.StatusCode.ERROR)
+
+    def unsampled(self) -> bool:
+        """The current trace (the request's) is not sampled: its messages go untraced, so
+        neither node spends anything on it (the owner sees no traceparent)."""
+        span = self.current_span()
+        return span.get_span_context().is_valid and not span.is_recording()
 
     def child(self, span: Span) -> tuple[Context, str]:
         """The context under ``span`` and its W3C traceparent."""
@@ -269,7 +276,7 @@ async def store(
     """``publish(items)`` with one ``meshpush.store`` span per item, each item carrying its
     span's context (``Outgoing.trace``) to the JetStream headers and the notification."""
     state = _state
-    if state is None:
+    if state is None or state.unsampled():
         return await publish(items)
     spans = [
         state.tracer.start_span(

@@ -255,6 +255,33 @@ async def test_store_spans_carry_the_outcome_and_the_items_their_context(
     assert [s.attributes["error.type"] for s in spans if s.attributes] == ["TooSlowError"] * 2
 
 
+class _StoringApi(_Api):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[Outgoing] = []
+
+    async def _store(self, items: list[Outgoing]) -> list[Outcome]:
+        self.sent += items
+        return [Stored(1, 0, False)]
+
+    @tracing.http("/v1/publish")
+    async def publish(self, request: Any) -> Any:
+        await tracing.store(self._store, [Outgoing("user", "alice", "m1", "1")], "n1")
+        return SimpleNamespace(status_code=202)
+
+
+async def test_an_unsampled_request_leaves_its_messages_untraced(
+    exporter: InMemorySpanExporter,
+) -> None:
+    api = _StoringApi()
+    await api.publish(_request(traceparent=f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-00"))
+    assert exporter.get_finished_spans() == ()
+    assert api.sent[0].trace is None  # no traceparent for the owner node either
+    await api.publish(_request(traceparent=f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"))
+    assert [s.name for s in exporter.get_finished_spans()] == ["meshpush.store", "POST /v1/publish"]
+    assert api.sent[1].trace is not None
+
+
 class _Wire:
     def try_send(self, data: bytes) -> int:
         return len(data)
