@@ -88,6 +88,7 @@ class StoredMessage:
     prev: int
     id: str
     data_json: str
+    traceparent: str | None = None  # read only when tracing is on (replays link to it)
 
 
 class _Locks:
@@ -452,6 +453,7 @@ def _to_stored(msg: Any) -> StoredMessage:
         prev=int(h.get("Mp-Prev", 0)),
         id=_message_id(h),
         data_json=msg.data.decode(),
+        traceparent=h.get("traceparent") if tracing.ON else None,
     )
 
 

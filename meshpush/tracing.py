@@ -18,6 +18,7 @@ Spans (docs/operations.md, "Tracing"): on the publishing node ``POST /v1/publish
 notification and of the stored message. On the owner node ``meshpush.deliver`` (consumer,
 from the moment the notification arrived) -> per session (at most :data:`SESSION_SPANS`)
 ``meshpush.feed`` (the feed's verdict) -> ``meshpush.write`` (the frame handed to the socket).
+A batch replayed from the stream is a ``meshpush.replay`` span linked to its messages' stores.
 Attributes name the node, channel, seq, message id and the user's hash (as the logs do);
 never a token, a user id in clear or a body.
 """
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
     from .bus import Notification
     from .feed import Verdict
-    from .store import Outcome, Outgoing
+    from .store import Outcome, Outgoing, StoredMessage
 
 #: The one flag the hot paths read. True between :func:`start` and :func:`stop`.
 ON = False
@@ -159,6 +160,7 @@ class _State:
         self.tracer = provider.get_tracer("meshpush", __version__)
         self.propagator = TraceContextTextMapPropagator()
         self.current_span = trace.get_current_span
+        self.link = trace.Link
         self.in_context = trace.set_span_in_context
         self.use_span = trace.use_span
         self.kinds = trace.SpanKind
@@ -460,3 +462,31 @@ def write(push: Callable[[bytes], None], session: Any, frame: bytes) -> None:
         span.set_attribute("meshpush.queued", session.buffered > 0)
     finally:  # no context attach: children name their parent explicitly
         span.end()
+
+
+def replayed(session: Any, ch: str, batch: Sequence[StoredMessage], node: str) -> None:
+    """A ``meshpush.replay`` span for a batch read from the stream and sent to a session,
+    linked to the publishes of its messages (those stored with a traceparent)."""
+    state = _state
+    if state is None or not batch:
+        return
+    links = [
+        state.link(
+            state.current_span(state.propagator.extract({"traceparent": tp})).get_span_context()
+        )
+        for tp in (m.traceparent for m in batch)
+        if tp
+    ]
+    if not links:  # nothing in it was traced (stored untraced, or not sampled)
+        return
+    attributes: dict[str, Any] = {
+        "meshpush.node": node,
+        "meshpush.session": session.id,
+        "meshpush.ch": ch,
+        "meshpush.messages": len(batch),
+        "meshpush.seq": batch[0].seq,
+        "meshpush.last_seq": batch[-1].seq,
+    }
+    if ch == "user":
+        attributes["meshpush.user_hash"] = user_hash(session.user)
+    state.tracer.start_span("meshpush.replay", links=links, attributes=attributes).end()

@@ -386,11 +386,13 @@ def user_of(node: Node, via: Node) -> str:
 
 
 @asynccontextmanager
-async def online(backends: LocalCluster, node: Node, user: str) -> AsyncIterator[Client]:
+async def online(
+    backends: LocalCluster, node: Node, user: str, device: str = "d1"
+) -> AsyncIterator[Client]:
     async def token() -> str:
         return issue_token(backends.token_secret, user, 600)
 
-    async with open_client([node.settings.ws_url], token=token, device="d1") as client:
+    async with open_client([node.settings.ws_url], token=token, device=device) as client:
         with trio.fail_after(15):
             await client.wait_online()
         yield client
@@ -448,9 +450,13 @@ async def test_one_trace_from_publish_on_one_node_to_delivery_on_another(
                 while "meshpush.deliver" not in {s.name for s in exporter.get_finished_spans()}:
                     await trio.sleep(0.02)
             headers = await stored_headers(a, result["seq"])
+            async with online(backends, b, user, device="d2") as other:  # a new device: replay
+                with trio.fail_after(10):
+                    assert (await other.receive()).seq == msg.seq
 
     spans = exporter.get_finished_spans()
-    assert {s.context.trace_id for s in spans if s.context} == {int(UPSTREAM_TRACE, 16)}
+    traced = [s for s in spans if s.name != "meshpush.replay"]  # a replay starts its own
+    assert {s.context.trace_id for s in traced if s.context} == {int(UPSTREAM_TRACE, 16)}
     named = by_name(spans)
     assert set(named) == {
         "POST /v1/publish",
@@ -459,6 +465,7 @@ async def test_one_trace_from_publish_on_one_node_to_delivery_on_another(
         "meshpush.deliver",
         "meshpush.feed",
         "meshpush.write",
+        "meshpush.replay",
     }
     server, store, notify = (
         named["POST /v1/publish"],
@@ -493,8 +500,12 @@ async def test_one_trace_from_publish_on_one_node_to_delivery_on_another(
     for span in spans:
         assert user not in repr(dict(span.attributes or {})), span.name
     assert deliver.attributes["meshpush.user_hash"] == store.attributes["meshpush.user_hash"]
-    # the stored message carries the trace too (a replay can link to it)
+    # the stored message carries the trace too, and a replay of it links to its store span
     assert headers["traceparent"].split("-")[1] == UPSTREAM_TRACE
+    replay = named["meshpush.replay"]
+    assert replay.attributes is not None and replay.attributes["meshpush.node"] == "b"
+    [link] = replay.links
+    assert link.context.span_id == span_id(store)
 
 
 @pytest.mark.cluster
