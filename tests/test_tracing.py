@@ -47,6 +47,7 @@ from meshpush.logs import user_hash
 from meshpush.machine import Limits
 from meshpush.metrics import Metrics
 from meshpush.node import Node
+from meshpush.ring import slot
 from meshpush.sessions import Context, Session
 from meshpush.settings import env_for
 from meshpush.store import Outcome, Outgoing, Stored, StoreUnavailable, _publish
@@ -416,6 +417,19 @@ async def stored_headers(node: Node, seq: int) -> dict[str, str]:
     return dict(msg.headers or {})
 
 
+async def watch_notifications(node: Node, user: str) -> list[dict[str, str] | None]:
+    """The NATS headers of every live notification to ``user``'s slot from now on."""
+    seen: list[dict[str, str] | None] = []
+
+    async def record(msg: Any) -> None:
+        seen.append(msg.headers)
+
+    subject = node.bus.subjects.slot_live(slot(user))
+    # on the connection the node notifies on: the server sees this SUB before those PUBs
+    await node.bridge.call(lambda: node.bus.nc.subscribe(subject, cb=record), timeout=5)
+    return seen
+
+
 def by_name(spans: tuple[ReadableSpan, ...]) -> dict[str, ReadableSpan]:
     named = {s.name: s for s in spans}
     assert len(named) == len(spans), [s.name for s in spans]
@@ -440,6 +454,7 @@ async def test_one_trace_from_publish_on_one_node_to_delivery_on_another(
 ) -> None:
     async with two_nodes(backends) as (a, b):
         user = user_of(b, via=a)
+        notified = await watch_notifications(a, user)
         async with online(backends, b, user) as client:
             upstream = f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"
             result = await publish(a, backends.api_key, user, {"n": 1}, traceparent=upstream)
@@ -500,6 +515,11 @@ async def test_one_trace_from_publish_on_one_node_to_delivery_on_another(
     for span in spans:
         assert user not in repr(dict(span.attributes or {})), span.name
     assert deliver.attributes["meshpush.user_hash"] == store.attributes["meshpush.user_hash"]
+    # the live notification carried notify's context; the stored message the store's
+    [live] = notified
+    assert (
+        live is not None and live["traceparent"] == f"00-{UPSTREAM_TRACE}-{span_id(notify):016x}-01"
+    )
     # the stored message carries the trace too, and a replay of it links to its store span
     assert headers["traceparent"].split("-")[1] == UPSTREAM_TRACE
     replay = named["meshpush.replay"]
@@ -517,6 +537,7 @@ async def test_off_no_spans_and_no_trace_headers(
     tracing.stop()  # the nodes run with tracing off
     async with two_nodes(backends) as (a, b):
         user = user_of(b, via=a)
+        notified = await watch_notifications(a, user)
         async with online(backends, b, user) as client:
             upstream = f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"
             result = await publish(a, backends.api_key, user, {"n": 2}, traceparent=upstream)
@@ -524,8 +545,10 @@ async def test_off_no_spans_and_no_trace_headers(
                 msg = await client.receive()
             assert msg.seq == result["seq"]
             headers = await stored_headers(a, result["seq"])
+            await wait_until(lambda: notified, timeout=10)
     assert exporter.get_finished_spans() == ()
     assert "traceparent" not in headers
+    assert notified == [None]  # the live notification went without headers
 
 
 # ---------------------------------------------------------------- node processes, OTLP
