@@ -39,7 +39,7 @@ from support import publish as publish_to
 from meshpush import tracing
 from meshpush.auth import issue_token
 from meshpush.bus import Notification
-from meshpush.client import Client, open_client
+from meshpush.client import Client, Message, open_client
 from meshpush.devcluster import LocalCluster
 from meshpush.feed import Verdict
 from meshpush.hub import Hub
@@ -411,6 +411,16 @@ async def publish(node: Node, key: str, user: str, data: Any, **headers: str) ->
     return result
 
 
+async def publish_traced(backends: LocalCluster, node: Node, user: str, client: Client) -> Message:
+    """Publish through ``node`` as part of the publisher's (sampled) trace; ``client`` gets it."""
+    upstream = f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"
+    result = await publish(node, backends.api_key, user, {"n": 1}, traceparent=upstream)
+    with trio.fail_after(10):
+        msg = await client.receive()
+    assert msg.seq == result["seq"]
+    return msg
+
+
 async def stored_headers(node: Node, seq: int) -> dict[str, str]:
     stream = node.store.streams["user"]
     msg = await node.bridge.call(lambda: node.bus.js.get_msg(stream, seq), timeout=5)
@@ -456,15 +466,11 @@ async def test_one_trace_from_publish_on_one_node_to_delivery_on_another(
         user = user_of(b, via=a)
         notified = await watch_notifications(a, user)
         async with online(backends, b, user) as client:
-            upstream = f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"
-            result = await publish(a, backends.api_key, user, {"n": 1}, traceparent=upstream)
-            with trio.fail_after(10):
-                msg = await client.receive()
-            assert msg.seq == result["seq"]
+            msg = await publish_traced(backends, a, user, client)
             with trio.fail_after(10):
                 while "meshpush.deliver" not in {s.name for s in exporter.get_finished_spans()}:
                     await trio.sleep(0.02)
-            headers = await stored_headers(a, result["seq"])
+            headers = await stored_headers(a, msg.seq)
             async with online(backends, b, user, device="d2") as other:  # a new device: replay
                 with trio.fail_after(10):
                     assert (await other.receive()).seq == msg.seq
@@ -539,12 +545,8 @@ async def test_off_no_spans_and_no_trace_headers(
         user = user_of(b, via=a)
         notified = await watch_notifications(a, user)
         async with online(backends, b, user) as client:
-            upstream = f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"
-            result = await publish(a, backends.api_key, user, {"n": 2}, traceparent=upstream)
-            with trio.fail_after(10):
-                msg = await client.receive()
-            assert msg.seq == result["seq"]
-            headers = await stored_headers(a, result["seq"])
+            msg = await publish_traced(backends, a, user, client)
+            headers = await stored_headers(a, msg.seq)
             await wait_until(lambda: notified, timeout=10)
     assert exporter.get_finished_spans() == ()
     assert "traceparent" not in headers
