@@ -423,24 +423,45 @@ def _deliver_span(state: _State, note: Notification, node: str) -> Span:
 def fed(session: Any, ch: str, note: object, verdict: Verdict) -> None:
     """A ``meshpush.feed`` span: what the session's feed did with a live notification."""
     delivery, state = _delivery.get(), _state
-    if delivery is None or not delivery.open or delivery.budget <= 0 or state is None:
+    if delivery is None or not delivery.open or state is None:
         return
+    delivery.feed = _feed_span(state, delivery, session, ch, note, verdict.value)
+    if verdict.value != "deliver":
+        delivery.feed = None
+
+
+def _feed_span(
+    state: _State, delivery: _Delivery, session: Any, ch: str, note: object, verdict: str
+) -> Context | None:
     parent = delivery.parents.get(id(note))
-    delivery.feed = None
-    if parent is None:  # an untraced notification delivered with traced ones
-        return
+    if parent is None or delivery.budget <= 0:  # untraced, or enough session spans already
+        return None
     delivery.budget -= 1
     span = state.tracer.start_span(
         "meshpush.feed",
         context=parent,
-        attributes={
-            "meshpush.session": session.id,
-            "meshpush.ch": ch,
-            "meshpush.verdict": verdict.value,
-        },
+        attributes={"meshpush.session": session.id, "meshpush.ch": ch, "meshpush.verdict": verdict},
     )
     span.end()
-    delivery.feed = state.in_context(span) if verdict.value == "deliver" else None
+    return state.in_context(span)
+
+
+def wrote_run(session: Any, ch: str, run: Sequence[object], size: int) -> None:
+    """After a coalesced write (a run of notifications the session's feed took at once, their
+    frames written together): a ``deliver`` feed span for each traced one and one
+    ``meshpush.write`` span (``meshpush.frames``) under the first."""
+    delivery, state = _delivery.get(), _state
+    if delivery is None or not delivery.open or state is None:
+        return
+    feeds = [_feed_span(state, delivery, session, ch, note, "deliver") for note in run]
+    parent = next((f for f in feeds if f is not None), None)
+    if parent is None:
+        return
+    attributes = {"meshpush.session": session.id, "meshpush.bytes": size}
+    attributes["meshpush.frames"] = len(run)
+    span = state.tracer.start_span("meshpush.write", context=parent, attributes=attributes)
+    span.set_attribute("meshpush.queued", session.buffered > 0)
+    span.end()
 
 
 def write(push: Callable[[bytes], None], session: Any, frame: bytes) -> None:

@@ -337,6 +337,31 @@ async def test_notifications_delivered_together_get_a_deliver_span_each(
     assert [parent_of(w) for w in writes] == [span_id(f) for f in feeds]
 
 
+async def test_a_coalesced_write_gets_feed_spans_and_one_write_span(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """A fan-out that writes a run of notifications to a session at once reports it after the
+    write (``wrote_run``): a feed span per traced notification, one write span."""
+    upstream = f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"
+    notes = [Notification("user", "alice", s, s - 1, f"m{s}", time.time(), "1") for s in (1, 2, 3)]
+    for i in (1, 2):  # the first one came without a traceparent
+        notes[i] = tracing.received(notes[i], {"traceparent": upstream})
+    session = SimpleNamespace(id=7, buffered=1)
+
+    async def fan_out(batch: Sequence[Notification]) -> list[int]:
+        tracing.wrote_run(session, "user", batch, 300)
+        return [1, 1, 1]
+
+    await tracing.deliver_many(fan_out, notes, "n1")
+    spans = exporter.get_finished_spans()
+    feeds = [s for s in spans if s.name == "meshpush.feed"]
+    [write] = [s for s in spans if s.name == "meshpush.write"]
+    assert len(feeds) == 2
+    assert parent_of(write) == span_id(feeds[0])
+    assert write.attributes is not None and write.attributes["meshpush.frames"] == 3
+    assert write.attributes["meshpush.queued"] is True
+
+
 # ---------------------------------------------------------------- two nodes, one trace
 
 
