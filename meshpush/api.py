@@ -158,6 +158,14 @@ def unicast(item: object) -> Outgoing:
     return Outgoing("user", user_id(item["user"]), message_id(item), data_json(item))
 
 
+def broadcast_item(item: object) -> Outgoing:
+    """One ``{"data", "id"?}`` object as a broadcast to store, or ApiError (400)."""
+    if not isinstance(item, dict):
+        raise ApiError(400, "bad_body", "a message must be a JSON object")
+    check_fields(item, {"data"}, {"id"})
+    return Outgoing("broadcast", None, message_id(item), data_json(item))
+
+
 def items_list(body: dict[str, Any], field: str, limit: int) -> list[Any]:
     """The body's non-empty list ``field`` of at most ``limit`` entries (else 400/413)."""
     value = body[field]
@@ -270,11 +278,18 @@ class Api:
     async def batch(self, request: Request) -> Response:
         """``{"messages": [...]}``: each valid item stored, each invalid one answered."""
         body = await read_json(request, self.settings.max_body_bytes)
+        return await self._store_items(body, unicast)
+
+    async def _store_items(
+        self, body: dict[str, Any], parse: Callable[[object], Outgoing]
+    ) -> Response:
+        """``{"messages": [...]}``: each valid item stored, each invalid one answered, in order
+        (a malformed body as a whole: 400/413 and nothing stored)."""
         check_fields(body, {"messages"}, set())
         parsed: list[Outgoing | ApiError] = []
         for item in items_list(body, "messages", self.settings.max_batch):
             try:
-                parsed.append(unicast(item))
+                parsed.append(parse(item))
             except ApiError as exc:
                 self.metrics.publish_errors.labels(reason=exc.code).inc()
                 parsed.append(exc)
@@ -291,8 +306,9 @@ class Api:
     @tracing.http("/v1/broadcast")
     async def broadcast(self, request: Request) -> Response:
         body = await read_json(request, self.settings.max_body_bytes)
-        check_fields(body, {"data"}, {"id"})
-        message = Outgoing("broadcast", None, message_id(body), data_json(body))
+        if "messages" in body:  # many broadcasts in one call (docs/protocol.md)
+            return await self._store_items(body, broadcast_item)
+        message = broadcast_item(body)
         [outcome] = await self._store([message])
         if isinstance(outcome, StoreUnavailable):
             raise ApiError(*_store_error(outcome), str(outcome))

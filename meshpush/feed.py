@@ -87,6 +87,17 @@ class Feed:
         self.replaying = True  # a notification was missed: the stream has it
         return Verdict.CATCH_UP
 
+    def live_run(self, prev: int, last: int) -> bool:
+        """A chain of live notifications at once (the first one's ``prev`` is ``prev``, each
+        next one's ``prev`` the seq before it, the last seq ``last``): if it follows on what
+        was sent, all are delivered — exactly what ``live`` one by one would do — and True.
+        Otherwise nothing changes (False): hand them to ``live`` one by one."""
+        if self.replaying or prev != self.sent:
+            return False
+        self.sent = last
+        self.fresh = False
+        return True
+
     def catch_up(self) -> bool:
         """Switch to replaying; False if a replay is already running."""
         if self.replaying:

@@ -1,26 +1,38 @@
 """The local sessions of a node: a registry by user, device and slot, and encode-once fan-out.
 
-``deliver`` encodes a live notification's frame once (``wire.encode_text``) and offers the same
-``bytes`` to each target session's feed; it yields to the scheduler every ``YIELD_EVERY``
-sessions, so a broadcast to 100k sessions never stalls the event loop. ``close_all`` spreads
-mass closes the same way (the etcd keepalive must never miss a beat).
+``deliver_many`` takes the live notifications that arrived together (``waiting``: what the bus
+handed over since the last look, in arrival order) and *coalesces* them: notifications with the
+same targets (a run of broadcasts; a run of one user's unicasts) form a group, each message's
+frame is encoded once (``wire.encode_text``), and a session gets the whole group's frames in
+one write (``Session.write_many``: the concatenation is the same ``bytes`` for every session).
+A session's feed takes the group at once when it follows on what was sent (``Feed.live_run``);
+otherwise (replaying, a duplicate, a missed notification) each notification goes through
+``Session.live`` one by one, exactly as if it had arrived alone. Fan-out yields to the
+scheduler every ``YIELD_EVERY`` sessions, so a broadcast to 100k sessions never stalls the
+event loop. ``close_all`` spreads mass closes the same way (the etcd keepalive must never miss
+a beat).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import trio
 
-from . import protocol
+from . import protocol, tracing
 from .bus import Notification
 from .metrics import Metrics
 from .sessions import Session
 from .wire import encode_text
 
 YIELD_EVERY = 256
+COALESCE_FRAMES = 256  # frames of one group written to a session in one go, at most
+COALESCE_BYTES = 64 * 1024  # ... and about this many bytes
+DISPATCH_MAX = 1024  # notifications taken from the bus in one go, at most
+FRAME_OVERHEAD = 80  # a msg frame's bytes beside its data and id (header, seq, prev), about
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +49,8 @@ class Hub:
         self._by_user: dict[str, dict[str, set[Session]]] = {}
         self._by_slot: dict[int, set[str]] = {}
         self._count = 0
+        self._all: list[Session] | None = None  # every session, kept until one comes or goes
+        self._unyielded = 0  # sessions fanned out to since the last checkpoint
 
     # ------------------------------------------------------------ registry
 
@@ -45,6 +59,7 @@ class Hub:
         devices.setdefault(session.device, set()).add(session)
         self._by_slot.setdefault(session.slot, set()).add(session.user)
         self._count += 1
+        self._all = None
 
     def remove(self, session: Session) -> None:
         devices = self._by_user.get(session.user)
@@ -53,6 +68,7 @@ class Hub:
             return
         sessions.discard(session)
         self._count -= 1
+        self._all = None
         if not sessions:
             del devices[session.device]  # type: ignore[union-attr]
         if not devices:
@@ -73,7 +89,17 @@ class Hub:
         return [s for sl in slots for user in self._by_slot.get(sl, ()) for s in self.of_user(user)]
 
     def all(self) -> list[Session]:
-        return [s for devices in self._by_user.values() for ss in devices.values() for s in ss]
+        """Every session (a new list: the caller may keep it while sessions come and go)."""
+        return list(self._every())
+
+    def _every(self) -> list[Session]:
+        """Every session, built once per change of the registry (broadcasts in a row share
+        it); never modified, only replaced."""
+        if self._all is None:
+            self._all = [
+                s for devices in self._by_user.values() for ss in devices.values() for s in ss
+            ]
+        return self._all
 
     def occupied_slots(self) -> frozenset[int]:
         return frozenset(self._by_slot)
@@ -88,29 +114,74 @@ class Hub:
 
     def targets(self, note: Notification) -> list[Session]:
         if note.ch == "broadcast":
-            return self.all()
+            return self._every()
         return list(self.of_user(note.user)) if note.user is not None else []
 
     async def deliver(self, note: Notification) -> int:
-        """Hand a live notification to its sessions' feeds; the frame is encoded once."""
-        targets = self.targets(note)
-        if not targets:
-            return 0
-        ch: protocol.Channel = "broadcast" if note.ch == "broadcast" else "user"
-        frame = encode_text(
-            protocol.message(
-                ch=ch, seq=note.seq, id=note.id, data_json=note.data_json, prev=note.prev
-            )
-        )
-        sent = 0
-        for i, session in enumerate(targets, 1):
-            sent += session.live(ch, note, frame)
-            if i % YIELD_EVERY == 0:
-                await trio.lowlevel.checkpoint()
-        if sent and self.metrics is not None:
-            self.metrics.delivered.labels(ch=ch).inc(sent)
-            self.metrics.delivery_latency.observe(max(0.0, time.time() - note.published_at))
+        """Hand one live notification to its sessions; returns how many sessions got it."""
+        [sent] = await self.deliver_many([note])
         return sent
+
+    async def deliver_many(self, notes: Sequence[Notification]) -> list[int]:
+        """Hand live notifications (in arrival order) to their sessions, coalesced: each
+        message's frame is encoded once, and a session that gets several of them gets their
+        frames in one write. Returns how many sessions got each notification."""
+        sent = [0] * len(notes)
+        self._unyielded = 0
+        for group in _groups(notes):
+            await self._fan(group, notes, sent)
+        return sent
+
+    async def _fan(self, group: list[int], notes: Sequence[Notification], sent: list[int]) -> None:
+        """One group (notifications with the same targets), in chunks: a chunk never holds
+        more frames or bytes than a session may buffer (``Limits.out_frames``/``out_bytes``),
+        so a chunk alone never makes a session a slow consumer."""
+        targets = self.targets(notes[group[0]])
+        if not targets:
+            return
+        limits = targets[0].ctx.limits
+        most = min(COALESCE_FRAMES, limits.out_frames), min(COALESCE_BYTES, limits.out_bytes)
+        for k, chunk in enumerate(_chunks(group, notes, *most)):
+            if k:  # let the sessions' drains run; sessions may have come and gone meanwhile
+                await trio.lowlevel.checkpoint()
+                targets = self.targets(notes[group[0]])
+            await self._fan_chunk(targets, [notes[i] for i in chunk], chunk, sent)
+
+    async def _fan_chunk(
+        self, targets: list[Session], run: list[Notification], indexes: list[int], sent: list[int]
+    ) -> None:
+        """Notifications of one channel with the same targets: each frame encoded once, and
+        one write per session for all of them."""
+        ch: protocol.Channel = "broadcast" if run[0].ch == "broadcast" else "user"
+        frames = [encode_text(_frame_text(ch, n)) for n in run]
+        joined = frames[0] if len(frames) == 1 else b"".join(frames)
+        first, last = run[0], run[-1]
+        chained = _chained(run)
+        whole = 0  # sessions that got every frame of the group (the common case)
+        for session in targets:
+            if chained and session.feeds[ch].live_run(first.prev, last.seq):
+                whole += session.write_many(frames, joined)
+                if tracing.ON:
+                    tracing.wrote_run(session, ch, run, len(joined))
+            else:  # a feed replaying, a duplicate or a missed notification: one by one
+                for k, note in enumerate(run):
+                    sent[indexes[k]] += session.live(ch, note, frames[k])
+            self._unyielded += 1
+            if self._unyielded >= YIELD_EVERY:
+                self._unyielded = 0
+                await trio.lowlevel.checkpoint()
+        for i in indexes:
+            sent[i] += whole
+        self._count_delivered(ch, run, [sent[i] for i in indexes])
+
+    def _count_delivered(self, ch: str, run: list[Notification], sent: list[int]) -> None:
+        if self.metrics is None:
+            return
+        now = time.time()
+        for note, n in zip(run, sent, strict=True):
+            if n:
+                self.metrics.delivered.labels(ch=ch).inc(n)
+                self.metrics.delivery_latency.observe(max(0.0, now - note.published_at))
 
     async def close_all(self, sessions: Iterable[Session], code: int, reason: str) -> None:
         """Close many sessions, yielding every ``YIELD_EVERY`` (their tasks finish meanwhile)."""
@@ -118,3 +189,82 @@ class Hub:
             session.close(code, reason)
             if i % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
+
+
+def waiting(
+    first: Notification | None,
+    inbound: trio.MemoryReceiveChannel[Notification | None],
+    limit: int = DISPATCH_MAX,
+) -> list[list[Notification] | None]:
+    """``first`` and what already waits behind it in ``inbound`` (at most ``limit`` in all, no
+    waiting): runs of notifications, each to deliver together, and a ``None`` (the bus's
+    "catch up everyone") on its own, in arrival order."""
+    items = [first]
+    while len(items) < limit:
+        try:
+            items.append(inbound.receive_nowait())
+        except trio.WouldBlock:
+            break
+    out: list[list[Notification] | None] = []
+    for item in items:
+        if item is None:
+            out.append(None)
+        elif out and out[-1] is not None:
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out
+
+
+def _frame_text(ch: protocol.Channel, note: Notification) -> str:
+    return protocol.message(
+        ch=ch, seq=note.seq, id=note.id, data_json=note.data_json, prev=note.prev
+    )
+
+
+def _chained(run: list[Notification]) -> bool:
+    """Each notification follows the one before it (``prev`` = its seq): one chain."""
+    if not run[0].prev < run[0].seq:
+        return False
+    return all(b.prev == a.seq < b.seq for a, b in itertools.pairwise(run))
+
+
+def _chunks(
+    indexes: list[int], notes: Sequence[Notification], frames: int, size: int
+) -> list[list[int]]:
+    """A group cut into pieces of at most ``frames`` frames and about ``size`` bytes (a
+    single larger message is a piece of its own)."""
+    if len(indexes) == 1:
+        return [indexes]
+    chunks: list[list[int]] = [[]]
+    taken = 0
+    for i in indexes:
+        more = len(notes[i].data_json) + len(notes[i].id) + FRAME_OVERHEAD
+        if chunks[-1] and (len(chunks[-1]) >= frames or taken + more > size):
+            chunks.append([])
+            taken = 0
+        chunks[-1].append(i)
+        taken += more
+    return chunks
+
+
+def _groups(notes: Sequence[Notification]) -> list[list[int]]:
+    """Indexes of ``notes`` in groups with the same targets, each group in arrival order:
+    a run of consecutive broadcasts is one group; within a run of unicasts, one group per
+    user. Every session still sees its notifications in the order they arrived."""
+    groups: list[list[int]] = []
+    users: dict[str | None, list[int]] = {}
+    for i, note in enumerate(notes):
+        if note.ch == "broadcast":
+            users.clear()
+            if groups and notes[groups[-1][-1]].ch == "broadcast":
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+            continue
+        group = users.get(note.user)
+        if group is None:
+            group = users[note.user] = []
+            groups.append(group)
+        group.append(i)
+    return groups

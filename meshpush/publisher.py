@@ -168,8 +168,21 @@ class _Core:
         return Published(answer["seq"], answer["duplicate"], answer["id"], body.get("user"))
 
     def publish_many(self, messages: Iterable[Message | Mapping[str, Any]]) -> _Plan[list[Any]]:
-        items = [_item(m) for m in messages]
-        results: list[Published | Failed] = [Failed("not_sent", "", m["id"]) for m in items]
+        return self._batches("/v1/publish/batch", [_item(m) for m in messages])
+
+    def broadcast_many(self, data: Sequence[Any], ids: Sequence[str] | None) -> _Plan[list[Any]]:
+        if ids is not None and len(ids) != len(data):
+            raise ValueError("give one id per message")
+        ids = list(ids) if ids is not None else [new_id() for _ in data]
+        items = [{"data": d, "id": i} for d, i in zip(data, ids, strict=True)]
+        return self._batches("/v1/broadcast", items)
+
+    def _batches(self, path: str, items: list[dict[str, Any]]) -> _Plan[list[Any]]:
+        """``{"messages": items}`` in calls of ``max_batch``; retryable failures again (the
+        ids make it safe); one result per item, in order."""
+        results: list[Published | Failed] = [
+            Failed("not_sent", "", m["id"], m.get("user")) for m in items
+        ]
         pending = list(range(len(items)))
         for attempt in range(self.retries + 1):
             if attempt:
@@ -177,9 +190,9 @@ class _Core:
             for start in range(0, len(pending), self.max_batch):
                 chunk = pending[start : start + self.max_batch]
                 body = {"messages": [items[i] for i in chunk]}
-                answer = yield from self.call("/v1/publish/batch", body)
+                answer = yield from self.call(path, body)
                 for i, r in zip(chunk, answer["results"], strict=True):
-                    results[i] = _result(r, items[i]["id"], items[i]["user"])
+                    results[i] = _result(r, items[i]["id"], items[i].get("user"))
             pending = [i for i in pending if _retry(results[i])]
             if not pending:
                 break
@@ -276,6 +289,13 @@ class Publisher:
     def broadcast(self, data: Any, *, id: str | None = None) -> Published:
         return self._run(self._core.publish("/v1/broadcast", {"data": data, "id": id}))
 
+    def broadcast_many(
+        self, data: Sequence[Any], *, ids: Sequence[str] | None = None
+    ) -> list[Published | Failed]:
+        """Many broadcasts in few calls (``max_batch`` each); one result per message, in
+        order. Each gets an id (``ids``, or a new one) so a retry never stores it twice."""
+        return self._run(self._core.broadcast_many(data, ids))
+
     def _run(self, plan: _Plan[T]) -> T:
         reply: _Reply | None = None
         try:
@@ -338,6 +358,11 @@ class AsyncPublisher:
 
     async def broadcast(self, data: Any, *, id: str | None = None) -> Published:
         return await self._run(self._core.publish("/v1/broadcast", {"data": data, "id": id}))
+
+    async def broadcast_many(
+        self, data: Sequence[Any], *, ids: Sequence[str] | None = None
+    ) -> list[Published | Failed]:
+        return await self._run(self._core.broadcast_many(data, ids))
 
     async def _run(self, plan: _Plan[T]) -> T:
         reply: _Reply | None = None

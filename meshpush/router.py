@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Literal
 import trio
 
 from . import protocol, tracing
-from .bus import Bus
+from .bus import Bus, Notification
 from .delivery import Feeder
-from .hub import Hub
+from .hub import Hub, waiting
 from .metrics import Metrics
 from .protocol import Close
 from .ring import EMPTY, Ring, slot
@@ -189,18 +189,26 @@ class Router:
             await self._dispatch()
 
     async def _dispatch(self) -> None:
-        async for note in self.bus.inbound:
-            if note is None:  # NATS reconnected: notifications may have been missed
-                await self.feeder.catch_up_all(self.registry.all())  # type: ignore[arg-type]
-            else:
-                if self.webhook is not None:
-                    self.webhook.notified(note)
-                if tracing.ON and note.trace is not None:
-                    sent = await tracing.deliver(self.registry.deliver, note, self.me)
+        async for first in self.bus.inbound:
+            for notes in waiting(first, self.bus.inbound):  # what arrived together: coalesced
+                if notes is None:  # NATS reconnected: notifications may have been missed
+                    await self.feeder.catch_up_all(self.registry.all())  # type: ignore[arg-type]
                 else:
-                    sent = await self.registry.deliver(note)
-                if sent and self.webhook is not None and note.user is not None:
-                    self.webhook.reached(note.user, note.seq)
+                    await self._deliver(notes)
+
+    async def _deliver(self, notes: list[Notification]) -> None:
+        webhook = self.webhook
+        if webhook is not None:
+            for note in notes:
+                webhook.notified(note)
+        if tracing.ON:
+            sent = await tracing.deliver_many(self.registry.deliver_many, notes, self.me)
+        else:
+            sent = await self.registry.deliver_many(notes)
+        if webhook is not None:
+            for note, n in zip(notes, sent, strict=True):
+                if n and note.user is not None:
+                    webhook.reached(note.user, note.seq)
 
     # ------------------------------------------------------------ ring changes
 

@@ -20,7 +20,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +135,39 @@ class Session:
         else:
             self._push(frame)
         return True
+
+    def write_many(self, frames: Sequence[bytes], joined: bytes) -> bool:
+        """Write several encoded frames, ``joined`` being their concatenation (shared by every
+        session they go to), with one syscall when nothing waits; what the kernel does not
+        take is buffered frame by frame (so the slow-consumer bounds count frames). False if
+        the session is closing."""
+        if self.machine.closing is not None or self.wire is None:
+            return False
+        if self.out or len(frames) == 1:
+            for frame in frames:
+                self._push(frame)
+            return True
+        try:
+            written = self.wire.try_send(joined)
+        except OSError:
+            self.close(Close.GOING_AWAY, "connection lost")
+            return True
+        if written < len(joined):
+            self._buffer_rest(frames, written)
+        return True
+
+    def _buffer_rest(self, frames: Sequence[bytes], written: int) -> None:
+        """Queue what the kernel did not take of ``frames`` (``written`` bytes went out)."""
+        out = self.out = self.out if self.out is not None else deque()
+        for frame in frames:
+            if written >= len(frame):
+                written -= len(frame)
+                continue
+            rest = frame[written:] if written else frame
+            written = 0
+            out.append(rest)
+            self._queued(len(rest))
+        self._start_drain()
 
     @property
     def buffered(self) -> int:

@@ -303,15 +303,25 @@ class Store:
                 busy = StoreUnavailable("not stored: this user's earlier publishes are pending")
                 for i in groups.pop(subject):
                     outcomes[i] = busy
-            await self._rounds(items, groups, outcomes)
+            stored: list[tuple[Outgoing, Stored]] = []
+            try:
+                await self._rounds(items, groups, outcomes, stored)
+            finally:  # notified together: they reach a node together, which coalesces them
+                for item, outcome in stored:
+                    await self._notify(item, outcome)
         return [o if o is not None else StoreUnavailable("not attempted") for o in outcomes]
 
     async def _rounds(
-        self, items: list[Outgoing], queues: dict[str, list[int]], outcomes: list[Outcome | None]
+        self,
+        items: list[Outgoing],
+        queues: dict[str, list[int]],
+        outcomes: list[Outcome | None],
+        stored: list[tuple[Outgoing, Stored]],
     ) -> None:
         """Each round sends the next message of every subject (all in flight together); a
         subject's next message waits for the answer to its previous one, so ``prev`` is
-        exact. A wrong-last answer resends on the seq JetStream named (bounded)."""
+        exact. A wrong-last answer resends on the seq JetStream named (bounded). What is newly
+        stored goes to ``stored``, in the order stored (to notify)."""
         heads = {subject: 0 for subject in queues}
         prevs = {subject: self._last.get(subject) for subject in queues}
         tries = dict.fromkeys(queues, 0)
@@ -327,7 +337,7 @@ class Store:
                 outcome = outcome or StoreUnavailable("not stored: too many concurrent publishers")
                 outcomes[i] = outcome
                 if isinstance(outcome, Stored) and not outcome.duplicate:
-                    await self._notify(items[i], outcome)
+                    stored.append((items[i], outcome))
                 heads[subject] += 1
                 if isinstance(outcome, StoreUnavailable):
                     _skip_rest(queues[subject][heads[subject] :], outcomes)

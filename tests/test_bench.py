@@ -72,7 +72,7 @@ def fanout(tmp_path: Path, servers: str, *extra: str) -> dict[str, object]:
 def test_fanout_smoke_meshpush_and_the_raw_floor(tmp_path: Path) -> None:
     data = fanout(tmp_path, "meshpush,raw", "--stall-sessions", "30", "--quiet-wait", "0")
     results = {r["server"]: r for r in data["results"]}  # type: ignore[attr-defined]
-    assert set(results) == {"meshpush", "raw"}
+    assert set(results) == {"meshpush", "meshpush-batch", "raw"}
     for r in results.values():
         assert r["sessions"] == 20
         assert r["delivered"] == r["expected"] == 60

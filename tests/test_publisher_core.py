@@ -112,3 +112,33 @@ def test_nan_is_refused_before_anything_is_sent() -> None:
     core = _Core("http://a", retries=1, backoff=0.01, max_batch=10)
     with pytest.raises(ValueError):
         drive(core.publish("/v1/publish", {"user": "u", "data": float("nan")}), stored)
+
+
+def test_broadcast_many_sends_batches_and_retries_with_the_same_ids() -> None:
+    rounds: list[list[str]] = []
+
+    def answer(post: _Post) -> _Reply:
+        assert post.url == "http://a/v1/broadcast"
+        items = json.loads(post.body)["messages"]
+        assert all(set(m) == {"data", "id"} for m in items)
+        rounds.append([m["id"] for m in items])
+        results = [
+            {"error": "store_unavailable", "detail": "?"}
+            if len(rounds) == 1 and m["data"] == "b"
+            else {"seq": 100 + len(rounds), "duplicate": False, "id": m["id"]}
+            for m in items
+        ]
+        return reply(202, {"results": results})
+
+    core = _Core("http://a", retries=3, backoff=0.01, max_batch=2)
+    results, _ = drive(core.broadcast_many(["a", "b", "c"], ["i1", "i2", "i3"]), answer)
+    assert rounds == [["i1", "i2"], ["i3"], ["i2"]]  # 2 per call; only the failed one again
+    assert [(r.id, r.seq, r.user) for r in results] == [
+        ("i1", 101, None),
+        ("i2", 103, None),
+        ("i3", 102, None),
+    ]
+    with pytest.raises(ValueError):
+        core.broadcast_many(["a"], ["i1", "i2"])
+    made, _ = drive(core.broadcast_many([1, 2], None), answer)
+    assert len({r.id for r in made}) == 2  # an id made up for each message
