@@ -1,9 +1,9 @@
 """OpenTelemetry tracing of a message's path: publish on one node, delivery on its owner.
 
 Off by default, and free when off: the hooks in the hot paths (``api``, ``store``, ``bus``,
-``router``, ``sessions``, ``delivery``) test :data:`ON` (or a message's ``trace`` field, None
-when off) and do nothing else; opentelemetry is not even imported. This is the only module
-that imports it.
+``router``, ``hub``, ``sessions``, ``delivery``) test :data:`ON` (or a message's ``trace``
+field, None when off) and do nothing else; opentelemetry is not even imported. This is the
+only module that imports it.
 
 On when the standard variables ask for it (:func:`wanted`): ``OTEL_TRACES_EXPORTER`` names
 exporters (``otlp``, ``console``, any installed ``opentelemetry_traces_exporter`` entry
