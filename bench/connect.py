@@ -6,7 +6,8 @@ CONCURRENCY handshakes in flight in total and wait for each connection's first f
 meshpush that frame is the ``welcome``, sent after the JWT is verified, the user routed and the
 resume points (cursor, last seq) read: a handshake here is the whole session start. The
 connections are held (not closed) until all are open, as after a node failure when its clients
-all come back. Rate = sessions / (last welcome - first connect).
+all come back. Rate = sessions / (last welcome - first connect). "CPU ms each" is the server
+process's CPU over that window per session opened (meshpush: the node only, not NATS or etcd).
 
     meshpush bench connect [--sessions 2000] [--concurrency 128] [--readers 2]
         [--servers meshpush,node-ws,websockets,trio-websocket,raw]
@@ -53,6 +54,7 @@ def measure(target: Target, args: argparse.Namespace) -> dict[str, Any]:
         "rate": opened["ok"] / elapsed,
         "server_cpu_seconds": server_cpu,
         "per_cpu_second": per_cpu(opened["ok"], server_cpu),
+        "cpu_ms_per_handshake": 1000 * server_cpu / opened["ok"] if opened["ok"] else None,
         "reader_cpu_percent": [100 * c / elapsed for c in opened["reader_cpu"]],
     }
 
@@ -69,12 +71,13 @@ def report(data: dict[str, Any]) -> str:
             f"{r['server_cpu_seconds']:.2f}",
             f"{r['per_cpu_second']:,.0f}" if r["per_cpu_second"] else "-",
             ratio(r["cpu_vs_node_ws"]),
+            f"{r['cpu_ms_per_handshake']:.2f}" if r["cpu_ms_per_handshake"] else "-",
             " ".join(f"{c:.0f}%" for c in r["reader_cpu_percent"]),
         ]
         for r in data["results"]
     ]
     headers = ["server", "open", "seconds", "handshakes/s", "vs Node ws", "server CPU s"]
-    headers += ["per CPU-s", "vs Node ws"]
+    headers += ["per CPU-s", "vs Node ws", "CPU ms each"]
     lines = [
         f"connect: {p['sessions']} sessions, {p['concurrency']} handshakes in flight, "
         f"{p['readers']} client processes; {m['nproc']} CPUs ({m['cpu']}), "

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,47 @@ def issue_token(
     return jwt.encode(body, secret, algorithm="HS256")
 
 
+class TokenCache:
+    """Tokens verified before, so a reconnect storm (every client of a dead node coming back
+    with the token it already used) does not pay for verification again.
+
+    A bounded LRU keyed by the whole token string (a forged or altered token is another key,
+    verified in full). An entry is used only while its token is still valid on ``clock``
+    (``exp`` + leeway: the same rule as the verification), then dropped; only successful
+    verifications are kept, and tokens longer than ``max_token`` are not kept at all."""
+
+    def __init__(
+        self, size: int = 10_000, clock: Callable[[], float] = time.time, max_token: int = 4096
+    ) -> None:
+        self.size = size
+        self.clock = clock
+        self.max_token = max_token
+        self._data: OrderedDict[str, Identity] = OrderedDict()
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, token: str) -> Identity | None:
+        identity = self._data.get(token)
+        if identity is None:
+            return None
+        if self.clock() >= identity.expires_at:
+            del self._data[token]
+            return None
+        self._data.move_to_end(token)
+        self.hits += 1
+        return identity
+
+    def put(self, token: str, identity: Identity) -> None:
+        if self.size <= 0 or len(token) > self.max_token:
+            return
+        self._data[token] = identity
+        self._data.move_to_end(token)
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+
 class TokenVerifier:
     """Checks client tokens against the configured keys.
 
@@ -61,7 +103,8 @@ class TokenVerifier:
     * an algorithm is only ever checked against keys of its family, so a public key can never
       be used as an HMAC secret, and ``alg: none`` is refused;
     * ``exp`` and ``sub`` required; ``aud`` / ``iss`` required when configured; ``leeway``
-      seconds of clock skew.
+      seconds of clock skew;
+    * a token verified once is not verified again while it is valid (:class:`TokenCache`).
     """
 
     def __init__(
@@ -73,7 +116,9 @@ class TokenVerifier:
         audience: str = "",
         issuer: str = "",
         leeway: float = 0.0,
+        cache: TokenCache | None = None,
     ) -> None:
+        self.cache = cache if cache is not None else TokenCache()
         self.secrets = [k for k in (secret, *old_secrets) if k]
         self.public_keys: list[Any] = []
         if public_key:
@@ -103,6 +148,13 @@ class TokenVerifier:
     def verify(self, token: str | None) -> Identity:
         if not token:
             raise AuthError("missing_token", "no token given")
+        identity = self.cache.get(token)
+        if identity is None:
+            identity = self._verify(token)
+            self.cache.put(token, identity)
+        return identity
+
+    def _verify(self, token: str) -> Identity:
         try:
             header = jwt.get_unverified_header(token)
         except (jwt.InvalidTokenError, ValueError, TypeError, RecursionError):

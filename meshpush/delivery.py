@@ -1,8 +1,9 @@
 """Resume and live delivery of sessions: the I/O half of ``feed.Feed``.
 
 :class:`Feeder` sets where a new session resumes (``start_points``: the device's cursor, the
-client's ``last``/``blast`` and the stream's end, read concurrently so the reads of many
-handshakes cross the bridge together), replays the stream in bounded batches with flow control,
+client's ``last``/``blast`` and each channel's newest seq, read for a whole batch of concurrent
+handshakes at once by a :class:`Batcher`, so a handshake storm costs one JetStream request per
+batch, not several per handshake), replays the stream in bounded batches with flow control,
 and starts catch-ups when a feed detects a missed notification. It works on any
 :class:`Target` (``sessions.Session`` is one), so it imports nothing of the session layer.
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
@@ -21,7 +23,7 @@ from .feed import MAX_PENDING, Chained, Feed, Gap, Verdict
 from .metrics import Metrics
 from .retention import RetentionLosses
 from .settings import Settings
-from .store import Cursor, Cursors, Store, StoredMessage, StoreUnavailable
+from .store import Cursor, Cursors, Store, StoredMessage, StoreUnavailable, cursor_key
 
 __all__ = ["MAX_PENDING", "Chained", "Feed", "Feeder", "Gap", "Target", "Verdict"]
 log = logging.getLogger(__name__)
@@ -83,6 +85,143 @@ class SingleFlight:
         return value
 
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class _Waiting(Generic[V]):
+    """One queued request of a :class:`Batcher` and, once its batch is read, its outcome."""
+
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.value: V | None = None
+        self.error: Exception | None = None
+
+    def settle(self, value: V | None, error: Exception | None) -> None:
+        self.value, self.error = value, error
+        self.done.set()
+
+    def outcome(self) -> V:
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]
+
+
+class Batcher(Generic[K, V]):
+    """Requests made together share one read: the resume points of concurrent handshakes.
+
+    ``get(key)`` queues ``key`` and waits. The batcher's task (:meth:`run`) takes everything
+    queued (up to ``max_batch`` keys) and calls ``fetch(keys)`` once for them, each batch in a
+    task of its own. While ``max_inflight`` batches are being read, new requests gather for the
+    next one — for at most ``patience`` seconds, so a slow or stuck read delays the next batch
+    by that much at most: a quiet node reads at once, a busy one in large batches. The reads
+    of a batch start after every request in it was made (what a handshake reads is never
+    older than the handshake). If ``fetch`` raises, every request of that batch (and only of
+    that batch) raises the same error. Callers bound their own wait (their cancel scope).
+    Without the task running (unit tests), ``get`` reads a batch of one itself."""
+
+    def __init__(
+        self,
+        fetch: Callable[[list[K]], Awaitable[dict[K, V]]],
+        max_batch: int = 256,
+        max_inflight: int = 1,
+        patience: float = 0.05,
+    ) -> None:
+        self._fetch = fetch
+        self.max_batch = max_batch
+        self.max_inflight = max_inflight
+        self.patience = patience
+        self._inflight = 0
+        self._room = trio.Event()
+        self._queued: dict[K, _Waiting[V]] = {}
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.batches = 0  # fetches made (statistics for benchmarks and tests)
+        self.requests = 0  # keys read
+
+    async def get(self, key: K) -> V:
+        if self._nursery is None:
+            return (await self._fetch([key]))[key]
+        waiting = self._queued.get(key)
+        if waiting is None:
+            waiting = self._queued[key] = _Waiting()
+            self._wake.set()
+        await waiting.done.wait()
+        return waiting.outcome()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                while True:
+                    await self._wake.wait()
+                    await self._wait_for_room()
+                    self._wake = trio.Event()
+                    while self._queued:
+                        self._inflight += 1
+                        nursery.start_soon(self._read, self._take())
+        finally:
+            self._nursery = None
+            self._fail(self._queued, StoreUnavailable("the node is stopping"))
+            self._queued = {}
+
+    async def _wait_for_room(self) -> None:
+        """While ``max_inflight`` reads are under way, requests gather into the next batch (the
+        busier the node, the larger its batches), but for at most ``patience`` seconds: a slow
+        read never holds up the next batch for longer."""
+        with trio.move_on_after(self.patience):
+            while self._inflight >= self.max_inflight:
+                await self._room.wait()
+                self._room = trio.Event()
+
+    def _take(self) -> dict[K, _Waiting[V]]:
+        if len(self._queued) <= self.max_batch:
+            batch, self._queued = self._queued, {}
+            return batch
+        keys = list(self._queued)[: self.max_batch]
+        return {key: self._queued.pop(key) for key in keys}
+
+    async def _read(self, batch: dict[K, _Waiting[V]]) -> None:
+        self.batches += 1
+        self.requests += len(batch)
+        try:
+            found = await self._fetch(list(batch))
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        except BaseException:
+            self._fail(batch, StoreUnavailable("read cancelled"))
+            raise
+        finally:
+            self._inflight -= 1
+            self._room.set()
+        for key, waiting in batch.items():
+            value = found.get(key)
+            error = None if value is not None else StoreUnavailable("no answer for this key")
+            waiting.settle(value, error)
+
+    @staticmethod
+    def _fail(batch: dict[K, _Waiting[V]], error: Exception) -> None:
+        for waiting in batch.values():
+            if not waiting.done.is_set():
+                waiting.settle(None, error)
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """What one handshake needs to know to set its resume points (read in a batch)."""
+
+    cursor: Cursor  # the device's cursor (pending in memory, else stored; empty if none)
+    user: int  # seq of the user's newest stored message (0: none)
+    broadcast: int  # seq of the newest stored broadcast (0: none)
+
+    def last(self, ch: str) -> int:
+        return self.user if ch == "user" else self.broadcast
+
+
 class Feeder:
     """Runs replays for sessions and hands live notifications to their feeds."""
 
@@ -95,6 +234,7 @@ class Feeder:
         self.on_sent: Callable[[str, int], None] | None = None  # (user, seq): offline webhook
         self.retention = RetentionLosses(metrics)
         self.shared = SingleFlight()
+        self.starts: Batcher[tuple[str, str], Start] = Batcher(self._read_starts)
 
     # ------------------------------------------------------------ session start
 
@@ -104,54 +244,68 @@ class Feeder:
         """Set where each channel of a new (already registered) session resumes; read the first
         batch of each; say whether the resume is complete (nothing lost to retention).
 
+        The device's cursor and the newest seq of each channel are read together with those of
+        every concurrent handshake (:attr:`starts`); a channel whose resume point is already
+        at its newest seq needs no read of its own (its first batch is empty).
+
         Raises :class:`BadResume` for a client position beyond the stream's end and
         :class:`StoreUnavailable` when the stream cannot be read."""
         epoch = self.store.epoch
         claimed = {ch: n for ch, n in client.items() if n > 0 and client_epoch in ("", epoch)}
-        stored, *ends = await _gather(
-            lambda: self.cursors.load(session.user, session.device),
-            *(_bind(self._end_seq, ch) for ch in claimed),
-        )
-        for (ch, seq), end in zip(claimed.items(), ends, strict=True):
-            await self._check_position(ch, seq, end)
-        starts = {
-            ch: max(claimed.get(ch, 0), _cursor_of(stored, ch) if stored.epoch == epoch else 0)
-            for ch in session.feeds
-        }
+        known = await self.starts.get((session.user, session.device))
+        for ch, seq in claimed.items():
+            await self._check_position(ch, seq, known.last(ch))
+        stored = known.cursor
+        unread: list[str] = []  # channels with messages stored after their resume point
+        for ch, feed in session.feeds.items():
+            resume = max(claimed.get(ch, 0), _cursor_of(stored, ch) if stored.epoch == epoch else 0)
+            await self._position(feed, ch, session.user, resume, known.last(ch))
+            if feed.sent < known.last(ch):
+                unread.append(ch)
         batches = await _gather(
-            *(_bind(self._first_batch, session, ch, n) for ch, n in starts.items())
+            *(_bind(self._read, session, ch, session.feeds[ch].sent) for ch in unread)
         )
-        first = dict(zip(starts, batches, strict=True))
+        read = dict(zip(unread, batches, strict=True))
+        first = {ch: read.get(ch, []) for ch in session.feeds}
         recovered = all(
             not batch or feed.fresh or feed.skip or batch[0].prev == feed.sent
             for feed, batch in ((session.feeds[ch], b) for ch, b in first.items())
         )
         return first, recovered
 
-    async def _check_position(self, ch: str, seq: int, shared_end: int) -> None:
-        """Refuse a client position beyond the stream's end. The shared end may come from a read
-        that began before the client's last message was stored (it joined another handshake's
-        read), so a position beyond it is checked again against a read of its own."""
-        if seq <= shared_end:
+    async def _read_starts(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Start]:
+        """The :class:`Start` of a batch of (user, device): one crossing for all of them."""
+        pending = {key: self.cursors.pending(cursor_key(*key)) for key in keys}
+        wanted = [cursor_key(*key) for key, cursor in pending.items() if cursor is None]
+        found = await self.store.start_reads({user for user, _ in keys}, wanted)
+        cursors = found.cursors
+        if isinstance(cursors, StoreUnavailable):
+            self.metrics.backend_errors.labels(backend="cursor_read").inc()
+            log.warning("cursor read failed, resuming from the clients' seqs: %s", cursors)
+            cursors = {}
+        return {
+            key: Start(
+                pending[key] or cursors.get(cursor_key(*key)) or Cursor(),
+                found.users.get(key[0], 0),
+                found.broadcast,
+            )
+            for key in keys
+        }
+
+    async def _check_position(self, ch: str, seq: int, known_end: int) -> None:
+        """Refuse a client position beyond the stream's end. ``known_end`` is the channel's
+        newest seq read for this handshake (never beyond the stream's end); a position beyond
+        it (e.g. its messages were all removed by retention since) is checked against a read
+        of the stream's end of its own."""
+        if seq <= known_end:
             return
         end = await self.store.end_seq(ch)
         if seq > end:
             raise BadResume(ch, f"{ch} position {seq} is beyond the end of the stream ({end})")
 
-    async def _first_batch(self, session: Target, ch: str, resume: int) -> list[StoredMessage]:
-        feed = session.feeds[ch]
-        await self._position(feed, ch, session.user, resume)
-        return await self._read(session, ch, feed.sent)
-
-    async def _end_seq(self, ch: str) -> int:
-        return await self.shared.run(("end", ch), lambda: self.store.end_seq(ch))
-
-    async def _last_seq(self, ch: str, user: str | None) -> int:
-        if user is not None:
-            return await self.store.last_seq(ch, user)
-        return await self.shared.run(("last", ch), lambda: self.store.last_seq(ch, None))
-
-    async def _position(self, feed: Feed, ch: str, user: str, resume: int) -> None:
+    async def _position(self, feed: Feed, ch: str, user: str, resume: int, last: int) -> None:
+        """Where ``feed`` starts: ``resume`` if there is one, else as the backlog setting says
+        (``last``: the channel's newest seq, read for this handshake)."""
         if resume > 0:
             feed.start(resume)
             return
@@ -159,10 +313,16 @@ class Feeder:
         if backlog < 0:
             feed.start(0, fresh=True)
         elif backlog == 0:
-            feed.start(await self._last_seq(ch, _owner(ch, user)))
+            feed.start(last)
         else:
             count = await self.store.count(ch, _owner(ch, user))
             feed.start(0, fresh=True, skip=max(0, count - backlog))
+
+    def begin(self, session: Target, ch: str, first: list[StoredMessage]) -> None:
+        """Start delivering a new session's channel: with an empty first batch, at once (the
+        notifications buffered meanwhile are released here, no task); else in a replay."""
+        if first or not self._settle(session, ch, session.feeds[ch]):
+            session.spawn(self.replay, session, ch, first or None)
 
     # ------------------------------------------------------------ live
 
@@ -200,11 +360,7 @@ class Feeder:
                     if not await self._wait_for_room(session):
                         return
                     continue
-                released, live = feed.finish()
-                for note in released:
-                    session.send_text(_frame(ch, note))
-                self._sent(session, ch, feed)
-                if live:
+                if self._settle(session, ch, feed):
                     return
                 batch = None
         except (StoreUnavailable, BridgeClosed) as exc:
@@ -213,6 +369,14 @@ class Feeder:
             session.close(protocol.Close.GOING_AWAY, "store unavailable")
             return
         session.close(protocol.Close.GOING_AWAY, "replay did not settle")
+
+    def _settle(self, session: Target, ch: str, feed: Feed) -> bool:
+        """The stream has nothing more: release what was buffered; True if the feed is live."""
+        released, live = feed.finish()
+        for note in released:
+            session.send_text(_frame(ch, note))
+        self._sent(session, ch, feed)
+        return live
 
     async def _read(self, session: Target, ch: str, after: int) -> list[StoredMessage]:
         owner = _owner(ch, session.user)
@@ -267,7 +431,10 @@ def _bind(fn: Callable[..., Awaitable[T]], *args: Any) -> Callable[[], Awaitable
 
 
 async def _gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
-    """Run ``calls`` concurrently (their bridge crossings batch together); the first error wins."""
+    """Run ``calls`` concurrently (their bridge crossings batch together); the first error wins.
+    One call (the common case) runs in the caller's task: no nursery, no task."""
+    if len(calls) <= 1:
+        return [await call() for call in calls]
     results: list[Any] = [None] * len(calls)
     errors: list[Exception] = []
 

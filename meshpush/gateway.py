@@ -204,7 +204,9 @@ class Gateway:
         self.handshaking = trio.CapacityLimiter(HANDSHAKE_CONCURRENCY)
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        await listener.serve(self.settings, self.doorman, self._handle, task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.feeder.starts.run)  # the batched resume-point reads
+            await listener.serve(self.settings, self.doorman, self._handle, task_status=task_status)
 
     # ------------------------------------------------------------ handshake
 

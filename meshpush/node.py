@@ -10,6 +10,7 @@ logged: the node exits 0 whatever its backends do.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import signal
@@ -165,9 +166,22 @@ def announce(settings: Settings) -> None:
     )
 
 
+GC_THRESHOLDS = (10_000, 20, 10)  # young objects between collections (default 700, 10, 10)
+
+
+def tune_gc() -> None:
+    """What exists at start (modules, classes, settings) lives as long as the process: freeze
+    it out of the cyclic collector's scans, and collect young objects less often. In a
+    handshake storm the default settings made the collector ~20% of the node's CPU (full
+    collections of ~250k objects every few hundred handshakes; docs/performance.md)."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def main(settings: Settings) -> int:
     logs.setup(settings)
     tracing.setup(settings.node_id)  # on only when OTEL_* variables ask (docs/operations.md)
+    tune_gc()
     try:
         trio.run(Node(settings).run)
     except KeyboardInterrupt:  # a signal arrived after the signal handler was gone

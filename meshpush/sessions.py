@@ -255,7 +255,7 @@ class Session:
                     task_status.started()
                     self.send_text(welcome)
                     for ch in list(first):
-                        nursery.start_soon(self.ctx.feeder.replay, self, ch, first.pop(ch))
+                        self.ctx.feeder.begin(self, ch, first.pop(ch))
                     await self._read(wire)
                     nursery.cancel_scope.cancel()
         finally:

@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,14 +243,31 @@ class Store:
             ),
         ]
         infos = [await self._add_or_update(cfg) for cfg in configs]
-        self.kv = await self.bus.js.create_key_value(
+        self.kv = await self._cursor_bucket()
+        await self._acks.start(self.bus.nc)
+        return infos
+
+    async def _cursor_bucket(self) -> Any:
+        """The cursor bucket, with direct gets allowed (a batch of cursors is one request). A
+        bucket that exists with another configuration (made by an older meshpush) is used as
+        it is, switched to direct gets in place (nothing else of it changes)."""
+        s = self.settings
+        config = nats.js.api.KeyValueConfig(
             bucket=self.bucket,
             history=1,
             ttl=CURSOR_TTL_FACTOR * s.max_message_age,  # outlive messages: gaps stay visible
             replicas=s.stream_replicas,
+            direct=True,
         )
-        await self._acks.start(self.bus.nc)
-        return infos
+        js = self.bus.js
+        try:
+            return await js.create_key_value(config)
+        except nats.js.errors.BadRequestError:  # it exists with another configuration
+            info = await js.stream_info(f"KV_{self.bucket}")
+            if not info.config.allow_direct:
+                info.config.allow_direct = True
+                await js.update_stream(info.config)
+            return await js.key_value(self.bucket)
 
     async def _add_or_update(self, cfg: Any) -> Any:
         try:
@@ -432,12 +449,79 @@ class Store:
         result: int = await self._call(get)
         return result
 
+    async def start_reads(self, users: Collection[str], keys: Collection[str]) -> Starts:
+        """Where a batch of handshakes resume from, in one crossing and three JetStream
+        requests made together: the newest seq of every user in ``users`` (one multi-last
+        direct get), the device cursors under ``keys`` (one on the cursor bucket) and the newest
+        broadcast. Raises :class:`StoreUnavailable` if the streams cannot be read; a failed
+        cursor read is reported in :attr:`Starts.cursors` (the handshakes go on without)."""
+        if self.bus.js is None or self.kv is None:
+            raise StoreUnavailable("not connected to JetStream yet")
+        found: Starts = await self._call(lambda: self._start_reads(list(users), list(keys)))
+        return found
+
+    async def _start_reads(self, users: list[str], keys: list[str]) -> Starts:
+        lasts, cursors, broadcast = await asyncio.gather(
+            self._last_of_users(users),
+            self._cursors_of(keys),
+            self._last_broadcast(),
+            return_exceptions=True,
+        )
+        for part in (lasts, broadcast):
+            if isinstance(part, BaseException):
+                raise part
+        if isinstance(cursors, BaseException):
+            cursors = StoreUnavailable(f"cursor read failed: {cursors!r}")
+        return Starts(lasts, cursors, broadcast)  # type: ignore[arg-type]
+
+    async def _last_of_users(self, users: list[str]) -> dict[str, int]:
+        subjects = {stream_subject(self.settings, "user", u): u for u in users}
+        found = await self._multi_last(self.streams["user"], list(subjects))
+        return {subjects[s]: int(m.headers["Nats-Sequence"]) for s, m in found.items()}
+
+    async def _cursors_of(self, keys: list[str]) -> dict[str, Cursor]:
+        kv = self.kv
+        if not keys:
+            return {}
+        if not getattr(kv, "_direct", False):  # a bucket without direct gets: one get a key
+            got = await asyncio.gather(*(_kv_value(kv, k) for k in keys))
+            return {k: _parse_cursor(v) for k, v in zip(keys, got, strict=True) if v is not None}
+        prefix = f"$KV.{self.bucket}."
+        found = await self._multi_last(f"KV_{self.bucket}", [prefix + k for k in keys])
+        return {
+            subject[len(prefix) :]: _parse_cursor(msg.data)
+            for subject, msg in found.items()
+            if (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE")
+        }
+
+    async def _last_broadcast(self) -> int:
+        try:
+            msg = await self.bus.js.get_msg(
+                self.streams["broadcast"],
+                subject=stream_subject(self.settings, "broadcast", None),
+                direct=True,
+            )
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(msg.seq or 0)
+
+    async def _multi_last(self, stream: str, subjects: list[str]) -> dict[str, Any]:
+        """The newest message of each of ``subjects`` that has one, by subject: one request."""
+        if not subjects:
+            return {}
+        msgs = await self._direct_get(stream, {"multi_last": subjects}, len(subjects))
+        return {m.headers["Nats-Subject"]: m for m in msgs}
+
     async def _direct_batch(self, stream: str, subject: str, start: int, limit: int) -> list[Any]:
+        request = {"seq": start, "next_by_subj": subject, "batch": limit}
+        return await self._direct_get(stream, request, limit)
+
+    async def _direct_get(self, stream: str, request: dict[str, Any], limit: int) -> list[Any]:
+        """One batched direct get: up to ``limit`` messages, then the end-of-batch status."""
         nc = self.bus.nc
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox, max_msgs=limit + 1)
         try:
-            request = {"seq": start, "next_by_subj": subject, "batch": limit}
             await nc.publish(
                 f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox
             )
@@ -481,6 +565,25 @@ def _message_id(headers: dict[str, str]) -> str:
 # ---------------------------------------------------------------- cursors
 
 
+async def _kv_value(kv: Any, key: str) -> bytes | None:
+    """The value under ``key`` (None: no such key, or deleted)."""
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:  # KeyDeletedError is one too
+        return None
+    return bytes(entry.value or b"")
+
+
+def _parse_cursor(value: bytes) -> Cursor:
+    """A stored cursor; an unreadable one counts as none (the client's own position rules)."""
+    try:
+        obj = json.loads(value or b"{}")
+        return Cursor(int(obj.get("u", 0)), int(obj.get("b", 0)), str(obj.get("e", "")))
+    except (ValueError, TypeError, AttributeError):
+        log.warning("unreadable cursor %r ignored", value[:64])
+        return Cursor()
+
+
 def _cursor_json(c: Cursor) -> bytes:
     return json.dumps({"u": c.user, "b": c.broadcast, "e": c.epoch}).encode()
 
@@ -496,8 +599,18 @@ class Cursor:
     epoch: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Starts:
+    """Where the streams of a batch of handshakes stand (:meth:`Store.start_reads`)."""
+
+    users: dict[str, int]  # user -> seq of its newest stored message (absent: none stored)
+    cursors: dict[str, Cursor] | StoreUnavailable  # cursor key -> cursor (absent: none)
+    broadcast: int  # seq of the newest stored broadcast (0: none)
+
+
 class Cursors:
-    """Per-device acked seqs: read at connect, written in batches (not once per ack)."""
+    """Per-device acked seqs: written in batches (not once per ack); read at connect in
+    batches too (``Store.start_reads``), preferring what is pending here (:meth:`pending`)."""
 
     def __init__(self, store: Store, metrics: Metrics, interval: float = 1.0) -> None:
         self.store = store
@@ -509,27 +622,9 @@ class Cursors:
         self.writes = 0
         self.flushes = 0
 
-    async def load(self, user: str, device: str) -> Cursor:
-        key = cursor_key(user, device)
-        pending = self._dirty.get(key) or self._inflight.get(key)
-        if pending is not None:
-            return pending
-
-        async def get() -> Cursor:
-            try:
-                entry = await self.store.kv.get(key)
-            except nats.js.errors.KeyNotFoundError:
-                return Cursor()
-            obj = json.loads(entry.value or b"{}")
-            return Cursor(int(obj.get("u", 0)), int(obj.get("b", 0)), str(obj.get("e", "")))
-
-        try:
-            cursor: Cursor = await self.store._call(get)
-        except (StoreUnavailable, ValueError) as exc:
-            self.metrics.backend_errors.labels(backend="cursor_read").inc()
-            log.warning("cursor read failed for a device, resuming from the client's seq: %r", exc)
-            return Cursor()
-        return cursor
+    def pending(self, key: str) -> Cursor | None:
+        """A cursor of ``key`` not written yet (fresher than the bucket's), or None."""
+        return self._dirty.get(key) or self._inflight.get(key)
 
     def save(self, user: str, device: str, cursor: Cursor, urgent: bool = False) -> None:
         self._dirty[cursor_key(user, device)] = cursor

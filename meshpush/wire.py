@@ -39,6 +39,8 @@ from wsproto.events import (
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError
 
+from . import upgrade
+
 RECEIVE_BYTES = 65536
 IOV_MAX = 64  # frames per writev call
 
@@ -71,11 +73,18 @@ _DONE = H11Handshake(ConnectionType.SERVER)  # stands in for a finished handshak
 class Upgrade:
     """An HTTP upgrade request read from a fresh connection, not answered yet."""
 
-    __slots__ = ("_handshake", "request", "stream")
+    __slots__ = ("_handshake", "_head", "request", "stream")
 
-    def __init__(self, stream: trio.abc.Stream, handshake: H11Handshake, request: Request):
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        handshake: H11Handshake | None,
+        request: Request,
+        head: bytes = b"",
+    ):
         self.stream = stream
-        self._handshake = handshake
+        self._handshake = handshake  # None: read by the fast path (``upgrade.parse``) ...
+        self._head = head  # ... from these bytes (for h11, should a refusal need it)
         self.request = request
 
     @property
@@ -90,12 +99,18 @@ class Upgrade:
 
     @classmethod
     async def read(cls, stream: trio.abc.Stream) -> Upgrade:
-        """Read until a complete upgrade request; raises :class:`HandshakeFailed`."""
-        handshake = H11Handshake(ConnectionType.SERVER)
+        """Read until a complete upgrade request; raises :class:`HandshakeFailed`. The common
+        request, whole in the first read, is parsed without h11 (``upgrade.parse``)."""
+        handshake: H11Handshake | None = None
         while True:
             data = await stream.receive_some(RECEIVE_BYTES)
             if not data:
                 raise HandshakeFailed("peer closed during the handshake")
+            if handshake is None:
+                fast = upgrade.parse(bytes(data))
+                if fast is not None:
+                    return cls(stream, None, fast, bytes(data))
+                handshake = H11Handshake(ConnectionType.SERVER)
             try:
                 handshake.receive_data(cast(bytes, data))
                 for event in handshake.events():
@@ -107,18 +122,34 @@ class Upgrade:
 
     async def reject(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         headers = [*headers, (b"content-length", str(len(body)).encode())]
-        data = self._handshake.send(RejectConnection(status, headers, has_body=True))
-        data += self._handshake.send(RejectData(body, body_finished=True))
+        handshake = self._handshake or _h11_after(self._head)
+        data = handshake.send(RejectConnection(status, headers, has_body=True))
+        data += handshake.send(RejectData(body, body_finished=True))
         await self.stream.send_all(data)
 
     async def accept(self) -> Wire:
         """Answer 101; the HTTP machinery (h11) is dropped, only the frame parser stays."""
-        data = self._handshake.send(AcceptConnection())
-        connection = self._handshake.connection
-        assert connection is not None
-        self._handshake = _DONE
+        if self._handshake is None:  # the fast path's request: the same answer, no h11
+            data, connection = (
+                upgrade.accept_response(self.request),
+                Connection(ConnectionType.SERVER),
+            )
+        else:
+            data = self._handshake.send(AcceptConnection())
+            connection = self._handshake.connection  # type: ignore[assignment]
+            assert connection is not None
+        self._handshake, self._head = _DONE, b""
         await self.stream.send_all(data)
         return Wire(self.stream, connection)
+
+
+def _h11_after(head: bytes) -> H11Handshake:
+    """An h11 handshake that has read ``head`` (to answer a fast-path request with a refusal)."""
+    handshake = H11Handshake(ConnectionType.SERVER)
+    handshake.receive_data(head)
+    for _ in handshake.events():
+        pass
+    return handshake
 
 
 async def _answer_bad_request(

@@ -125,13 +125,13 @@ async def test_a_position_beyond_a_stale_shared_end_is_checked_again() -> None:
     """A handshake that joined an earlier handshake's read of the stream's end may see an end
     from before the client's last message was stored: that is no reason to refuse it."""
     store = _StoreWithEnd(5524)
-    await _feeder(store)._check_position("user", 5524, shared_end=5523)
+    await _feeder(store)._check_position("user", 5524, known_end=5523)
     assert store.reads == 1
-    await _feeder(store)._check_position("user", 5000, shared_end=5523)
+    await _feeder(store)._check_position("user", 5000, known_end=5523)
     assert store.reads == 1  # within the shared end: no second read
 
 
 async def test_a_position_beyond_the_real_end_is_refused() -> None:
     store = _StoreWithEnd(5523)
     with pytest.raises(BadResume, match="beyond the end"):
-        await _feeder(store)._check_position("user", 5600, shared_end=5523)
+        await _feeder(store)._check_position("user", 5600, known_end=5523)

@@ -1,0 +1,74 @@
+"""``Store.start_reads`` against a real ``nats-server -js``: the batched multi-last reads of
+the users' newest seqs, the cursors (also from a bucket made before it allowed direct gets)
+and the newest broadcast."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import trio
+import trio_asyncio
+
+from meshpush.bridge import Bridge, aio
+from meshpush.bus import Bus
+from meshpush.devcluster import LocalCluster
+from meshpush.metrics import Metrics
+from meshpush.settings import Settings
+from meshpush.store import Cursor, Cursors, Store, cursor_key
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with LocalCluster(tmp_path_factory.mktemp("start-reads"), nodes=0) as cluster:
+        yield cluster
+
+
+@contextlib.asynccontextmanager
+async def _store(backends: LocalCluster, name: str, old_bucket: bool) -> AsyncIterator[Store]:
+    settings = Settings(node_id="t", cluster=name, nats_url=backends.nats_url)
+    metrics = Metrics("t")
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        bridge = await nursery.start(Bridge().run)
+        bus = await nursery.start(Bus(settings, bridge, metrics).run)
+        if old_bucket:  # as an older meshpush made it: no direct gets
+            await aio(bus.js.create_key_value)(bucket=f"MP_{name}_CURSORS", history=1)
+        store = Store(settings, bus, bridge, metrics)
+        await store.setup()
+        yield store
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("old_bucket", [False, True])
+async def test_one_batch_reads_newest_seqs_cursors_and_the_broadcast_end(
+    backends: LocalCluster, old_bucket: bool
+) -> None:
+    name = f"sr{int(old_bucket)}"
+    async with _store(backends, name, old_bucket) as store:
+        users = ["alice", "bob.x*>", "carol ü"]  # encoded into subjects
+        seqs = {}
+        for user in users[:2]:
+            for i in range(3):
+                seqs[user] = (await store.publish("user", user, f"{user}-{i}", "{}")).seq
+        bcast = (await store.publish("broadcast", None, "b1", "{}")).seq
+        cursors = Cursors(store, Metrics("c"))
+        cursors.save("alice", "phone", Cursor(2, 1, store.epoch))
+        cursors.save("bob.x*>", "tab let", Cursor(5, 0, store.epoch))
+        cursors.save("carol ü", "gone", Cursor(9, 9, store.epoch))
+        await cursors.flush()
+        await aio(store.kv.delete)(cursor_key("carol ü", "gone"))
+        keys = [
+            cursor_key(u, d)
+            for u, d in [("alice", "phone"), ("bob.x*>", "tab let"), ("carol ü", "gone")]
+        ]
+        keys.append(cursor_key("dave", "new"))
+        found = await store.start_reads(users, keys)
+        assert found.users == seqs  # carol has no message: absent
+        assert found.broadcast == bcast
+        assert found.cursors == {
+            keys[0]: Cursor(2, 1, store.epoch),
+            keys[1]: Cursor(5, 0, store.epoch),
+        }  # deleted and missing cursors: absent
+        info = await aio(store.bus.js.stream_info)(f"KV_MP_{name}_CURSORS")
+        assert info.config.allow_direct  # an old bucket was switched in place
