@@ -1,4 +1,5 @@
-"""The HTTP API of a node (Starlette app served by hypercorn's trio worker).
+"""The HTTP API of a node: routes and handlers, served by :mod:`meshpush.http` (lean HTTP/1.1
+on trio; ``Api.app`` is the same routes as an ASGI app for in-process tests).
 
 ``POST /v1/publish`` (one user, or ``users``), ``POST /v1/publish/batch``,
 ``POST /v1/broadcast`` (API key), ``GET /v1/route``, ``GET /v1/nodes``, ``GET /metrics``,
@@ -23,17 +24,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from . import tracing
 from .auth import AuthError, bearer, check_api_key
 from .encoding import BadId, check_id
+from .http import HttpServer, JSONResponse, Request, Response, Routes
+from .listener import server_ssl_context
 from .metrics import Metrics
 from .ring import slot
 from .router import Router
@@ -87,35 +83,11 @@ def parse_json(raw: bytes) -> Any:
     return body
 
 
-HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own errors (unknown path 404, wrong method 405, ...) as JSON errors too."""
-    assert isinstance(exc, HTTPException)
-    code = HTTP_ERROR_CODES.get(exc.status_code, f"http_{exc.status_code}")
-    response = _error(exc.status_code, code, exc.detail)
-    response.headers.update(exc.headers or {})
-    return response
-
-
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    """An unexpected error (a bug; Starlette logs it) still answers JSON, without details."""
-    return _error(500, "internal_error", "unexpected server error")
-
-
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """Read at most ``limit`` bytes of body and parse a JSON object, or raise ApiError."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    """Parse the request's body (at most ``limit`` bytes) as a JSON object, or raise ApiError."""
+    if len(request.body) > limit:
         raise ApiError(413, "too_large", f"body larger than {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "too_large", f"body larger than {limit} bytes")
-        chunks.append(chunk)
-    body = parse_json(b"".join(chunks))
+    body = parse_json(request.body)
     if not isinstance(body, dict):
         raise ApiError(400, "bad_body", "body must be a JSON object")
     return body
@@ -206,26 +178,19 @@ class Api:
         self.store = store
         self.metrics = metrics
         self.port = settings.http_port
-        routes = [
-            Route("/v1/publish", self._guard(self.publish, auth=True), methods=["POST"]),
-            Route("/v1/publish/batch", self._guard(self.batch, auth=True), methods=["POST"]),
-            Route("/v1/broadcast", self._guard(self.broadcast, auth=True), methods=["POST"]),
-            Route("/v1/route", self._guard(self.route), methods=["GET"]),
-            Route("/v1/nodes", self._guard(self.nodes), methods=["GET"]),
-            # presence (meshpush/presence.py): reads of who is online need the API key
-            Route("/v1/presence", self._guard(self._presence, auth=True), methods=["GET", "POST"]),
-            Route(
-                "/metrics",
-                self._guard(self.metrics_page, auth=settings.protect_metrics),
-                methods=["GET"],
-            ),
-            Route("/healthz", self._guard(self.healthz), methods=["GET"]),
-            Route("/readyz", self._guard(self.readyz), methods=["GET"]),
-        ]
-        self.app = Starlette(
-            routes=routes,
-            exception_handlers={HTTPException: _http_error, Exception: _internal_error},
-        )
+        self.routes = Routes()
+        add = self.routes.add
+        add("/v1/publish", ["POST"], self._guard(self.publish, auth=True))
+        add("/v1/publish/batch", ["POST"], self._guard(self.batch, auth=True))
+        add("/v1/broadcast", ["POST"], self._guard(self.broadcast, auth=True))
+        add("/v1/route", ["GET"], self._guard(self.route))
+        add("/v1/nodes", ["GET"], self._guard(self.nodes))
+        # presence (meshpush/presence.py): reads of who is online need the API key
+        add("/v1/presence", ["GET", "POST"], self._guard(self._presence, auth=True))
+        add("/metrics", ["GET"], self._guard(self.metrics_page, auth=settings.protect_metrics))
+        add("/healthz", ["GET"], self._guard(self.healthz))
+        add("/readyz", ["GET"], self._guard(self.readyz))
+        self.app = self.routes.asgi(settings.max_body_bytes)
 
     def _guard(self, handler: Handler, auth: bool = False) -> Handler:
         async def guarded(request: Request) -> Response:
@@ -381,25 +346,14 @@ class Api:
     # ------------------------------------------------------------ serving
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        config = Config()
-        config.bind = [f"{_bind_host(self.settings.http_host)}:{self.settings.http_port}"]
-        config.accesslog = None
-        config.errorlog = None
-        config.graceful_timeout = 1.0
-        config.h11_max_incomplete_size = 16 * 1024
-        config.read_timeout = int(max(1, self.settings.handshake_timeout))  # slowloris
-        if self.settings.tls:
-            config.certfile = self.settings.tls_cert_file
-            config.keyfile = self.settings.tls_key_file
-
-        async def started(task_status: trio.TaskStatus[list[str]]) -> None:
-            await serve(self.app, config, task_status=task_status)  # type: ignore[arg-type]
-
+        s = self.settings
+        server = HttpServer(
+            self.routes,
+            max_body=s.max_body_bytes,
+            max_connections=s.max_http_connections,
+            request_timeout=max(1.0, s.handshake_timeout),  # slowloris
+            ssl_context=server_ssl_context(s),
+        )
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(started)
-            self.port = int(binds[0].rsplit(":", 1)[1])
+            self.port = await nursery.start(server.run, s.http_host, s.http_port)
             task_status.started(self.port)
-
-
-def _bind_host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host

@@ -9,7 +9,8 @@ future or timer per message. Each answer becomes a :class:`Stored`-like tuple, t
 JetStream says is the real last one (``wrong last sequence``), or an error.
 :class:`GroupCommit` merges the publish requests that arrive while earlier ones are in flight,
 so single publishes from many HTTP requests share rounds too. Runs on the asyncio loop
-(called from :mod:`meshpush.store` inside bridge crossings).
+(called from :mod:`meshpush.store` inside bridge crossings). :class:`TrioGroupCommit` merges
+small requests already on the trio side, so they share one bridge crossing too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import nats.errors
+import trio
 
 WRONG_LAST = 10071
 _LAST_RE = re.compile(r"wrong last sequence: (\d+)")
@@ -141,11 +143,20 @@ class AckInbox:
                 round_.answer(i, Refused(f"not sent: {type(exc).__name__}"))
             except (nats.errors.Error, OSError) as exc:
                 round_.answer(i, NoAnswer(f"send failed: {type(exc).__name__}"))
-        if round_.remaining:
-            await asyncio.wait([round_.done], timeout=timeout)
-        for token in tokens:
-            self._waiting.pop(token, None)
+        try:
+            if round_.remaining:  # one timer and no extra task (asyncio.wait adds a waiter)
+                timer = asyncio.get_running_loop().call_later(timeout, _expire, round_.done)
+                await round_.done
+                timer.cancel()
+        finally:
+            for token in tokens:
+                self._waiting.pop(token, None)
         return [a if a is not None else NoAnswer("no answer in time") for a in round_.answers]
+
+
+def _expire(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 Item = TypeVar("Item")
@@ -194,3 +205,106 @@ class GroupCommit(Generic[Item, Result]):
                 if not future.done():
                     future.set_result(results[start : start + len(items)])
                 start += len(items)
+
+
+class _Waiting(Generic[Item, Result]):
+    __slots__ = ("answered", "done", "error", "items", "lead", "result")
+
+    def __init__(self, items: list[Item]) -> None:
+        self.items = items
+        self.done = trio.Event()
+        self.lead = False  # woken to take a lane over (a lane's task was cancelled)
+        self.answered = False
+        self.result: Sequence[Result] = ()
+        self.error: BaseException | None = None
+
+    def answer(self, result: Sequence[Result], error: BaseException | None = None) -> None:
+        if not self.answered:
+            self.answered, self.result, self.error = True, result, error
+            self.done.set()
+
+
+class TrioGroupCommit(Generic[Item, Result]):
+    """:class:`GroupCommit` on the trio side, for small requests (single publishes): at most
+    ``lanes`` merged batches run at once;
+    the requests that arrive while every lane is busy wait and go together in the next one —
+    one bridge crossing, one asyncio task and one round of publishes for many HTTP requests
+    (group commit, without waiting on a timer). ``run`` gets the concatenated items and
+    returns one result per item, in order.
+
+    A lane is the task of a request that found one free; it runs one batch, then the oldest
+    request that queued meanwhile takes the lane over (so no request's answer waits for other
+    requests' batches). If a lane's task is cancelled, its batch's outcome is unknown
+    (``cancelled(items)`` answers it) and the lane is handed over the same way."""
+
+    def __init__(
+        self,
+        run: Callable[[list[Item]], Awaitable[Sequence[Result]]],
+        cancelled: Callable[[list[Item]], Sequence[Result]],
+        lanes: int = 4,
+    ) -> None:
+        self._run = run
+        self._cancelled = cancelled
+        self._lanes = lanes
+        self._busy = 0
+        self._queue: list[_Waiting[Item, Result]] = []
+        self.batches = 0
+
+    async def submit(self, items: list[Item]) -> Sequence[Result]:
+        me: _Waiting[Item, Result] = _Waiting(items)
+        self._queue.append(me)
+        if self._busy < self._lanes:
+            self._busy += 1
+            await self._lane()
+        while not me.answered:
+            if me.lead:  # handed a lane (counted in _busy by _hand_over)
+                me.lead = False
+                await self._lane()
+                continue
+            if me.done.is_set():  # woken to lead, but another lane took our entry
+                me.done = trio.Event()
+            try:
+                await me.done.wait()
+            except BaseException:
+                if me in self._queue:
+                    self._queue.remove(me)
+                if me.lead:  # the lane handed to us goes on to the next waiter
+                    me.lead = False
+                    self._busy -= 1
+                    self._hand_over()
+                raise
+        if me.error is not None:
+            raise me.error
+        return me.result
+
+    def _hand_over(self) -> None:
+        waiting = [w for w in self._queue if not w.lead]
+        if waiting and self._busy < self._lanes:
+            self._busy += 1
+            waiting[0].lead = True
+            waiting[0].done.set()
+
+    async def _lane(self) -> None:
+        """Run one merged batch of everything queued (``_busy`` counts this lane already),
+        then hand the lane to the oldest request that queued meanwhile: the task that ran a
+        batch returns to its own caller at once."""
+        batch, self._queue = self._queue, []
+        try:
+            if batch:
+                self.batches += 1
+                merged = [item for w in batch for item in w.items]
+                try:
+                    results = await self._run(merged)
+                except Exception as exc:
+                    for w in batch:
+                        w.answer((), exc)
+                else:
+                    start = 0
+                    for w in batch:
+                        w.answer(results[start : start + len(w.items)])
+                        start += len(w.items)
+        finally:
+            for w in batch:
+                w.answer(self._cancelled(w.items))  # no-op for those answered above
+            self._busy -= 1
+            self._hand_over()

@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import nats.errors
 import trio
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 from .api import ApiError, check_fields, items_list, read_json
 from .bridge import BridgeClosed, aio
 from .encoding import BadId, check_id
+from .http import JSONResponse, Request, Response
 from .settings import Settings
 
 if TYPE_CHECKING:

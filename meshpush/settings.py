@@ -155,6 +155,9 @@ class Settings:
     max_connections: int = field(
         default=100_000, metadata={"help": "open WebSocket connections per node (503 above)"}
     )
+    max_http_connections: int = field(
+        default=1024, metadata={"help": "open HTTP API connections per node (503 above)"}
+    )
     max_sessions_per_user: int = field(
         default=32, metadata={"help": "concurrent sessions per user on its owner (429 above)"}
     )
