@@ -20,6 +20,7 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Protocol
 
 import trio
 
@@ -29,7 +30,17 @@ from .settings import Settings
 from .wire import HandshakeFailed, Upgrade
 
 log = logging.getLogger(__name__)
-Handler = Callable[[Upgrade, str], Awaitable[None]]
+
+
+class Served(Protocol):
+    """What a handler hands back once the handshake is done: a session to run in this task."""
+
+    async def run(self) -> None: ...
+
+
+# answers one upgrade (``request``, peer ``ip``); returns the session to run, or None if the
+# connection is done (refused, redirected, the client left)
+Handler = Callable[[Upgrade, str], Awaitable[Served | None]]
 _REASONS = {
     400: "Bad Request",
     403: "Forbidden",
@@ -180,23 +191,9 @@ async def _connection(
     ip = _peer(tcp)
     refusal = doorman.admit(ip)
     try:
-        stream: trio.abc.Stream = tcp
-        with trio.move_on_after(settings.handshake_timeout) as timer:
-            if context is not None:
-                stream = trio.SSLStream(tcp, context, server_side=True, https_compatible=True)
-                await stream.do_handshake()
-            if refusal is not None:
-                doorman.sampled.log(
-                    trio.current_time(), refusal.code, "refused %s: %s", ip, refusal.code
-                )
-                doorman.metrics.handshakes.labels(result=refusal.code).inc()
-                await _send_refusal(stream, refusal)
-                return
-            upgrade = await Upgrade.read(stream)
-            timer.deadline = float("inf")  # upgrade request complete: no more deadline
-            await handler(upgrade, ip)
-        if timer.cancelled_caught:
-            doorman.metrics.handshakes.labels(result="handshake_timeout").inc()
+        session = await _handshake(settings, doorman, handler, context, tcp, ip, refusal)
+        if session is not None:  # the session runs in this task, outside the handshake's frames
+            await session.run()
     except HandshakeFailed as exc:
         doorman.metrics.handshakes.labels(result="bad_request").inc()
         log.debug("connection from %s sent no upgrade: %s", ip, exc)
@@ -211,6 +208,36 @@ async def _connection(
             doorman.release(ip)
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await tcp.aclose()
+
+
+async def _handshake(
+    settings: Settings,
+    doorman: Doorman,
+    handler: Handler,
+    context: ssl.SSLContext | None,
+    tcp: trio.SocketStream,
+    ip: str,
+    refusal: Refusal | None,
+) -> Served | None:
+    """TLS, the refusal or the upgrade request (within ``handshake_timeout``), then the
+    handler's handshake; the session it returns, if any."""
+    stream: trio.abc.Stream = tcp
+    with trio.move_on_after(settings.handshake_timeout) as timer:
+        if context is not None:
+            stream = trio.SSLStream(tcp, context, server_side=True, https_compatible=True)
+            await stream.do_handshake()
+        if refusal is not None:
+            doorman.sampled.log(
+                trio.current_time(), refusal.code, "refused %s: %s", ip, refusal.code
+            )
+            doorman.metrics.handshakes.labels(result=refusal.code).inc()
+            await _send_refusal(stream, refusal)
+            return None
+        upgrade = await Upgrade.read(stream)
+        timer.deadline = float("inf")  # upgrade request complete: no more deadline
+        return await handler(upgrade, ip)
+    doorman.metrics.handshakes.labels(result="handshake_timeout").inc()
+    return None
 
 
 async def _send_refusal(stream: trio.abc.Stream, refusal: Refusal) -> None:
