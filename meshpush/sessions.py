@@ -4,14 +4,18 @@ A session is a pure :class:`~meshpush.machine.SessionMachine` (feeds, acks, fram
 deadlines, slow-consumer rule) driven by one task, ``run``, which owns everything the session
 does: it reads and parses client frames (and wakes up for the machine's next deadline), and
 it hosts the session's on-demand tasks — stream replays and, only while the kernel will not
-take more, the drain of the outbound buffer. An idle session is one task, no buffer.
+take more, the drain of the outbound buffer — in a nursery it opens only while there are
+some. ``run`` is the connection's own task (the listener calls it once the handshake has
+``open``-ed the session): an idle session is that one task parked on its socket under one
+cancel scope, no nursery, no buffer.
 
 Frames arrive already encoded (``wire.encode_text``: one ``bytes`` for every session a
 message goes to) and are written at once when the socket takes them; what does not fit waits
 in the session's outbound deque, and every later frame waits behind it (order is kept).
 
 Anyone may end a session with ``close(code, reason, frame)``; the first decision wins, the
-session's task is cancelled and ``run`` writes what was buffered, ``frame``, and the close.
+session's task is woken (its read scope cancelled) and ``run`` cancels the helpers, writes
+what was buffered, ``frame``, and the close, then calls ``Context.on_end``.
 """
 
 from __future__ import annotations

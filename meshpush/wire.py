@@ -1,11 +1,13 @@
-"""The node's WebSocket server connections, built on wsproto directly (no per-connection tasks).
+"""The node's WebSocket server connections: no per-connection task, no per-connection wsproto.
 
 * :class:`Upgrade` reads one HTTP upgrade request (h11 limits, through wsproto's
   ``H11Handshake``) and answers it: ``reject`` (HTTP status + JSON body) or ``accept``, which
   returns a :class:`Wire` and drops the HTTP machinery.
-* :class:`Wire` is one open WebSocket: ``receive`` feeds bytes to wsproto's frame parser and
-  returns its events; writes take *already encoded* frames (``encode_text``: a server frame is
-  never masked, so one ``bytes`` object serves every session it goes to).
+* :class:`Wire` is one open WebSocket: its client frames are parsed by
+  ``frames.ClientFrames`` (``receive``; or, on plain TCP, ``read`` once the owner saw the fd
+  readable, so an idle owner waits on the fd itself); writes take *already encoded* frames
+  (``encode_text``: a server frame is never masked, so one ``bytes`` object serves every
+  session it goes to).
 * Writes on a plain TCP socket go straight to the kernel (``os.writev`` on the nonblocking fd,
   no await, no task) when it has room; only what does not fit is kept, and the owner drains it
   when the socket is writable (``send_buffered``). Over TLS the frame bytes are still shared,
