@@ -285,7 +285,7 @@ class Session:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             try:
-                while self.machine.closing is None and (self.tasks or self.pending):
+                while self.machine.closing is None and (self.pending or self._keep_nursery()):
                     pending, self.pending = self.pending, None
                     for fn, args in pending or ():
                         self.tasks += 1
@@ -312,7 +312,12 @@ class Session:
         """Nothing for the session's task to do but read: no helper to start, none to end."""
         if self.pending:
             return False
-        return self.nursery is None or self.tasks > 0
+        return self.nursery is None or self._keep_nursery()
+
+    def _keep_nursery(self) -> bool:
+        """While helpers run; and always over TLS, where every write is drained by a helper
+        (a TLS session costs ~30 KB anyway: its nursery is not worth a wake-up per burst)."""
+        return self.tasks > 0 or (self.wire is not None and not self.wire.fast)
 
     async def _serve(self) -> None:
         """Read client frames and keep the deadlines until closing or ``_wake``.
