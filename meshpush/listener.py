@@ -8,8 +8,9 @@ raw HTTP response with the documented status and JSON body (403, 429 or 503 with
 
 An admitted connection must finish TLS (if configured) and the HTTP upgrade request within
 ``handshake_timeout`` — a client that trickles its headers (slowloris) is dropped — and the
-request itself is bounded by h11's limits (``wire.Upgrade``, on wsproto). The handler then
-runs in this connection's task: a session needs no other task while it is idle.
+request itself is bounded by h11's limits (``wire.Upgrade``, on wsproto). The handler (the
+gateway's handshake) returns the session it opened, and this connection's task then runs it,
+outside the handshake's frames and scope: a session needs no other task while it is idle.
 """
 
 from __future__ import annotations
@@ -190,9 +191,27 @@ async def _connection(
 ) -> None:
     ip = _peer(tcp)
     refusal = doorman.admit(ip)
+    session: Served | None = None
     try:
-        session = await _handshake(settings, doorman, handler, context, tcp, ip, refusal)
-        if session is not None:  # the session runs in this task, outside the handshake's frames
+        stream: trio.abc.Stream = tcp
+        with trio.move_on_after(settings.handshake_timeout) as timer:
+            if context is not None:
+                stream = trio.SSLStream(tcp, context, server_side=True, https_compatible=True)
+                await stream.do_handshake()
+            if refusal is not None:
+                doorman.sampled.log(
+                    trio.current_time(), refusal.code, "refused %s: %s", ip, refusal.code
+                )
+                doorman.metrics.handshakes.labels(result=refusal.code).inc()
+                await _send_refusal(stream, refusal)
+                return
+            upgrade = await Upgrade.read(stream)
+            timer.deadline = float("inf")  # upgrade request complete: no more deadline
+            session = await handler(upgrade, ip)
+            del upgrade  # not kept for the session's life (its request headers)
+        if timer.cancelled_caught:
+            doorman.metrics.handshakes.labels(result="handshake_timeout").inc()
+        if session is not None:  # this task runs the session, outside the handshake's scope
             await session.run()
     except HandshakeFailed as exc:
         doorman.metrics.handshakes.labels(result="bad_request").inc()
@@ -208,36 +227,6 @@ async def _connection(
             doorman.release(ip)
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await tcp.aclose()
-
-
-async def _handshake(
-    settings: Settings,
-    doorman: Doorman,
-    handler: Handler,
-    context: ssl.SSLContext | None,
-    tcp: trio.SocketStream,
-    ip: str,
-    refusal: Refusal | None,
-) -> Served | None:
-    """TLS, the refusal or the upgrade request (within ``handshake_timeout``), then the
-    handler's handshake; the session it returns, if any."""
-    stream: trio.abc.Stream = tcp
-    with trio.move_on_after(settings.handshake_timeout) as timer:
-        if context is not None:
-            stream = trio.SSLStream(tcp, context, server_side=True, https_compatible=True)
-            await stream.do_handshake()
-        if refusal is not None:
-            doorman.sampled.log(
-                trio.current_time(), refusal.code, "refused %s: %s", ip, refusal.code
-            )
-            doorman.metrics.handshakes.labels(result=refusal.code).inc()
-            await _send_refusal(stream, refusal)
-            return None
-        upgrade = await Upgrade.read(stream)
-        timer.deadline = float("inf")  # upgrade request complete: no more deadline
-        return await handler(upgrade, ip)
-    doorman.metrics.handshakes.labels(result="handshake_timeout").inc()
-    return None
 
 
 async def _send_refusal(stream: trio.abc.Stream, refusal: Refusal) -> None:
