@@ -8,8 +8,9 @@ raw HTTP response with the documented status and JSON body (403, 429 or 503 with
 
 An admitted connection must finish TLS (if configured) and the HTTP upgrade request within
 ``handshake_timeout`` — a client that trickles its headers (slowloris) is dropped — and the
-request itself is bounded by h11's limits (``wire.Upgrade``, on wsproto). The handler then
-runs in this connection's task: a session needs no other task while it is idle.
+request itself is bounded by h11's limits (``wire.Upgrade``, on wsproto). The handler (the
+gateway's handshake) returns the session it opened, and this connection's task then runs it,
+outside the handshake's frames and scope: a session needs no other task while it is idle.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Protocol
 
 import trio
 
@@ -29,7 +31,17 @@ from .settings import Settings
 from .wire import HandshakeFailed, Upgrade
 
 log = logging.getLogger(__name__)
-Handler = Callable[[Upgrade, str], Awaitable[None]]
+
+
+class Served(Protocol):
+    """What a handler hands back once the handshake is done: a session to run in this task."""
+
+    async def run(self) -> None: ...
+
+
+# answers one upgrade (``request``, peer ``ip``); returns the session to run, or None if the
+# connection is done (refused, redirected, the client left)
+Handler = Callable[[Upgrade, str], Awaitable[Served | None]]
 _REASONS = {
     400: "Bad Request",
     403: "Forbidden",
@@ -179,6 +191,7 @@ async def _connection(
 ) -> None:
     ip = _peer(tcp)
     refusal = doorman.admit(ip)
+    session: Served | None = None
     try:
         stream: trio.abc.Stream = tcp
         with trio.move_on_after(settings.handshake_timeout) as timer:
@@ -194,9 +207,12 @@ async def _connection(
                 return
             upgrade = await Upgrade.read(stream)
             timer.deadline = float("inf")  # upgrade request complete: no more deadline
-            await handler(upgrade, ip)
+            session = await handler(upgrade, ip)
+            del upgrade  # not kept for the session's life (its request headers)
         if timer.cancelled_caught:
             doorman.metrics.handshakes.labels(result="handshake_timeout").inc()
+        if session is not None:  # this task runs the session, outside the handshake's scope
+            await session.run()
     except HandshakeFailed as exc:
         doorman.metrics.handshakes.labels(result="bad_request").inc()
         log.debug("connection from %s sent no upgrade: %s", ip, exc)
