@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from . import tracing
 from .auth import AuthError, bearer, check_api_key
 from .encoding import BadId, check_id
 from .http import HttpServer, JSONResponse, Request, Response, Routes
@@ -215,6 +216,7 @@ class Api:
 
     # ------------------------------------------------------------ handlers
 
+    @tracing.http("/v1/publish")
     async def publish(self, request: Request) -> Response:
         body = await read_json(request, self.settings.max_body_bytes)
         if "users" in body:
@@ -237,6 +239,7 @@ class Api:
         results = [{"user": u, **outcome_json(o)} for u, o in zip(users, outcomes, strict=True)]
         return JSONResponse({"id": msg_id, "results": results}, status_code=202)
 
+    @tracing.http("/v1/publish/batch")
     async def batch(self, request: Request) -> Response:
         """``{"messages": [...]}``: each valid item stored, each invalid one answered."""
         body = await read_json(request, self.settings.max_body_bytes)
@@ -265,6 +268,7 @@ class Api:
         ]
         return JSONResponse({"results": results}, status_code=202)
 
+    @tracing.http("/v1/broadcast")
     async def broadcast(self, request: Request) -> Response:
         body = await read_json(request, self.settings.max_body_bytes)
         if "messages" in body:  # many broadcasts in one call (docs/protocol.md)

@@ -35,6 +35,7 @@ import nats
 import nats.errors
 import trio
 
+from . import tracing
 from .bridge import Bridge, aio, best_effort
 from .encoding import encode_token
 from .metrics import Metrics
@@ -57,6 +58,7 @@ class Notification:
     id: str
     published_at: float
     data_json: str
+    trace: tracing.Trace | None = None  # set by meshpush.tracing, only when tracing is on
 
 
 class Subjects:
@@ -280,7 +282,10 @@ class Bus:
 
         async def on_message(msg: Any) -> None:
             try:
-                send.send_nowait(decode_notification(ch, msg.data))
+                note = decode_notification(ch, msg.data)
+                if tracing.ON and msg.headers:
+                    note = tracing.received(note, msg.headers)
+                send.send_nowait(note)
             except trio.WouldBlock:
                 metrics.dropped.inc()
             except (ValueError, KeyError, UnicodeDecodeError) as exc:

@@ -17,7 +17,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
-from . import protocol
+from . import protocol, tracing
 from .bridge import BridgeClosed
 from .feed import MAX_PENDING, Chained, Feed, Gap, Verdict
 from .metrics import Metrics
@@ -396,6 +396,8 @@ class Feeder:
             if deliver:
                 session.send_text(_frame(ch, msg))
         self.metrics.replayed.labels(ch=ch).inc(len(batch))
+        if tracing.ON:
+            tracing.replayed(session, ch, batch, self.settings.node_id)
         self._sent(session, ch, feed)
 
     def _sent(self, session: Target, ch: str, feed: Feed) -> None:

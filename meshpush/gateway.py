@@ -66,21 +66,6 @@ def limits_of(s: Settings) -> Limits:
     )
 
 
-@dataclass(slots=True)
-class Opened:
-    """A session registered, accepted and ready to run."""
-
-    session: Session
-    wire: Wire
-    welcome: str
-    first: dict[str, list[Any]] | None
-
-    def parts(self) -> tuple[Wire, str, dict[str, list[Any]]]:
-        """What ``Session.run`` takes; the first batches are handed over, not kept here."""
-        first, self.first = self.first or {}, None
-        return self.wire, self.welcome, first
-
-
 @dataclass(frozen=True, slots=True)
 class Hello:
     """What a handshake asked for, validated."""
@@ -195,7 +180,7 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.registry = registry
-        self.context = Context(limits_of(settings), feeder, metrics)
+        self.context = Context(limits_of(settings), feeder, metrics, on_end=self._ended)
         self.router = router
         self.feeder = feeder
         self.metrics = metrics
@@ -210,36 +195,34 @@ class Gateway:
 
     # ------------------------------------------------------------ handshake
 
-    async def _handle(self, request: Upgrade, ip: str) -> None:
-        """One connection, start to end. Nothing a client does may escape into the server."""
+    async def _handle(self, request: Upgrade, ip: str) -> Session | None:
+        """One handshake; the session the listener then runs in the same task (its end is
+        ``_ended``). Nothing a client does may escape into the server."""
         try:
-            await self._handshake(request)
+            return await self._handshake(request)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise  # the transport failed: the listener counts it
         except Exception as exc:  # a bug, not a client's fault: log it, count it, serve on
             self.metrics.session_errors.inc()
             log.exception("session failed: %r", exc)
+            return None
 
-    async def _handshake(self, request: Upgrade) -> None:
+    def _ended(self, session: Session) -> None:
+        """A session of this node has ended (``Context.on_end``)."""
+        self.registry.remove(session)
+        self._count()
+        self.feeder.cursors.flush_soon()
+
+    async def _handshake(self, request: Upgrade) -> Session | None:
         """Handshakes run at most ``HANDSHAKE_CONCURRENCY`` at once: a surge of thousands waits
         in line (parked, costing nothing) instead of stalling the loop in one huge batch. The
         wait for an auth frame comes first, outside that line (slow clients hold no slot)."""
         door = Door(request, self.settings.refuse_after_upgrade)
-        session: Session | None = None
-        try:
-            hello = await self._hello(door)
-            if hello is None:
-                return
-            async with self.handshaking:
-                opened = await self._open(door, hello)
-            if opened is not None:
-                session = opened.session
-                await session.run(*opened.parts())
-        finally:
-            if session is not None:
-                self.registry.remove(session)
-                self._count()
-                self.feeder.cursors.flush_soon()
+        hello = await self._hello(door)
+        if hello is None:
+            return None
+        async with self.handshaking:
+            return await self._open(door, hello)
 
     async def _hello(self, door: Door) -> Hello | None:
         """What the client asks for, its token verified; None once refused (or gone)."""
@@ -282,7 +265,7 @@ class Gateway:
                         text = isinstance(event, TextMessage)
                         return "".join(parts) if text else b"".join(parts)
 
-    async def _open(self, door: Door, hello: Hello) -> Opened | None:
+    async def _open(self, door: Door, hello: Hello) -> Session | None:
         """Route and (if this node owns the user) open a session; None if refused."""
         route = await self._route(hello)
         if route.kind == "unavailable":
@@ -300,7 +283,7 @@ class Gateway:
             return await self.router.route_avoiding(hello.user, hello.avoid, self._patience)
         return self.router.route(hello.user)
 
-    async def _open_local(self, door: Door, hello: Hello) -> Opened | None:
+    async def _open_local(self, door: Door, hello: Hello) -> Session | None:
         """Register first (live notifications now buffer), read where to resume, accept."""
         if self.registry.count_of_user(hello.user) >= self.settings.max_sessions_per_user:
             self.metrics.rate_limited.labels(kind="user_sessions").inc()
@@ -321,7 +304,8 @@ class Gateway:
             self.router.redirect(session)
         self.metrics.handshakes.labels(result="accepted").inc()
         self._count()
-        return Opened(session, wire, self._welcome(session, recovered), first)
+        session.open(wire, self._welcome(session, recovered), first)
+        return session
 
     async def _start_points(
         self, door: Door, session: Session, hello: Hello

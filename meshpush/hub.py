@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import trio
 
-from . import protocol
+from . import protocol, tracing
 from .bus import Notification
 from .metrics import Metrics
 from .sessions import Session
@@ -161,6 +161,8 @@ class Hub:
         for session in targets:
             if chained and session.feeds[ch].live_run(first.prev, last.seq):
                 whole += session.write_many(frames, joined)
+                if tracing.ON:
+                    tracing.wrote_run(session, ch, run, len(joined))
             else:  # a feed replaying, a duplicate or a missed notification: one by one
                 for k, note in enumerate(run):
                     sent[indexes[k]] += session.live(ch, note, frames[k])

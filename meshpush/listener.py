@@ -13,8 +13,9 @@ and is then admitted by the client's address (the same refusals, raw HTTP, after
 
 An admitted connection must finish TLS (if configured) and the HTTP upgrade request within
 ``handshake_timeout`` — a client that trickles its headers (slowloris) is dropped — and the
-request itself is bounded by h11's limits (``wire.Upgrade``, on wsproto). The handler then
-runs in this connection's task: a session needs no other task while it is idle.
+request itself is bounded by h11's limits (``wire.Upgrade``, on wsproto). The handler (the
+gateway's handshake) returns the session it opened, and this connection's task then runs it,
+outside the handshake's frames and scope: a session needs no other task while it is idle.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Protocol
 
 import trio
 
@@ -36,7 +38,17 @@ from .settings import Settings
 from .wire import HandshakeFailed, Upgrade
 
 log = logging.getLogger(__name__)
-Handler = Callable[[Upgrade, str], Awaitable[None]]
+
+
+class Served(Protocol):
+    """What a handler hands back once the handshake is done: a session to run in this task."""
+
+    async def run(self) -> None: ...
+
+
+# answers one upgrade (``request``, peer ``ip``); returns the session to run, or None if the
+# connection is done (refused, redirected, the client left)
+Handler = Callable[[Upgrade, str], Awaitable[Served | None]]
 _REASONS = {
     400: "Bad Request",
     403: "Forbidden",
@@ -204,6 +216,7 @@ async def _connection(
     if peer in doorman.trusted:
         ip = PENDING  # admitted by its client's address once known
     refusal = doorman.admit(ip)  # None: one connection counted for ip
+    session: Served | None = None
     try:
         stream: trio.abc.Stream = tcp
         with trio.move_on_after(settings.handshake_timeout) as timer:
@@ -226,9 +239,12 @@ async def _connection(
                     return
             timer.deadline = float("inf")  # upgrade request complete: no more deadline
             CLIENT_IP.set(ip)  # log lines of this connection's task name its client
-            await handler(upgrade, ip)
+            session = await handler(upgrade, ip)
+            del upgrade  # not kept for the session's life (its request headers)
         if timer.cancelled_caught:
             doorman.metrics.handshakes.labels(result="handshake_timeout").inc()
+        if session is not None:  # this task runs the session, outside the handshake's scope
+            await session.run()
     except ProxyHeaderError as exc:
         doorman.metrics.handshakes.labels(result="bad_proxy_header").inc()
         doorman.sampled.log(

@@ -18,7 +18,7 @@ import signal
 import trio
 import trio_asyncio
 
-from . import logs
+from . import logs, tracing
 from .api import Api
 from .bridge import Bridge, best_effort
 from .bus import Bus
@@ -180,9 +180,12 @@ def tune_gc() -> None:
 
 def main(settings: Settings) -> int:
     logs.setup(settings)
+    tracing.setup(settings.node_id)  # on only when OTEL_* variables ask (docs/operations.md)
     tune_gc()
     try:
         trio.run(Node(settings).run)
     except KeyboardInterrupt:  # a signal arrived after the signal handler was gone
         return 130
+    finally:
+        tracing.stop()  # exports what is batched, for at most tracing.STOP_TIMEOUT
     return 0

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 import trio
 
-from . import protocol
+from . import protocol, tracing
 from .bus import Bus, Notification
 from .delivery import Feeder
 from .hub import Hub, waiting
@@ -201,7 +201,10 @@ class Router:
         if webhook is not None:
             for note in notes:
                 webhook.notified(note)
-        sent = await self.registry.deliver_many(notes)
+        if tracing.ON:
+            sent = await tracing.deliver_many(self.registry.deliver_many, notes, self.me)
+        else:
+            sent = await self.registry.deliver_many(notes)
         if webhook is not None:
             for note, n in zip(notes, sent, strict=True):
                 if n and note.user is not None:

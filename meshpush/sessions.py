@@ -4,14 +4,18 @@ A session is a pure :class:`~meshpush.machine.SessionMachine` (feeds, acks, fram
 deadlines, slow-consumer rule) driven by one task, ``run``, which owns everything the session
 does: it reads and parses client frames (and wakes up for the machine's next deadline), and
 it hosts the session's on-demand tasks — stream replays and, only while the kernel will not
-take more, the drain of the outbound buffer. An idle session is one task, no buffer.
+take more, the drain of the outbound buffer — in a nursery it opens only while there are
+some. ``run`` is the connection's own task (the listener calls it once the handshake has
+``open``-ed the session): an idle session is that one task parked on its socket under one
+cancel scope, no nursery, no buffer.
 
 Frames arrive already encoded (``wire.encode_text``: one ``bytes`` for every session a
 message goes to) and are written at once when the socket takes them; what does not fit waits
 in the session's outbound deque, and every later frame waits behind it (order is kept).
 
 Anyone may end a session with ``close(code, reason, frame)``; the first decision wins, the
-session's task is cancelled and ``run`` writes what was buffered, ``frame``, and the close.
+session's task is woken (its read scope cancelled) and ``run`` cancels the helpers, writes
+what was buffered, ``frame``, and the close, then calls ``Context.on_end``.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Event, Ping, TextMessage
 
+from . import tracing
 from .delivery import Feeder
 from .feed import Chained, Feed, Verdict
+from .frames import ProtocolClose
 from .machine import CloseDecision, Limits, SessionMachine
 from .metrics import Metrics
 from .protocol import Close
@@ -56,6 +62,9 @@ class Context:
     finishing: trio.CapacityLimiter = field(
         default_factory=lambda: trio.CapacityLimiter(FINISH_CONCURRENCY)
     )
+    # called once a session has ended (its socket closed): the owner's bookkeeping (one
+    # function shared by every session, so a session stores no callback of its own)
+    on_end: Callable[[Session], None] | None = None
 
 
 class Session:
@@ -69,9 +78,11 @@ class Session:
         "machine",
         "nursery",
         "out",
+        "pending",
         "scope",
         "since",
         "slot",
+        "tasks",
         "user",
         "wire",
     )
@@ -89,7 +100,9 @@ class Session:
         self.out: deque[bytes] | None = None  # frames the kernel did not take yet
         self.draining = False
         self.scope: trio.CancelScope | None = None
-        self.nursery: trio.Nursery | None = None
+        self.nursery: trio.Nursery | None = None  # open only while helper tasks run
+        self.tasks = 0  # helper tasks running in the nursery
+        self.pending: list[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]] | None = None
         self.since = time.time()  # wall clock, for presence
 
     def __repr__(self) -> str:
@@ -114,6 +127,8 @@ class Session:
     def live(self, ch: str, note: Chained, frame: bytes) -> bool:
         """A live notification for this session; True if its (shared) frame was written."""
         verdict = self.machine.feeds[ch].live(note)
+        if tracing.ON:
+            tracing.fed(self, ch, note, verdict)
         if verdict is Verdict.DELIVER:
             return self.write(frame)
         if verdict is Verdict.CATCH_UP:
@@ -127,7 +142,10 @@ class Session:
         """Write an encoded frame now, or behind what waits; False if the session is closing."""
         if self.machine.closing is not None or self.wire is None:
             return False
-        self._push(frame)
+        if tracing.ON:
+            tracing.write(self._push, self, frame)
+        else:
+            self._push(frame)
         return True
 
     def write_many(self, frames: Sequence[bytes], joined: bytes) -> bool:
@@ -169,13 +187,22 @@ class Session:
         return self.machine.outbound.frames
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
-        """Run a task of this session (a replay); False if the session is closing."""
-        if self.nursery is None or self.machine.closing is not None:
+        """Run a task of this session (a replay, the drain); False if the session is closing.
+
+        The task starts in the session's nursery, which its own task opens on demand."""
+        if self.machine.closing is not None:
             return False
-        try:
-            self.nursery.start_soon(fn, *args)
-        except RuntimeError:  # the nursery is closing: the next connection resumes anyway
-            return False
+        if self.nursery is not None:
+            try:
+                self.nursery.start_soon(self._helper, fn, args)
+            except RuntimeError:  # the nursery is closing: the next connection resumes anyway
+                return False
+            self.tasks += 1
+            return True
+        if self.pending is None:
+            self.pending = []
+        self.pending.append((fn, args))
+        self._wake()
         return True
 
     # ------------------------------------------------------------ writing
@@ -229,72 +256,124 @@ class Session:
 
     # ------------------------------------------------------------ the session's task
 
-    async def run(
-        self,
-        wire: Wire,
-        welcome: str,
-        first: dict[str, list[StoredMessage]],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Serve the session until it ends; every task of the session lives in here."""
+    def open(self, wire: Wire, welcome: str, first: dict[str, list[StoredMessage]]) -> None:
+        """The upgrade was accepted: send the welcome, queue the first replays (they start when
+        ``run`` does). Called by the handshake, in the connection's task."""
         self.wire = wire
-        try:
-            with trio.CancelScope() as scope:
-                self.scope = scope
-                if self.machine.closing is not None:
-                    scope.cancel()
-                async with trio.open_nursery() as nursery:
-                    self.nursery = nursery
-                    task_status.started()
-                    self.send_text(welcome)
-                    for ch in list(first):
-                        self.ctx.feeder.begin(self, ch, first.pop(ch))
-                    await self._read(wire)
-                    nursery.cancel_scope.cancel()
-        finally:
-            self.nursery = None
-            await self._finish(wire)
+        wire.frames.max_message = self.ctx.limits.max_frame_bytes  # larger: 1009 at its header
+        self.send_text(welcome)
+        for ch in list(first):
+            self.ctx.feeder.begin(self, ch, first.pop(ch))
 
-    async def _read(self, wire: Wire) -> None:
-        parts: list[Any] = []
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the session until it ends, in the connection's own task (after ``open``).
+
+        Idle, the session is this one task parked in ``wait_readable`` under one cancel scope
+        (its next deadline). Its helper tasks (replays, the drain) run in a nursery this task
+        opens only while there are some: ``spawn`` wakes the task to open it, and the last
+        helper to end wakes it to close it again. Every task of the session lives in here."""
+        assert self.wire is not None, "open() first"
+        try:
+            task_status.started()
+            while self.machine.closing is None:
+                if self.pending:
+                    await self._serve_with_helpers()
+                else:
+                    await self._serve()
+        finally:
+            self.pending = None
+            await self._finish(self.wire)
+            on_end = self.ctx.on_end
+            if on_end is not None:
+                on_end(self)
+
+    async def _serve_with_helpers(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            try:
+                while self.machine.closing is None and (self.pending or self._keep_nursery()):
+                    pending, self.pending = self.pending, None
+                    for fn, args in pending or ():
+                        self.tasks += 1
+                        nursery.start_soon(self._helper, fn, args)
+                    await self._serve()
+            finally:
+                self.nursery = None
+                nursery.cancel_scope.cancel()
+
+    async def _helper(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+        try:
+            await fn(*args)
+        finally:
+            self.tasks -= 1
+            if not self.tasks:
+                self._wake()  # the last helper: the session's task closes the nursery
+
+    def _wake(self) -> None:
+        """Make the session's task leave its wait and look at its state again."""
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def _idle(self) -> bool:
+        """Nothing for the session's task to do but read: no helper to start, none to end."""
+        if self.pending:
+            return False
+        return self.nursery is None or self._keep_nursery()
+
+    def _keep_nursery(self) -> bool:
+        """While helpers run; and always over TLS, where every write is drained by a helper
+        (a TLS session costs ~30 KB anyway: its nursery is not worth a wake-up per burst)."""
+        return self.tasks > 0 or (self.wire is not None and not self.wire.fast)
+
+    async def _serve(self) -> None:
+        """Read client frames and keep the deadlines until closing or ``_wake``.
+
+        Plain TCP waits on the fd itself (``wait_readable``, then a nonblocking read): an idle
+        session's stack is ``run`` → ``_serve`` → trio's wait, nothing in between."""
         machine = self.machine
-        while machine.closing is None:
-            with trio.move_on_at(machine.next_deadline()) as timer:
+        wire = self.wire
+        assert wire is not None
+        while machine.closing is None and self._idle():
+            with trio.CancelScope(deadline=machine.next_deadline()) as scope:
+                self.scope = scope
                 try:
-                    events = await wire.receive()
+                    while machine.closing is None:
+                        if wire.fd >= 0:
+                            await trio.lowlevel.wait_readable(wire.fd)
+                            events = wire.read()
+                        else:
+                            events = await wire.receive()
+                        if events is not None:  # bytes came (a pong, part of a frame...)
+                            self._on_events(events)
+                        scope.deadline = machine.next_deadline()
                 except _BROKEN:
                     self.close(Close.NORMAL, "connection lost")
-                    return
+            self.scope = None
             now = trio.current_time()
-            if timer.cancelled_caught:
-                if machine.tick(now):
-                    self._push(wire.ping_frame())
-                continue
-            machine.heard(now)
-            for event in events:
-                self._on_event(event, parts, now)
-                if machine.closing is not None:
-                    return
+            if now >= machine.next_deadline() and machine.tick(now):
+                self._push(wire.ping_frame())
 
-    def _on_event(self, event: object, parts: list[Any], now: float) -> None:
-        if isinstance(event, TextMessage | BytesMessage):
-            parts.append(event.data)
-            if sum(len(p) for p in parts) > self.ctx.limits.max_frame_bytes:
-                self._frame_error("too_big", Close.TOO_BIG, "frame too big")
-            elif event.message_finished:
-                message = "".join(parts) if isinstance(event, TextMessage) else b"".join(parts)
-                parts.clear()
-                self._on_message(message, now)
-        elif isinstance(event, Ping):
-            decision = self.machine.control(len(event.payload), now)
-            if decision is None:
-                assert self.wire is not None
-                self._push(self.wire.pong_frame(event))
-            else:
-                self._rate_limited()
-        elif isinstance(event, CloseConnection):
-            self._on_close(event)
+    def _on_events(self, events: list[Event]) -> None:
+        now = trio.current_time()
+        self.machine.heard(now)
+        for event in events:
+            if isinstance(event, TextMessage):
+                self._on_message(event.data, now)
+            elif isinstance(event, BytesMessage):
+                self._on_message(bytes(event.data), now)
+            elif isinstance(event, Ping):
+                self._on_ping(event, now)
+            elif isinstance(event, CloseConnection):
+                self._on_close(event)
+            if self.machine.closing is not None:
+                return
+
+    def _on_ping(self, event: Ping, now: float) -> None:
+        if self.machine.control(len(event.payload), now) is None:
+            assert self.wire is not None
+            self._push(self.wire.pong_frame(event))
+        else:
+            self._rate_limited()
 
     def _on_message(self, message: str | bytes, now: float) -> None:
         reply = self.machine.receive(message, now)
@@ -315,10 +394,11 @@ class Session:
         self.close(close, detail)
 
     def _on_close(self, event: CloseConnection) -> None:
-        assert self.wire is not None
-        if self.wire.remote_closing or event.code == 1006:
+        if not isinstance(event, ProtocolClose):  # the client's close frame, or EOF
             self.close(Close.NORMAL, "client closed")
-        else:  # wsproto could not parse the client's bytes (1002, 1007, 1009)
+        elif event.code == Close.TOO_BIG:
+            self._frame_error("too_big", Close.TOO_BIG, "frame too big")
+        else:  # the client's bytes broke the protocol (1002) or were not UTF-8 (1007)
             self._frame_error("bad_websocket_frame", event.code, event.reason or "bad frame")
 
     async def _finish(self, wire: Wire) -> None:

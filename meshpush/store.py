@@ -34,6 +34,7 @@ import nats.js.api
 import nats.js.errors
 import trio
 
+from . import tracing
 from .bridge import Bridge, BridgeClosed, aio
 from .bus import Bus, encode_notification
 from .encoding import BadId, decode_token, encode_token
@@ -79,6 +80,7 @@ class Outgoing:
     user: str | None
     id: str
     data_json: str
+    trace: tracing.Trace | None = None  # set by meshpush.tracing, only when tracing is on
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ class StoredMessage:
     prev: int
     id: str
     data_json: str
+    traceparent: str | None = None  # read only when tracing is on (replays link to it)
 
 
 class _Locks:
@@ -177,6 +180,8 @@ def _publish(subject: str, prev: int, item: Outgoing) -> Publish:
         "Mp-Prev": str(prev),
         "Mp-Id": encode_token(item.id),
     }
+    if item.trace is not None:
+        headers["traceparent"] = item.trace.traceparent
     return Publish(subject, item.data_json.encode(), headers)
 
 
@@ -304,6 +309,11 @@ class Store:
         Messages of different subjects (users) are in flight together and their acks are
         awaited together; messages of one subject are chained one after the other, in the
         order given, so each one's ``prev`` is exact."""
+        if tracing.ON:
+            return await tracing.store(self._publish_many, items, self.settings.node_id)
+        return await self._publish_many(items)
+
+    async def _publish_many(self, items: list[Outgoing]) -> Sequence[Outcome]:
         if self.bus.js is None or not self.bus.connected:
             return [StoreUnavailable("not stored: not connected to NATS")] * len(items)
         if len(items) <= SMALL_REQUEST:  # merged on the trio side: one crossing for many
@@ -397,10 +407,11 @@ class Store:
     async def _notify(self, item: Outgoing, stored: Stored) -> None:
         """The live hint; a failure is logged and counted (the stream has the message)."""
         head = {"u": item.user, "s": stored.seq, "p": stored.prev, "i": item.id, "t": time.time()}
+        subject = self.bus.live_subject(item.ch, item.user)
+        trace = tracing.notify(item.trace, subject, stored.seq) if item.trace else None
         try:
             await self.bus.nc.publish(
-                self.bus.live_subject(item.ch, item.user),
-                encode_notification(head, item.data_json),
+                subject, encode_notification(head, item.data_json), headers=trace
             )
         except (nats.errors.Error, OSError) as exc:
             self.metrics.backend_errors.labels(backend="notify").inc()
@@ -562,6 +573,7 @@ def _to_stored(msg: Any) -> StoredMessage:
         prev=int(h.get("Mp-Prev", 0)),
         id=_message_id(h),
         data_json=msg.data.decode(),
+        traceparent=h.get("traceparent") if tracing.ON else None,
     )
 
 

@@ -1,11 +1,13 @@
-"""The node's WebSocket server connections, built on wsproto directly (no per-connection tasks).
+"""The node's WebSocket server connections: no per-connection task, no per-connection wsproto.
 
 * :class:`Upgrade` reads one HTTP upgrade request (h11 limits, through wsproto's
   ``H11Handshake``) and answers it: ``reject`` (HTTP status + JSON body) or ``accept``, which
   returns a :class:`Wire` and drops the HTTP machinery.
-* :class:`Wire` is one open WebSocket: ``receive`` feeds bytes to wsproto's frame parser and
-  returns its events; writes take *already encoded* frames (``encode_text``: a server frame is
-  never masked, so one ``bytes`` object serves every session it goes to).
+* :class:`Wire` is one open WebSocket: its client frames are parsed by
+  ``frames.ClientFrames`` (``receive``; or, on plain TCP, ``read`` once the owner saw the fd
+  readable, so an idle owner waits on the fd itself); writes take *already encoded* frames
+  (``encode_text``: a server frame is never masked, so one ``bytes`` object serves every
+  session it goes to).
 * Writes on a plain TCP socket go straight to the kernel (``os.writev`` on the nonblocking fd,
   no await, no task) when it has room; only what does not fit is kept, and the owner drains it
   when the socket is writable (``send_buffered``). Over TLS the frame bytes are still shared,
@@ -19,14 +21,11 @@ later frame goes behind it, so frames never interleave or reorder.
 from __future__ import annotations
 
 import os
-import struct
 from collections import deque
-from collections.abc import Iterable
 from typing import cast
 
 import trio
 from wsproto import ConnectionType
-from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
     AcceptConnection,
     CloseConnection,
@@ -40,6 +39,18 @@ from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError
 
 from . import upgrade
+from .frames import (
+    ABNORMAL,
+    MAX_MESSAGE,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    ClientFrames,
+    ProtocolClose,
+    close_payload,
+    server_frame,
+)
 
 RECEIVE_BYTES = 65536
 IOV_MAX = 64  # frames per writev call
@@ -51,13 +62,7 @@ class HandshakeFailed(Exception):
 
 def encode_text(text: str) -> bytes:
     """One complete, unmasked WebSocket text frame (RFC 6455 §5.2) carrying ``text``."""
-    payload = text.encode()
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
+    return server_frame(OP_TEXT, text.encode())
 
 
 def _plain_fd(stream: trio.abc.Stream) -> int:
@@ -130,17 +135,13 @@ class Upgrade:
     async def accept(self) -> Wire:
         """Answer 101; the HTTP machinery (h11) is dropped, only the frame parser stays."""
         if self._handshake is None:  # the fast path's request: the same answer, no h11
-            data, connection = (
-                upgrade.accept_response(self.request),
-                Connection(ConnectionType.SERVER),
-            )
+            data = upgrade.accept_response(self.request)
         else:
             data = self._handshake.send(AcceptConnection())
-            connection = self._handshake.connection  # type: ignore[assignment]
-            assert connection is not None
+        # the HTTP machinery and its wsproto Connection are dropped: ClientFrames parses frames
         self._handshake, self._head = _DONE, b""
         await self.stream.send_all(data)
-        return Wire(self.stream, connection)
+        return Wire(self.stream)
 
 
 def _h11_after(head: bytes) -> H11Handshake:
@@ -166,14 +167,18 @@ async def _answer_bad_request(
     await stream.send_all(data)
 
 
+OPEN, LOCAL_CLOSING, REMOTE_CLOSING, CLOSED = range(4)  # Wire.state
+
+
 class Wire:
     """One open WebSocket connection (server side)."""
 
-    __slots__ = ("fd", "proto", "stream")
+    __slots__ = ("fd", "frames", "state", "stream")
 
-    def __init__(self, stream: trio.abc.Stream, proto: Connection) -> None:
+    def __init__(self, stream: trio.abc.Stream, max_message: int = MAX_MESSAGE) -> None:
         self.stream = stream
-        self.proto = proto
+        self.frames = ClientFrames(max_message)
+        self.state = OPEN
         self.fd = _plain_fd(stream)
 
     @property
@@ -182,33 +187,57 @@ class Wire:
 
     # ------------------------------------------------------------ reading
 
-    async def receive(self) -> Iterable[Event]:
-        """Wait for bytes; the wsproto events they complete (EOF: a 1006 CloseConnection)."""
-        data = await self.stream.receive_some(RECEIVE_BYTES)
-        if self.proto.state is ConnectionState.CLOSED:
-            return ()
-        self.proto.receive_data(cast(bytes, data) or None)
-        return self.proto.events()
+    async def receive(self) -> list[Event]:
+        """Wait for bytes; the events they complete (EOF: a 1006 CloseConnection)."""
+        if self.fd < 0:
+            return self.feed(cast(bytes, await self.stream.receive_some(RECEIVE_BYTES)))
+        await trio.lowlevel.wait_readable(self.fd)
+        return self.read() or []
+
+    def read(self) -> list[Event] | None:
+        """Plain TCP, once the fd is readable: read it directly, without waiting; None if
+        nothing was there (a spurious wake-up). Raises OSError when the connection is broken."""
+        try:
+            data = os.read(self.fd, RECEIVE_BYTES)
+        except BlockingIOError:
+            return None
+        return self.feed(data)
+
+    def feed(self, data: bytes) -> list[Event]:
+        """The events that received ``data`` completes (``b""``: EOF)."""
+        if self.state == CLOSED:
+            return []
+        events = self.frames.receive(data)
+        for event in events:
+            if isinstance(event, CloseConnection) and not isinstance(event, ProtocolClose):
+                if event.code == ABNORMAL or self.state != OPEN:
+                    self.state = CLOSED  # EOF, or the client's answer to our close
+                else:
+                    self.state = REMOTE_CLOSING
+        return events
 
     @property
     def remote_closing(self) -> bool:
-        return self.proto.state is ConnectionState.REMOTE_CLOSING
+        return self.state == REMOTE_CLOSING
 
     # ------------------------------------------------------------ control frames
 
     def ping_frame(self) -> bytes:
-        return self.proto.send(Ping())
+        return server_frame(OP_PING, b"")
 
     def pong_frame(self, ping: Ping) -> bytes:
-        if self.proto.state is not ConnectionState.OPEN:
+        """The answer to a client's ping (b"" once our close was sent; a client close read in
+        the same batch after the ping does not stop it)."""
+        if self.state not in (OPEN, REMOTE_CLOSING):
             return b""
-        return self.proto.send(ping.response())
+        return server_frame(OP_PONG, bytes(ping.payload))
 
     def close_frame(self, code: int, reason: str) -> bytes:
         """The close frame (or b"" if one was sent already); answers a client's close too."""
-        if self.proto.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+        if self.state not in (OPEN, REMOTE_CLOSING):
             return b""
-        return self.proto.send(CloseConnection(code, reason[:120]))
+        self.state = LOCAL_CLOSING if self.state == OPEN else CLOSED
+        return server_frame(OP_CLOSE, close_payload(code, reason))
 
     # ------------------------------------------------------------ writing
 
@@ -246,13 +275,11 @@ class Wire:
     async def goodbye(self, timeout: float) -> None:
         """After our close frame: let the client answer (or hang up), then close the socket."""
         with trio.move_on_after(timeout):
-            while self.proto.state is not ConnectionState.CLOSED:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
+            while self.state != CLOSED and not self.frames.failed:
+                data = cast(bytes, await self.stream.receive_some(RECEIVE_BYTES))
                 if not data:
                     break
-                self.proto.receive_data(cast(bytes, data))
-                for _ in self.proto.events():
-                    pass
+                self.feed(data)
         await self.stream.aclose()
 
 

@@ -255,7 +255,7 @@ async def test_coalesced_frames_parse_over_tls() -> None:
     client = trio.SSLStream(b, client_ctx, server_hostname="127.0.0.1")
     ctx = context(Limits(heartbeat_interval=100, heartbeat_timeout=300, out_frames=1024))
     session = live(Session(ctx, "u", "d", expires_at=2e9))
-    wire = Wire(server, Connection(ConnectionType.SERVER))
+    wire = Wire(server)
     assert not wire.fast
     sizes = [0, 125, 126, 65535, 65536, *([100] * 60)]
     notes = [note(k + 1, k, size=size, ch="broadcast") for k, size in enumerate(sizes)]
@@ -267,7 +267,8 @@ async def test_coalesced_frames_parse_over_tls() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.do_handshake)
             await server.do_handshake()
-            await nursery.start(session.run, wire, '{"type":"welcome"}', {})
+            session.open(wire, '{"type":"welcome"}', {})
+            await nursery.start(session.run)
             hub.add(session)
             assert await hub.deliver_many(notes) == [1] * len(notes)
             while len(got) < 1 + len(notes):

@@ -89,11 +89,12 @@ async def running(
     if buffers:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
-    wire = Wire(trio.SocketStream(server), Connection(ConnectionType.SERVER))
+    wire = Wire(trio.SocketStream(server))
     session = live(Session(ctx, user, "d", expires_at=2e9))
     peer = Peer(client, Connection(ConnectionType.CLIENT))
     async with trio.open_nursery() as nursery:
-        await nursery.start(session.run, wire, '{"type":"welcome"}', {})
+        session.open(wire, '{"type":"welcome"}', {})
+        await nursery.start(session.run)
         yield session, peer
         session.close(Close.GOING_AWAY, "test over")
     client.close()
