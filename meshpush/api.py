@@ -21,6 +21,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -30,10 +31,11 @@ from .auth import AuthError, bearer, check_api_key
 from .encoding import BadId, check_id
 from .http import HttpServer, JSONResponse, Request, Response, Routes
 from .listener import server_ssl_context
-from .metrics import Metrics
+from .metrics import PUBLISH_BUCKETS, Metrics
 from .ring import slot
 from .router import Router
 from .settings import Settings
+from .stats import Buckets, Tally, snapshot
 from .store import Outcome, Outgoing, Store, StoreTimeout, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -161,6 +163,14 @@ def _store_error(exc: StoreUnavailable) -> tuple[int, str]:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+@dataclass(slots=True)
+class ApiStats:
+    published: Tally = field(default_factory=Tally)
+    publish_errors: Tally = field(default_factory=Tally)
+    api_errors: Tally = field(default_factory=Tally)
+    publish_latency: Buckets = field(default_factory=lambda: Buckets(PUBLISH_BUCKETS))
+
+
 class Api:
     """Routes and handlers; the node's services are passed in, nothing is global."""
 
@@ -176,7 +186,9 @@ class Api:
         self.presence = presence
         self.router = router
         self.store = store
-        self.metrics = metrics
+        self.metrics = metrics  # GET /metrics renders its registry
+        self.stats = ApiStats()
+        metrics.add_source(self)
         self.port = settings.http_port
         self.routes = Routes()
         add = self.routes.add
@@ -192,6 +204,9 @@ class Api:
         add("/readyz", ["GET"], self._guard(self.readyz))
         self.app = self.routes.asgi(settings.max_body_bytes)
 
+    def statistics(self) -> ApiStats:
+        return snapshot(self.stats)
+
     def _guard(self, handler: Handler, auth: bool = False) -> Handler:
         async def guarded(request: Request) -> Response:
             try:
@@ -199,10 +214,10 @@ class Api:
                     self._authorize(request)
                 return await handler(request)
             except ApiError as exc:
-                self.metrics.publish_errors.labels(reason=exc.code).inc()
+                self.stats.publish_errors[exc.code] += 1
                 return _error(exc.status, exc.code, exc.detail)
             except Exception:
-                self.metrics.api_errors.labels(path=request.url.path).inc()
+                self.stats.api_errors[request.url.path] += 1
                 log.exception("unexpected error in %s %s", request.method, request.url.path)
                 return _error(500, "internal_error", "unexpected server error")
 
@@ -256,7 +271,7 @@ class Api:
             try:
                 parsed.append(parse(item))
             except ApiError as exc:
-                self.metrics.publish_errors.labels(reason=exc.code).inc()
+                self.stats.publish_errors[exc.code] += 1
                 parsed.append(exc)
         valid = [m for m in parsed if isinstance(m, Outgoing)]
         stored = iter(await self._store(valid))
@@ -284,12 +299,12 @@ class Api:
             return []
         started = time.perf_counter()
         outcomes = await self.store.publish_many(messages)
-        self.metrics.publish_latency.observe(time.perf_counter() - started)
+        self.stats.publish_latency.observe(time.perf_counter() - started)
         for message, outcome in zip(messages, outcomes, strict=True):
             if isinstance(outcome, StoreUnavailable):
-                self.metrics.publish_errors.labels(reason=_store_error(outcome)[1]).inc()
+                self.stats.publish_errors[_store_error(outcome)[1]] += 1
             elif not outcome.duplicate:
-                self.metrics.published.labels(ch=message.ch).inc()
+                self.stats.published[message.ch] += 1
         return outcomes
 
     async def route(self, request: Request) -> Response:

@@ -28,7 +28,7 @@ import json
 import logging
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats
@@ -41,6 +41,7 @@ from .encoding import encode_token
 from .metrics import Metrics
 from .ring import slot
 from .settings import Settings
+from .stats import Tally, snapshot
 
 log = logging.getLogger(__name__)
 _CLUSTER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -99,6 +100,16 @@ def decode_notification(ch: str, payload: bytes) -> Notification:
     )
 
 
+@dataclass(slots=True)
+class BusStats:
+    """Counted by the NATS connection; ``backend_up`` is filled in by ``statistics()``."""
+
+    dropped: int = 0
+    backend_errors: Tally = field(default_factory=Tally)
+    backend_rtt: dict[str, float] = field(default_factory=dict)
+    backend_up: dict[str, float] = field(default_factory=dict)
+
+
 class Bus:
     """The node's NATS connection: stores, notifies and receives notifications."""
 
@@ -106,7 +117,8 @@ class Bus:
         self.settings = settings
         self.subjects = Subjects(settings.cluster)
         self.bridge = bridge
-        self.metrics = metrics
+        self.stats = BusStats()
+        metrics.add_source(self)
         self.nc: Any = None
         self.js: Any = None
         self._subs: dict[int, Any] = {}
@@ -119,7 +131,9 @@ class Bus:
         self._echo_subject = ""
         self._echoes: dict[bytes, trio.Event] = {}  # round trips in flight, by token
         self._probes = 0
-        metrics.backend_up.labels(backend="nats").set_function(lambda: float(self.healthy))
+
+    def statistics(self) -> BusStats:
+        return snapshot(self.stats, backend_up={"nats": float(self.healthy)})
 
     @property
     def healthy(self) -> bool:
@@ -154,7 +168,7 @@ class Bus:
                 await self._connect()
                 return
             except (OSError, nats.errors.Error, TimeoutError) as exc:
-                self.metrics.backend_errors.labels(backend="nats").inc()
+                self.stats.backend_errors["nats"] += 1
                 log.warning("NATS connect attempt %d failed: %r", attempt, exc)
                 await trio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, 5.0)
@@ -171,10 +185,10 @@ class Bus:
             try:
                 self._send.send_nowait(None)  # None = "catch up everyone"
             except trio.WouldBlock:
-                self.metrics.dropped.inc()
+                self.stats.dropped += 1
 
         async def error(exc: Exception) -> None:
-            self.metrics.backend_errors.labels(backend="nats").inc()
+            self.stats.backend_errors["nats"] += 1
             log.warning("NATS error: %r", exc)
 
         self.nc = await aio(nats.connect)(
@@ -212,7 +226,7 @@ class Bus:
         except (nats.errors.Error, OSError) as exc:
             self._set_unresponsive(f"NATS round trip failed: {exc!r}")
         else:
-            self.metrics.backend_rtt.labels(backend="nats").set(rtt)
+            self.stats.backend_rtt["nats"] = rtt
             if not self.responsive:
                 log.info("NATS answers again (round trip %.3fs): ready again", rtt)
             self.responsive, self.unresponsive_reason = True, ""
@@ -239,7 +253,7 @@ class Bus:
 
     def _set_unresponsive(self, reason: str) -> None:
         if self.responsive:
-            self.metrics.backend_errors.labels(backend="nats").inc()
+            self.stats.backend_errors["nats"] += 1
             log.warning("%s: NATS is stalled, not ready", reason)
         self.responsive, self.unresponsive_reason = False, reason
 
@@ -278,7 +292,7 @@ class Bus:
 
     def _callback(self, ch: str) -> Any:
         send = self._send
-        metrics = self.metrics
+        stats = self.stats
 
         async def on_message(msg: Any) -> None:
             try:
@@ -287,9 +301,9 @@ class Bus:
                     note = tracing.received(note, msg.headers)
                 send.send_nowait(note)
             except trio.WouldBlock:
-                metrics.dropped.inc()
+                stats.dropped += 1
             except (ValueError, KeyError, UnicodeDecodeError) as exc:
-                metrics.backend_errors.labels(backend="bad_notification").inc()
+                stats.backend_errors["bad_notification"] += 1
                 log.warning("dropping malformed notification on %s: %r", msg.subject, exc)
 
         return on_message

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import trio
@@ -23,6 +23,7 @@ from .feed import MAX_PENDING, Chained, Feed, Gap, Verdict
 from .metrics import Metrics
 from .retention import RetentionLosses
 from .settings import Settings
+from .stats import Tally, snapshot
 from .store import Cursor, Cursors, Store, StoredMessage, StoreUnavailable, cursor_key
 
 __all__ = ["MAX_PENDING", "Chained", "Feed", "Feeder", "Gap", "Target", "Verdict"]
@@ -222,6 +223,15 @@ class Start:
         return self.user if ch == "user" else self.broadcast
 
 
+@dataclass(slots=True)
+class FeederStats:
+    catch_ups: Tally = field(default_factory=Tally)
+    gaps: Tally = field(default_factory=Tally)
+    replayed: Tally = field(default_factory=Tally)
+    rate_limited: Tally = field(default_factory=Tally)
+    backend_errors: Tally = field(default_factory=Tally)
+
+
 class Feeder:
     """Runs replays for sessions and hands live notifications to their feeds."""
 
@@ -229,12 +239,16 @@ class Feeder:
         self.settings = settings
         self.store = store
         self.cursors = cursors
-        self.metrics = metrics
+        self.stats = FeederStats()
+        metrics.add_source(self)
         self.batch = max(1, min(200, settings.session_queue // 4))
         self.on_sent: Callable[[str, int], None] | None = None  # (user, seq): offline webhook
         self.retention = RetentionLosses(metrics)
         self.shared = SingleFlight()
         self.starts: Batcher[tuple[str, str], Start] = Batcher(self._read_starts)
+
+    def statistics(self) -> FeederStats:
+        return snapshot(self.stats)
 
     # ------------------------------------------------------------ session start
 
@@ -280,7 +294,7 @@ class Feeder:
         found = await self.store.start_reads({user for user, _ in keys}, wanted)
         cursors = found.cursors
         if isinstance(cursors, StoreUnavailable):
-            self.metrics.backend_errors.labels(backend="cursor_read").inc()
+            self.stats.backend_errors["cursor_read"] += 1
             log.warning("cursor read failed, resuming from the clients' seqs: %s", cursors)
             cursors = {}
         return {
@@ -328,7 +342,7 @@ class Feeder:
 
     def catch_up(self, session: Target, ch: str, reason: str) -> None:
         """A feed missed a notification (or may have): re-read the stream for it."""
-        self.metrics.catch_ups.labels(reason=reason).inc()
+        self.stats.catch_ups[reason] += 1
         session.spawn(self.replay, session, ch, None)
 
     async def catch_up_all(self, sessions: list[Target], yield_every: int = 256) -> None:
@@ -365,7 +379,7 @@ class Feeder:
                 batch = None
         except (StoreUnavailable, BridgeClosed) as exc:
             log.warning("replay for %r failed (%s); the session must resume", session, exc)
-            self.metrics.backend_errors.labels(backend="replay").inc()
+            self.stats.backend_errors["replay"] += 1
             session.close(protocol.Close.GOING_AWAY, "store unavailable")
             return
         session.close(protocol.Close.GOING_AWAY, "replay did not settle")
@@ -390,12 +404,12 @@ class Feeder:
         for msg in batch:
             deliver, gap = feed.replayed(msg)
             if gap is not None:
-                self.metrics.gaps.labels(ch=ch).inc()
+                self.stats.gaps[ch] += 1
                 self.retention.report(session, ch, gap.first, gap.last)
                 session.send_text(protocol.gap(ch=ch, first=gap.first, last=gap.last))  # type: ignore[arg-type]
             if deliver:
                 session.send_text(_frame(ch, msg))
-        self.metrics.replayed.labels(ch=ch).inc(len(batch))
+        self.stats.replayed[ch] += len(batch)
         if tracing.ON:
             tracing.replayed(session, ch, batch, self.settings.node_id)
         self._sent(session, ch, feed)
@@ -412,7 +426,7 @@ class Feeder:
         deadline = trio.current_time() + self.settings.slow_consumer_grace
         while session.buffered > low:
             if trio.current_time() >= deadline:
-                self.metrics.rate_limited.labels(kind="slow_consumer").inc()
+                self.stats.rate_limited["slow_consumer"] += 1
                 session.close(protocol.Close.SLOW_CONSUMER, "slow consumer")
                 return False
             await trio.sleep(ROOM_POLL)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -34,6 +34,7 @@ from .protocol import Close
 from .router import Route, Router
 from .sessions import Context, Session
 from .settings import Settings
+from .stats import Tally, snapshot
 from .store import StoreUnavailable
 from .wire import Upgrade, Wire, encode_text
 
@@ -167,6 +168,14 @@ def _seq(query: dict[str, str], name: str) -> int:
     return int(raw)
 
 
+@dataclass(slots=True)
+class GatewayStats:
+    handshakes: Tally = field(default_factory=Tally)
+    redirects: Tally = field(default_factory=Tally)
+    rate_limited: Tally = field(default_factory=Tally)
+    session_errors: int = 0
+
+
 class Gateway:
     """Serves ``/ws`` for one node."""
 
@@ -183,10 +192,14 @@ class Gateway:
         self.context = Context(limits_of(settings), feeder, metrics, on_end=self._ended)
         self.router = router
         self.feeder = feeder
-        self.metrics = metrics
+        self.stats = GatewayStats()
+        metrics.add_source(self)
         self.doorman = Doorman(settings, metrics)
         self.verifier = TokenVerifier.from_settings(settings)
         self.handshaking = trio.CapacityLimiter(HANDSHAKE_CONCURRENCY)
+
+    def statistics(self) -> GatewayStats:
+        return snapshot(self.stats)
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -203,14 +216,13 @@ class Gateway:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise  # the transport failed: the listener counts it
         except Exception as exc:  # a bug, not a client's fault: log it, count it, serve on
-            self.metrics.session_errors.inc()
+            self.stats.session_errors += 1
             log.exception("session failed: %r", exc)
             return None
 
     def _ended(self, session: Session) -> None:
         """A session of this node has ended (``Context.on_end``)."""
         self.registry.remove(session)
-        self._count()
         self.feeder.cursors.flush_soon()
 
     async def _handshake(self, request: Upgrade) -> Session | None:
@@ -286,7 +298,7 @@ class Gateway:
     async def _open_local(self, door: Door, hello: Hello) -> Session | None:
         """Register first (live notifications now buffer), read where to resume, accept."""
         if self.registry.count_of_user(hello.user) >= self.settings.max_sessions_per_user:
-            self.metrics.rate_limited.labels(kind="user_sessions").inc()
+            self.stats.rate_limited["user_sessions"] += 1
             await self._reject(door, Refusal(429, "too_many_sessions", "session cap reached", 5))
             return None
         session = Session(self.context, hello.user, hello.device, hello.expires_at)
@@ -302,8 +314,7 @@ class Gateway:
             return None
         if self.router.route(hello.user).kind != "local":  # the ring moved meanwhile
             self.router.redirect(session)
-        self.metrics.handshakes.labels(result="accepted").inc()
-        self._count()
+        self.stats.handshakes["accepted"] += 1
         session.open(wire, self._welcome(session, recovered), first)
         return session
 
@@ -356,13 +367,13 @@ class Gateway:
         )
 
     async def _reject(self, door: Door, rej: Refusal) -> None:
-        self.metrics.handshakes.labels(result=rej.code).inc()
+        self.stats.handshakes[rej.code] += 1
         self.doorman.sampled.log(trio.current_time(), rej.code, "handshake refused: %s", rej.code)
         await door.refuse(rej)
 
     async def _redirect_now(self, wire: Wire, node: str, url: str, reason: str) -> None:
-        self.metrics.handshakes.labels(result="redirect").inc()
-        self.metrics.redirects.labels(reason=reason).inc()
+        self.stats.handshakes["redirect"] += 1
+        self.stats.redirects[reason] += 1
         frame = encode_text(protocol.redirect(node=node, url=url, reason=reason))
         with trio.move_on_after(2):
             await wire.stream.send_all(frame + wire.close_frame(Close.REDIRECT, reason))
@@ -380,8 +391,3 @@ class Gateway:
             recovered=recovered,
             resume={ch: feed.sent for ch, feed in session.feeds.items()},
         )
-
-    def _count(self) -> None:
-        stats = self.registry.statistics()
-        self.metrics.sessions.set(stats.sessions)
-        self.metrics.users.set(stats.users)

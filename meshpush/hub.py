@@ -18,14 +18,15 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from . import protocol, tracing
 from .bus import Notification
-from .metrics import Metrics
+from .metrics import DELIVERY_BUCKETS, Metrics
 from .sessions import Session
+from .stats import Buckets, Tally, snapshot
 from .wire import encode_text
 
 YIELD_EVERY = 256
@@ -35,17 +36,23 @@ DISPATCH_MAX = 1024  # notifications taken from the bus in one go, at most
 FRAME_OVERHEAD = 80  # a msg frame's bytes beside its data and id (header, seq, prev), about
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HubStats:
-    sessions: int
-    users: int
+    """Counted on fan-out; ``sessions`` and ``users`` are filled in by ``statistics()``."""
+
+    sessions: int = 0
+    users: int = 0
+    delivered: Tally = field(default_factory=Tally)
+    delivery_latency: Buckets = field(default_factory=lambda: Buckets(DELIVERY_BUCKETS))
 
 
 class Hub:
     """The one place that knows which sessions are on this node."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
-        self.metrics = metrics
+        self.stats = HubStats()
+        if metrics is not None:
+            metrics.add_source(self)
         self._by_user: dict[str, dict[str, set[Session]]] = {}
         self._by_slot: dict[int, set[str]] = {}
         self._count = 0
@@ -108,7 +115,7 @@ class Hub:
         return self._count
 
     def statistics(self) -> HubStats:
-        return HubStats(sessions=self._count, users=len(self._by_user))
+        return snapshot(self.stats, sessions=self._count, users=len(self._by_user))
 
     # ------------------------------------------------------------ fan-out
 
@@ -175,13 +182,11 @@ class Hub:
         self._count_delivered(ch, run, [sent[i] for i in indexes])
 
     def _count_delivered(self, ch: str, run: list[Notification], sent: list[int]) -> None:
-        if self.metrics is None:
-            return
         now = time.time()
         for note, n in zip(run, sent, strict=True):
             if n:
-                self.metrics.delivered.labels(ch=ch).inc(n)
-                self.metrics.delivery_latency.observe(max(0.0, now - note.published_at))
+                self.stats.delivered[ch] += n
+                self.stats.delivery_latency.observe(max(0.0, now - note.published_at))
 
     async def close_all(self, sessions: Iterable[Session], code: int, reason: str) -> None:
         """Close many sessions, yielding every ``YIELD_EVERY`` (their tasks finish meanwhile)."""

@@ -25,6 +25,7 @@ import logging
 import os
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
 
@@ -35,6 +36,7 @@ from .logs import CLIENT_IP
 from .metrics import Metrics
 from .proxyproto import CidrSet, ProxyHeaderError, forwarded_client, read_header
 from .settings import Settings
+from .stats import Tally, snapshot
 from .wire import HandshakeFailed, Upgrade
 
 log = logging.getLogger(__name__)
@@ -87,12 +89,25 @@ class Refusal(Exception):
         return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+@dataclass(slots=True)
+class DoormanStats:
+    """Counted at accept and handshake; ``connections`` is filled in by ``statistics()``."""
+
+    connections: int = 0
+    blocked: Tally = field(default_factory=Tally)
+    rate_limited: Tally = field(default_factory=Tally)
+    handshakes: Tally = field(default_factory=Tally)
+    backend_errors: Tally = field(default_factory=Tally)
+    session_errors: int = 0
+
+
 class Doorman:
     """Admission at TCP accept. Pure bookkeeping plus a reloader for the IP filter file."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
-        self.metrics = metrics
+        self.stats = DoormanStats()
+        metrics.add_source(self)
         self.buckets = KeyedBuckets(settings.handshake_rate, settings.handshake_burst)
         self.connections = Counter(settings.max_connections_per_ip, settings.max_connections)
         self.filter = IpFilter()
@@ -102,6 +117,9 @@ class Doorman:
         if settings.ip_filter_file and not self.reload_filter():
             # fail closed: a node must not start unfiltered because its filter is broken
             raise ValueError(f"ip_filter_file {settings.ip_filter_file!r} cannot be loaded")
+
+    def statistics(self) -> DoormanStats:
+        return snapshot(self.stats, connections=self.connections.total)
 
     def admit(self, ip: str) -> Refusal | None:
         """None and one connection counted for ``ip``; or the refusal to send. ``PENDING``: a
@@ -113,9 +131,8 @@ class Doorman:
         if over == "total":
             return Refusal(503, "node_full", "this node is at its connection limit", 5)
         if over == "per_key":
-            self.metrics.rate_limited.labels(kind="connections").inc()
+            self.stats.rate_limited["connections"] += 1
             return Refusal(429, "too_many_connections", "too many connections from this address", 5)
-        self.metrics.connections.set(self.connections.total)
         return None
 
     def readmit(self, old: str, ip: str) -> Refusal | None:
@@ -128,17 +145,16 @@ class Doorman:
         """The IP filter and the handshake rate of ``ip``."""
         verdict = self.filter.verdict(ip)
         if verdict is not None:
-            self.metrics.blocked.labels(reason=verdict).inc()
+            self.stats.blocked[verdict] += 1
             return Refusal(403, "ip_blocked", "this address may not connect")
         allowed, wait = self.buckets.take(ip, trio.current_time())
         if not allowed:
-            self.metrics.rate_limited.labels(kind="handshake").inc()
+            self.stats.rate_limited["handshake"] += 1
             return Refusal(429, "rate_limited", "too many handshakes", max(1, round(wait)))
         return None
 
     def release(self, ip: str) -> None:
         self.connections.release(ip)
-        self.metrics.connections.set(self.connections.total)
 
     def reload_filter(self) -> bool:
         """Re-read the IP filter file if it changed; keep the old filter if it is invalid."""
@@ -150,7 +166,7 @@ class Doorman:
             with open(path, encoding="utf-8") as f:
                 self.filter = IpFilter.parse(f.read())
         except (OSError, FilterError, UnicodeDecodeError) as exc:
-            self.metrics.backend_errors.labels(backend="ip_filter").inc()
+            self.stats.backend_errors["ip_filter"] += 1
             log.error("IP filter %s not (re)loaded, keeping the previous one: %s", path, exc)
             return False
         self._filter_mtime = mtime
@@ -242,22 +258,22 @@ async def _connection(
             session = await handler(upgrade, ip)
             del upgrade  # not kept for the session's life (its request headers)
         if timer.cancelled_caught:
-            doorman.metrics.handshakes.labels(result="handshake_timeout").inc()
+            doorman.stats.handshakes["handshake_timeout"] += 1
         if session is not None:  # this task runs the session, outside the handshake's scope
             await session.run()
     except ProxyHeaderError as exc:
-        doorman.metrics.handshakes.labels(result="bad_proxy_header").inc()
+        doorman.stats.handshakes["bad_proxy_header"] += 1
         doorman.sampled.log(
             trio.current_time(), "bad_proxy_header", "bad PROXY header from %s: %s", peer, exc
         )
     except HandshakeFailed as exc:
-        doorman.metrics.handshakes.labels(result="bad_request").inc()
+        doorman.stats.handshakes["bad_request"] += 1
         log.debug("connection from %s sent no upgrade: %s", peer, exc)
     except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
-        doorman.metrics.handshakes.labels(result="transport_error").inc()
+        doorman.stats.handshakes["transport_error"] += 1
         log.debug("connection from %s failed: %r", peer, exc)
     except Exception as exc:  # a bug: one connection ends, the node serves on
-        doorman.metrics.session_errors.inc()
+        doorman.stats.session_errors += 1
         log.warning("connection from %s ended by an error: %r", peer, exc)
     finally:
         if refusal is None:
@@ -275,7 +291,7 @@ def _forwarded_for(upgrade: Upgrade) -> list[str]:
 async def _refuse(doorman: Doorman, stream: trio.abc.Stream, ip: str, refusal: Refusal) -> None:
     CLIENT_IP.set(ip)
     doorman.sampled.log(trio.current_time(), refusal.code, "refused %s: %s", ip, refusal.code)
-    doorman.metrics.handshakes.labels(result=refusal.code).inc()
+    doorman.stats.handshakes[refusal.code] += 1
     await _send_refusal(stream, refusal)
 
 

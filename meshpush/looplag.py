@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import trio
 
-from .metrics import Metrics
+from .metrics import LOOP_STALL_BUCKETS, Metrics
+from .stats import Buckets, snapshot
 
 INTERVAL = 0.01
 WINDOW = 30.0
@@ -44,6 +46,14 @@ class StallWindow:
         return max((lag for _, lag in self.bins), default=0.0)
 
 
+@dataclass(slots=True)
+class LoopLagStats:
+    """Late wake-ups; ``loop_stall_max`` is filled in by ``statistics()``."""
+
+    loop_stall_max: float = 0.0
+    loop_stall: Buckets = field(default_factory=lambda: Buckets(LOOP_STALL_BUCKETS))
+
+
 class LoopLag:
     """The monitor task of one node (a service: ``nursery.start_soon(LoopLag(m).run)``)."""
 
@@ -53,17 +63,20 @@ class LoopLag:
         interval: float = INTERVAL,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
-        self.metrics = metrics
+        self.stats = LoopLagStats()
+        metrics.add_source(self)
         self.interval = interval
         self.clock = clock
         self.window = StallWindow()
 
+    def statistics(self) -> LoopLagStats:
+        return snapshot(self.stats, loop_stall_max=self.window.max())
+
     def record(self, now: float, lag: float) -> None:
         lag = max(0.0, lag)
         self.window.add(now, lag)
-        self.metrics.loop_stall_max.set(self.window.max())
         if lag >= NOTICE:
-            self.metrics.loop_stall.observe(lag)
+            self.stats.loop_stall.observe(lag)
 
     async def run(self) -> None:
         while True:

@@ -39,6 +39,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aetcd
@@ -49,6 +50,7 @@ from .bridge import aio, best_effort
 from .metrics import Metrics
 from .router import NodeInfo, View
 from .settings import Settings
+from .stats import Tally, snapshot
 
 log = logging.getLogger(__name__)
 OnView = Callable[[View, bool], Awaitable[None]]
@@ -106,13 +108,23 @@ def prefix(cluster: str) -> bytes:
     return f"/meshpush/{cluster}/nodes/".encode()
 
 
+@dataclass(slots=True)
+class MembershipStats:
+    """Counted by the etcd session; ``backend_up`` is filled in by ``statistics()``."""
+
+    backend_errors: Tally = field(default_factory=Tally)
+    backend_rtt: dict[str, float] = field(default_factory=dict)
+    backend_up: dict[str, float] = field(default_factory=dict)
+
+
 class Membership:
     """Registers this node and feeds every membership view to ``on_view``."""
 
     def __init__(self, settings: Settings, on_view: OnView, metrics: Metrics) -> None:
         self.settings = settings
         self.on_view = on_view
-        self.metrics = metrics
+        self.stats = MembershipStats()
+        metrics.add_source(self)
         self.me = NodeInfo(settings.node_id, settings.ws_url, settings.http_url, time.time())
         self.prefix = prefix(settings.cluster)
         self.key = self.prefix + settings.node_id.encode()
@@ -131,7 +143,9 @@ class Membership:
         self._nursery: trio.Nursery | None = None
         #: told of a peer found dead, before its lease is revoked (Router.peer_dead)
         self.on_dead: Callable[[str], None] = lambda node_id: None
-        metrics.backend_up.labels(backend="etcd").set_function(lambda: float(self.registered))
+
+    def statistics(self) -> MembershipStats:
+        return snapshot(self.stats, backend_up={"etcd": float(self.registered)})
 
     async def run(self) -> None:
         """Register and watch until cancelled; on any etcd failure, back off and start again
@@ -144,7 +158,7 @@ class Membership:
                 try:
                     await self._session()
                 except Exception as exc:  # etcd/grpc errors are untyped; logged and counted
-                    self.metrics.backend_errors.labels(backend="etcd").inc()
+                    self.stats.backend_errors["etcd"] += 1
                     self._endpoint += 1
                     log.warning("etcd session ended: %r; retrying on %s", exc, self._endpoint_str)
                 await self._lost()
@@ -261,7 +275,7 @@ class Membership:
             sent_at = trio.current_time()
             with trio.fail_after(max(interval * 2, 1.0)):
                 reply = await aio(self._client.refresh_lease)(self._lease.id)
-            self.metrics.backend_rtt.labels(backend="etcd").set(trio.current_time() - sent_at)
+            self.stats.backend_rtt["etcd"] = trio.current_time() - sent_at
             if reply is None or reply.TTL <= 0:
                 raise LeaseLost("lease expired")
             if self.stepped_out:  # it lived after all, but we gave our slots up: start over
@@ -370,6 +384,6 @@ class Membership:
         if await best_effort("etcd lease revoke", lambda: aio(client.revoke_lease)(lease.id), 2):
             log.info("lease revoked")
         else:
-            self.metrics.backend_errors.labels(backend="etcd").inc()
+            self.stats.backend_errors["etcd"] += 1
             log.warning("lease not revoked; it expires within %ss", self.settings.lease_ttl)
         self.registered = False

@@ -1,18 +1,35 @@
-"""Prometheus metrics of one node, on a registry of its own (no process globals).
+"""Prometheus metrics of one node, pulled from its components at scrape time.
 
-Names are stable: the Grafana dashboard and the alert rules in the Helm chart use them.
+Components count with plain ints and dicts (:mod:`meshpush.stats`) and answer ``statistics()``
+with a typed snapshot whose field names are the ``attr`` of a family below; they never call
+prometheus-client. :class:`Metrics` holds a registry of its own (no process globals) with one
+custom collector that, on each scrape, reads every registered component's ``statistics()``,
+sums the fields of the same name (components that feed one metric use distinct label values or
+add up, e.g. ``backend_errors``), seeds the label values of ``KNOWN_LABELS`` at zero, and
+yields the metric families.
+
+Names, types, labels and help texts are stable: the Grafana dashboard and the alert rules in
+the Helm chart use them.
 """
 
 from __future__ import annotations
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    ProcessCollector,
-    generate_latest,
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
+from prometheus_client.utils import floatToGoString
+
+from . import __version__
+from .stats import Buckets, HasStatistics
 
 # Label values known in advance: their series are created at zero when a node starts, so a quiet
 # or broken node shows 0 instead of "No data", and rate() sees the very first event (an alert on
@@ -79,174 +96,263 @@ KNOWN_LABELS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 
+PUBLISH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+DELIVERY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+LOOP_STALL_BUCKETS = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """One metric: the statistics field (``attr``) that feeds it, and how it is exported."""
+
+    attr: str
+    name: str
+    help: str
+    kind: Kind
+    label: str | None = None
+    buckets: tuple[float, ...] = ()
+
+
+C: Final = "counter"
+G: Final = "gauge"
+H: Final = "histogram"
+
+FAMILIES: tuple[Family, ...] = (
+    Family("sessions", "meshpush_sessions", "Open client sessions on this node", G),
+    Family("users", "meshpush_users", "Distinct users with a session here", G),
+    Family(
+        "handshakes", "meshpush_handshakes_total", "WebSocket handshakes by result", C, "result"
+    ),
+    Family("connections", "meshpush_connections", "Open WebSocket TCP connections (admitted)", G),
+    Family(
+        "rate_limited",
+        "meshpush_rate_limited_total",
+        "Clients refused or cut by a limit (handshake, connections, user_sessions, frames)",
+        C,
+        "kind",
+    ),
+    Family(
+        "blocked", "meshpush_blocked_total", "Connections refused by the IP filter", C, "reason"
+    ),
+    Family("redirects", "meshpush_redirects_total", "Sessions redirected, by reason", C, "reason"),
+    Family("closes", "meshpush_session_closes_total", "Sessions closed, by close code", C, "code"),
+    Family(
+        "session_errors",
+        "meshpush_session_errors_total",
+        "Sessions ended by an unexpected error (bugs)",
+        C,
+    ),
+    Family(
+        "frame_errors", "meshpush_frame_errors_total", "Bad client frames, by error code", C, "code"
+    ),
+    Family(
+        "published", "meshpush_messages_published_total", "Messages accepted by the API", C, "ch"
+    ),
+    Family(
+        "publish_errors",
+        "meshpush_publish_errors_total",
+        "Publishes refused or failed",
+        C,
+        "reason",
+    ),
+    Family(
+        "api_errors",
+        "meshpush_api_errors_total",
+        "Unexpected HTTP API errors (bugs), answered with JSON 500",
+        C,
+        "path",
+    ),
+    Family("delivered", "meshpush_messages_delivered_total", "Frames queued to sessions", C, "ch"),
+    Family(
+        "dropped",
+        "meshpush_notifications_dropped_total",
+        "Live notifications dropped (queue full); recovered from the stream",
+        C,
+    ),
+    Family(
+        "replayed", "meshpush_messages_replayed_total", "Stored messages read for resumes", C, "ch"
+    ),
+    Family(
+        "catch_ups",
+        "meshpush_catch_ups_total",
+        "Live sessions caught up from the stream, by cause",
+        C,
+        "reason",
+    ),
+    Family(
+        "gaps",
+        "meshpush_gaps_total",
+        "Gaps (messages lost to retention) reported to clients",
+        C,
+        "ch",
+    ),
+    Family(
+        "publish_latency",
+        "meshpush_publish_seconds",
+        "Time to store and notify one publish",
+        H,
+        buckets=PUBLISH_BUCKETS,
+    ),
+    Family(
+        "delivery_latency",
+        "meshpush_delivery_seconds",
+        "Publish accepted -> frame queued on the owner",
+        H,
+        buckets=DELIVERY_BUCKETS,
+    ),
+    Family("members", "meshpush_cluster_nodes", "Nodes in this node's ring view", G),
+    Family("owned_slots", "meshpush_owned_slots", "Slots this node owns", G),
+    Family(
+        "ring_changes",
+        "meshpush_ring_changes_total",
+        "Ring changes applied (a node joined or left this node's view)",
+        C,
+    ),
+    Family(
+        "backend_errors",
+        "meshpush_backend_errors_total",
+        "etcd/NATS errors, by backend",
+        C,
+        "backend",
+    ),
+    Family(
+        "presence_lookups",
+        "meshpush_presence_lookups_total",
+        "Users looked up: local, remote (asked an owner), failed (owner silent), answered"
+        " (for another node)",
+        C,
+        "where",
+    ),
+    Family(
+        "webhook_messages",
+        "meshpush_webhook_messages_total",
+        "Offline webhook messages: sent, reached (a live session got it in time, not sent),"
+        " dropped_queue (queue full, oldest dropped), dropped_retries (receiver kept failing)",
+        C,
+        "result",
+    ),
+    Family(
+        "webhook_requests",
+        "meshpush_webhook_requests_total",
+        "Offline webhook POSTs, by result (ok, or the status / error class)",
+        C,
+        "result",
+    ),
+    Family("webhook_queue", "meshpush_webhook_queue", "Messages held for the offline webhook", G),
+    Family(
+        "loop_stall_max",
+        "meshpush_event_loop_stall_max_seconds",
+        "Longest event-loop stall (late wake-up) over the last 30 s",
+        G,
+    ),
+    Family(
+        "loop_stall",
+        "meshpush_event_loop_stall_seconds",
+        "Event-loop stalls of 1 ms or more (late wake-ups of a 10 ms timer)",
+        H,
+        buckets=LOOP_STALL_BUCKETS,
+    ),
+    Family("ready", "meshpush_ready", "1 when /readyz answers 200", G),
+    Family(
+        "backend_up",
+        "meshpush_backend_up",
+        "1 while the backend answers round trips in time (nats) / holds our lease (etcd)",
+        G,
+        "backend",
+    ),
+    Family(
+        "backend_rtt",
+        "meshpush_backend_rtt_seconds",
+        "Last successful round trip: NATS echo (nats), lease keepalive (etcd)",
+        G,
+        "backend",
+    ),
+    Family(
+        "retention_dropped",
+        "meshpush_retention_dropped_total",
+        "Messages deleted by retention before a known device received them (seq span of gaps)",
+        C,
+        "ch",
+    ),
+)
+BY_ATTR = {f.attr: f for f in FAMILIES}
+_le: Callable[[float], str] = floatToGoString  # how prometheus-client writes a bound
+
 
 class Metrics:
-    """All metrics of a node. Code elsewhere calls these attributes; nothing else registers."""
+    """The node's registry: a process collector and the collector of its components."""
 
     def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.version = __version__
+        self.sources: list[HasStatistics] = []
         self.registry = CollectorRegistry()
-        r = self.registry
-        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total
-        self.sessions = Gauge("meshpush_sessions", "Open client sessions on this node", registry=r)
-        self.users = Gauge("meshpush_users", "Distinct users with a session here", registry=r)
-        self.handshakes = Counter(
-            "meshpush_handshakes_total", "WebSocket handshakes by result", ["result"], registry=r
-        )
-        self.connections = Gauge(
-            "meshpush_connections", "Open WebSocket TCP connections (admitted)", registry=r
-        )
-        self.rate_limited = Counter(
-            "meshpush_rate_limited_total",
-            "Clients refused or cut by a limit (handshake, connections, user_sessions, frames)",
-            ["kind"],
-            registry=r,
-        )
-        self.blocked = Counter(
-            "meshpush_blocked_total",
-            "Connections refused by the IP filter",
-            ["reason"],
-            registry=r,
-        )
-        self.redirects = Counter(
-            "meshpush_redirects_total", "Sessions redirected, by reason", ["reason"], registry=r
-        )
-        self.closes = Counter(
-            "meshpush_session_closes_total", "Sessions closed, by close code", ["code"], registry=r
-        )
-        self.session_errors = Counter(
-            "meshpush_session_errors_total",
-            "Sessions ended by an unexpected error (bugs)",
-            registry=r,
-        )
-        self.frame_errors = Counter(
-            "meshpush_frame_errors_total", "Bad client frames, by error code", ["code"], registry=r
-        )
-        self.published = Counter(
-            "meshpush_messages_published_total", "Messages accepted by the API", ["ch"], registry=r
-        )
-        self.publish_errors = Counter(
-            "meshpush_publish_errors_total", "Publishes refused or failed", ["reason"], registry=r
-        )
-        self.api_errors = Counter(
-            "meshpush_api_errors_total",
-            "Unexpected HTTP API errors (bugs), answered with JSON 500",
-            ["path"],
-            registry=r,
-        )
-        self.delivered = Counter(
-            "meshpush_messages_delivered_total", "Frames queued to sessions", ["ch"], registry=r
-        )
-        self.dropped = Counter(
-            "meshpush_notifications_dropped_total",
-            "Live notifications dropped (queue full); recovered from the stream",
-            registry=r,
-        )
-        self.replayed = Counter(
-            "meshpush_messages_replayed_total",
-            "Stored messages read for resumes",
-            ["ch"],
-            registry=r,
-        )
-        self.catch_ups = Counter(
-            "meshpush_catch_ups_total",
-            "Live sessions caught up from the stream, by cause",
-            ["reason"],
-            registry=r,
-        )
-        self.gaps = Counter(
-            "meshpush_gaps_total",
-            "Gaps (messages lost to retention) reported to clients",
-            ["ch"],
-            registry=r,
-        )
-        self.publish_latency = Histogram(
-            "meshpush_publish_seconds",
-            "Time to store and notify one publish",
-            registry=r,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-        )
-        self.delivery_latency = Histogram(
-            "meshpush_delivery_seconds",
-            "Publish accepted -> frame queued on the owner",
-            registry=r,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-        )
-        self.members = Gauge("meshpush_cluster_nodes", "Nodes in this node's ring view", registry=r)
-        self.owned_slots = Gauge("meshpush_owned_slots", "Slots this node owns", registry=r)
-        self.ring_changes = Counter(
-            "meshpush_ring_changes_total",
-            "Ring changes applied (a node joined or left this node's view)",
-            registry=r,
-        )
-        self.backend_errors = Counter(
-            "meshpush_backend_errors_total",
-            "etcd/NATS errors, by backend",
-            ["backend"],
-            registry=r,
-        )
-        self.presence_lookups = Counter(
-            "meshpush_presence_lookups_total",
-            "Users looked up: local, remote (asked an owner), failed (owner silent), answered"
-            " (for another node)",
-            ["where"],
-            registry=r,
-        )
-        self.webhook_messages = Counter(
-            "meshpush_webhook_messages_total",
-            "Offline webhook messages: sent, reached (a live session got it in time, not sent),"
-            " dropped_queue (queue full, oldest dropped), dropped_retries (receiver kept failing)",
-            ["result"],
-            registry=r,
-        )
-        self.webhook_requests = Counter(
-            "meshpush_webhook_requests_total",
-            "Offline webhook POSTs, by result (ok, or the status / error class)",
-            ["result"],
-            registry=r,
-        )
-        self.webhook_queue = Gauge(
-            "meshpush_webhook_queue", "Messages held for the offline webhook", registry=r
-        )
-        self.loop_stall_max = Gauge(
-            "meshpush_event_loop_stall_max_seconds",
-            "Longest event-loop stall (late wake-up) over the last 30 s",
-            registry=r,
-        )
-        self.loop_stall = Histogram(
-            "meshpush_event_loop_stall_seconds",
-            "Event-loop stalls of 1 ms or more (late wake-ups of a 10 ms timer)",
-            registry=r,
-            buckets=(0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-        )
-        self.ready = Gauge("meshpush_ready", "1 when /readyz answers 200", registry=r)
-        self.backend_up = Gauge(
-            "meshpush_backend_up",
-            "1 while the backend answers round trips in time (nats) / holds our lease (etcd)",
-            ["backend"],
-            registry=r,
-        )
-        self.backend_rtt = Gauge(
-            "meshpush_backend_rtt_seconds",
-            "Last successful round trip: NATS echo (nats), lease keepalive (etcd)",
-            ["backend"],
-            registry=r,
-        )
-        self.retention_dropped = Counter(
-            "meshpush_retention_dropped_total",
-            "Messages deleted by retention before a known device received them (seq span of gaps)",
-            ["ch"],
-            registry=r,
-        )
-        self.info = Gauge("meshpush_node_info", "Node identity", ["node"], registry=r)
-        self.info.labels(node=node_id).set(1)
-        self._create_known_series()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, ..._cpu_...
+        self.registry.register(self)
 
-    def _create_known_series(self) -> None:
-        for metric in vars(self).values():
-            known = KNOWN_LABELS.get(getattr(metric, "_name", "") + "_total", {})
-            for label, values in known.items():
-                for value in values:
-                    metric.labels(**{label: value})
+    def add_source(self, component: HasStatistics) -> None:
+        """Read ``component.statistics()`` on every scrape (its fields must name families).
+
+        Components call this in their constructor; it does not call ``statistics()`` yet."""
+        self.sources.append(component)
+
+    def collect(self) -> Iterator[Metric]:
+        """Called by the registry on each scrape: read every source now."""
+        totals: dict[str, list[object]] = {}
+        for source in self.sources:
+            stats = source.statistics()
+            for field in dataclasses.fields(stats):
+                if field.name not in BY_ATTR:  # a typo; tests/test_metrics.py checks them all
+                    raise ValueError(f"{type(source).__name__}: no metric for {field.name}")
+                totals.setdefault(field.name, []).append(getattr(stats, field.name))
+        for family in FAMILIES:
+            yield export(family, totals.get(family.attr, []))
+        info = GaugeMetricFamily("meshpush_node_info", "Node identity", labels=["node", "version"])
+        info.add_metric([self.node_id, self.version], 1)
+        yield info
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def export(family: Family, values: list[object]) -> Metric:
+    """One family from the values its sources gave (summed), known label values at zero."""
+    if family.kind == "histogram":
+        return _histogram(family, values)
+    cls = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
+    if family.label is None:
+        return cls(family.name, family.help, value=sum(_number(v) for v in values))
+    metric = cls(family.name, family.help, labels=[family.label])
+    known = KNOWN_LABELS.get(family.name, {}).get(family.label, ())
+    by_value: dict[str, float] = dict.fromkeys(known, 0)
+    for value in values:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{family.attr}: a mapping of {family.label} expected, got {value!r}")
+        for label, count in value.items():
+            by_value[label] = by_value.get(label, 0) + count
+    for label, count in by_value.items():
+        metric.add_metric([label], count)
+    return metric
+
+
+def _histogram(family: Family, values: list[object]) -> Metric:
+    total = Buckets(family.buckets)
+    for value in values:
+        if not isinstance(value, Buckets):
+            raise TypeError(f"{family.attr}: Buckets expected, got {value!r}")
+        total.add(value)
+    cumulative, running = [], 0
+    for bound, count in zip((*family.buckets, float("inf")), total.counts, strict=True):
+        running += count
+        cumulative.append((_le(bound), float(running)))
+    metric = HistogramMetricFamily(family.name, family.help)
+    metric.add_metric([], cumulative, sum_value=total.sum)
+    return metric
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"a number expected, got {value!r}")
+    return value

@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import signal
+from dataclasses import dataclass, field
 
 import trio
 import trio_asyncio
@@ -31,10 +32,16 @@ from .metrics import Metrics
 from .presence import Presence
 from .router import Router
 from .settings import Settings
+from .stats import Tally, snapshot
 from .store import Cursors, Store
 from .webhook import Webhook
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class NodeStats:
+    backend_errors: Tally = field(default_factory=Tally)
 
 
 class Node:
@@ -43,6 +50,8 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics(settings.node_id)
+        self.stats = NodeStats()
+        self.metrics.add_source(self)
         self.bridge = Bridge()
         self.registry = Hub(self.metrics)
         self.bus = Bus(settings, self.bridge, self.metrics)
@@ -56,6 +65,9 @@ class Node:
         self.gateway = Gateway(settings, self.registry, self.router, self.feeder, self.metrics)
         self.membership: Membership | None = None
         self._nursery: trio.Nursery | None = None
+
+    def statistics(self) -> NodeStats:
+        return snapshot(self.stats)
 
     def _webhook(self) -> Webhook:
         """The offline webhook, hooked where live notifications and deliveries happen."""
@@ -79,7 +91,7 @@ class Node:
         """An asyncio task failed with nobody awaiting it (e.g. a read cut off by shutdown).
 
         trio-asyncio would re-raise it into the loop and stop the node; log and count it."""
-        self.metrics.backend_errors.labels(backend="asyncio").inc()
+        self.stats.backend_errors["asyncio"] += 1
         log.warning("asyncio: %s %r", context.get("message"), context.get("exception"))
 
     async def _services(self, task_status: trio.TaskStatus[Node]) -> None:
@@ -112,7 +124,7 @@ class Node:
                 await self.store.setup()
                 return
             except Exception as exc:  # nats/JetStream errors are many; logged and counted
-                self.metrics.backend_errors.labels(backend="jetstream").inc()
+                self.stats.backend_errors["jetstream"] += 1
                 log.warning("JetStream setup attempt %d failed: %r", attempt, exc)
                 await trio.sleep(min(0.2 * attempt, 3.0))
 

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import nats.errors
@@ -28,6 +29,7 @@ from .bridge import BridgeClosed, aio
 from .encoding import BadId, check_id
 from .http import JSONResponse, Request, Response
 from .settings import Settings
+from .stats import Tally, snapshot
 
 if TYPE_CHECKING:
     from .bus import Bus
@@ -130,6 +132,12 @@ def decode_answers(payload: bytes, users: list[str]) -> list[Answer]:
 # ---------------------------------------------------------------- I/O half
 
 
+@dataclass(slots=True)
+class PresenceStats:
+    presence_lookups: Tally = field(default_factory=Tally)
+    backend_errors: Tally = field(default_factory=Tally)
+
+
 class Presence:
     """Answers presence for this node's users (HTTP and NATS) and asks the other owners."""
 
@@ -140,8 +148,12 @@ class Presence:
         self.registry = registry
         self.router = router
         self.bus = bus
-        self.metrics = metrics
+        self.stats = PresenceStats()
+        metrics.add_source(self)
         self.me = settings.node_id
+
+    def statistics(self) -> PresenceStats:
+        return snapshot(self.stats)
 
     async def run(
         self, *, task_status: trio.TaskStatus[Presence] = trio.TASK_STATUS_IGNORED
@@ -168,9 +180,9 @@ class Presence:
             payload = encode_answers(self.local(decode_request(msg.data)))
             if len(payload) > self.bus.nc.max_payload:
                 payload = TOO_LARGE
-            self.metrics.presence_lookups.labels(where="answered").inc()
+            self.stats.presence_lookups["answered"] += 1
         except (ValueError, UnicodeDecodeError, RecursionError):
-            self.metrics.backend_errors.labels(backend="bad_presence").inc()
+            self.stats.backend_errors["bad_presence"] += 1
             payload = b'{"error":"bad_request"}'
         try:
             await msg.respond(payload)
@@ -183,7 +195,7 @@ class Presence:
         found: dict[str, Answer] = {}
         for user_answer in self.local(groups.pop(self.me, [])):
             found[user_answer["user"]] = user_answer
-        self.metrics.presence_lookups.labels(where="local").inc(len(found))
+        self.stats.presence_lookups["local"] += len(found)
         if groups:
             found.update(await self._ask(groups))
         return [found[u] for u in users]
@@ -198,7 +210,7 @@ class Presence:
                 reply = await nc.request(subjects.presence(node), encode_request(users), timeout)
                 return decode_answers(reply.data, users)
             except (TimeoutError, nats.errors.Error, ValueError) as exc:
-                self.metrics.presence_lookups.labels(where="failed").inc(len(users))
+                self.stats.presence_lookups["failed"] += len(users)
                 detail = f"owner {node} did not answer: {exc!r}"
                 return [unavailable(u, detail) for u in users]
 
@@ -209,7 +221,7 @@ class Presence:
             replies = await self.bus.bridge.call(all_owners, timeout=timeout + 1)
         except (BridgeClosed, TimeoutError) as exc:
             replies = [[unavailable(u, repr(exc)) for u in us] for us in groups.values()]
-        self.metrics.presence_lookups.labels(where="remote").inc(sum(map(len, replies)))
+        self.stats.presence_lookups["remote"] += sum(map(len, replies))
         return {a["user"]: a for batch in replies for a in batch}
 
     # ------------------------------------------------------------ HTTP

@@ -16,24 +16,35 @@ per user afterwards. Either way a rising counter means devices lost messages the
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import trio
 
 from .limits import SampledLog
 from .logs import SessionLike
 from .metrics import Metrics
+from .stats import Tally, snapshot
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RetentionStats:
+    retention_dropped: Tally = field(default_factory=Tally)
 
 
 class RetentionLosses:
     """Counts and logs messages deleted by retention before a known device received them."""
 
     def __init__(self, metrics: Metrics, log_per_second: int = 5) -> None:
-        self.metrics = metrics
+        self.stats = RetentionStats()
+        metrics.add_source(self)
         self.sampled = SampledLog(log, per_second=log_per_second)
         self.gaps = 0
         self.dropped = 0
+
+    def statistics(self) -> RetentionStats:
+        return snapshot(self.stats)
 
     def report(self, session: SessionLike, ch: str, first: int, last: int) -> int:
         """``session`` resumes on ``ch`` missing seqs ``first..last``: count, log, return the count.
@@ -43,7 +54,7 @@ class RetentionLosses:
         dropped = max(0, last - first + 1)
         self.gaps += 1
         self.dropped += dropped
-        self.metrics.retention_dropped.labels(ch=ch).inc(dropped)
+        self.stats.retention_dropped[ch] += dropped
         self.sampled.log(
             trio.current_time(),
             "retention",

@@ -13,7 +13,7 @@ import json
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import trio
@@ -27,6 +27,7 @@ from .protocol import Close
 from .ring import EMPTY, Ring, slot
 from .sessions import Session
 from .settings import Settings
+from .stats import Tally, snapshot
 
 if TYPE_CHECKING:
     from .webhook import Webhook
@@ -67,6 +68,17 @@ class Route:
     reason: str = ""
 
 
+@dataclass(slots=True)
+class RouterStats:
+    """Counted on ring changes and redirects; the gauges are filled in by ``statistics()``."""
+
+    members: int = 0
+    owned_slots: int = 0
+    ready: float = 0.0
+    ring_changes: int = 0
+    redirects: Tally = field(default_factory=Tally)
+
+
 class Router:
     """Owns the ring view, the slot subscriptions and session migration of one node."""
 
@@ -78,7 +90,8 @@ class Router:
         self.me = settings.node_id
         self.registry = registry
         self.bus = bus
-        self.metrics = metrics
+        self.stats = RouterStats()
+        metrics.add_source(self)
         self.view: View = {}
         self.ring: Ring = EMPTY
         self.owned: frozenset[int] = frozenset()
@@ -92,9 +105,12 @@ class Router:
         self.webhook: Webhook | None = None  # offline webhook hooks (meshpush/webhook.py)
         #: told of a node a client could not reach (Membership.suspect probes it)
         self.suspect: Callable[[str], None] = lambda node_id: None
-        metrics.ready.set_function(lambda: float(self.ready))  # read at scrape time
 
     # ------------------------------------------------------------ state
+
+    def statistics(self) -> RouterStats:
+        ring, owned, ready = len(self.ring.nodes), len(self.owned), float(self.ready)
+        return snapshot(self.stats, members=ring, owned_slots=owned, ready=ready)
 
     @property
     def ready(self) -> bool:
@@ -228,8 +244,6 @@ class Router:
             if self.draining:
                 self._drain_ring = ring.without(self.me) if self.me in ring.nodes else ring
             self.registered = registered
-            self.metrics.members.set(len(ring.nodes))
-            self.metrics.owned_slots.set(len(owned))
             if ring is not old_ring:
                 self._ring_changed(old_ring, ring, len(owned - old_owned), len(lost))
             if lost:
@@ -237,7 +251,7 @@ class Router:
 
     def _ring_changed(self, old: Ring, new: Ring, gained: int, lost: int) -> None:
         """Count and log every ring change: grow, shrink (a leave or an expired lease), both."""
-        self.metrics.ring_changes.inc()
+        self.stats.ring_changes += 1
         log.info(
             "ring: %d nodes (joined %s, left %s), own %d slots, gained %d, lost %d",
             len(new.nodes),
@@ -274,11 +288,11 @@ class Router:
             return
         if route.node is None:
             session.close(Close.REDIRECT, "owner unavailable")
-            self.metrics.redirects.labels(reason="unavailable").inc()
+            self.stats.redirects["unavailable"] += 1
             return
         frame = protocol.redirect(node=route.node.id, url=route.node.ws_url, reason=route.reason)
         session.close(Close.REDIRECT, route.reason, frame)
-        self.metrics.redirects.labels(reason=route.reason).inc()
+        self.stats.redirects[route.reason] += 1
 
     # ------------------------------------------------------------ drain
 

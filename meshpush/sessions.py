@@ -39,6 +39,7 @@ from .machine import CloseDecision, Limits, SessionMachine
 from .metrics import Metrics
 from .protocol import Close
 from .ring import slot
+from .stats import Tally, snapshot
 from .store import StoredMessage
 from .wire import Wire, encode_text
 
@@ -48,6 +49,15 @@ _BROKEN = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 FINISH_TIMEOUT = 2.0  # writing the last frames and the close, at most
 GOODBYE_TIMEOUT = 1.0  # waiting for the client's close frame after ours
 FINISH_CONCURRENCY = 256
+
+
+@dataclass(slots=True)
+class SessionStats:
+    """What the sessions of a node count (in their shared ``Context``)."""
+
+    closes: Tally = field(default_factory=Tally)
+    frame_errors: Tally = field(default_factory=Tally)
+    rate_limited: Tally = field(default_factory=Tally)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +75,13 @@ class Context:
     # called once a session has ended (its socket closed): the owner's bookkeeping (one
     # function shared by every session, so a session stores no callback of its own)
     on_end: Callable[[Session], None] | None = None
+    stats: SessionStats = field(default_factory=SessionStats)
+
+    def __post_init__(self) -> None:
+        self.metrics.add_source(self)
+
+    def statistics(self) -> SessionStats:
+        return snapshot(self.stats)
 
 
 class Session:
@@ -229,7 +246,7 @@ class Session:
 
     def _queued(self, size: int) -> None:
         if self.machine.queued(size, trio.current_time()) is not None and self.scope is not None:
-            self.ctx.metrics.rate_limited.labels(kind="slow_consumer").inc()
+            self.ctx.stats.rate_limited["slow_consumer"] += 1
             self.scope.cancel()
 
     def _start_drain(self) -> None:
@@ -245,7 +262,7 @@ class Session:
                     frames, size = await self.wire.send_buffered(self.out)
                     self.machine.written(frames, size, trio.current_time())
                 if timer.cancelled_caught:
-                    self.ctx.metrics.rate_limited.labels(kind="slow_consumer").inc()
+                    self.ctx.stats.rate_limited["slow_consumer"] += 1
                     self.close(Close.SLOW_CONSUMER, "slow consumer")
                     return
             self.out = None
@@ -380,17 +397,17 @@ class Session:
         for frame in reply.frames:
             self.send_text(frame)
         if reply.error:
-            self.ctx.metrics.frame_errors.labels(code=reply.error).inc()
+            self.ctx.stats.frame_errors[reply.error] += 1
         if reply.acked:
             self.ctx.feeder.save_cursor(self)
         if reply.close is not None and reply.close.code == Close.RATE_LIMITED:
             self._rate_limited()
 
     def _rate_limited(self) -> None:
-        self.ctx.metrics.rate_limited.labels(kind="frames").inc()
+        self.ctx.stats.rate_limited["frames"] += 1
 
     def _frame_error(self, code: str, close: int, detail: str) -> None:
-        self.ctx.metrics.frame_errors.labels(code=code).inc()
+        self.ctx.stats.frame_errors[code] += 1
         self.close(close, detail)
 
     def _on_close(self, event: CloseConnection) -> None:
@@ -405,7 +422,7 @@ class Session:
         """Write what is buffered, the last frame and the close; then hang up (bounded)."""
         decision = self.machine.closing or CloseDecision(Close.GOING_AWAY, "node stopping")
         self.machine.closing = decision
-        self.ctx.metrics.closes.labels(code=str(decision.code)).inc()
+        self.ctx.stats.closes[str(decision.code)] += 1
         with trio.CancelScope(shield=True):
             async with self.ctx.finishing:  # held over one checkpoint: a mass close is spread
                 self._last_frames(wire, decision)  # over scheduler batches of at most N

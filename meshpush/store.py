@@ -26,7 +26,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
@@ -51,6 +51,7 @@ from .pipeline import (
 )
 from .ring import slot
 from .settings import Settings
+from .stats import Tally, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,13 @@ def stream_subject(settings: Settings, ch: str, user: str | None) -> str:
     return f"mp.{c}.store.u.{slot(user)}.{encode_token(user)}"
 
 
+@dataclass(slots=True)
+class StoreStats:
+    """What the store and the cursors count."""
+
+    backend_errors: Tally = field(default_factory=Tally)
+
+
 class Store:
     """JetStream side of a node. Needs a connected :class:`Bus`."""
 
@@ -216,7 +224,8 @@ class Store:
         self.settings = settings
         self.bus = bus
         self.bridge = bridge
-        self.metrics = metrics
+        self.stats = StoreStats()
+        metrics.add_source(self)
         c = settings.cluster
         self.streams = {"user": f"MP_{c}_USER", "broadcast": f"MP_{c}_BCAST"}
         self.bucket = f"MP_{c}_CURSORS"
@@ -229,6 +238,9 @@ class Store:
         self._acks = AckInbox()
         self._commits: GroupCommit[Outgoing, Outcome] = GroupCommit(self._publish_all)
         self._small: TrioGroupCommit[Outgoing, Outcome] = TrioGroupCommit(self._cross, _cancelled)
+
+    def statistics(self) -> StoreStats:
+        return snapshot(self.stats)
 
     # ------------------------------------------------------------ setup
 
@@ -322,7 +334,7 @@ class Store:
             outcomes = await self._cross(items)
         for outcome in outcomes:
             if isinstance(outcome, StoreTimeout):
-                self.metrics.backend_errors.labels(backend="nats").inc()
+                self.stats.backend_errors["nats"] += 1
         return outcomes
 
     async def _cross(self, items: list[Outgoing]) -> Sequence[Outcome]:
@@ -414,17 +426,17 @@ class Store:
                 subject, encode_notification(head, item.data_json), headers=trace
             )
         except (nats.errors.Error, OSError) as exc:
-            self.metrics.backend_errors.labels(backend="notify").inc()
+            self.stats.backend_errors["notify"] += 1
             log.warning("live notification failed (stored; receivers catch up): %r", exc)
 
     async def _call(self, factory: Callable[[], Awaitable[Any]], timeout: float = 5.0) -> Any:
         try:
             return await self.bridge.call(factory, timeout=timeout)
         except TimeoutError:
-            self.metrics.backend_errors.labels(backend="nats").inc()
+            self.stats.backend_errors["nats"] += 1
             raise StoreTimeout("store timed out") from None
         except (nats.errors.Error, OSError) as exc:
-            self.metrics.backend_errors.labels(backend="nats").inc()
+            self.stats.backend_errors["nats"] += 1
             raise StoreUnavailable(f"store failed: {type(exc).__name__}") from None
 
     # ------------------------------------------------------------ reading
@@ -640,13 +652,17 @@ class Cursors:
 
     def __init__(self, store: Store, metrics: Metrics, interval: float = 1.0) -> None:
         self.store = store
-        self.metrics = metrics
+        self.stats = StoreStats()
+        metrics.add_source(self)
         self.interval = interval
         self._dirty: dict[str, Cursor] = {}
         self._inflight: dict[str, Cursor] = {}  # being written now: still the freshest we know
         self._wake = trio.Event()
         self.writes = 0
         self.flushes = 0
+
+    def statistics(self) -> StoreStats:
+        return snapshot(self.stats)
 
     def pending(self, key: str) -> Cursor | None:
         """A cursor of ``key`` not written yet (fresher than the bucket's), or None."""
@@ -684,7 +700,7 @@ class Cursors:
             self.writes += len(batch)
             self.flushes += 1
         except StoreUnavailable as exc:
-            self.metrics.backend_errors.labels(backend="cursor_write").inc()
+            self.stats.backend_errors["cursor_write"] += 1
             log.warning("cursor flush of %d failed (%r); will retry", len(batch), exc)
             for key, c in batch.items():
                 self._dirty.setdefault(key, c)

@@ -23,13 +23,14 @@ import random
 import urllib.parse
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import httpx
 import trio
 
 from .settings import Settings
+from .stats import Tally, snapshot
 from .webhook_verify import HEADER, sign
 
 if TYPE_CHECKING:
@@ -169,6 +170,16 @@ def backoff(attempt: int, base: float, rng: Callable[[float, float], float]) -> 
     return rng(0.0, min(MAX_BACKOFF, base * 2 ** (attempt - 1)))
 
 
+@dataclass(slots=True)
+class WebhookStats:
+    """Counted by the sender; the tracker's counts and the queue are read by ``statistics()``."""
+
+    webhook_queue: int = 0
+    webhook_messages: Tally = field(default_factory=Tally)
+    webhook_requests: Tally = field(default_factory=Tally)
+    backend_errors: Tally = field(default_factory=Tally)
+
+
 class Webhook:
     """The owner node's sender: a timer task moves due messages, a sender task POSTs them."""
 
@@ -181,13 +192,20 @@ class Webhook:
     ) -> None:
         check_settings(settings)
         self.settings = settings
-        self.metrics = metrics
+        self.stats = WebhookStats()
+        metrics.add_source(self)
         self.owns = owns
         self.transport = transport
         self.tracker = OfflineTracker(
             settings.offline_webhook_delay, settings.offline_webhook_queue
         )
         self._ready = trio.Event()  # set when the outbox has something
+
+    def statistics(self) -> WebhookStats:
+        messages = Tally(self.stats.webhook_messages)
+        messages["reached"] += self.tracker.skipped  # counted by the tracker on the hot path
+        messages["dropped_queue"] += self.tracker.dropped
+        return snapshot(self.stats, webhook_messages=messages, webhook_queue=len(self.tracker))
 
     # ------------------------------------------------------------ hooks (tiny, synchronous)
 
@@ -196,19 +214,11 @@ class Webhook:
         if note.ch != "user" or note.user is None or not self.owns(note.user):
             return
         now = trio.current_time()
-        before = self.tracker.dropped
         self.tracker.notified(Pending(note.user, note.seq, note.id, note.data_json, now))
-        self._count_drops(before)
 
     def reached(self, user: str, seq: int) -> None:
         """Seq ``seq`` of ``user`` was queued to one of its sessions (hooks in delivery)."""
         self.tracker.reached(user, seq, trio.current_time())
-
-    def _count_drops(self, before: int) -> None:
-        if self.tracker.dropped > before:
-            self.metrics.webhook_messages.labels(result="dropped_queue").inc(
-                self.tracker.dropped - before
-            )
 
     # ------------------------------------------------------------ service
 
@@ -227,17 +237,10 @@ class Webhook:
             await self._sender(http)
 
     async def _timer(self) -> None:
-        counted = 0  # skipped messages already exported (the hot path does not touch metrics)
         while True:
             now = trio.current_time()
             if self.tracker.due(now):
                 self._ready.set()
-            if self.tracker.skipped > counted:
-                self.metrics.webhook_messages.labels(result="reached").inc(
-                    self.tracker.skipped - counted
-                )
-                counted = self.tracker.skipped
-            self.metrics.webhook_queue.set(len(self.tracker))
             wake = self.tracker.next_due()
             await trio.sleep_until(min(wake, now + TICK) if wake is not None else now + TICK)
 
@@ -248,7 +251,6 @@ class Webhook:
             if not batch:
                 self._ready = trio.Event()
                 continue
-            self.metrics.webhook_queue.set(len(self.tracker))
             await self._deliver(http, batch)
 
     async def _deliver(self, http: httpx.AsyncClient, batch: list[Pending]) -> None:
@@ -259,10 +261,10 @@ class Webhook:
             if attempt:
                 await trio.sleep(backoff(attempt, s.offline_webhook_backoff, random.uniform))
             if await self._post(http, body):
-                self.metrics.webhook_messages.labels(result="sent").inc(len(batch))
+                self.stats.webhook_messages["sent"] += len(batch)
                 return
         log.warning("offline webhook: dropping %d messages after %d tries", len(batch), attempt + 1)
-        self.metrics.webhook_messages.labels(result="dropped_retries").inc(len(batch))
+        self.stats.webhook_messages["dropped_retries"] += len(batch)
 
     async def _post(self, http: httpx.AsyncClient, body: bytes) -> bool:
         headers = {
@@ -275,9 +277,9 @@ class Webhook:
                 ok = resp.is_success
                 status = resp.status_code
         except httpx.HTTPError as exc:
-            self.metrics.webhook_requests.labels(result=type(exc).__name__).inc()
-            self.metrics.backend_errors.labels(backend="webhook").inc()
+            self.stats.webhook_requests[type(exc).__name__] += 1
+            self.stats.backend_errors["webhook"] += 1
             log.info("offline webhook request failed: %r", exc)
             return False
-        self.metrics.webhook_requests.labels(result="ok" if ok else str(status)).inc()
+        self.stats.webhook_requests["ok" if ok else str(status)] += 1
         return ok
