@@ -19,13 +19,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 from bisect import bisect_left
-from collections.abc import Mapping
 from typing import Any, Protocol, TypeAlias, TypeVar
 
 Tally: TypeAlias = collections.Counter[str]
 """Counts by label value: ``tally[value] += n`` (a missing value counts from 0)."""
-
-Value: TypeAlias = "int | float | Mapping[str, float] | Buckets"
 
 
 class Buckets:
