@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class NodeStats:
     backend_errors: Tally = field(default_factory=Tally)
+    backend_up: dict[str, float] = field(default_factory=dict)
 
 
 class Node:
@@ -67,7 +68,8 @@ class Node:
         self._nursery: trio.Nursery | None = None
 
     def statistics(self) -> NodeStats:
-        return snapshot(self.stats)
+        # etcd is down (0) until the membership starts and reports for itself: never empty
+        return snapshot(self.stats, backend_up={"etcd": 0.0} if self.membership is None else {})
 
     def _webhook(self) -> Webhook:
         """The offline webhook, hooked where live notifications and deliveries happen."""
