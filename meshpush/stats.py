@@ -19,7 +19,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 from bisect import bisect_left
-from typing import Any, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 Tally: TypeAlias = collections.Counter[str]
 """Counts by label value: ``tally[value] += n`` (a missing value counts from 0)."""
@@ -63,18 +66,18 @@ class Buckets:
 class HasStatistics(Protocol):
     """A component the metrics collector reads: ``statistics()`` returns a dataclass."""
 
-    def statistics(self) -> Any: ...
+    def statistics(self) -> DataclassInstance: ...
 
 
-S = TypeVar("S")
+S = TypeVar("S", bound="DataclassInstance")
 
 
 def snapshot(stats: S, **gauges: object) -> S:
     """A copy of a component's counters (a dataclass) with ``gauges`` read now filled in."""
-    fields = dataclasses.fields(stats)  # type: ignore[arg-type]
+    fields = dataclasses.fields(stats)
     copied: dict[str, Any] = {f.name: _copy(getattr(stats, f.name)) for f in fields}
     copied.update(gauges)
-    return dataclasses.replace(stats, **copied)  # type: ignore[type-var]
+    return dataclasses.replace(stats, **copied)
 
 
 def _copy(value: object) -> object:
