@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -100,6 +101,7 @@ class Node:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(LoopLag(self.metrics).run)
+            nursery.start_soon(GcPacer().run)
             await nursery.start(self.bridge.run)
             http_port = await nursery.start(self.api.serve)
             await nursery.start(self.bus.run)
@@ -190,6 +192,48 @@ def tune_gc() -> None:
     collections of ~250k objects every few hundred handshakes; docs/performance.md)."""
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+#: seconds between paced collections (GcPacer)
+GC_PACE = 1.0
+
+
+def paced_generation(counts: tuple[int, int, int], thresholds: tuple[int, int, int]) -> int:
+    """The generation a paced collection takes: the middle one once more young collections
+    than its threshold ran since it last did (what an allocation-triggered collection would
+    take then), else the young one. Never the oldest: full collections stay the
+    interpreter's (its rule: only when a quarter of the long-lived objects are new)."""
+    return 1 if counts[1] > thresholds[1] else 0
+
+
+class GcPacer:
+    """Collects the young generation every ``interval`` s, so it never holds more than about
+    a second of survivors. CPython counts *net* allocations towards the young threshold
+    (every deallocation, of any generation, takes one off), so a session that replaces a
+    long-lived object by a new one (a deadline, a buffer) adds to the young list without
+    moving the counter: at 10,000 sessions the young list grew to ~110,000 objects between
+    collections, and each such collection stalled the loop 40-60 ms (docs/performance.md,
+    "Event-loop stalls and the garbage collector")."""
+
+    def __init__(
+        self,
+        interval: float = GC_PACE,
+        collect: Callable[[int], object] = gc.collect,
+        counts: Callable[[], tuple[int, int, int]] = gc.get_count,
+        thresholds: Callable[[], tuple[int, int, int]] = gc.get_threshold,
+    ) -> None:
+        self.interval = interval
+        self.collect = collect
+        self.counts = counts
+        self.thresholds = thresholds
+
+    def step(self) -> None:
+        self.collect(paced_generation(self.counts(), self.thresholds()))
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.interval)
+            self.step()
 
 
 def main(settings: Settings) -> int:
