@@ -30,6 +30,8 @@ __all__ = ["MAX_PENDING", "Chained", "Feed", "Feeder", "Gap", "Target", "Verdict
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_REREADS = 10_000
+FIRST_READS = 20  # reads of a first batch a lagging replica answered empty (then: resume)
+STALE_READ_WAIT = 0.025  # seconds between them
 ROOM_POLL = 0.01  # seconds between checks of a replay waiting for the socket to drain
 
 
@@ -277,7 +279,10 @@ class Feeder:
             if feed.sent < known.last(ch):
                 unread.append(ch)
         batches = await _gather(
-            *(_bind(self._read, session, ch, session.feeds[ch].sent) for ch in unread)
+            *(
+                _bind(self._read_first, session, ch, session.feeds[ch].sent, known.last(ch))
+                for ch in unread
+            )
         )
         read = dict(zip(unread, batches, strict=True))
         first = {ch: read.get(ch, []) for ch in session.feeds}
@@ -391,6 +396,21 @@ class Feeder:
             session.send_text(_frame(ch, note))
         self._sent(session, ch, feed)
         return live
+
+    async def _read_first(
+        self, session: Target, ch: str, after: int, last: int
+    ) -> list[StoredMessage]:
+        """The first batch after ``after`` of a channel whose newest seq is ``last`` (> after).
+        Reads are direct gets, which a lagging replica may answer: an empty answer cannot be
+        right (``last`` is exact), so it is read again, a bounded number of times, before the
+        session is sent away to resume (a live start here would lose what it did not read)."""
+        for _ in range(FIRST_READS):
+            batch = await self._read(session, ch, after)
+            if batch:
+                return batch
+            self.stats.backend_errors["stale_read"] += 1
+            await trio.sleep(STALE_READ_WAIT)
+        raise StoreUnavailable(f"{ch} read nothing after {after} though {last} is stored")
 
     async def _read(self, session: Target, ch: str, after: int) -> list[StoredMessage]:
         owner = _owner(ch, session.user)

@@ -80,6 +80,7 @@ KNOWN_LABELS: dict[str, dict[str, tuple[str, ...]]] = {
             "jetstream",
             "ip_filter",
             "replay",
+            "stale_read",
             "cursor_read",
             "cursor_write",
             "asyncio",

@@ -453,16 +453,7 @@ class Store:
     async def last_seq(self, ch: str, user: str | None) -> int:
         """The seq of the newest stored message of the channel (0 if there is none)."""
         subject = stream_subject(self.settings, ch, user)
-        stream = self.streams[ch]
-
-        async def get() -> int:
-            try:
-                msg = await self.bus.js.get_msg(stream, subject=subject, direct=True)
-            except nats.js.errors.NotFoundError:
-                return 0
-            return int(msg.seq or 0)
-
-        result: int = await self._call(get)
+        result: int = await self._call(lambda: self._last_of(ch, subject))
         return result
 
     async def end_seq(self, ch: str) -> int:
@@ -514,6 +505,9 @@ class Store:
 
     async def _last_of_users(self, users: list[str]) -> dict[str, int]:
         subjects = {stream_subject(self.settings, "user", u): u for u in users}
+        if self.settings.stream_replicas > 1:  # exact: the leader answers (see _last_of)
+            seqs = await asyncio.gather(*(self._last_of("user", s) for s in subjects))
+            return {u: seq for u, seq in zip(subjects.values(), seqs, strict=True) if seq}
         found = await self._multi_last(self.streams["user"], list(subjects))
         return {subjects[s]: int(m.headers["Nats-Sequence"]) for s, m in found.items()}
 
@@ -533,12 +527,17 @@ class Store:
         }
 
     async def _last_broadcast(self) -> int:
+        return await self._last_of("broadcast", stream_subject(self.settings, "broadcast", None))
+
+    async def _last_of(self, ch: str, subject: str) -> int:
+        """The seq of the newest message on ``subject`` (0: none). It decides that a handshake
+        has nothing to read, so it must not be stale: with replicas a direct get may be
+        answered by a replica that has not yet applied a message the leader acknowledged (and
+        whose notification went out before the session registered), so it is read from the
+        stream leader ($JS.API.STREAM.MSG.GET last_by_subj); with one replica, directly."""
+        direct = self.settings.stream_replicas <= 1
         try:
-            msg = await self.bus.js.get_msg(
-                self.streams["broadcast"],
-                subject=stream_subject(self.settings, "broadcast", None),
-                direct=True,
-            )
+            msg = await self.bus.js.get_msg(self.streams[ch], subject=subject, direct=direct)
         except nats.js.errors.NotFoundError:
             return 0
         return int(msg.seq or 0)

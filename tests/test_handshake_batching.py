@@ -224,6 +224,7 @@ class FakeStore:
     start_calls: list[tuple[set[str], list[str]]] = field(default_factory=list)
     reads: list[tuple[str, str | None, int]] = field(default_factory=list)
     fail: bool = False
+    stale_reads: int = 0  # reads answered empty first, as by a replica that lags behind
 
     async def start_reads(self, users: set[str], keys: list[str]) -> Starts:
         self.start_calls.append((set(users), list(keys)))
@@ -240,6 +241,9 @@ class FakeStore:
         self, ch: str, user: str | None, after: int, limit: int
     ) -> list[StoredMessage]:
         self.reads.append((ch, user, after))
+        if self.stale_reads > 0:
+            self.stale_reads -= 1
+            return []
         last = self.users.get(user or "", 0) if ch == "user" else self.broadcast
         return [StoredMessage(last, after, "id", "{}")] if last > after else []
 
@@ -337,3 +341,25 @@ async def test_a_failed_batch_read_fails_its_handshakes_as_store_unavailable() -
 def test_start_knows_the_newest_seq_per_channel() -> None:
     start = Start(Cursor(), user=7, broadcast=3)
     assert (start.last("user"), start.last("broadcast")) == (7, 3)
+
+
+async def test_a_first_read_a_lagging_replica_answers_empty_is_read_again(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The newest seq is exact (read from the leader); the direct get of the first batch may
+    be answered by a replica that has not applied it yet: going live then would lose it
+    (the clustered chaos run's lost message)."""
+    store = FakeStore(users={"u": 9}, stale_reads=3)
+    feeder = _feeder(store)
+    session = FakeSession("u")
+    out = await _start_all(feeder, [session], {"user": 5, "broadcast": 0})
+    assert [m.seq for m in out["u"][0]["user"]] == [9]
+    assert len(store.reads) == 4 and feeder.stats.backend_errors["stale_read"] == 3
+
+
+async def test_a_first_read_that_stays_empty_sends_the_session_away_to_resume(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = FakeStore(users={"u": 9}, stale_reads=10_000)
+    out = await _start_all(_feeder(store), [FakeSession("u")], {"user": 5, "broadcast": 0})
+    assert isinstance(out["u"], StoreUnavailable)

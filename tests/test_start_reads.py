@@ -4,9 +4,13 @@ and the newest broadcast."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from types import SimpleNamespace
+from typing import Any
 
+import nats.js.errors
 import pytest
 import trio
 import trio_asyncio
@@ -16,7 +20,7 @@ from meshpush.bus import Bus
 from meshpush.devcluster import LocalCluster
 from meshpush.metrics import Metrics
 from meshpush.settings import Settings
-from meshpush.store import Cursor, Cursors, Store, cursor_key
+from meshpush.store import Cursor, Cursors, Store, cursor_key, stream_subject
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +76,34 @@ async def test_one_batch_reads_newest_seqs_cursors_and_the_broadcast_end(
         }  # deleted and missing cursors: absent
         info = await aio(store.bus.js.stream_info)(f"KV_MP_{name}_CURSORS")
         assert info.config.allow_direct  # an old bucket was switched in place
+
+
+class _FakeJS:
+    """get_msg as nats-py has it: last_by_subj from the leader, or a direct get (any replica)."""
+
+    def __init__(self, leader: dict[str, int], replica: dict[str, int]) -> None:
+        self.leader, self.replica = leader, replica
+        self.calls: list[tuple[str, bool]] = []
+
+    async def get_msg(self, stream: str, subject: str, direct: bool = False) -> Any:
+        self.calls.append((subject, direct))
+        seq = (self.replica if direct else self.leader).get(subject)
+        if seq is None:
+            raise nats.js.errors.NotFoundError
+        return SimpleNamespace(seq=seq)
+
+
+def test_with_replicas_the_newest_seqs_that_decide_nothing_to_read_come_from_the_leader() -> None:
+    """A lagging replica answered the multi-last direct get with an older seq: the handshake
+    read nothing, went live and lost the message the leader had already acknowledged."""
+    settings = Settings(node_id="t", cluster="c", stream_replicas=3)
+    store = Store(settings, SimpleNamespace(), None, Metrics("t"))  # type: ignore[arg-type]
+    subject = stream_subject(settings, "user", "u5")
+    bcast = stream_subject(settings, "broadcast", None)
+    store.bus.js = _FakeJS({subject: 1389, bcast: 47}, {subject: 1363, bcast: 46})
+
+    async def reads() -> tuple[dict[str, int], int]:
+        return await store._last_of_users(["u5", "new"]), await store._last_broadcast()
+
+    assert asyncio.run(reads()) == ({"u5": 1389}, 47)
+    assert not any(direct for _, direct in store.bus.js.calls)
