@@ -267,8 +267,9 @@ class FakeSession:
     feeds: dict[str, Feed] = field(default_factory=lambda: {"user": Feed(), "broadcast": Feed()})
 
 
-def _feeder(store: FakeStore, cursors: FakeCursors | None = None) -> Feeder:
-    return Feeder(Settings(), store, cursors or FakeCursors(), Metrics("t"))  # type: ignore[arg-type]
+def _feeder(store: FakeStore, cursors: FakeCursors | None = None, replicas: int = 1) -> Feeder:
+    settings = Settings(stream_replicas=replicas)
+    return Feeder(settings, store, cursors or FakeCursors(), Metrics("t"))  # type: ignore[arg-type]
 
 
 async def _start_all(
@@ -350,7 +351,7 @@ async def test_a_first_read_a_lagging_replica_answers_empty_is_read_again(
     be answered by a replica that has not applied it yet: going live then would lose it
     (the clustered chaos run's lost message)."""
     store = FakeStore(users={"u": 9}, stale_reads=3)
-    feeder = _feeder(store)
+    feeder = _feeder(store, replicas=3)
     session = FakeSession("u")
     out = await _start_all(feeder, [session], {"user": 5, "broadcast": 0})
     assert [m.seq for m in out["u"][0]["user"]] == [9]
@@ -361,5 +362,12 @@ async def test_a_first_read_that_stays_empty_sends_the_session_away_to_resume(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     store = FakeStore(users={"u": 9}, stale_reads=10_000)
-    out = await _start_all(_feeder(store), [FakeSession("u")], {"user": 5, "broadcast": 0})
+    feeder = _feeder(store, replicas=3)
+    out = await _start_all(feeder, [FakeSession("u")], {"user": 5, "broadcast": 0})
     assert isinstance(out["u"], StoreUnavailable)
+
+
+async def test_with_one_replica_an_empty_first_read_is_not_read_again() -> None:
+    store = FakeStore(users={"u": 9}, stale_reads=1)  # as if retention removed 6..9
+    out = await _start_all(_feeder(store), [FakeSession("u")], {"user": 5, "broadcast": 0})
+    assert out["u"][0]["user"] == [] and len(store.reads) == 1
