@@ -192,10 +192,9 @@ async def test_a_reader_that_stops_under_batches_is_cut_4008_and_resumes(
     await resume_all(slow, user, count)
 
 
+@pytest.mark.parametrize("node_cluster", ["plain"], indirect=True)  # the SDK trusts system CAs
 async def test_the_publisher_sdk_sends_broadcasts_in_volume(node_cluster: Cluster) -> None:
     cluster, context = node_cluster
-    if context is not None:
-        pytest.skip("the SDK trusts the system CAs: the plain node is enough here")
     ws = await trio.to_thread.run_sync(open_ws, cluster, f"sdk-{time.monotonic_ns()}", context)
     try:
         assert (await trio.to_thread.run_sync(recv_json, ws))["type"] == "welcome"
