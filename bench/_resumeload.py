@@ -51,12 +51,13 @@ import os
 import random
 import select
 import socket
-import subprocess
 import sys
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
+
+from bench._procs import Procs
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 READ_SIZE = 64 * 1024
@@ -478,63 +479,9 @@ def serve_publisher(argv: list[str]) -> None:
 # ---------------------------------------------------------------- the coordinator's side
 
 
-class Procs:
-    """Worker processes spoken to with one JSON line per command."""
-
-    def __init__(self, argvs: list[list[str]]) -> None:
-        self.procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "bench._resumeload", *argv],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for argv in argvs
-        ]
-
-    def __enter__(self) -> Procs:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send(self, commands: list[dict[str, Any]]) -> None:
-        for proc, cmd in zip(self.procs, commands, strict=True):
-            assert proc.stdin is not None
-            proc.stdin.write(json.dumps(cmd) + "\n")
-            proc.stdin.flush()
-
-    def collect(self) -> list[Any]:
-        answers = []
-        for proc in self.procs:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"bench worker {proc.pid} died (exit {proc.poll()})")
-            answers.append(json.loads(line))
-        return answers
-
-    def ask(self, commands: list[dict[str, Any]]) -> list[Any]:
-        self.send(commands)
-        return self.collect()
-
-    def cpu(self) -> list[float]:
-        from bench._targets import cpu_seconds
-
-        return [cpu_seconds(p.pid) for p in self.procs]
-
-    def close(self) -> None:
-        for proc in self.procs:
-            with contextlib.suppress(OSError, ValueError):
-                assert proc.stdin is not None
-                proc.stdin.write('{"op": "close"}\n')
-                proc.stdin.close()
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+def workers(argvs: list[list[str]]) -> Procs:
+    """This module's worker processes (clients, or the publisher with ``["publisher", ...]``)."""
+    return Procs("bench._resumeload", argvs)
 
 
 if __name__ == "__main__":

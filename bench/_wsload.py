@@ -30,12 +30,13 @@ import os
 import resource
 import select
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from bench._procs import Procs
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # any 16-byte base64 value will do for a benchmark client
 READ_SIZE = 256 * 1024
@@ -291,40 +292,11 @@ def serve() -> None:
     worker.close()
 
 
-class ReaderPool:
+class ReaderPool(Procs):
     """``workers`` reader processes sharing the connections of one benchmark run."""
 
     def __init__(self, workers: int) -> None:
-        self.procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "bench._wsload"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(max(1, workers))
-        ]
-
-    def __enter__(self) -> ReaderPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def ask(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Send one command to each worker (all at once), then collect the answers."""
-        for proc, cmd in zip(self.procs, commands, strict=True):
-            assert proc.stdin is not None
-            proc.stdin.write(json.dumps(cmd) + "\n")
-            proc.stdin.flush()
-        answers = []
-        for proc in self.procs:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()  # each command has its own timeout in the worker
-            if not line:
-                raise RuntimeError(f"reader worker {proc.pid} died (exit {proc.poll()})")
-            answers.append(json.loads(line))
-        return answers
+        super().__init__("bench._wsload", [[]] * max(1, workers))
 
     def connect(
         self, host: str, port: int, paths: list[str], concurrency: int = 64, timeout: float = 300
@@ -373,19 +345,6 @@ class ReaderPool:
 
     def idle(self, seconds: float) -> list[dict[str, Any]]:
         return self.ask([{"op": "idle", "seconds": seconds}] * len(self.procs))
-
-    def close(self) -> None:
-        for proc in self.procs:
-            with contextlib.suppress(OSError, ValueError):
-                assert proc.stdin is not None
-                proc.stdin.write('{"op": "close"}\n')
-                proc.stdin.close()
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._resumeload import Procs
+from bench._resumeload import workers
 from bench._stats import pct
 from bench._targets import cpu_seconds, machine, table, write_json
 from meshpush.devcluster import LocalCluster, NodeProc
@@ -151,7 +151,7 @@ def run(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
         "--api-key",
         cluster.api_key,
     ]
-    with Procs([[]] * readers) as clients, Procs([publisher_argv]) as publisher:
+    with workers([[]] * readers) as clients, workers([publisher_argv]) as publisher:
         shares = split(users, readers)
         connect = {
             "op": "connect",
@@ -200,10 +200,10 @@ def run(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
             victim.proc.send(signal.SIGKILL)
             victim.proc.popen.wait(10)
             ring = ring_change(survivors, cluster, victim.id, t_kill, args.after)
-            (steady,) = publisher.collect()
+            (steady,) = publisher.answers()
         survivor_cpu = [cpu_seconds(n.proc.pid) for n in survivors]
         t_cpu = time.monotonic()
-        runs = clients.collect()
+        runs = clients.answers()
         cpu1 = {"clients": clients.cpu(), "publisher": publisher.cpu()}
         wall = t_cpu - (t_kill - BEFORE_KILL)
         records: dict[str, dict[str, Any]] = {}
