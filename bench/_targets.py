@@ -39,8 +39,11 @@ NODE_SETTINGS: dict[str, Any] = {
 class Target(Protocol):
     name: str
     host: str
-    port: int
-    pid: int
+
+    @property
+    def port(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
 
     def paths(self, n: int, prefix: str) -> list[str]: ...
     def broadcast(self, count: int, size: int) -> None: ...
