@@ -8,6 +8,9 @@ becomes the 401 body and a metric label; the token itself is never logged.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import hmac
 import json
 import time
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from jwt.algorithms import HMACAlgorithm
 
 from .encoding import BadId, check_id
 
@@ -130,6 +134,9 @@ class TokenVerifier:
         self.audience = audience or None
         self.issuer = issuer or None
         self.leeway = leeway
+        # without aud/iss rules, the common HS256 token is checked without PyJWT (Hs256)
+        plain = self.audience is None and self.issuer is None
+        self.fast = Hs256(self.secrets, leeway) if plain and self.secrets else None
 
     @classmethod
     def from_settings(cls, s: Any) -> TokenVerifier:
@@ -155,6 +162,10 @@ class TokenVerifier:
         return identity
 
     def _verify(self, token: str) -> Identity:
+        if self.fast is not None:
+            identity = self.fast.verify(token)
+            if identity is not None:
+                return identity
         try:
             header = jwt.get_unverified_header(token)
         except (jwt.InvalidTokenError, ValueError, TypeError, RecursionError):
@@ -208,6 +219,95 @@ class TokenVerifier:
         except (jwt.InvalidTokenError, ValueError, TypeError, RecursionError) as exc:
             raise AuthError("invalid_token", f"token rejected: {type(exc).__name__}") from None
         return _identity(claims, self.leeway)
+
+
+class Hs256:
+    """The common HS256 token verified without PyJWT: a fast path that never refuses itself.
+
+    It accepts a token only where PyJWT (as ``TokenVerifier._decode`` calls it, no audience
+    and no issuer configured) would accept it with the same claims: the header segment is one
+    seen before that decodes to exactly ``{"alg":"HS256"}`` (``"typ":"JWT"`` allowed), the
+    signature segment is the canonical base64url encoding of the HMAC of one of the secrets
+    PyJWT takes as an HMAC key, the payload (decoded as PyJWT decodes it) is a JSON object of
+    only ``sub`` (str), ``exp`` (int, not expired), ``iat`` / ``nbf`` (int, not in the future),
+    ``jti`` (str) and ``devices``; then the claims are checked as after PyJWT (``_identity``:
+    the same refusals for a bad ``sub`` or ``devices``). For anything else (another header, a
+    signature encoded otherwise, a forged, expired or unusual token) it returns None and the
+    caller verifies with PyJWT, which then accepts or refuses with its reason as before."""
+
+    CLAIMS = frozenset({"sub", "exp", "iat", "nbf", "jti", "devices"})
+    HEADERS = ({"alg": "HS256", "typ": "JWT"}, {"alg": "HS256"})
+    MAX_HEADERS = 64  # distinct header segments remembered
+
+    def __init__(self, secrets: list[str], leeway: float, clock: Callable[[], float] = time.time):
+        self.macs = [hmac.new(k, digestmod=hashlib.sha256) for k in _hmac_keys(secrets)]
+        self.leeway = leeway
+        self.clock = clock
+        self.headers: dict[str, bool] = {}  # header segment -> is it the plain HS256 header
+
+    def verify(self, token: str) -> Identity | None:
+        if token.count(".") != 2 or not token.isascii() or not self.macs:
+            return None
+        head, payload, signature = token.split(".")
+        if not self._plain_header(head) or not self._signed(token, signature):
+            return None
+        try:
+            claims = json.loads(_b64decode(payload))
+        except (ValueError, binascii.Error, RecursionError):
+            return None
+        if not isinstance(claims, dict) or not self._valid(claims):
+            return None
+        return _identity(claims, self.leeway)
+
+    def _plain_header(self, head: str) -> bool:
+        known = self.headers.get(head)
+        if known is None:
+            try:
+                known = json.loads(_b64decode(head)) in self.HEADERS
+            except (ValueError, binascii.Error, RecursionError):
+                known = False
+            if len(self.headers) < self.MAX_HEADERS:
+                self.headers[head] = known
+        return known
+
+    def _signed(self, token: str, signature: str) -> bool:
+        signing_input = token[: len(token) - len(signature) - 1].encode()
+        given = signature.encode()
+        for base in self.macs:
+            mac = base.copy()
+            mac.update(signing_input)
+            if hmac.compare_digest(base64.urlsafe_b64encode(mac.digest()).rstrip(b"="), given):
+                return True
+        return False
+
+    def _valid(self, claims: dict[str, Any]) -> bool:
+        if not self.CLAIMS.issuperset(claims) or type(claims.get("sub")) is not str:
+            return False
+        now, leeway = self.clock(), self.leeway
+        exp = claims.get("exp")
+        if type(exp) is not int or exp <= now - leeway:
+            return False
+        for name in ("iat", "nbf"):
+            value = claims.get(name, 0)
+            if type(value) is not int or value > now + leeway:
+                return False
+        return "jti" not in claims or type(claims["jti"]) is str
+
+
+def _b64decode(segment: str) -> bytes:
+    """base64url as PyJWT decodes a segment (padding added, then urlsafe_b64decode)."""
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _hmac_keys(secrets: list[str]) -> list[bytes]:
+    """The secrets PyJWT accepts as HS256 keys (it refuses e.g. a PEM key as a secret)."""
+    keys = []
+    for secret in secrets:
+        try:
+            keys.append(HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret))
+        except jwt.InvalidKeyError:
+            continue
+    return keys
 
 
 def _identity(claims: dict[str, Any], leeway: float) -> Identity:
