@@ -93,9 +93,10 @@ class Door:
         self.after_upgrade = after_upgrade
         self.wire: Wire | None = None
 
-    async def accept(self) -> Wire:
+    async def accept(self, first: bytes = b"") -> Wire:
+        """Accept the upgrade (once), ``first`` in the same write as the 101."""
         if self.wire is None:
-            self.wire = await self.request.accept()
+            self.wire = await self.request.accept(first)
         return self.wire
 
     async def refuse(self, rej: Refusal) -> None:
@@ -305,17 +306,23 @@ class Gateway:
         self.registry.add(session)
         try:
             first, recovered = await self._start_points(door, session, hello)
-            wire = await door.accept() if first is not None else None
+            if first is None:  # refused (already answered)
+                self.registry.remove(session)
+                return None
+            if self.router.route(hello.user).kind != "local":  # the ring moved meanwhile
+                self.router.redirect(session)  # closing: no welcome, the redirect instead
+            closing = session.close_request is not None
+            welcome = None if closing else self._welcome(session, recovered)
+            if door.wire is None and welcome is not None:  # the welcome goes with the 101
+                wire = await door.accept(encode_text(welcome))
+                welcome = None
+            else:  # accepted before (auth frame), or no welcome
+                wire = await door.accept()
         except BaseException:
             self.registry.remove(session)
             raise
-        if first is None or wire is None:  # refused (already answered)
-            self.registry.remove(session)
-            return None
-        if self.router.route(hello.user).kind != "local":  # the ring moved meanwhile
-            self.router.redirect(session)
         self.stats.handshakes["accepted"] += 1
-        session.open(wire, self._welcome(session, recovered), first)
+        session.open(wire, welcome, first)
         return session
 
     async def _start_points(

@@ -273,12 +273,14 @@ class Session:
 
     # ------------------------------------------------------------ the session's task
 
-    def open(self, wire: Wire, welcome: str, first: dict[str, list[StoredMessage]]) -> None:
-        """The upgrade was accepted: send the welcome, queue the first replays (they start when
-        ``run`` does). Called by the handshake, in the connection's task."""
+    def open(self, wire: Wire, welcome: str | None, first: dict[str, list[StoredMessage]]) -> None:
+        """The upgrade was accepted: send the welcome (None: it went out with the 101), queue
+        the first replays (they start when ``run`` does). Called by the handshake, in the
+        connection's task."""
         self.wire = wire
         wire.frames.max_message = self.ctx.limits.max_frame_bytes  # larger: 1009 at its header
-        self.send_text(welcome)
+        if welcome is not None:
+            self.send_text(welcome)
         for ch in list(first):
             self.ctx.feeder.begin(self, ch, first.pop(ch))
 

@@ -132,16 +132,23 @@ class Upgrade:
         data += handshake.send(RejectData(body, body_finished=True))
         await self.stream.send_all(data)
 
-    async def accept(self) -> Wire:
-        """Answer 101; the HTTP machinery (h11) is dropped, only the frame parser stays."""
+    async def accept(self, first: bytes = b"") -> Wire:
+        """Answer 101, followed by the encoded frame(s) ``first`` (the welcome) in the same
+        write; the HTTP machinery (h11) is dropped, only the frame parser stays. On plain TCP
+        the answer goes straight to the kernel (no await) when it takes it all, as it does
+        on a fresh connection; the rest, and TLS, through the stream."""
         if self._handshake is None:  # the fast path's request: the same answer, no h11
             data = upgrade.accept_response(self.request)
         else:
             data = self._handshake.send(AcceptConnection())
         # the HTTP machinery and its wsproto Connection are dropped: ClientFrames parses frames
         self._handshake, self._head = _DONE, b""
-        await self.stream.send_all(data)
-        return Wire(self.stream)
+        data += first
+        wire = Wire(self.stream)
+        sent = wire.try_send(data)
+        if sent < len(data):
+            await self.stream.send_all(data[sent:])
+        return wire
 
 
 def _h11_after(head: bytes) -> H11Handshake:

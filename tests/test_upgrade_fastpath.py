@@ -111,3 +111,25 @@ async def test_a_request_in_pieces_still_goes_through_h11() -> None:
     assert request.request == _h11(HEAD)[1]
     await request.accept()
     assert (await client.receive_some(65536)).startswith(b"HTTP/1.1 101 ")
+
+
+async def _accept_with_first(server: trio.abc.Stream, client: trio.abc.Stream) -> bytes:
+    await client.send_all(HEAD)
+    request = await Upgrade.read(server)
+    wire = await request.accept(b"\x81\x02hi")  # the welcome frame, with the 101
+    assert wire.stream is server
+    expected = upgrade.accept_response(request.request) + b"\x81\x02hi"
+    data = b""
+    with trio.fail_after(5):
+        while len(data) < len(expected):
+            data += bytes(await client.receive_some(65536))
+    assert data == expected
+    return data
+
+
+async def test_the_first_frame_goes_out_with_the_101_on_tcp_and_on_a_stream() -> None:
+    a, b = trio.socket.socketpair()
+    async with trio.SocketStream(a) as server, trio.SocketStream(b) as client:
+        await _accept_with_first(server, client)  # plain fd: written straight to the kernel
+    client_mem, server_mem = trio.testing.memory_stream_pair()
+    await _accept_with_first(server_mem, client_mem)  # no fd (as over TLS): send_all
