@@ -19,8 +19,12 @@ from wsproto.events import Request
 from wsproto.utilities import generate_accept_token, split_comma_header
 
 MAX_HEAD = 16384  # h11's default limit for a request head: longer ones go the h11 way
-_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")  # RFC 9110 token (h11's header name)
-_VALUE = re.compile(rb"(?:[\x21-\x7e](?:[\x20\x21-\x7e\t]*[\x21-\x7e])?)?")  # plain ASCII
+# every header line at once: an RFC 9110 token (h11's header name), a colon, a plain ASCII
+# value (visible characters, inner spaces and tabs) between optional spaces and tabs
+_LINES = re.compile(
+    rb"(?:[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[ \t]*"
+    rb"(?:[\x21-\x7e](?:[\x20\x21-\x7e\t]*[\x21-\x7e])?)?[ \t]*\r\n)*"
+)
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 _SINGLE = frozenset(  # headers the handshake reads: a repeat goes the h11 way
     {
@@ -41,19 +45,17 @@ def parse(data: bytes) -> Request | None:
     end = data.find(b"\r\n\r\n")
     if end < 0 or end + 4 != len(data) or len(data) > MAX_HEAD:
         return None
-    first, *lines = data[:end].split(b"\r\n")
-    parts = first.split(b" ")
+    first_end = data.find(b"\r\n")
+    parts = data[:first_end].split(b" ")
     if len(parts) != 3 or parts[0] != b"GET" or parts[2] != b"HTTP/1.1":
         return None
-    if not _TARGET.fullmatch(parts[1]):
+    if not _TARGET.fullmatch(parts[1]) or not _LINES.fullmatch(data, first_end + 2, end + 2):
         return None
     fields: dict[bytes, bytes] = {}
     headers: list[tuple[bytes, bytes]] = []
-    for line in lines:
-        name, colon, value = line.partition(b":")
+    for line in data[first_end + 2 : end].split(b"\r\n") if end > first_end else ():
+        name, _, value = line.partition(b":")
         value = value.strip(b" \t")
-        if not colon or not _TOKEN.fullmatch(name) or not _VALUE.fullmatch(value):
-            return None
         name = name.lower()
         if name in _BODY or (name in _SINGLE and name in fields):
             return None
@@ -82,12 +84,26 @@ def _request(
         split_comma_header(fields[name]) if name in fields else [] for name in optional
     )
     return Request(
-        host=host.decode("idna"),
+        host=_host(host),
         target=target.decode("ascii"),
         extensions=extensions,
         extra_headers=headers,
         subprotocols=protocols,
     )
+
+
+_HOSTS: dict[bytes, str] = {}  # Host values decoded before (clients share a few)
+MAX_HOSTS = 64
+
+
+def _host(host: bytes) -> str:
+    """``host.decode("idna")``, remembered for the few Host values a node sees."""
+    text = _HOSTS.get(host)
+    if text is None:
+        text = host.decode("idna")
+        if len(_HOSTS) < MAX_HOSTS:
+            _HOSTS[host] = text
+    return text
 
 
 def accept_response(request: Request) -> bytes:

@@ -133,3 +133,13 @@ async def test_the_first_frame_goes_out_with_the_101_on_tcp_and_on_a_stream() ->
         await _accept_with_first(server, client)  # plain fd: written straight to the kernel
     client_mem, server_mem = trio.testing.memory_stream_pair()
     await _accept_with_first(server_mem, client_mem)  # no fd (as over TLS): send_all
+
+
+@pytest.mark.parametrize(
+    "host", [b"127.0.0.1:8080", b"xn--bcher-kva.example", b"[::1]:80", b"push.example"]
+)
+def test_the_host_is_decoded_as_wsproto_does_also_when_remembered(host: bytes) -> None:
+    head = HEAD.replace(b"Host: 127.0.0.1:8080", b"Host: " + host)
+    for _ in range(2):  # the second time from upgrade's memory of Host values
+        assert upgrade.parse(head) == _h11(head)[1]
+    assert len(upgrade._HOSTS) <= upgrade.MAX_HOSTS
