@@ -344,12 +344,15 @@ class Gateway:
     ) -> tuple[dict[str, list[Any]] | None, bool]:
         """Where the session resumes, or (None, False) once the handshake was refused."""
         try:
-            with trio.fail_after(START_TIMEOUT):
+            # a bare scope, not fail_after (a generator context manager): one per handshake
+            with trio.CancelScope(deadline=trio.current_time() + START_TIMEOUT):
                 return await self.feeder.start_points(session, hello.resume, hello.epoch)
         except BadResume as exc:
             await self._reject(door, Refusal(400, "bad_resume", str(exc), fields={"ch": exc.ch}))
-        except (StoreUnavailable, trio.TooSlowError):
-            await self._reject(door, Refusal(503, "store_unavailable", "cannot read the stream", 1))
+            return None, False
+        except StoreUnavailable:
+            pass
+        await self._reject(door, Refusal(503, "store_unavailable", "cannot read the stream", 1))
         return None, False
 
     @property

@@ -14,7 +14,7 @@ from meshpush.auth import AuthError, Hs256, Identity, TokenCache, TokenVerifier,
 
 SECRET = "s" * 32
 OLD = "o" * 32
-NOW = time.time()
+NOW = time.time()  # tokens are made at import: valid for an hour from then
 
 
 def _b64(data: bytes) -> str:
@@ -52,11 +52,11 @@ def _fast(token: str) -> Identity | str:
 
 
 GOOD = [
-    issue_token(SECRET, "alice", 60),
-    issue_token(OLD, "bob", 60),  # an old secret (rotation)
-    issue_token(SECRET, "carol", 60, devices=["phone", "web"]),
-    _token({"sub": "dave", "exp": int(NOW) + 60}, {"alg": "HS256"}),
-    _token({"sub": "erin", "exp": int(NOW) + 60, "nbf": int(NOW) - 5, "jti": "x"}),
+    issue_token(SECRET, "alice", 3600),
+    issue_token(OLD, "bob", 3600),  # an old secret (rotation)
+    issue_token(SECRET, "carol", 3600, devices=["phone", "web"]),
+    _token({"sub": "dave", "exp": int(NOW) + 3600}, {"alg": "HS256"}),
+    _token({"sub": "erin", "exp": int(NOW) + 3600, "nbf": int(NOW) - 5, "jti": "x"}),
 ]
 
 
@@ -67,7 +67,7 @@ def test_common_tokens_take_the_fast_path_with_the_same_identity(token: str) -> 
     assert fast == _slow(token)
 
 
-EXP = int(NOW) + 60
+EXP = int(NOW) + 3600
 ODD = [
     _token({"sub": "a", "exp": EXP}, {"alg": "HS256", "typ": "JWT", "kid": "k"}),  # kid
     _token({"sub": "a", "exp": EXP}, {"alg": "HS512"}),
