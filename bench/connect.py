@@ -80,13 +80,17 @@ def report(data: dict[str, Any]) -> str:
     headers += ["per CPU-s", "vs Node ws", "CPU ms each"]
     lines = [
         f"connect: {p['sessions']} sessions, {p['concurrency']} handshakes in flight, "
-        f"{p['readers']} client processes; {m['nproc']} CPUs ({m['cpu']}), "
-        f"load average at the end {' '.join(f'{x:.2f}' for x in m['loadavg'])}",
+        f"{p['readers']} client processes; {m['nproc']} CPUs ({m['cpu']}), load average "
+        f"at the start {_load(data.get('loadavg_start'))}, at the end {_load(m['loadavg'])}",
         table([*headers, "client CPU"], rows),
     ]
     lines += [f"skipped {name}: {why}" for name, why in data["skipped"].items()]
     lines += [f"{r['server']} errors: {r['errors']}" for r in data["results"] if r["failed"]]
     return "\n".join(lines)
+
+
+def _load(values: list[float] | None) -> str:
+    return " ".join(f"{x:.2f}" for x in values) if values else "-"
 
 
 def main(argv: list[str]) -> int:
@@ -99,6 +103,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", type=Path, default=Path(".meshpush/bench/connect.json"))
     args = parser.parse_args(argv)
     raise_fd_limit()
+    load_start = list(os.getloadavg())  # CPU per handshake is the number to compare when busy
     results, skipped = each_server("connect", args.servers, lambda t: measure(t, args))
     add_ratios(results, "rate")
     add_ratios(results, "per_cpu_second", "cpu_vs_node_ws")
@@ -110,6 +115,7 @@ def main(argv: list[str]) -> int:
             "readers": args.readers,
         },
         "machine": machine(),
+        "loadavg_start": load_start,
         "results": results,
         "skipped": skipped,
     }
