@@ -152,7 +152,10 @@ class Doorman:
 
     def _screen(self, ip: str) -> Refusal | None:
         """The IP filter and the handshake rate of ``ip``."""
-        verdict = self.filter.verdict(ip)
+        rules = self.filter
+        # without rules every address passes (each ip here is a parsed one: accept's, or from
+        # a PROXY header or X-Forwarded-For, both validated), so no ip_address() per connect
+        verdict = rules.verdict(ip) if rules.allow or rules.block else None
         if verdict is not None:
             self.stats.blocked[verdict] += 1
             return Refusal(403, "ip_blocked", "this address may not connect")
