@@ -38,10 +38,11 @@ from urllib.parse import urlsplit
 
 import trio
 
+from bench import _hops
 from bench._stats import pct
 from bench._targets import cpu_seconds, machine, write_json
 from meshpush.auth import issue_token
-from meshpush.client import Client
+from meshpush.client import ACK_INTERVAL, Client
 from meshpush.devcluster import LocalCluster
 from meshpush.publisher import AsyncPublisher, Message, Published
 
@@ -77,21 +78,32 @@ def raw_jetstream(nats_url: str, n: int, inflight: int, out: Any) -> None:
     out.put({"rate": rate, "cpu": time.process_time() - cpu})
 
 
-def receiver(ws_urls: list[str], secret: str, users: list[str], expected: int, out: Any) -> None:
+def receiver(
+    ws_urls: list[str], secret: str, users: list[str], expected: int, ack_interval: float, out: Any
+) -> None:
     """Connect one client per user; report latencies once ``expected`` messages arrived."""
+
+    hops = _hops.start("receiver")
 
     async def go() -> dict[str, Any]:
         latencies: list[float] = []
+        numbers: list[int] = []
         done = trio.Event()
         times: list[float] = []
         async with trio.open_nursery() as nursery:
+            if hops:
+                nursery.start_soon(_hops.lag_monitor)
 
             async def consume(client: Client) -> None:
                 async for msg in client:
                     now = time.monotonic()
                     latencies.append(now - msg.data["t"])
+                    numbers.append(msg.data["n"])
                     times.append(now)
-                    if len(latencies) >= expected:
+                    if hops:
+                        _hops.record("send", msg.data["n"], msg.data["t"])
+                        _hops.record("handler", msg.data["n"], now)
+                    if len(numbers) >= expected:
                         done.set()
 
             clients = []
@@ -100,7 +112,9 @@ def receiver(ws_urls: list[str], secret: str, users: list[str], expected: int, o
                 async def token(user: str = user) -> str:
                     return issue_token(secret, user, 3600)
 
-                client = Client(ws_urls, token=token, device="bench")
+                client = Client(ws_urls, token=token, device="bench", ack_interval=ack_interval)
+                if hops:
+                    _trace_reads(client)
                 clients.append(client)
                 nursery.start_soon(client.run)
                 nursery.start_soon(consume, client)
@@ -114,9 +128,28 @@ def receiver(ws_urls: list[str], secret: str, users: list[str], expected: int, o
             cpu = time.process_time() - cpu
             nursery.cancel_scope.cancel()
         last = max(times) if times else 0.0
-        return {"latencies": latencies, "last": last, "cpu": cpu, "pid": os.getpid()}
+        return {
+            "latencies": latencies,
+            "numbers": numbers,
+            "last": last,
+            "cpu": cpu,
+            "pid": os.getpid(),
+        }
 
     out.put(trio.run(go))
+
+
+def _trace_reads(client: Client) -> None:
+    """Record when the SDK parsed each msg frame (before its channel to the application)."""
+    on_message = client._on_message
+
+    async def traced(f: dict[str, Any]) -> None:
+        data = f.get("data")
+        if isinstance(data, dict):
+            _hops.record("read", data.get("n", -1))
+        await on_message(f)
+
+    client._on_message = traced  # type: ignore[method-assign]
 
 
 @dataclass
@@ -146,8 +179,9 @@ def generator(load: Load, out: Any) -> None:
     the first node, as the publisher SDK sends them: a batch then spans every user, so it
     needs the fewest rounds (one per message of its most frequent user)."""
     urls = load.http_urls if load.batch == 1 else load.http_urls[:1]
+    hops = _hops.start("generator")
     cpu = time.process_time()
-    errors, start = _lean_load(load, urls, _affine_chunks(load, len(urls)))
+    errors, start = _lean_load(load, urls, _affine_chunks(load, len(urls)), hops)
     out.put(
         {
             "errors": errors,
@@ -175,18 +209,24 @@ def _affine_chunks(load: Load, nodes: int) -> list[tuple[int, list[int]]]:
 
 
 def _request(load: Load, chunk: list[int], host: str) -> bytes:
-    data = {"t": time.monotonic()}
-    users = [load.users[i % len(load.users)] for i in chunk]
+    t = time.monotonic()
     if load.batch == 1:
-        path, body = "/v1/publish", {"user": users[0], "data": data}
+        i = chunk[0]
+        path = "/v1/publish"
+        body: dict[str, Any] = {"user": load.users[i % len(load.users)], "data": {"t": t, "n": i}}
     else:
-        path, body = "/v1/publish/batch", {"messages": [{"user": u, "data": data} for u in users]}
+        path, body = "/v1/publish/batch", {"messages": [_item(load, i, t) for i in chunk]}
     raw = json.dumps(body, separators=(",", ":")).encode()
     head = (
         f"POST {path} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {load.api_key}\r\n"
         f"content-type: application/json\r\ncontent-length: {len(raw)}\r\n\r\n"
     )
     return head.encode() + raw
+
+
+def _item(load: Load, i: int, t: float) -> dict[str, Any]:
+    """A message: user i % users; its data carries the send time and its number."""
+    return {"user": load.users[i % len(load.users)], "data": {"t": t, "n": i}}
 
 
 def _answer(buf: bytearray) -> tuple[int, bytes] | None:
@@ -212,19 +252,31 @@ def _failed(status: int, body: bytes, batch: int) -> int:
     return sum("error" in r for r in json.loads(body)["results"])
 
 
+#: paced phases are open-loop: a request due while every connection to its node is busy
+#: gets a new connection (up to this many per generator) instead of waiting for one, so no
+#: request is sent late and no backlog leaves in a burst (closed-loop pacing did both: sends
+#: up to 0.3 s late, then a burst of them, at 990 msg/s; docs/performance.md)
+OPEN_LOOP_CONNECTIONS = 256
+
+
+def _connect(url: str) -> tuple[socket.socket, str]:
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    return sock, parts.netloc
+
+
 def _lean_load(
-    load: Load, urls: list[str], chunks: list[tuple[int, list[int]]]
+    load: Load, urls: list[str], chunks: list[tuple[int, list[int]]], hops: bool = False
 ) -> tuple[int, float]:
     """The selector loop: (errors, start time). Chunk k is due at ``k * batch / rate``."""
     sel = selectors.DefaultSelector()
     nodes = len(urls)
-    socks = []
-    for i in range(max(nodes, min(load.concurrency, len(chunks)))):
-        url = urlsplit(urls[i % nodes])
-        sock = socket.create_connection((url.hostname, url.port), timeout=10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(False)
-        socks.append((sock, url.netloc))
+    socks = [
+        _connect(urls[i % nodes]) for i in range(max(nodes, min(load.concurrency, len(chunks))))
+    ]
+    node_of = [i % nodes for i in range(len(socks))]
     # FIFO per node: every connection stays warm (the node closes idle ones)
     idle = [collections.deque(range(n, len(socks), nodes)) for n in range(nodes)]
     queues: list[collections.deque[tuple[int, list[int]]]] = [collections.deque() for _ in idle]
@@ -233,24 +285,43 @@ def _lean_load(
     bufs = [bytearray() for _ in socks]
     sizes = [0] * len(socks)
     errors, pending, deadline = 0, 0, time.monotonic() + 600
+
+    def free(node: int) -> int | None:
+        """An idle connection to ``node``; a new one when pacing and every one is busy."""
+        if idle[node]:
+            return idle[node].popleft()
+        if not load.rate or len(socks) >= OPEN_LOOP_CONNECTIONS:
+            return None
+        socks.append(_connect(urls[node]))
+        node_of.append(node)
+        bufs.append(bytearray())
+        sizes.append(0)
+        return len(socks) - 1
+
     start = time.monotonic()
     while (any(queues) or pending) and time.monotonic() < deadline:
         now = time.monotonic()
         for node in range(nodes):
-            while idle[node] and queues[node]:
+            while queues[node]:
                 k, numbers = queues[node][0]
                 if load.rate and start + k * load.batch / load.rate > now:
                     break
+                c = free(node)
+                if c is None:
+                    break
                 queues[node].popleft()
-                c = idle[node].popleft()
+                if hops and load.rate:  # when it was due
+                    for n in numbers:
+                        _hops.record("due", n, start + k * load.batch / load.rate)
                 sock, host = socks[c]
                 sock.setblocking(True)
                 sock.sendall(_request(load, numbers, host))
                 sock.setblocking(False)
                 sel.register(sock, selectors.EVENT_READ, c)
                 sizes[c], pending = len(numbers), pending + 1
-        waiting = load.rate and any(idle[n] and queues[n] for n in range(nodes))
-        for key, _ in sel.select(0.001 if waiting else 1.0):
+        due = [start + q[0][0] * load.batch / load.rate for q in queues if q] if load.rate else []
+        wait = max(0.0005, min(due) - time.monotonic()) if due else 1.0
+        for key, _ in sel.select(min(wait, 1.0)):
             c = key.data
             data = socks[c][0].recv(262144)
             if not data:
@@ -260,7 +331,7 @@ def _lean_load(
             if answer is not None:
                 errors += _failed(*answer, sizes[c])
                 sel.unregister(socks[c][0])
-                idle[c % nodes].append(c)
+                idle[node_of[c]].append(c)
                 pending -= 1
     errors += sum(len(numbers) for queue in queues for _, numbers in queue)
     for sock, _ in socks:
@@ -286,12 +357,11 @@ def sdk_generator(load: Load, out: Any) -> None:
         async def send(chunk: range, pub: AsyncPublisher) -> None:
             nonlocal errors
             try:
-                data = {"t": time.monotonic()}
-                users = [load.users[i % len(load.users)] for i in chunk]
+                items = [_item(load, i, time.monotonic()) for i in chunk]
                 if load.batch == 1:
-                    await pub.publish(users[0], data)
+                    await pub.publish(items[0]["user"], items[0]["data"])
                 else:
-                    results = await pub.publish_many([Message(u, data) for u in users])
+                    results = await pub.publish_many([Message(m["user"], m["data"]) for m in items])
                     errors += sum(not isinstance(r, Published) for r in results)
             except Exception:
                 errors += len(chunk)
@@ -331,7 +401,10 @@ class Phase:
     generator_cpu_s: list[float] = field(default_factory=list)
     receiver_cpu_s: list[float] = field(default_factory=list)
     errors: int = 0
+    missing: int = 0  # message numbers never received
+    duplicates: int = 0  # message numbers received more than once
     load_average: float = 0.0
+    hops: dict[str, Any] = field(default_factory=dict)  # --hops: the per-hop breakdown
 
 
 def spawn(target: Any, *args: Any) -> tuple[Any, Any]:
@@ -362,14 +435,17 @@ def run_phase(
     batch: int,
     rate: float,
     sdk: bool = False,
+    hops: Path | None = None,
+    ack_interval: float = ACK_INTERVAL,
 ) -> Phase:
+    since = time.monotonic()
     names = [f"{name}-{i}" for i in range(users)]
     ws = [n.ws_url for n in cluster.live()]
     receivers = []
     for r in range(RECEIVERS):
         mine = names[r::RECEIVERS]
         expected = sum(1 for i in range(messages) if i % users % RECEIVERS == r)
-        receivers.append(spawn(receiver, ws, cluster.token_secret, mine, expected))
+        receivers.append(spawn(receiver, ws, cluster.token_secret, mine, expected, ack_interval))
     for _, out in receivers:
         collect(out, 90)  # online
     http = [n.http_url for n in cluster.live()]
@@ -390,6 +466,9 @@ def run_phase(
     for proc, _ in gens + receivers:
         proc.join(10)
     latencies = [x for r in rec_results for x in r["latencies"]]
+    received = collections.Counter(n for r in rec_results for n in r["numbers"])
+    if hops is not None:
+        time.sleep(0.5)  # the processes' last records flushed
     start = min(g["start"] for g in gen_results)
     last = max(r["last"] for r in rec_results)
     return Phase(
@@ -404,7 +483,10 @@ def run_phase(
         generator_cpu_s=[round(g["cpu"], 2) for g in gen_results],
         receiver_cpu_s=[round(r["cpu"], 2) for r in rec_results],
         errors=sum(g["errors"] for g in gen_results),
+        missing=sum(1 for i in range(messages) if i not in received),
+        duplicates=sum(c - 1 for c in received.values() if c > 1),
         load_average=os.getloadavg()[0],
+        hops=_hops.breakdown(hops, since) if hops is not None else {},
     )
 
 
@@ -414,12 +496,31 @@ def run(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
     proc.join(10)
     phases: list[Phase] = []
     kinds = [k for k in (("single", 1), ("batch", args.batch)) if args.only in (None, k[0])]
+    hops = _hops_folder() if args.hops else None
     for kind, batch in kinds:
         n = args.messages if batch > 1 else args.single_messages
         sdk = args.generator == "sdk"
-        top = run_phase(cluster, f"{kind}-max", n, args.users, batch, 0.0, sdk)
-        half = run_phase(cluster, f"{kind}-half", n // 2, args.users, batch, top.rate / 2, sdk)
-        phases += [top, half]
+        if args.half_rate:  # the half phase only, at a given rate (before/after comparisons)
+            rate = args.half_rate
+        else:
+            top = run_phase(
+                cluster, f"{kind}-max", n, args.users, batch, 0.0, sdk, hops, args.ack_interval
+            )
+            phases.append(top)
+            rate = top.rate / 2
+        phases.append(
+            run_phase(
+                cluster,
+                f"{kind}-half",
+                n // 2,
+                args.users,
+                batch,
+                rate,
+                sdk,
+                hops,
+                args.ack_interval,
+            )
+        )
     return {
         "raw_jetstream_rate": raw["rate"],
         "raw_jetstream_cpu_s": raw["cpu"],
@@ -429,6 +530,22 @@ def run(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
         "parameters": vars(args) | {"json": str(args.json)},
         "machine": machine(),
     }
+
+
+def _hops_folder() -> Path:
+    """Where every process records its hops (``bench/_hops.py``); set before the cluster."""
+    folder = Path(os.environ[_hops.ENV])
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _with_hops(folder: Path) -> None:
+    """Ask every process started from now on (nodes included) to record its hops."""
+    os.environ.setdefault(_hops.ENV, str(folder))  # set by hand: kept after the run
+    site = str(_hops.site_dir(Path(os.environ[_hops.ENV])))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (site, os.environ.get("PYTHONPATH", "")) if p
+    )
 
 
 def table(report: dict[str, Any]) -> str:
@@ -446,6 +563,10 @@ def table(report: dict[str, Any]) -> str:
             f"{p['node_cpu_ms_per_msg']:>12.3f}{p['errors']:>7}  {p['generator_cpu_s']} / "
             f"{p['receiver_cpu_s']}  {p['load_average']:.1f}"
         )
+        if p["missing"] or p["duplicates"]:
+            lines.append(f"  !! {p['missing']} missing, {p['duplicates']} duplicated")
+        if p["hops"]:
+            lines.append(_hops.text(p["hops"]))
     lines.append(
         f"{report['cores']} cores shared by 3 nodes, NATS, etcd, {GENERATORS} generators and "
         f"{RECEIVERS} receivers; load average at the end {report['load_average'][0]:.1f}"
@@ -466,16 +587,40 @@ def main(argv: list[str]) -> int:
         default="lean",
         help="load generator: raw keep-alive sockets (lean) or the publisher SDK (httpx)",
     )
+    parser.add_argument(
+        "--hops",
+        action="store_true",
+        help="record per-hop timestamps, GC pauses and loop lags in every process (diagnosis)",
+    )
+    parser.add_argument(
+        "--half-rate", type=float, default=0.0, help="run only the paced phase, at this rate"
+    )
+    parser.add_argument(
+        "--ack-interval",
+        type=float,
+        default=ACK_INTERVAL,
+        help="the receivers' seconds between ack frames (the client SDK's ack_interval)",
+    )
     parser.add_argument("--json", type=Path, default=Path(".meshpush/bench/unicast.json"))
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.hops:
+            _with_hops(Path(tmp) / "hops")
+        return _run_and_print(args, Path(tmp))
+
+
+def _run_and_print(args: argparse.Namespace, tmp: Path) -> int:
+    (tmp / "cluster").mkdir()
     with (
-        tempfile.TemporaryDirectory() as tmp,
-        LocalCluster(Path(tmp), nodes=3, cluster="bench") as cluster,
+        LocalCluster(tmp / "cluster", nodes=3, cluster="bench") as cluster,
     ):
         report = run(cluster, args)
     print(table(report))
     write_json(args.json, report)
-    complete = all(p["delivered"] == p["messages"] and not p["errors"] for p in report["phases"])
+    complete = all(
+        p["delivered"] == p["messages"] and not (p["errors"] or p["missing"] or p["duplicates"])
+        for p in report["phases"]
+    )
     return 0 if complete else 1
 
 

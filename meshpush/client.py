@@ -59,6 +59,10 @@ TokenSource = str | Callable[[], Awaitable[str]]
 FINAL_CLOSE_CODES = frozenset({Close.POLICY, Close.FORBIDDEN})
 MAX_AUTH_FAILURES = 3  # 4401 refusals in a row (no welcome between) before a client stops
 AUTH_MODES = ("frame", "query")
+#: seconds between two ack frames of a session (cumulative: one frame per channel acks
+#: everything consumed meanwhile); a reconnect replays at most this much, deduplicated by seq
+ACK_INTERVAL = 0.25
+MAX_ACK_INTERVAL = 10.0
 REFUSAL_CODES = frozenset(
     {Close.BAD_REQUEST, Close.TOKEN_EXPIRED, Close.FORBIDDEN, Close.RATE_LIMITED, Close.UNAVAILABLE}
 )
@@ -150,6 +154,7 @@ class Client:
         on_event: Callable[[ClientEvent], None] | None = None,
         auto_ack: bool = True,
         auth: str = "frame",
+        ack_interval: float = ACK_INTERVAL,
     ) -> None:
         if auth not in AUTH_MODES:
             raise ValueError(f"auth must be one of {AUTH_MODES}")
@@ -169,6 +174,9 @@ class Client:
         self.on_state = on_state
         self.on_event = on_event
         self.auto_ack = auto_ack
+        if not 0 < ack_interval <= MAX_ACK_INTERVAL:
+            raise ValueError(f"ack_interval must be in (0, {MAX_ACK_INTERVAL}] seconds")
+        self.ack_interval = ack_interval
         self.events: collections.deque[ClientEvent] = collections.deque(maxlen=256)
         self._token = token
         self.state = State.CONNECTING
@@ -523,7 +531,8 @@ class Client:
             self.on_event(event)
 
     async def _acker(self, ws: WebSocketConnection) -> None:
-        """Send cumulative acks for what the application consumed, at most every 50 ms."""
+        """Send cumulative acks for what the application consumed, at most every
+        ``ack_interval`` seconds (one frame per channel for everything consumed meanwhile)."""
         self._acked = dict(self.consumed)  # the server resumed from at least these
         self._ws = ws
         try:
@@ -531,7 +540,7 @@ class Client:
                 await self._ack_wake.wait()
                 self._ack_wake = trio.Event()
                 await self._send_acks(ws)
-                await trio.sleep(0.05)
+                await trio.sleep(self.ack_interval)
         finally:
             self._ws = None
 

@@ -7,6 +7,7 @@ speed is what the benchmarks themselves report, never asserted here.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -114,3 +115,27 @@ def test_failover_smoke_every_client_of_the_killed_node_receives_again(tmp_path:
         assert line["closed"] < line["welcome"] <= line["received"]
         assert line["node"] != data["victim"]
     assert len(data["machine"]["loadavg"]) == 3
+
+
+@pytest.mark.cluster
+def test_unicast_smoke_with_hops_delivers_each_message_once(tmp_path: Path) -> None:
+    """A tiny paced single phase with ``--hops``: every message delivered exactly once, and
+    every hop from the send to the receiver's handler recorded (nodes included)."""
+    out, hops = tmp_path / "unicast.json", tmp_path / "hops"
+    argv = ["bench", "unicast", "--only", "single", "--messages", "200", "--users", "6"]
+    argv += ["--single-messages", "120", "--half-rate", "60", "--hops", "--json", str(out)]
+    env = {**os.environ, "MESHPUSH_BENCH_HOPS": str(hops)}
+    done = subprocess.run(
+        [sys.executable, "-m", "meshpush", *argv], env=env, timeout=300, capture_output=True
+    )
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()[-2000:]
+    [phase] = json.loads(out.read_text())["phases"]
+    assert phase["delivered"] == phase["messages"] == 60
+    assert phase["missing"] == phase["duplicates"] == phase["errors"] == 0
+    for hop in ("due->send", "send->http", "round->acked", "notify->owner", "read->handler"):
+        assert phase["hops"]["hops"][hop]["n"] == 60, hop
+    assert {p.name.split("-")[0] for p in hops.glob("*.jsonl")} == {
+        "node",
+        "generator",
+        "receiver",
+    }

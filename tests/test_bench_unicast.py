@@ -1,0 +1,116 @@
+"""``bench/unicast.py``'s load generator and ``bench/_hops.py``'s breakdown (no cluster).
+
+Behaviour only: the paced generator is open-loop (a due request never waits for a busy
+connection), every message is sent once, and the per-hop breakdown joins hops by message
+number. Speed is what the benchmark reports, never asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench import _hops
+from bench.unicast import Load, _affine_chunks, _lean_load
+
+
+class SlowApi:
+    """An HTTP/1.1 stub on 127.0.0.1 answering every request 202 after ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.connections = 0
+        self.numbers: list[int] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                while len(buf) < length:
+                    buf += conn.recv(65536)
+                body, buf = json.loads(buf[:length]), buf[length:]
+                self.numbers.append(body["data"]["n"])
+                time.sleep(self.delay)
+                conn.sendall(b"HTTP/1.1 202 Accepted\r\ncontent-length: 2\r\n\r\n{}")
+
+
+@pytest.fixture
+def api() -> Iterator[SlowApi]:
+    server = SlowApi(delay=0.2)
+    yield server
+    server.sock.close()
+
+
+def _load(url: str, rate: float) -> Load:
+    return Load([url], "key", ["u0", "u1"], first=0, count=20, rate=rate, batch=1, concurrency=2)
+
+
+def test_paced_load_opens_connections_instead_of_sending_late(api: SlowApi) -> None:
+    """Answers take 0.2 s and 2 connections are open; at 100 msg/s each due request gets a
+    new connection rather than waiting for a busy one to answer."""
+    load = _load(api.url, rate=100.0)
+    errors, _ = _lean_load(load, [api.url], _affine_chunks(load, 1))
+    assert errors == 0
+    assert sorted(api.numbers) == list(range(20))  # each message sent exactly once
+    assert api.connections > 2
+
+
+def test_unpaced_load_keeps_its_connections(api: SlowApi) -> None:
+    load = _load(api.url, rate=0.0)
+    errors, _ = _lean_load(load, [api.url], _affine_chunks(load, 1))
+    assert errors == 0
+    assert sorted(api.numbers) == list(range(20))
+    assert api.connections == 2
+
+
+def test_breakdown_joins_hops_by_message_number(tmp_path: Path) -> None:
+    rows = {
+        "receiver-1": [["send", 1, 10.0], ["handler", 1, 10.5], ["send", 2, 11.0]],
+        "node-2": [
+            ["http", 1, 10.1],
+            ["notify", 1, 10.3],
+            ["gc", 2, 10.2, 0.03],
+            ["lag", 0, 9.0, 1],
+        ],
+    }
+    rows["receiver-1"] += [["handler", 2, 11.2]]
+    for name, records in rows.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = _hops.breakdown(tmp_path, since=0.0)
+    assert list(result["hops"]) == [
+        "send->http",
+        "http->notify",
+        "notify->handler",
+        "send->handler (all)",
+    ]
+    assert result["hops"]["send->http"]["n"] == 1
+    assert result["hops"]["send->handler (all)"]["n"] == 2
+    assert result["hops"]["send->handler (all)"]["max_ms"] == pytest.approx(500.0)
+    assert result["gc"]["node gen2"]["count"] == 1  # while messages were under way
+    assert result["lag"] == {}  # before the first send: not counted
+    assert "send->http" in _hops.text(result)
