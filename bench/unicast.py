@@ -44,6 +44,7 @@ from bench._targets import cpu_seconds, machine, write_json
 from meshpush.auth import issue_token
 from meshpush.client import ACK_INTERVAL, Client
 from meshpush.devcluster import LocalCluster
+from meshpush.node import tune_gc
 from meshpush.publisher import AsyncPublisher, Message, Published
 
 GENERATORS = 2
@@ -121,6 +122,7 @@ def receiver(
             with trio.fail_after(60):
                 for c in clients:
                     await c.wait_online()
+            tune_gc()  # as the nodes: 50 sessions' objects frozen, fewer young collections
             out.put({"ready": os.getpid()})
             cpu = time.process_time()
             with trio.move_on_after(120):
@@ -180,6 +182,7 @@ def generator(load: Load, out: Any) -> None:
     needs the fewest rounds (one per message of its most frequent user)."""
     urls = load.http_urls if load.batch == 1 else load.http_urls[:1]
     hops = _hops.start("generator")
+    tune_gc()
     cpu = time.process_time()
     errors, start = _lean_load(load, urls, _affine_chunks(load, len(urls)), hops)
     out.put(
