@@ -7,7 +7,7 @@ from typing import Any, cast
 import httpx
 import pytest
 
-from meshpush.api import Api
+from meshpush.api import Api, message_id, new_message_id
 from meshpush.metrics import Metrics
 from meshpush.settings import Settings
 
@@ -57,3 +57,11 @@ async def test_unexpected_errors_are_json_without_details() -> None:
         resp = await http.get("/v1/route", params={"user": "alice"})  # no router: a bug
     assert resp.status_code == 500
     assert resp.json() == {"error": "internal_error", "detail": "unexpected server error"}
+
+
+def test_generated_message_ids_are_unique_32_hex_characters() -> None:
+    ids = {new_message_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert message_id({"data": 1}) not in ids
+    assert message_id({"id": "mine", "data": 1}) == "mine"
