@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
@@ -361,12 +362,20 @@ class HttpServer:
         await trio.aclose_forcefully(tcp)
 
     async def _serve(self, conn: _Conn) -> None:
+        """Serve requests until the connection ends. One cancel scope per connection holds
+        the idle and answer timeouts (its deadline moved per request): two scopes entered
+        and left per request were ~2% of a node's CPU at ~1,000 single publishes/s."""
+        with trio.CancelScope() as guard:  # cancelled: idle too long, or an answer not taken
+            await self._requests(conn, guard)
+
+    async def _requests(self, conn: _Conn, guard: trio.CancelScope) -> None:
         while True:
             if not conn.buf:
-                with trio.move_on_after(self.idle_timeout):
-                    await conn.fill()
+                guard.deadline = trio.current_time() + self.idle_timeout
+                await conn.fill()
+                guard.deadline = math.inf
                 if not conn.buf:
-                    return  # idle keep-alive connection: closed quietly
+                    return
             failed: BadRequest | None = None
             try:  # usually the whole request is in the buffer already: no timer needed
                 whole = _buffered(conn.buf, self.max_body)
@@ -390,9 +399,10 @@ class HttpServer:
                 return
             self.requests += 1
             response = await self.routes.dispatch(request)
-            with trio.move_on_after(self.request_timeout) as sending:  # a client that never reads
-                await conn.stream.send_all(render(response, keep_alive, request.method == "HEAD"))
-            if not keep_alive or sending.cancelled_caught:
+            guard.deadline = trio.current_time() + self.request_timeout  # a client that never reads
+            await conn.stream.send_all(render(response, keep_alive, request.method == "HEAD"))
+            guard.deadline = math.inf
+            if not keep_alive:
                 return
 
     async def _fail(self, conn: _Conn, exc: BadRequest) -> None:

@@ -188,3 +188,26 @@ def test_parse_head_lowercases_names_and_joins_repeats() -> None:
     )
     assert (method, path, query, http11) == ("GET", "/a b", "x=1", True)
     assert headers == {"accept": "a, b", "authorization": "Bearer k"}
+
+
+async def test_a_client_that_never_reads_its_answer_is_dropped(nursery: trio.Nursery) -> None:
+    """An answer the client does not take within request_timeout ends its connection (the
+    only connection slot here), so others are served again."""
+
+    async def big(request: Request) -> Response:
+        return JSONResponse({"x": "a" * 20_000_000})
+
+    r = routes()
+    r.add("/big", ["GET"], big)
+    server = HttpServer(r, max_body=MAX_BODY, max_connections=1, request_timeout=0.5)
+    port = await nursery.start(server.run, "127.0.0.1", 0)
+    stalled = await trio.open_tcp_stream("127.0.0.1", port)
+    await stalled.send_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")  # never read
+    statuses = []
+    with trio.fail_after(10):
+        while 200 not in statuses:
+            data = await exchange(port, b"GET /echo HTTP/1.1\r\nconnection: close\r\n\r\n")
+            statuses += [status for status, _ in answers(data)]
+            await trio.sleep(0.1)
+    assert statuses[-1] == 200
+    await stalled.aclose()
