@@ -22,6 +22,11 @@
   asked again on every connect); the client then stops (state ``closed``, iteration ends).
   4429/4503 and every other close reconnect with backoff. A ``bad_resume`` refusal (a
   position beyond the stream's end) resets that channel's position (event ``resume_reset``).
+* Acks are cumulative and batched: with ``auto_ack`` a message counts as consumed when the
+  application asks for the next one; at most one ack frame per channel goes out every
+  ``ack_interval`` seconds (default 0.25; the first one after a quiet spell at once), and a
+  clean close sends what is left. A reconnect replays at most what was not acked yet, and
+  the client drops those repeats by seq.
 * ``state`` is one of :class:`State`; ``on_state`` (optional) is called on every change.
 """
 
