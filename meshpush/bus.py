@@ -24,6 +24,7 @@ echo confirms new slot subscriptions.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -316,7 +317,16 @@ class Bus:
 
 
 async def _unsubscribe_all(subs: list[Any]) -> None:
+    """Unsubscribe each of ``subs``, stopping as soon as this (asyncio) task is cancelled.
+
+    nats-py 2.16 swallows ``CancelledError`` in its flush (``_flush_pending``), so a cancelled
+    unsubscribe returns normally; without the check the loop went on, and once ``close()``
+    had stopped the flusher the next unsubscribe waited on its full flush queue for ever: the
+    node's shutdown hung (trio waits for a cancelled asyncio task to finish)."""
+    task = asyncio.current_task()
     for sub in subs:
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
         try:
             await sub.unsubscribe()
         except nats.errors.Error as exc:

@@ -42,6 +42,12 @@ BACKENDS = ("single", "clustered")
 CLUSTER_SIZE = 3  # members of each clustered backend
 #: The proxied links of each node: to NATS, to etcd, and from its WebSocket clients.
 LINKS = ("nats", "etcd", "clients")
+#: Seconds :meth:`LocalCluster.stop` gives all nodes together to exit on SIGINT before SIGKILL:
+#: longer than a node's own stop bound (``meshpush.node.STOP_BOUND``, 10 s), so a stuck stop
+#: is logged by the node (:data:`STOP_BACKSTOP`) before it is killed.
+NODE_STOP_WAIT = 12.0
+#: What a node logs when its stop did not finish within its bound and it exited anyway.
+STOP_BACKSTOP = "exiting anyway"
 
 
 class ClusterError(Exception):
@@ -262,6 +268,10 @@ class LocalCluster:
     etcd_members: list[Member] = field(default_factory=list)
     nats_members: list[Member] = field(default_factory=list)
     members: list[NodeProc] = field(default_factory=list)
+    #: raise ClusterError on a clean exit of the ``with`` block if a node did not stop cleanly
+    check_stops: bool = False
+    #: the nodes whose last :meth:`stop` was not clean: ``"<id>: <why>"``
+    unclean_stops: list[str] = field(default_factory=list)
     _counter: int = 0
 
     def __post_init__(self) -> None:
@@ -313,8 +323,10 @@ class LocalCluster:
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.stop()
+        if self.check_stops and exc_type is None and self.unclean_stops:
+            raise ClusterError(f"nodes did not stop cleanly: {'; '.join(self.unclean_stops)}")
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -626,12 +638,23 @@ class LocalCluster:
         tmp.replace(path)
 
     def stop(self) -> None:
-        """Stop every process this cluster started: nodes first (SIGINT), then NATS and etcd."""
-        for node in self.members:
+        """Stop every process this cluster started: nodes first (SIGINT), then NATS and etcd.
+
+        The nodes stop in parallel, within :data:`NODE_STOP_WAIT` all together; a node
+        running when the stop began that is SIGKILLed, exits non-zero or had to cut its stop
+        short is listed in :attr:`unclean_stops`."""
+        running = [n for n in self.members if n.proc.alive()]
+        for node in running:
             node.proc.send(signals.SIGCONT)  # a paused node could not act on SIGINT
             node.proc.send(signals.SIGINT)
-        for node in self.members:
-            node.proc.stop(None, timeout=10)  # one SIGINT each: a second one would interrupt
+        deadline = time.monotonic() + NODE_STOP_WAIT
+        self.unclean_stops = []
+        for node in running:  # one SIGINT each: a second one would interrupt
+            code = node.proc.stop(None, timeout=max(0.1, deadline - time.monotonic()))
+            if code != 0:
+                self.unclean_stops.append(f"{node.id}: exit status {code}")
+            elif STOP_BACKSTOP in node.proc.log():
+                self.unclean_stops.append(f"{node.id}: its stop was cut short (see its log)")
         for node in self.members:
             for proxy in node.proxies.values():
                 proxy.stop(signals.SIGTERM, timeout=5)

@@ -5,7 +5,10 @@ gateway -> membership (registers in etcd; /readyz turns 200 once registered, in 
 subscribed). SIGTERM drains (readiness off, lease revoked, sessions redirected over
 ``drain_window``, exit 0 within ``drain_timeout``); SIGINT stops at once (lease revoked).
 Every stop step is bounded and a backend failing in it (etcd or NATS down or stalled) is only
-logged: the node exits 0 whatever its backends do.
+logged: the node exits 0 whatever its backends do. As a backstop (a task that ignores
+cancellation, e.g. a library call that swallows it), the process exits anyway ``STOP_BOUND``
+seconds after a SIGINT (``drain_timeout + STOP_BOUND`` after a SIGTERM), logging the tasks it
+left behind (``exit_deadline``; set by :func:`main` only, never when a node runs in-process).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +43,10 @@ from .webhook import Webhook
 
 log = logging.getLogger(__name__)
 
+#: Seconds a stop may take before the process exits anyway. The stop steps together are
+#: bounded by about 7 s (lease revoke 2 s, closes 0.1 s, cursor flush 3 s, NATS close 2 s).
+STOP_BOUND = 10.0
+
 
 @dataclass(slots=True)
 class NodeStats:
@@ -49,8 +57,9 @@ class NodeStats:
 class Node:
     """The services of one node, started by :meth:`run`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, exit_deadline: bool = False) -> None:
         self.settings = settings
+        self.exit_deadline = exit_deadline
         self.metrics = Metrics(settings.node_id)
         self.stats = NodeStats()
         self.metrics.add_source(self)
@@ -142,7 +151,11 @@ class Node:
                     log.info("already stopping; ignoring signal %d", signum)
                     continue
                 stopping = True
-                self._nursery.start_soon(self.drain if signum == signal.SIGTERM else self.stop)
+                draining = signum == signal.SIGTERM
+                if self.exit_deadline:
+                    bound = STOP_BOUND + (self.settings.drain_timeout if draining else 0.0)
+                    trio.lowlevel.spawn_system_task(_exit_after, bound)
+                self._nursery.start_soon(self.drain if draining else self.stop)
 
     async def drain(self) -> None:
         """Leave the cluster without losing anyone: redirect every session, then stop."""
@@ -166,6 +179,37 @@ class Node:
         await best_effort("cursor flush", self.cursors.flush, 3)
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
+
+
+async def _exit_after(seconds: float) -> None:
+    """The backstop of a stop: a system task (a cancelled nursery does not cancel it; it ends
+    with the run) that exits the process if the run is still going after ``seconds``."""
+    await trio.sleep(seconds)
+    left = stuck_tasks(trio.lowlevel.current_root_task())
+    log.error("stop did not finish within %.0fs; exiting anyway. Left: %s", seconds, left)
+    logging.shutdown()
+    os._exit(0)
+
+
+def stuck_tasks(root: trio.lowlevel.Task | None, limit: int = 20) -> str:
+    """The innermost tasks under ``root`` with where each waits (for the backstop's log)."""
+    found: list[str] = []
+    pending = [root] if root is not None else []
+    while pending and len(found) < limit:
+        task = pending.pop()
+        children = [t for n in task.child_nurseries for t in n.child_tasks]
+        if children:
+            pending.extend(children)
+            continue
+        if task is trio.lowlevel.current_task() or task.name.startswith("<"):
+            continue  # the backstop itself, trio's own
+        frames = [
+            f"{f.f_code.co_name}:{lineno}"
+            for f, lineno in task.iter_await_frames()
+            if "/trio/" not in f.f_code.co_filename
+        ]
+        found.append(f"{task.name} at {' > '.join(frames[-3:])}")
+    return "; ".join(found)
 
 
 def announce(settings: Settings) -> None:
@@ -241,7 +285,7 @@ def main(settings: Settings) -> int:
     tracing.setup(settings.node_id)  # on only when OTEL_* variables ask (docs/operations.md)
     tune_gc()
     try:
-        trio.run(Node(settings).run)
+        trio.run(Node(settings, exit_deadline=True).run)
     except KeyboardInterrupt:  # a signal arrived after the signal handler was gone
         return 130
     finally:

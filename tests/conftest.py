@@ -2,7 +2,8 @@
 
 ``cluster`` is shared by a test module (3 nodes, short heartbeats and TTLs); tests that kill,
 drain or add nodes use ``fresh_cluster`` so they cannot disturb each other. Every process a
-fixture starts is stopped by the fixture, whatever the test did.
+fixture starts is stopped by the fixture, whatever the test did, and a node that does not stop
+cleanly and promptly (SIGINT: exit 0 within its bound) fails the test or module.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ FAST = {
 
 
 def make_cluster(workdir: Path, nodes: int = 3, **overrides: object) -> LocalCluster:
-    return LocalCluster(workdir, nodes=nodes, cluster="t", node_settings={**FAST, **overrides})
+    """A cluster whose ``with`` block fails if a node still running at its end does not stop
+    promptly and cleanly (exit 0 on SIGINT within its bound: docs/operations.md)."""
+    node_settings = {**FAST, **overrides}
+    return LocalCluster(
+        workdir, nodes=nodes, cluster="t", node_settings=node_settings, check_stops=True
+    )
 
 
 @pytest.fixture(scope="module")
