@@ -25,7 +25,7 @@ import pytest
 import trio
 import trustme
 from conftest import make_cluster
-from support import Collector, api, assert_exact_chain, connected, publish, token
+from support import Collector, api, assert_exact_chain, connected, publish, token, wait_until
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 from wsproto import ConnectionType
@@ -322,11 +322,14 @@ async def test_a_reader_that_stops_is_cut_4008_and_resumes_losslessly(
 # ---------------------------------------------------------------- mass closes
 
 
-def hold_sessions(port: int, tokens: list[str], stop: threading.Event) -> tuple[int, int]:
-    """Open a session per token (raw sockets), read until ``stop``; (welcomed, closed)."""
+def hold_sessions(port: int, tokens: list[str], stop: threading.Event) -> tuple[int, float]:
+    """Open a session per token (raw sockets) and read until the node has closed every one of
+    them (or ``stop``). Returns (sessions welcomed, seconds until every handshake had an
+    answer: a welcome or a refusal)."""
+    start = time.monotonic()
     sel = selectors.DefaultSelector()
     for tok in tokens:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         sock.setblocking(False)
         sock.send(
             f"GET /ws?token={tok}&device=d HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
@@ -334,20 +337,24 @@ def hold_sessions(port: int, tokens: list[str], stop: threading.Event) -> tuple[
             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
         )
         sel.register(sock, selectors.EVENT_READ, [False])
-    welcomed = closed = 0
-    while not stop.is_set():
+    welcomed = answered = 0
+    answered_in = float("inf")
+    while sel.get_map() and not stop.is_set():
         for key, _ in sel.select(0.2):
             data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+            welcome = b"welcome" in data
+            if not key.data[0] and (welcome or b'"error"' in data or not data):
+                key.data[0] = True  # answered: welcomed, refused, or closed
+                answered += 1
+                welcomed += int(welcome)
+                if answered == len(tokens):
+                    answered_in = time.monotonic() - start
             if not data:
-                closed += 1
                 sel.unregister(key.fileobj)
                 key.fileobj.close()  # type: ignore[union-attr]
-            elif not key.data[0] and b"welcome" in data:
-                key.data[0] = True
-                welcomed += 1
     for key in list(sel.get_map().values()):
         key.fileobj.close()  # type: ignore[union-attr]
-    return welcomed, closed
+    return welcomed, answered_in
 
 
 def lease_of(cluster: LocalCluster, node_id: str) -> int:
@@ -365,10 +372,46 @@ def lease_of(cluster: LocalCluster, node_id: str) -> int:
     return lease
 
 
+async def mass_close(cluster: LocalCluster, count: int, ttl: float, name: str) -> tuple[int, float]:
+    """``count`` sessions whose tokens all expire ``ttl`` s from now: wait until the node has
+    closed every one (or refused it, if its token expired first). Returns what
+    :func:`hold_sessions` does; when all were welcomed, checks that all closed with 4401."""
+    node = cluster.live()[0]
+    port = int(node.ws_url.rsplit(":", 1)[1].split("/")[0])
+    expiry = time.time() + ttl
+    tokens = [
+        issue_token(cluster.token_secret, f"{name}-{i}", ttl=ttl, now=expiry - ttl)
+        for i in range(count)
+    ]
+    before = await closes(cluster, "4401")
+    stop = threading.Event()
+    try:
+        with trio.fail_after(ttl + 90):
+            welcomed, answered_in = await trio.to_thread.run_sync(
+                hold_sessions, port, tokens, stop, abandon_on_cancel=True
+            )
+    finally:
+        stop.set()  # the client thread ends whatever happened
+    if welcomed == count:
+        await wait_until(lambda: closes_above(cluster, "4401", before + count - 1), timeout=30)
+        assert await closes(cluster, "4401") == before + count
+    return welcomed, answered_in
+
+
+async def closes_above(cluster: LocalCluster, code: str, floor: float) -> bool:
+    return await closes(cluster, code) > floor
+
+
+@pytest.mark.timeout(400)
 async def test_thousands_of_sessions_closing_at_once_keep_the_lease(tmp_path: Path) -> None:
     """3,000 sessions arriving at once, then all closed at the same instant (their tokens expire
     together: 4401) by one node while its etcd lease (the default TTL, 3 s) stays the same:
-    handshake surges and mass closes never starve the keepalive."""
+    handshake surges and mass closes never starve the keepalive.
+
+    Every session must be welcomed before the tokens expire; on a loaded machine the surge
+    can take longer than the first tokens live (10 s). Then the round is done again with
+    tokens that live twice as long as that surge took (at most 3 rounds); the lease must
+    survive every round."""
     count = 3000
     with make_cluster(
         tmp_path / "c",
@@ -382,28 +425,16 @@ async def test_thousands_of_sessions_closing_at_once_keep_the_lease(tmp_path: Pa
         token_leeway=0.0,
     ) as cluster:
         node = cluster.live()[0]
-        port = int(node.ws_url.rsplit(":", 1)[1].split("/")[0])
-        expiry = time.time() + 40
-        tokens = [
-            issue_token(cluster.token_secret, f"mass-{i}", ttl=40, now=expiry - 40)
-            for i in range(count)
-        ]
         lease = lease_of(cluster, node.id)
-        stop = threading.Event()
-        outcome: list[tuple[int, int]] = []
-
-        async def clients() -> None:
-            outcome.append(await trio.to_thread.run_sync(hold_sessions, port, tokens, stop))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(clients)
-            try:
-                with trio.fail_after(120):
-                    while await closes(cluster, "4401") < count:
-                        await trio.sleep(0.5)
-            finally:
-                stop.set()  # the client thread ends whatever happened
-        assert outcome[0][0] == count  # every session was welcomed before the mass close
+        ttl, rounds = 10.0, []
+        for attempt in range(3):
+            welcomed, answered_in = await mass_close(cluster, count, ttl, f"mass{attempt}")
+            rounds.append((ttl, welcomed, answered_in))
+            if welcomed == count:
+                break
+            ttl = min(max(2 * ttl, 2 * answered_in), 120.0)
+        else:
+            raise AssertionError(f"the surge never fit in the tokens' life: {rounds}")
         assert lease_of(cluster, node.id) == lease
         log = (tmp_path / "c" / f"{node.id}.log").read_text()
         assert log.count("registered ") == 1, log[-2000:]
