@@ -16,7 +16,7 @@ import httpx
 import nats
 import pytest
 import trio
-from support import api
+from support import api, verify
 from test_fastpath import (
     closes,
     node_cluster,
@@ -59,7 +59,7 @@ async def post_raw(
     cluster: LocalCluster, context: ssl.SSLContext | None, raw: bytes
 ) -> httpx.Response:
     headers = {"authorization": f"Bearer {cluster.api_key}", "content-type": "application/json"}
-    async with httpx.AsyncClient(verify=context or True, timeout=10) as http:
+    async with httpx.AsyncClient(verify=context or verify(), timeout=10) as http:
         return await http.post(
             f"{cluster.live()[0].http_url}/v1/broadcast", content=raw, headers=headers
         )

@@ -25,7 +25,16 @@ import pytest
 import trio
 import trustme
 from conftest import make_cluster
-from support import Collector, api, assert_exact_chain, connected, publish, token, wait_until
+from support import (
+    Collector,
+    api,
+    assert_exact_chain,
+    connected,
+    publish,
+    token,
+    verify,
+    wait_until,
+)
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 from wsproto import ConnectionType
@@ -73,7 +82,7 @@ async def post(
 ) -> dict[str, Any]:
     node = cluster.live()[0]
     headers = {"authorization": f"Bearer {cluster.api_key}"}
-    async with httpx.AsyncClient(verify=context or True, timeout=10) as http:
+    async with httpx.AsyncClient(verify=context or verify(), timeout=10) as http:
         resp = await http.post(f"{node.http_url}{path}", json=body, headers=headers)
     assert resp.status_code == 202, resp.text
     result: dict[str, Any] = resp.json()
