@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +23,11 @@ import trio
 import trio.testing
 from conftest import FAST, make_cluster
 
+from meshpush import devcluster
 from meshpush.bus import _unsubscribe_all
-from meshpush.devcluster import STOP_BACKSTOP
+from meshpush.devcluster import STOP_BACKSTOP, LocalCluster, NodeProc, spawn
 from meshpush.node import STOP_BOUND, stuck_tasks
+from meshpush.settings import Settings
 
 
 class _SwallowingSub:
@@ -82,3 +86,36 @@ def test_a_node_owning_every_slot_stops_within_its_bound(
         assert code == 0, log[-3000:]  # -9: it did not exit within the bound
         assert STOP_BACKSTOP not in log, log[-3000:]
         assert "Traceback" not in log, log[-3000:]
+
+
+def _node_that(tmp_path: Path, node_id: str, on_sigint: str, before: str = "") -> NodeProc:
+    """A stand-in node process: prints ``before``, then waits; on SIGINT runs ``on_sigint``."""
+    code = (
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGINT, {on_sigint})\n"
+        f"print({before!r}, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    return NodeProc(node_id, Settings(), spawn(node_id, [sys.executable, "-c", code], tmp_path))
+
+
+def test_a_fixture_cluster_fails_when_a_node_does_not_stop_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The suite's own guard (tests/conftest.py make_cluster): a node that ignores SIGINT, or
+    exits 0 only after its backstop cut its stop short, fails the ``with`` block."""
+    monkeypatch.setattr(devcluster, "NODE_STOP_WAIT", 1.0)
+    exit0 = "lambda *a: sys.exit(0)"
+    cluster = LocalCluster(tmp_path, nodes=0, check_stops=True)
+    cluster.members = [
+        _node_that(tmp_path, "n1", "signal.SIG_IGN"),
+        _node_that(tmp_path, "n2", exit0, before=f"ERROR meshpush.node: ... {STOP_BACKSTOP}"),
+        _node_that(tmp_path, "n3", exit0),
+    ]
+    deadline = time.monotonic() + 10
+    while not all(n.proc.log() for n in cluster.members) and time.monotonic() < deadline:
+        time.sleep(0.05)  # each has set its handler and printed its line
+    with pytest.raises(devcluster.ClusterError, match="did not stop cleanly"):
+        cluster.__exit__(None, None, None)
+    assert [u.split(":")[0] for u in cluster.unclean_stops] == ["n1", "n2"]
+    assert cluster.unclean_stops[0] == "n1: exit status -9"
