@@ -22,6 +22,7 @@ import pytest
 import trio
 import trio.testing
 from conftest import FAST, make_cluster
+from test_fastpath import publish_many, stalled_reader
 
 from meshpush import devcluster
 from meshpush.bus import _unsubscribe_all
@@ -119,3 +120,26 @@ def test_a_fixture_cluster_fails_when_a_node_does_not_stop_cleanly(
         cluster.__exit__(None, None, None)
     assert [u.split(":")[0] for u in cluster.unclean_stops] == ["n1", "n2"]
     assert cluster.unclean_stops[0] == "n1: exit status -9"
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+async def test_a_node_whose_reader_stopped_reading_stops_within_its_bound(
+    tmp_path: Path, signum: int
+) -> None:
+    """A session's writes are blocked on a client that stopped reading (its socket buffers
+    full, the node's bound passed but not its grace): the stop neither waits for that write
+    nor for the grace; a drain waits at most ``drain_timeout`` for the session to leave."""
+    bound = STOP_BOUND + (float(FAST["drain_timeout"]) if signum == signal.SIGTERM else 0.0)  # type: ignore[arg-type]
+    settings = {"session_queue": 16, "session_buffer_bytes": 65536, "slow_consumer_grace": 60.0}
+    with make_cluster(tmp_path / "c", nodes=1, heartbeat_timeout=60.0, **settings) as cluster:
+        node, user = cluster.members[0], "stalled-at-stop"
+        sock = await trio.to_thread.run_sync(stalled_reader, cluster, user)
+        try:
+            await publish_many(cluster, user, 120, "p" * 4000)  # far beyond its buffers
+            code = await trio.to_thread.run_sync(node.proc.stop, signum, bound)
+        finally:
+            sock.close()
+        log = node.proc.log()
+        assert code == 0, log[-3000:]  # -9: it did not exit within the bound
+        assert STOP_BACKSTOP not in log, log[-3000:]
