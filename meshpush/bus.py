@@ -264,8 +264,7 @@ class Bus:
         """Subscribe the live subjects of ``slots`` (one crossing for the whole set)."""
         new = sorted(s for s in slots if s not in self._subs)
         if new:
-            subs = await aio(self._subscribe_many)(new)
-            self._subs.update(subs)
+            await aio(self._subscribe_many)(new)
             # the server handles a connection's protocol in order: once the echo is back, it
             # has the subscriptions (what flush() would say, without its late-PONG hazard)
             if not await self.check(SUBSCRIBE_TIMEOUT):
@@ -287,9 +286,13 @@ class Bus:
             cb = self._callback("broadcast")
             self._bcast_sub = await aio(self.nc.subscribe)(self.subjects.broadcast_live, cb=cb)
 
-    async def _subscribe_many(self, slots: list[int]) -> dict[int, Any]:
+    async def _subscribe_many(self, slots: list[int]) -> None:
+        """Subscribe each slot, recording each subscription as soon as it is made (a cancelled
+        call keeps track of what it did); stops once this asyncio task is cancelled."""
         cb = self._callback("user")
-        return {s: await self.nc.subscribe(self.subjects.slot_live(s), cb=cb) for s in slots}
+        for s in slots:
+            _raise_if_cancelled()
+            self._subs[s] = await self.nc.subscribe(self.subjects.slot_live(s), cb=cb)
 
     def _callback(self, ch: str) -> Any:
         send = self._send
@@ -316,17 +319,23 @@ class Bus:
         return self.subjects.slot_live(slot(user))
 
 
-async def _unsubscribe_all(subs: list[Any]) -> None:
-    """Unsubscribe each of ``subs``, stopping as soon as this (asyncio) task is cancelled.
+def _raise_if_cancelled() -> None:
+    """For loops of nats-py calls: raise ``CancelledError`` if this asyncio task was cancelled.
 
     nats-py 2.16 swallows ``CancelledError`` in its flush (``_flush_pending``), so a cancelled
-    unsubscribe returns normally; without the check the loop went on, and once ``close()``
-    had stopped the flusher the next unsubscribe waited on its full flush queue for ever: the
-    node's shutdown hung (trio waits for a cancelled asyncio task to finish)."""
+    subscribe or unsubscribe returns normally; a loop of them went on, and once ``close()``
+    had stopped the flusher the next call waited on its full flush queue for ever: the node's
+    shutdown hung (trio waits for a cancelled asyncio task to finish). What a cancelled
+    subscribe loop did stays recorded; an unsubscribe loop is cancelled only by a stop."""
     task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def _unsubscribe_all(subs: list[Any]) -> None:
+    """Unsubscribe each of ``subs``, stopping as soon as this (asyncio) task is cancelled."""
     for sub in subs:
-        if task is not None and task.cancelling():
-            raise asyncio.CancelledError
+        _raise_if_cancelled()
         try:
             await sub.unsubscribe()
         except nats.errors.Error as exc:

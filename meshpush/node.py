@@ -126,7 +126,7 @@ class Node:
             self.router.suspect = self.membership.suspect
             self.membership.on_dead = self.router.peer_dead
             nursery.start_soon(self.membership.run)
-            nursery.start_soon(self._signals)
+            await nursery.start(self._signals)  # before announcing: a signal from then on is ours
             announce(public)
             task_status.started(self)
 
@@ -141,11 +141,14 @@ class Node:
                 log.warning("JetStream setup attempt %d failed: %r", attempt, exc)
                 await trio.sleep(min(0.2 * attempt, 3.0))
 
-    async def _signals(self) -> None:
+    async def _signals(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """SIGTERM drains, SIGINT stops; signals after the first are logged and ignored."""
         assert self._nursery is not None
         stopping = False
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             async for signum in signals:
                 if stopping:
                     log.info("already stopping; ignoring signal %d", signum)
@@ -206,7 +209,7 @@ def stuck_tasks(root: trio.lowlevel.Task | None, limit: int = 20) -> str:
         frames = [
             f"{f.f_code.co_name}:{lineno}"
             for f, lineno in task.iter_await_frames()
-            if "/trio/" not in f.f_code.co_filename
+            if "/site-packages/trio" not in f.f_code.co_filename  # trio, trio_asyncio
         ]
         found.append(f"{task.name} at {' > '.join(frames[-3:])}")
     return "; ".join(found)
