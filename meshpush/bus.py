@@ -264,7 +264,8 @@ class Bus:
         """Subscribe the live subjects of ``slots`` (one crossing for the whole set)."""
         new = sorted(s for s in slots if s not in self._subs)
         if new:
-            await aio(self._subscribe_many)(new)
+            subs = await aio(self._subscribe_many)(new)
+            self._subs.update(subs)
             # the server handles a connection's protocol in order: once the echo is back, it
             # has the subscriptions (what flush() would say, without its late-PONG hazard)
             if not await self.check(SUBSCRIBE_TIMEOUT):
@@ -286,13 +287,17 @@ class Bus:
             cb = self._callback("broadcast")
             self._bcast_sub = await aio(self.nc.subscribe)(self.subjects.broadcast_live, cb=cb)
 
-    async def _subscribe_many(self, slots: list[int]) -> None:
-        """Subscribe each slot, recording each subscription as soon as it is made (a cancelled
-        call keeps track of what it did); stops once this asyncio task is cancelled."""
+    async def _subscribe_many(self, slots: list[int]) -> dict[int, Any]:
+        """Subscribe each slot; once this asyncio task is cancelled, stop and return what was
+        subscribed (recorded by the caller, which is then cancelled at its next checkpoint:
+        as before, nothing subscribed is forgotten)."""
         cb = self._callback("user")
+        subs: dict[int, Any] = {}
         for s in slots:
-            _raise_if_cancelled()
-            self._subs[s] = await self.nc.subscribe(self.subjects.slot_live(s), cb=cb)
+            if _cancelled():
+                break
+            subs[s] = await self.nc.subscribe(self.subjects.slot_live(s), cb=cb)
+        return subs
 
     def _callback(self, ch: str) -> Any:
         send = self._send
@@ -319,23 +324,23 @@ class Bus:
         return self.subjects.slot_live(slot(user))
 
 
-def _raise_if_cancelled() -> None:
-    """For loops of nats-py calls: raise ``CancelledError`` if this asyncio task was cancelled.
+def _cancelled() -> bool:
+    """For loops of nats-py calls: whether this asyncio task was cancelled.
 
     nats-py 2.16 swallows ``CancelledError`` in its flush (``_flush_pending``), so a cancelled
     subscribe or unsubscribe returns normally; a loop of them went on, and once ``close()``
     had stopped the flusher the next call waited on its full flush queue for ever: the node's
-    shutdown hung (trio waits for a cancelled asyncio task to finish). What a cancelled
-    subscribe loop did stays recorded; an unsubscribe loop is cancelled only by a stop."""
+    shutdown hung (trio waits for a cancelled asyncio task to finish)."""
     task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+    return task is not None and task.cancelling() > 0
 
 
 async def _unsubscribe_all(subs: list[Any]) -> None:
-    """Unsubscribe each of ``subs``, stopping as soon as this (asyncio) task is cancelled."""
+    """Unsubscribe each of ``subs``, stopping as soon as this (asyncio) task is cancelled (only
+    a stop cancels it: the connection closes then)."""
     for sub in subs:
-        _raise_if_cancelled()
+        if _cancelled():
+            raise asyncio.CancelledError
         try:
             await sub.unsubscribe()
         except nats.errors.Error as exc:
