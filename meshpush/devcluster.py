@@ -48,6 +48,9 @@ LINKS = ("nats", "etcd", "clients")
 NODE_STOP_WAIT = 12.0
 #: What a node logs when its stop did not finish within its bound and it exited anyway.
 STOP_BACKSTOP = "exiting anyway"
+#: Exit statuses of a clean stop on SIGINT: 0, or (a node still starting, before it handles
+#: signals: nothing registered yet) SIGINT's default action, or 130 from ``meshpush.node.main``.
+STOPPED_CLEANLY = frozenset({0, -signals.SIGINT, 130})
 
 
 class ClusterError(Exception):
@@ -651,7 +654,7 @@ class LocalCluster:
         self.unclean_stops = []
         for node in running:  # one SIGINT each: a second one would interrupt
             code = node.proc.stop(None, timeout=max(0.1, deadline - time.monotonic()))
-            if code != 0:
+            if code not in STOPPED_CLEANLY:
                 self.unclean_stops.append(f"{node.id}: exit status {code}")
             elif STOP_BACKSTOP in node.proc.log():
                 self.unclean_stops.append(f"{node.id}: its stop was cut short (see its log)")
