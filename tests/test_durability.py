@@ -29,7 +29,7 @@ from support import (
 )
 from trio_websocket import open_websocket_url
 
-from meshpush.devcluster import LocalCluster
+from meshpush.devcluster import LocalCluster, NodeProc
 from meshpush.encoding import encode_token
 from meshpush.ring import Ring, slot
 
@@ -216,6 +216,11 @@ async def test_missed_notification_is_caught_up_through_prev(cluster: LocalClust
     assert_exact_chain(got.messages)
 
 
+async def nats_down_noticed(cluster: LocalCluster, node: NodeProc) -> bool:
+    body = (await api(cluster, node, "GET", "/readyz")).json()
+    return body["reason"] == "NATS disconnected"
+
+
 async def test_nats_outage_answers_503_then_recovers_and_catches_up(tmp_path: Path) -> None:
     with make_cluster(tmp_path / "c") as cluster:
         user = "nats-outage"
@@ -223,6 +228,8 @@ async def test_nats_outage_answers_503_then_recovers_and_catches_up(tmp_path: Pa
             first, hidden = await one_then_hidden(cluster, got, user)
             assert cluster.nats is not None
             cluster.nats.stop(signal.SIGKILL)
+            # once the node knows (a publish just before that may time out: 504, documented)
+            await wait_until(lambda: nats_down_noticed(cluster, cluster.live()[1]), timeout=15)
             resp = await api(
                 cluster,
                 cluster.live()[1],

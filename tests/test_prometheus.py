@@ -189,7 +189,8 @@ async def test_dashboard_and_alerts_against_prometheus(stack: tuple[LocalCluster
 
             async def keep_failing() -> None:
                 for i in range(400):
-                    assert await publish_status(cluster, f"fail-{i}") == 503
+                    # 504 until a node notices NATS is gone (its publish timed out), then 503
+                    assert await publish_status(cluster, f"fail-{i}") in (503, 504)
                     await trio.sleep(0.2)
 
             nursery.start_soon(keep_failing)
