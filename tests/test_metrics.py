@@ -4,6 +4,7 @@ summed across components, histograms from own bucket counts, and the node's vers
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -133,6 +134,23 @@ def test_histogram_from_own_buckets_is_cumulative_and_le_is_inclusive() -> None:
 def test_node_info_carries_the_node_and_the_version() -> None:
     samples = scrape(Metrics("n7"))
     assert value(samples, "meshpush_node_info", node="n7", version=meshpush.__version__) == 1
+
+
+def test_process_metrics_count_open_file_descriptors_exactly() -> None:
+    metrics = Metrics("n1")
+    names = ("virtual_memory_bytes", "resident_memory_bytes", "start_time_seconds", "max_fds")
+    before = scrape(metrics)
+    for name in names:
+        assert (value(before, f"process_{name}") or 0) > 0
+    assert value(before, "process_cpu_seconds_total") is not None
+    opened = [os.open(os.devnull, os.O_RDONLY) for _ in range(25)]
+    try:
+        after = scrape(metrics)
+    finally:
+        for fd in opened:
+            os.close(fd)
+    fds = value(before, "process_open_fds")
+    assert fds is not None and value(after, "process_open_fds") == fds + 25
 
 
 def test_snapshot_is_a_copy() -> None:
