@@ -4,9 +4,11 @@ encodes once and yields, and the frames parse with wsproto's own client."""
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,18 +200,8 @@ async def test_a_reader_that_stops_is_cut_4008_with_a_bounded_buffer() -> None:
     assert seqs == list(range(1, len(seqs) + 1))  # a prefix, in order, nothing skipped
 
 
-async def test_fan_out_encodes_once_and_yields_to_the_scheduler(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    encoded: list[str] = []
-    real = hub_module.encode_text
-    monkeypatch.setattr(hub_module, "encode_text", lambda t: encoded.append(t) or real(t))
-    monkeypatch.setattr(hub_module, "YIELD_EVERY", 10)
-    ctx = context()
-    hub = Hub()
-    sessions = [live(Session(ctx, f"u{i}", "d", 0)) for i in range(100)]
-    for s in sessions:
-        hub.add(s)
+async def turns_during(work: Callable[[], Awaitable[object]]) -> int:
+    """How many times another task ran while ``work`` ran (the fan-out's scheduler turns)."""
     ticks = 0
 
     async def ticker() -> None:
@@ -222,11 +214,60 @@ async def test_fan_out_encodes_once_and_yields_to_the_scheduler(
         nursery.start_soon(ticker)
         await trio.lowlevel.checkpoint()
         before = ticks
-        await hub.deliver(note(1, 0, ch="broadcast"))
+        await work()
         nursery.cancel_scope.cancel()
+    return ticks - before
+
+
+def hub_of(sessions: list[Session]) -> Hub:
+    hub = Hub()
+    for s in sessions:
+        hub.add(s)
+    return hub
+
+
+async def test_fan_out_encodes_once_and_yields_to_the_scheduler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    encoded: list[str] = []
+    real = hub_module.encode_text
+    monkeypatch.setattr(hub_module, "encode_text", lambda t: encoded.append(t) or real(t))
+    monkeypatch.setattr(hub_module, "YIELD_EVERY", 10)
+    ctx = context()
+    sessions = [live(Session(ctx, f"u{i}", "d", 0)) for i in range(100)]
+    hub = hub_of(sessions)
+    turns = await turns_during(lambda: hub.deliver(note(1, 0, ch="broadcast")))
     assert len(encoded) == 1
-    assert ticks - before >= 5  # the loop ran other tasks during the fan-out
+    assert turns >= 5  # the loop ran other tasks during the fan-out
     assert all(s.feeds["broadcast"].sent == 1 for s in sessions)
+
+
+async def test_fan_out_yields_after_a_time_slice_even_before_its_session_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow turn (a loaded machine, slow writes) ends after YIELD_SLICE of wall clock."""
+    clock = itertools.count()
+    monkeypatch.setattr(hub_module, "_clock", lambda: next(clock) * 0.001)  # 1 ms per read
+    ctx = context()
+    sessions = [live(Session(ctx, f"u{i}", "d", 0)) for i in range(1000)]
+    hub = hub_of(sessions)
+    turns = await turns_during(lambda: hub.deliver(note(1, 0, ch="broadcast")))
+    assert turns > 2 * (1000 // hub_module.YIELD_EVERY)  # by the count alone: 3
+    assert all(s.feeds["broadcast"].sent == 1 for s in sessions)
+
+
+async def test_fan_out_yields_sooner_when_writes_are_buffered() -> None:
+    """A session whose write waits in its buffer wakes its task (the drain) in the next
+    scheduler batch: such sessions weigh more, so a batch never wakes hundreds of them."""
+    ctx = context()
+    sessions = [live(Session(ctx, f"u{i}", "d", 0)) for i in range(200)]
+    for s in sessions:  # each has something buffered already: the write queues behind it
+        s.wire = object()  # type: ignore[assignment]
+        s.out = collections.deque([b"waiting"])
+    hub = hub_of(sessions)
+    turns = await turns_during(lambda: hub.deliver(note(1, 0, ch="broadcast")))
+    assert turns >= 200 * hub_module.BUFFERED_WEIGHT // hub_module.YIELD_EVERY // 2  # else 0
+    assert all(s.out is not None and len(s.out) == 2 for s in sessions)  # queued behind
 
 
 async def test_close_all_closes_every_session_in_chunks() -> None:
