@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -59,7 +59,8 @@ class Hub:
             metrics.add_source(self)
         self._by_user: dict[str, dict[str, set[Session]]] = {}
         self._by_slot: dict[int, set[str]] = {}
-        self._sessions: dict[Session, None] = {}  # every session, in arrival order
+        self._sessions: dict[Session, int] = {}  # every session -> its number, in arrival order
+        self._added = 0  # sessions ever added (the last one's number)
         self._all: list[Session] | None = None  # a list of them, kept until one comes or goes
         self._unyielded = 0  # sessions fanned out to since the last checkpoint (weighted)
         self._check_at = YIELD_CHECK  # ... when to read the clock next
@@ -71,7 +72,8 @@ class Hub:
         devices = self._by_user.setdefault(session.user, {})
         devices.setdefault(session.device, set()).add(session)
         self._by_slot.setdefault(session.slot, set()).add(session.user)
-        self._sessions[session] = None
+        self._added += 1
+        self._sessions[session] = self._added
         self._all = None
 
     def remove(self, session: Session) -> None:
@@ -134,17 +136,33 @@ class Hub:
         [sent] = await self.deliver_many([note])
         return sent
 
-    async def deliver_many(self, notes: Sequence[Notification]) -> list[int]:
+    async def deliver_many(
+        self, notes: Sequence[Notification], more: More | None = None
+    ) -> list[int]:
         """Hand live notifications (in arrival order) to their sessions, coalesced: each
         message's frame is encoded once, and a session that gets several of them gets their
-        frames in one write. Returns how many sessions got each notification."""
+        frames in one write. Returns how many sessions got each notification.
+
+        ``more`` (optional): asked at the fan-out's scheduler turns for the next waiting
+        notification, if ``accept`` takes it (a broadcast chained to the last one of a
+        broadcast pass, room left in the pass); it joins the pass under way (group commit:
+        the sessions not visited yet get it in the same write, the others in one more round).
+        ``notes`` must then be a list: what ``more`` gave is appended to it (and counted)."""
         sent = [0] * len(notes)
         self._turn_started()
-        for group in _groups(notes):
-            await self._fan(group, notes, sent)
+        groups = _groups(notes)
+        for g, group in enumerate(groups):
+            last = g == len(groups) - 1 and notes[group[0]].ch == "broadcast"
+            await self._fan(group, notes, sent, more if last else None)
         return sent
 
-    async def _fan(self, group: list[int], notes: Sequence[Notification], sent: list[int]) -> None:
+    async def _fan(
+        self,
+        group: list[int],
+        notes: Sequence[Notification],
+        sent: list[int],
+        more: More | None = None,
+    ) -> None:
         """One group (notifications with the same targets), in chunks: a chunk never holds
         more frames or bytes than a session may buffer (``Limits.out_frames``/``out_bytes``),
         so a chunk alone never makes a session a slow consumer."""
@@ -153,37 +171,69 @@ class Hub:
             return
         limits = targets[0].ctx.limits
         most = min(COALESCE_FRAMES, limits.out_frames), min(COALESCE_BYTES, limits.out_bytes)
-        for k, chunk in enumerate(_chunks(group, notes, *most)):
+        chunks = _chunks(group, notes, *most)
+        for k, chunk in enumerate(chunks):
             if k:  # let the sessions' drains run; sessions may have come and gone meanwhile
                 await self._yield()
                 targets = self.targets(notes[group[0]])
-            await self._fan_chunk(targets, [notes[i] for i in chunk], chunk, sent)
+            grow = None
+            if more is not None and k == len(chunks) - 1:
+                grow = _Growth(more, notes, sent, chunk, self._added, *most)
+            run = _Run("broadcast" if notes[chunk[0]].ch == "broadcast" else "user")
+            run.extend([notes[i] for i in chunk])
+            await self._fan_run(targets, run, grow)
+            if grow is not None and len(run.notes) > len(chunk):
+                self._late_sessions(run, len(chunk), grow.added)
+            counts = run.counts()
+            for i, n in zip(grow.indexes if grow else chunk, counts, strict=True):
+                sent[i] += n
+            self._count_delivered(run.ch, run.notes, counts)
 
-    async def _fan_chunk(
-        self, targets: list[Session], run: list[Notification], indexes: list[int], sent: list[int]
-    ) -> None:
-        """Notifications of one channel with the same targets: each frame encoded once, and
-        one write per session for all of them."""
-        ch: protocol.Channel = "broadcast" if run[0].ch == "broadcast" else "user"
-        frames = [encode_text(_frame_text(ch, n)) for n in run]
-        joined = frames[0] if len(frames) == 1 else b"".join(frames)
-        first, last = run[0], run[-1]
-        chained = _chained(run)
-        whole = 0  # sessions that got every frame of the group (the common case)
-        for session in targets:
-            if chained and session.feeds[ch].live_run(first.prev, last.seq):
-                whole += session.write_many(frames, joined)
-                if tracing.ON:
-                    tracing.wrote_run(session, ch, run, len(joined))
-            else:  # a feed replaying, a duplicate or a missed notification: one by one
-                for k, note in enumerate(run):
-                    sent[indexes[k]] += session.live(ch, note, frames[k])
-            self._unyielded += 1 if session.out is None else BUFFERED_WEIGHT
-            if self._unyielded >= self._check_at:
-                await self._turn_check()
-        for i in indexes:
-            sent[i] += whole
-        self._count_delivered(ch, run, [sent[i] for i in indexes])
+    async def _fan_run(self, targets: list[Session], run: _Run, grow: _Growth | None) -> None:
+        """Write ``run`` to ``targets``, one write per session; while ``grow`` adds to the run
+        (at the scheduler turns), the sessions visited before get what they lack in one more
+        round over them (``rounds``: (end, k) — sessions before ``end`` have the first ``k``)."""
+        ch = run.ch
+        rounds: list[tuple[int, int]] = [(len(targets), 0)]
+        while rounds:
+            grew: list[tuple[int, int]] = []  # this round: sessions before index i got n notes
+            whole = 0  # sessions given notes[k:n] in one write (the common case), not counted yet
+            seg, (end, k) = 0, rounds[0]
+            n = len(run.notes)
+            frames, joined, prev, last = run.tail(k)
+            for i in range(rounds[-1][0]):
+                if i >= end:  # the next segment of this round: sessions that lack less
+                    run.wrote(k, n, whole)
+                    whole = 0
+                    seg += 1
+                    end, k = rounds[seg]
+                    frames, joined, prev, last = run.tail(k)
+                session = targets[i]
+                if run.chained and session.feeds[ch].live_run(prev, last):
+                    whole += session.write_many(frames, joined)
+                    if tracing.ON:
+                        tracing.wrote_run(session, ch, run.notes[k:n], len(joined))
+                else:  # a feed replaying, a duplicate or a missed notification: one by one
+                    run.one_by_one(session, k, n)
+                self._unyielded += 1 if session.out is None else BUFFERED_WEIGHT
+                turn_over = self._unyielded >= self._check_at and await self._turn_check()
+                if turn_over and grow is not None and grow.take(run):
+                    run.wrote(k, n, whole)
+                    whole = 0
+                    grew.append((i + 1, n))
+                    n = len(run.notes)
+                    frames, joined, prev, last = run.tail(k)
+            run.wrote(k, n, whole)
+            rounds = grew
+
+    def _late_sessions(self, run: _Run, start: int, added: int) -> None:
+        """Sessions registered after the pass took its targets get the notifications that
+        joined it later, one by one (the feed buffers them while it replays, drops what the
+        replay read): they may have been stored after the session's replay read the stream."""
+        for session, number in reversed(self._sessions.items()):
+            if number <= added:
+                break
+            run.one_by_one(session, start, len(run.notes))
 
     # A scheduler turn of the fan-out ends after YIELD_EVERY sessions or YIELD_SLICE seconds,
     # whichever comes first: on a loaded machine (the node descheduled mid-turn) or with slow
@@ -199,13 +249,15 @@ class Hub:
         await trio.lowlevel.checkpoint()
         self._turn_started()
 
-    async def _turn_check(self) -> None:
+    async def _turn_check(self) -> bool:
+        """End the turn if it is over (True: the scheduler ran other tasks meanwhile)."""
         if self._unyielded >= YIELD_EVERY or _clock() >= self._yield_at:
             await self._yield()
-        else:
-            self._check_at = min(self._unyielded + YIELD_CHECK, YIELD_EVERY)
+            return True
+        self._check_at = min(self._unyielded + YIELD_CHECK, YIELD_EVERY)
+        return False
 
-    def _count_delivered(self, ch: str, run: list[Notification], sent: list[int]) -> None:
+    def _count_delivered(self, ch: str, run: Sequence[Notification], sent: list[int]) -> None:
         now = time.time()
         for note, n in zip(run, sent, strict=True):
             if n:
@@ -218,6 +270,110 @@ class Hub:
             session.close(code, reason)
             if i % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
+
+
+More = Callable[[Callable[[Notification], bool]], Notification | None]
+"""``more(accept)``: the next waiting notification if ``accept`` takes it; else None, and it
+stays first in line (``router.Router._more``)."""
+
+
+class _Run:
+    """The notifications of one chunk as they go out (a broadcast run may grow meanwhile):
+    each frame encoded once, the concatenation of each tail ``frames[k:]`` (shared by every
+    session that lacks exactly that tail), and how many sessions got each notification."""
+
+    __slots__ = ("_got", "_tails", "_wrote", "ch", "chained", "frames", "notes", "size")
+
+    def __init__(self, ch: protocol.Channel) -> None:
+        self.ch = ch
+        self.notes: list[Notification] = []
+        self.frames: list[bytes] = []
+        self.size = 0  # bytes of all frames
+        self.chained = True  # each note's prev is the seq before it
+        self._got: list[int] = []  # sessions that got each note one by one
+        self._wrote: dict[tuple[int, int], int] = {}  # sessions given notes[k:n] in one write
+        self._tails: dict[int, tuple[list[bytes], bytes, int, int]] = {}
+
+    def extend(self, notes: Sequence[Notification]) -> None:
+        for note in notes:
+            after = self.notes[-1].seq if self.notes else note.prev
+            self.chained = self.chained and note.prev == after and note.prev < note.seq
+            frame = encode_text(_frame_text(self.ch, note))
+            self.notes.append(note)
+            self.frames.append(frame)
+            self.size += len(frame)
+            self._got.append(0)
+        self._tails.clear()
+
+    def tail(self, k: int) -> tuple[list[bytes], bytes, int, int]:
+        """``frames[k:]`` (a copy: the run may grow), joined, the first one's prev, the last
+        seq."""
+        tail = self._tails.get(k)
+        if tail is None:
+            frames = self.frames[k:]
+            joined = frames[0] if len(frames) == 1 else b"".join(frames)
+            tail = self._tails[k] = (frames, joined, self.notes[k].prev, self.notes[-1].seq)
+        return tail
+
+    def wrote(self, k: int, n: int, sessions: int) -> None:
+        if sessions:
+            self._wrote[(k, n)] = self._wrote.get((k, n), 0) + sessions
+
+    def one_by_one(self, session: Session, k: int, n: int) -> None:
+        for j in range(k, n):
+            self._got[j] += session.live(self.ch, self.notes[j], self.frames[j])
+
+    def counts(self) -> list[int]:
+        """Sessions that got each notification."""
+        got = list(self._got)
+        for (k, n), sessions in self._wrote.items():
+            for j in range(k, n):
+                got[j] += sessions
+        return got
+
+
+class _Growth:
+    """Lets the last chunk of a broadcast pass take the broadcasts that arrive while it runs,
+    within the chunk's bounds (frames and bytes); records where they went in ``notes``."""
+
+    __slots__ = ("added", "frames", "indexes", "more", "notes", "sent", "size")
+
+    def __init__(
+        self,
+        more: More,
+        notes: Sequence[Notification],
+        sent: list[int],
+        chunk: list[int],
+        added: int,
+        frames: int,
+        size: int,
+    ) -> None:
+        assert isinstance(notes, list), "deliver_many(notes, more): notes must be a list"
+        self.more, self.notes, self.sent = more, notes, sent
+        self.indexes = list(chunk)  # in ``notes``, of the run's notifications
+        self.added = added  # the number of the last session registered when the pass began
+        self.frames, self.size = frames, size
+
+    def take(self, run: _Run) -> bool:
+        """Append to ``run`` what waits and follows on it; True if anything did."""
+        grew = False
+        while len(run.notes) < self.frames:
+            last = run.notes[-1].seq
+            room = self.size - run.size
+
+            def accept(note: Notification, last: int = last, room: int = room) -> bool:
+                size = len(note.data_json) + len(note.id) + FRAME_OVERHEAD
+                return note.ch == "broadcast" and note.prev == last < note.seq and size <= room
+
+            note = self.more(accept)
+            if note is None:
+                return grew
+            run.extend([note])
+            self.notes.append(note)
+            self.sent.append(0)
+            self.indexes.append(len(self.notes) - 1)
+            grew = True
+        return grew
 
 
 def waiting(

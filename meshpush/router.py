@@ -102,6 +102,7 @@ class Router:
         self._lock = trio.Lock()
         self._dead: dict[str, tuple[NodeInfo, Ring, Ring]] = {}  # probed dead: info, ring, next
         self._nursery: trio.Nursery | None = None
+        self._held: list[Notification | None] = []  # taken from the bus, not dispatched yet
         self.webhook: Webhook | None = None  # offline webhook hooks (meshpush/webhook.py)
         #: told of a node a client could not reach (Membership.suspect probes it)
         self.suspect: Callable[[str], None] = lambda node_id: None
@@ -205,14 +206,38 @@ class Router:
             await self._dispatch()
 
     async def _dispatch(self) -> None:
-        async for first in self.bus.inbound:
-            for notes in waiting(first, self.bus.inbound):  # what arrived together: coalesced
+        inbound = self.bus.inbound
+        while True:
+            if self._held:
+                first = self._held.pop()
+            else:
+                try:
+                    first = await inbound.receive()
+                except trio.EndOfChannel:
+                    return
+            runs = waiting(first, inbound)  # what arrived together: coalesced
+            for k, notes in enumerate(runs):
                 if notes is None:  # NATS reconnected: notifications may have been missed
                     await self.feeder.catch_up_all(self.registry.all())  # type: ignore[arg-type]
-                else:
-                    await self._deliver(notes)
+                else:  # the last run may take what arrives while it goes out (``_more``)
+                    await self._deliver(notes, last=k == len(runs) - 1)
 
-    async def _deliver(self, notes: list[Notification]) -> None:
+    def _more(self, accept: Callable[[Notification], bool]) -> Notification | None:
+        """The next waiting notification if ``accept`` takes it (``Hub.deliver_many``); if
+        not, it is held and dispatched first, so the order of arrival is kept."""
+        if self._held:
+            item = self._held.pop()
+        else:
+            try:
+                item = self.bus.inbound.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return None
+        if item is not None and accept(item):
+            return item
+        self._held.append(item)
+        return None
+
+    async def _deliver(self, notes: list[Notification], last: bool = False) -> None:
         webhook = self.webhook
         if webhook is not None:
             for note in notes:
@@ -220,7 +245,7 @@ class Router:
         if tracing.ON:
             sent = await tracing.deliver_many(self.registry.deliver_many, notes, self.me)
         else:
-            sent = await self.registry.deliver_many(notes)
+            sent = await self.registry.deliver_many(notes, self._more if last else None)
         if webhook is not None:
             for note, n in zip(notes, sent, strict=True):
                 if n and note.user is not None:

@@ -172,7 +172,7 @@ class Session:
         the session is closing."""
         if self.machine.closing is not None or self.wire is None:
             return False
-        if self.out or len(frames) == 1:
+        if self.out:  # behind what waits
             for frame in frames:
                 self._push(frame)
             return True

@@ -6,6 +6,7 @@ frame."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import ssl
@@ -289,3 +290,91 @@ async def test_coalesced_frames_parse_over_tls() -> None:
 def _socket_streams() -> tuple[trio.SocketStream, trio.SocketStream]:
     left, right = trio.socket.socketpair()
     return trio.SocketStream(left), trio.SocketStream(right)
+
+
+# ---------------------------------------------------------------- a pass that grows
+
+
+def arriving(notes: list[Any], every: int = 2) -> Any:
+    """A ``more`` for ``Hub.deliver_many``: hands out ``notes`` one at a time, on every
+    ``every``-th call (as if they arrived while the pass ran), only if ``accept`` takes it."""
+    calls = itertools.count(1)
+
+    def more(accept: Any) -> Any:
+        if notes and next(calls) % every == 0 and accept(notes[0]):
+            return notes.pop(0)
+        return None
+
+    return more
+
+
+async def test_broadcasts_arriving_during_a_pass_join_it_and_keep_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Group commit: broadcasts that arrive while a pass runs join it; the sessions not yet
+    visited get them in the same write, the others in one more round; every session gets
+    every frame once, in order, in fewer writes than one per message."""
+    monkeypatch.setattr(hub_module, "YIELD_EVERY", 2)
+    ctx = context(Limits(heartbeat_interval=100, heartbeat_timeout=300, out_frames=1024))
+    hub = Hub()
+    later = chain(2, 6, ch="broadcast")  # seqs 2..7, arriving during the pass of seq 1
+    notes = chain(1, 1, ch="broadcast")
+    with trio.fail_after(20):
+        async with contextlib.AsyncExitStack() as stack:
+            pairs = [await stack.enter_async_context(running(ctx, f"u{i}")) for i in range(12)]
+            for session, _ in pairs:
+                hub.add(session)
+            writes = CountingWrites(monkeypatch)
+            sent = await hub.deliver_many(notes, arriving(later))
+            assert [n.seq for n in notes] == list(range(1, 8)) and not later
+            assert sent == [12] * 7
+            assert writes.calls < 12 * 7  # coalesced
+            got = [texts(await peer.frames(8)) for _, peer in pairs]
+    for frames in got:
+        assert [m["seq"] for m in frames[1:]] == list(range(1, 8))
+    assert all(s.feeds["broadcast"].sent == 7 for s, _ in pairs)
+
+
+async def test_only_chained_broadcasts_join_a_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub_module, "YIELD_EVERY", 1)
+    ctx = context()
+    hub = Hub()
+    sessions = [live(Session(ctx, f"u{i}", "d", 0)) for i in range(3)]
+    for s in sessions:
+        hub.add(s)
+    offered: list[Any] = []
+    unchained = note(5, 3, ch="broadcast")
+    unicast = note(1, 0)
+
+    def more(accept: Any) -> Any:
+        offered.extend(n for n in (unchained, unicast) if accept(n))
+        return None
+
+    notes = chain(1, 1, ch="broadcast")
+    await hub.deliver_many(notes, more)
+    assert offered == [] and len(notes) == 1
+
+
+async def test_sessions_registered_during_a_pass_get_what_joined_it_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A session registered while the pass runs is not among its targets: the broadcasts that
+    join the pass after that are offered to it too (its replaying feed buffers them)."""
+    monkeypatch.setattr(hub_module, "YIELD_EVERY", 1)
+    ctx = context()
+    hub = Hub()
+    for i in range(4):
+        hub.add(live(Session(ctx, f"u{i}", "d", 0)))
+    newcomer = Session(ctx, "late", "d", 0)  # replaying: a new session reads the stream first
+    later = chain(2, 2, ch="broadcast")
+    deliver = arriving(later)
+
+    def more(accept: Any) -> Any:
+        if newcomer not in hub.all():
+            hub.add(newcomer)
+        return deliver(accept)
+
+    notes = chain(1, 1, ch="broadcast")
+    await hub.deliver_many(notes, more)
+    assert len(notes) == 3
+    assert [n.seq for n in newcomer.feeds["broadcast"].pending or ()] == [2, 3]

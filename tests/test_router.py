@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import trio
 
+from meshpush.bus import Notification
 from meshpush.hub import Hub
 from meshpush.metrics import Metrics
 from meshpush.router import NodeInfo, Router, View
@@ -100,3 +101,27 @@ async def test_readiness_names_the_failing_check_and_the_gauge_follows() -> None
     r.begin_drain()
     assert r.not_ready_reason() == "draining"
     assert sample(metrics, "meshpush_ready") == 0
+
+
+async def test_what_a_pass_does_not_take_is_held_and_dispatched_first() -> None:
+    """``Router._more`` (a fan-out pass asking for the next waiting notification): what the
+    pass does not accept stays first in line, so the order of arrival is kept."""
+
+    def n(ch: str, seq: int) -> Notification:
+        return Notification(ch, "u" if ch == "user" else None, seq, seq - 1, f"m{seq}", 0.0, "1")
+
+    send, receive = trio.open_memory_channel[Notification | None](10)
+
+    class Bus(FakeBus):
+        inbound = receive
+
+    r, _ = router(Bus())
+    b2, u1, b3 = n("broadcast", 2), n("user", 1), n("broadcast", 3)
+    for item in (b2, u1, b3):
+        send.send_nowait(item)
+    assert r._more(lambda note: True) is b2
+    assert r._more(lambda note: note.ch == "broadcast") is None  # u1 is held
+    assert r._more(lambda note: note.ch == "broadcast") is None  # still first in line
+    assert r._more(lambda note: True) is u1
+    assert r._more(lambda note: True) is b3
+    assert r._more(lambda note: True) is None  # nothing waits
