@@ -192,15 +192,17 @@ class Hub:
     async def _fan_run(self, targets: list[Session], run: _Run, grow: _Growth | None) -> None:
         """Write ``run`` to ``targets``, one write per session; while ``grow`` adds to the run
         (at the scheduler turns), the sessions visited before get what they lack in one more
-        round over them (``rounds``: (end, k) — sessions before ``end`` have the first ``k``)."""
-        ch = run.ch
+        round over them (``rounds``: (end, k) — sessions before ``end`` have the first ``k``).
+        The loop is the fan-out's hot path: per session one feed check and one write."""
+        ch, traced = run.ch, tracing.ON
         rounds: list[tuple[int, int]] = [(len(targets), 0)]
         while rounds:
             grew: list[tuple[int, int]] = []  # this round: sessions before index i got n notes
             whole = 0  # sessions given notes[k:n] in one write (the common case), not counted yet
             seg, (end, k) = 0, rounds[0]
-            n = len(run.notes)
+            n, chained = len(run.notes), run.chained
             frames, joined, prev, last = run.tail(k)
+            weight, check_at = self._unyielded, self._check_at
             for i in range(rounds[-1][0]):
                 if i >= end:  # the next segment of this round: sessions that lack less
                     run.wrote(k, n, whole)
@@ -209,20 +211,25 @@ class Hub:
                     end, k = rounds[seg]
                     frames, joined, prev, last = run.tail(k)
                 session = targets[i]
-                if run.chained and session.feeds[ch].live_run(prev, last):
+                if chained and session.feeds[ch].live_run(prev, last):
                     whole += session.write_many(frames, joined)
-                    if tracing.ON:
+                    if traced:
                         tracing.wrote_run(session, ch, run.notes[k:n], len(joined))
                 else:  # a feed replaying, a duplicate or a missed notification: one by one
                     run.one_by_one(session, k, n)
-                self._unyielded += 1 if session.out is None else BUFFERED_WEIGHT
-                turn_over = self._unyielded >= self._check_at and await self._turn_check()
+                weight += 1 if session.out is None else BUFFERED_WEIGHT
+                if weight < check_at:
+                    continue
+                self._unyielded = weight
+                turn_over = await self._turn_check()
                 if turn_over and grow is not None and grow.take(run):
                     run.wrote(k, n, whole)
                     whole = 0
                     grew.append((i + 1, n))
                     n = len(run.notes)
                     frames, joined, prev, last = run.tail(k)
+                weight, check_at = self._unyielded, self._check_at
+            self._unyielded = weight
             run.wrote(k, n, whole)
             rounds = grew
 

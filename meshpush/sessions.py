@@ -91,6 +91,7 @@ class Session:
         "ctx",
         "device",
         "draining",
+        "feeds",
         "id",
         "machine",
         "nursery",
@@ -113,6 +114,7 @@ class Session:
         now = trio.current_time()
         token_deadline = now + max(0.0, expires_at - time.time())
         self.machine = SessionMachine(ctx.limits, now, token_deadline)
+        self.feeds: dict[str, Feed] = self.machine.feeds  # the machine's (a slot: fan-out reads it)
         self.wire: Wire | None = None
         self.out: deque[bytes] | None = None  # frames the kernel did not take yet
         self.draining = False
@@ -126,10 +128,6 @@ class Session:
         return f"<Session {self.id} user={self.user!r} device={self.device!r}>"
 
     # ------------------------------------------------------------ what others call
-
-    @property
-    def feeds(self) -> dict[str, Feed]:
-        return self.machine.feeds
 
     @property
     def close_request(self) -> CloseDecision | None:
