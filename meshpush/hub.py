@@ -190,48 +190,50 @@ class Hub:
             self._count_delivered(run.ch, run.notes, counts)
 
     async def _fan_run(self, targets: list[Session], run: _Run, grow: _Growth | None) -> None:
-        """Write ``run`` to ``targets``, one write per session; while ``grow`` adds to the run
+        """Write ``run`` to ``targets``, one write per session. While ``grow`` adds to the run
         (at the scheduler turns), the sessions visited before get what they lack in one more
-        round over them (``rounds``: (end, k) — sessions before ``end`` have the first ``k``).
-        The loop is the fan-out's hot path: per session one feed check and one write."""
-        ch, traced = run.ch, tracing.ON
-        rounds: list[tuple[int, int]] = [(len(targets), 0)]
-        while rounds:
-            grew: list[tuple[int, int]] = []  # this round: sessions before index i got n notes
-            whole = 0  # sessions given notes[k:n] in one write (the common case), not counted yet
-            seg, (end, k) = 0, rounds[0]
-            n, chained = len(run.notes), run.chained
-            frames, joined, prev, last = run.tail(k)
-            weight, check_at = self._unyielded, self._check_at
-            for i in range(rounds[-1][0]):
-                if i >= end:  # the next segment of this round: sessions that lack less
-                    run.wrote(k, n, whole)
-                    whole = 0
-                    seg += 1
-                    end, k = rounds[seg]
-                    frames, joined, prev, last = run.tail(k)
-                session = targets[i]
-                if chained and session.feeds[ch].live_run(prev, last):
-                    whole += session.write_many(frames, joined)
-                    if traced:
-                        tracing.wrote_run(session, ch, run.notes[k:n], len(joined))
-                else:  # a feed replaying, a duplicate or a missed notification: one by one
-                    run.one_by_one(session, k, n)
-                weight += 1 if session.out is None else BUFFERED_WEIGHT
-                if weight < check_at:
+        round; ``have`` cuts ``targets`` into (end, k): the sessions up to ``end`` (from the
+        previous end) have the run's first ``k`` notifications. The loop is the fan-out's hot
+        path: per session one feed check and one write."""
+        ch, traced, chained = run.ch, tracing.ON, run.chained
+        have: list[tuple[int, int]] = [(len(targets), 0)]
+        while any(k < len(run.notes) for _, k in have):
+            after: list[tuple[int, int]] = []  # ``have`` after this round
+            start = 0
+            for end, k in have:
+                n = len(run.notes)
+                if k >= n:  # has everything so far
+                    _segment(after, end, k)
+                    start = end
                     continue
-                self._unyielded = weight
-                turn_over = await self._turn_check()
-                if turn_over and grow is not None and grow.take(run):
-                    run.wrote(k, n, whole)
-                    whole = 0
-                    grew.append((i + 1, n))
-                    n = len(run.notes)
-                    frames, joined, prev, last = run.tail(k)
+                frames, joined, prev, last = run.tail(k)
+                whole = 0  # sessions given notes[k:n] in one write (the common case)
                 weight, check_at = self._unyielded, self._check_at
-            self._unyielded = weight
-            run.wrote(k, n, whole)
-            rounds = grew
+                for i in range(start, end):
+                    session = targets[i]
+                    if chained and session.feeds[ch].live_run(prev, last):
+                        whole += session.write_many(frames, joined)
+                        if traced:
+                            tracing.wrote_run(session, ch, run.notes[k:n], len(joined))
+                    else:  # a feed replaying, a duplicate or a missed notification: one by one
+                        run.one_by_one(session, k, n)
+                    weight += 1 if session.out is None else BUFFERED_WEIGHT
+                    if weight < check_at:
+                        continue
+                    self._unyielded = weight
+                    turn_over = await self._turn_check()
+                    if turn_over and grow is not None and grow.take(run):
+                        run.wrote(k, n, whole)
+                        whole = 0
+                        _segment(after, i + 1, n)  # the sessions so far have notes[:n]
+                        n = len(run.notes)
+                        frames, joined, prev, last = run.tail(k)
+                    weight, check_at = self._unyielded, self._check_at
+                self._unyielded = weight
+                run.wrote(k, n, whole)
+                _segment(after, end, n)
+                start = end
+            have = after
 
     def _late_sessions(self, run: _Run, start: int, added: int) -> None:
         """Sessions registered after the pass took its targets get the notifications that
@@ -406,6 +408,15 @@ def waiting(
         else:
             out.append([item])
     return out
+
+
+def _segment(have: list[tuple[int, int]], end: int, k: int) -> None:
+    """Sessions up to ``end`` have the first ``k`` notifications (merged with the last piece
+    if it has as many)."""
+    if have and have[-1][1] == k:
+        have[-1] = (end, k)
+    else:
+        have.append((end, k))
 
 
 def _frame_text(ch: protocol.Channel, note: Notification) -> str:

@@ -378,3 +378,43 @@ async def test_sessions_registered_during_a_pass_get_what_joined_it_later(
     await hub.deliver_many(notes, more)
     assert len(notes) == 3
     assert [n.seq for n in newcomer.feeds["broadcast"].pending or ()] == [2, 3]
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_a_growing_pass_gives_every_session_every_frame_once_in_order(
+    monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """Broadcasts join the pass at random turns, in every round: each session ends with every
+    frame once, in order, its feed live at the last seq (no catch-up), each counted once."""
+    rng = random.Random(seed)
+    monkeypatch.setattr(hub_module, "YIELD_EVERY", rng.randint(1, 4))
+    written: dict[int, list[bytes]] = {}
+
+    def write_many(session: Session, frames: list[bytes], joined: bytes) -> bool:
+        assert joined == b"".join(frames)
+        written.setdefault(session.id, []).extend(frames)
+        return True
+
+    monkeypatch.setattr(Session, "write_many", write_many)
+    ctx = context()
+    hub = Hub()
+    sessions = [live(Session(ctx, f"u{i}", "d", 0)) for i in range(rng.randint(5, 40))]
+    for s in sessions:
+        hub.add(s)
+    later = chain(2, rng.randint(1, 30), ch="broadcast")
+    total = 1 + len(later)
+
+    def more(accept: Any) -> Any:
+        if later and rng.random() < 0.4 and accept(later[0]):
+            return later.pop(0)
+        return None
+
+    notes = chain(1, 1, ch="broadcast")
+    sent = await hub.deliver_many(notes, more)
+    assert len(notes) + len(later) == total
+    assert sent == [len(sessions)] * len(notes)
+    frames = [hub_module.encode_text(hub_module._frame_text("broadcast", n)) for n in notes]
+    for s in sessions:
+        assert written[s.id] == frames
+        feed = s.feeds["broadcast"]
+        assert not feed.replaying and feed.sent == notes[-1].seq
