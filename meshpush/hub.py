@@ -30,7 +30,7 @@ from .stats import Buckets, Tally, snapshot
 from .wire import encode_text
 
 YIELD_EVERY = 256  # sessions fanned out to per scheduler turn, at most ...
-YIELD_SLICE = 0.002  # ... and a turn lasts about this long at most (wall clock: seconds)
+YIELD_SLICE = 0.004  # ... and a turn lasts about this long at most (wall clock: seconds)
 YIELD_CHECK = 32  # the clock is read every this many sessions
 GIVE_WAY = 4  # extra scheduler batches the other tasks get at the end of each turn
 BUFFERED_WEIGHT = 16  # a session whose write was buffered (its drain wakes) counts this much

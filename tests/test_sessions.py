@@ -248,6 +248,7 @@ async def test_fan_out_yields_after_a_time_slice_even_before_its_session_count(
     """A slow turn (a loaded machine, slow writes) ends after YIELD_SLICE of wall clock."""
     clock = itertools.count()
     monkeypatch.setattr(hub_module, "_clock", lambda: next(clock) * 0.001)  # 1 ms per read
+    monkeypatch.setattr(hub_module, "YIELD_SLICE", 0.002)
     ctx = context()
     sessions = [live(Session(ctx, f"u{i}", "d", 0)) for i in range(1000)]
     hub = hub_of(sessions)
