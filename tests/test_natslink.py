@@ -1,0 +1,304 @@
+"""The trio NATS link against a real ``nats-server -js`` (and, for bad input, a fake server).
+
+Publish/subscribe with synchronous callbacks, request rounds through the wildcard inbox,
+JetStream acks and no-responders, a restarted server (reconnect + resubscribe), a SIGSTOPped
+server (requests time out, pings too), a server speaking garbage, bounds and shutdown."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from meshpush.devcluster import Proc, binary, free_port, spawn, wait_tcp
+from meshpush.natslink import (
+    BufferFull,
+    Link,
+    LinkConfig,
+    NoReply,
+    NotConnected,
+    NotSent,
+    Request,
+    parse_server,
+)
+from meshpush.natswire import Msg
+
+pytestmark = pytest.mark.cluster
+
+
+class NatsServer:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        argv = ["-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.workdir / "js")]
+        self.proc = spawn("nats", [binary("nats-server"), *argv], self.workdir)
+        wait_tcp(self.port, 20, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.alive():
+            self.proc.send(signal.SIGCONT)
+            self.proc.stop(signal.SIGKILL, timeout=10)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        assert self.proc is not None
+        self.proc.send(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.proc.send(signal.SIGCONT)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[NatsServer]:
+    s = NatsServer(tmp_path)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+async def link(server: NatsServer) -> AsyncIterator[Link]:
+    async with trio.open_nursery() as nursery:
+        link = await nursery.start(Link([server.url], LinkConfig(connect_timeout=1)).run)
+        yield link
+        nursery.cancel_scope.cancel()
+
+
+async def until(predicate: object, timeout: float = 10) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():  # type: ignore[operator]
+            await trio.sleep(0.02)
+
+
+def test_server_urls_in_the_forms_nats_py_takes() -> None:
+    assert parse_server("nats://127.0.0.1:4222").port == 4222
+    assert parse_server("127.0.0.1:5000").port == 5000
+    s = parse_server("nats://u%40x:p@[::1]:4223")
+    assert (s.host, s.port, s.user, s.password) == ("::1", 4223, "u@x", "p")
+    assert parse_server("nats://tok@localhost:1").token == "tok"
+    with pytest.raises(ValueError, match="scheme"):
+        parse_server("tls://127.0.0.1:4222")
+
+
+async def test_publish_reaches_a_subscription_with_headers(link: Link) -> None:
+    got: list[Msg] = []
+    link.subscribe("t.*", got.append)
+    await link.ping(5)  # the server has the subscription
+    link.publish("t.a", b"one")
+    link.publish("t.b", b"two", headers={"traceparent": "00-x"})
+    await until(lambda: len(got) == 2)
+    assert [(m.subject, m.payload, m.headers) for m in got] == [
+        ("t.a", b"one", None),
+        ("t.b", b"two", {"traceparent": "00-x"}),
+    ]
+
+
+async def test_unsubscribe_stops_the_callback(link: Link) -> None:
+    got: list[Msg] = []
+    sid = link.subscribe("u", got.append)
+    await link.ping(5)
+    link.unsubscribe(sid)
+    link.publish("u", b"x")
+    await link.ping(5)
+    assert got == []
+
+
+async def test_a_failing_callback_does_not_take_the_connection_down(link: Link) -> None:
+    def boom(msg: Msg) -> None:
+        raise RuntimeError("bug")
+
+    got: list[Msg] = []
+    link.subscribe("b", boom)
+    link.subscribe("b", got.append)
+    await link.ping(5)
+    link.publish("b", b"x")
+    await until(lambda: got)
+    assert link.connected
+
+
+async def test_a_request_round_gets_every_answer_in_order(link: Link) -> None:
+    def echo(msg: Msg) -> None:
+        assert msg.reply is not None
+        link.publish(msg.reply, msg.payload.upper())
+
+    link.subscribe("svc", echo)
+    await link.ping(5)
+    replies = await link.request_many([Request("svc", b"r%d" % i) for i in range(50)], 5)
+    assert [r.payload for r in replies if isinstance(r, Msg)] == [b"R%d" % i for i in range(50)]
+
+
+async def test_no_responders_is_a_503_status(link: Link) -> None:
+    [reply] = await link.request_many([Request("nobody.home", b"x")], 5)
+    assert isinstance(reply, Msg) and reply.headers is not None
+    assert reply.headers["Status"] == "503"
+
+
+async def test_jetstream_publishes_are_acked_in_one_round(link: Link) -> None:
+    config = {"name": "S", "subjects": ["s.>"], "storage": "memory"}
+    [created] = await link.request_many(
+        [Request("$JS.API.STREAM.CREATE.S", json.dumps(config).encode())], 5
+    )
+    assert isinstance(created, Msg) and b"error" not in created.payload
+    headers = {"Nats-Msg-Id": "m1", "Nats-Expected-Last-Subject-Sequence": "0"}
+    again = {"Nats-Msg-Id": "m1"}
+    requests = [Request("s.a", b"1", headers), Request("s.b", b"2"), Request("s.a", b"1", again)]
+    replies = await link.request_many(requests, 5)
+    acks = [json.loads(r.payload) for r in replies if isinstance(r, Msg)]
+    assert acks[0]["seq"] == 1 and acks[1]["seq"] == 2
+    assert acks[2]["seq"] == 1 and acks[2]["duplicate"] is True
+    [wrong] = await link.request_many([Request("s.a", b"4", headers)], 5)
+    assert isinstance(wrong, Msg) and json.loads(wrong.payload)["error"]["err_code"] == 10071
+
+
+async def test_publishing_while_disconnected_is_not_sent(server: NatsServer) -> None:
+    link = Link([server.url])
+    with pytest.raises(NotConnected):
+        link.publish("x", b"")
+    [reply] = await link.request_many([Request("x", b"")], 1)
+    assert isinstance(reply, NotSent)
+
+
+async def test_a_full_buffer_is_an_error_the_caller_sees(server: NatsServer) -> None:
+    async with trio.open_nursery() as nursery:
+        link = await nursery.start(Link([server.url], LinkConfig(max_buffer=100)).run)
+        link.publish("x", b"a" * 80)  # one loop turn: nothing is written yet
+        with pytest.raises(BufferFull):
+            link.publish("x", b"a" * 80)
+        await link.ping(5)  # the writer emptied it
+        link.publish("x", b"a" * 80)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_first_reachable_server_of_the_list_is_used(server: NatsServer) -> None:
+    dead = f"nats://127.0.0.1:{free_port()}"
+    async with trio.open_nursery() as nursery:
+        link = await nursery.start(Link([dead, server.url]).run)
+        assert link.connected and await link.ping(5) >= 0
+        nursery.cancel_scope.cancel()
+    assert not link.connected
+
+
+async def test_a_restarted_server_reconnects_and_resubscribes(server: NatsServer) -> None:
+    got: list[Msg] = []
+    events: list[object] = []
+    async with trio.open_nursery() as nursery:
+        link = Link([server.url], LinkConfig(connect_timeout=1, backoff_max=0.2))
+        link.on_connect = lambda again: events.append(("up", again))
+        link.on_disconnect = lambda reason: events.append("down")
+        link.subscribe("live", got.append)
+        await nursery.start(link.run)
+        server.stop()
+        await until(lambda: not link.connected)
+        [reply] = await link.request_many([Request("live", b"")], 1)
+        assert isinstance(reply, NotSent)  # never left the process
+        await trio.to_thread.run_sync(server.start)
+        await until(lambda: link.connected)
+        await link.ping(5)
+        link.publish("live", b"after")
+        await until(lambda: got)
+        assert got[0].payload == b"after"
+        assert events == [("up", False), "down", ("up", True)]
+        assert link.statistics().reconnects == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stopped_server_times_requests_out_without_losing_the_link(
+    server: NatsServer, link: Link
+) -> None:
+    link.subscribe("svc", lambda m: link.publish(m.reply or "", b"ok"))
+    await link.ping(5)
+    with server.paused():
+        replies = await link.request_many([Request("svc", b"1"), Request("svc", b"2")], 0.3)
+        assert all(isinstance(r, NoReply) for r in replies)
+        with pytest.raises(trio.TooSlowError):
+            await link.ping(0.3)
+    [reply] = await link.request_many([Request("svc", b"3")], 5)
+    assert isinstance(reply, Msg) and reply.payload == b"ok"
+
+
+async def test_requests_in_flight_at_a_disconnect_are_no_reply(server: NatsServer) -> None:
+    async with trio.open_nursery() as nursery:
+        link = await nursery.start(Link([server.url], LinkConfig(backoff_max=0.2)).run)
+        link.subscribe("slow", lambda m: None)  # takes it, never answers
+        await link.ping(5)
+        result: list[object] = []
+
+        async def ask() -> None:
+            result.extend(await link.request_many([Request("slow", b"")], 30))
+
+        nursery.start_soon(ask)
+        await trio.sleep(0.2)  # sent, waiting for the answer
+        server.stop()
+        await until(lambda: result)
+        assert isinstance(result[0], NoReply) and "connection lost" in result[0].reason
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stale_connection_is_dropped(server: NatsServer) -> None:
+    config = LinkConfig(ping_interval=0.1, max_pings_out=2, backoff_max=0.2)
+    async with trio.open_nursery() as nursery:
+        link = await nursery.start(Link([server.url], config).run)
+        with server.paused():
+            await until(lambda: not link.connected, timeout=5)
+        await until(lambda: link.connected)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_server_speaking_garbage_is_dropped_and_retried() -> None:
+    accepted: list[int] = []
+
+    async def liar(stream: trio.SocketStream) -> None:
+        accepted.append(1)
+        await stream.send_all(b'INFO {"max_payload":1024}\r\n')
+        await stream.receive_some(4096)  # CONNECT + PING
+        await stream.send_all(b"PONG\r\n")
+        await trio.sleep(0.05)
+        await stream.send_all(b"MSG a 1 5000\r\n")  # over max_payload
+        await trio.sleep(5)
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, liar, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        link = Link([f"nats://127.0.0.1:{port}"], LinkConfig(backoff_max=0.1))
+        downs: list[str] = []
+        link.on_disconnect = downs.append
+        await nursery.start(link.run)
+        await until(lambda: len(accepted) >= 2)
+        assert "over the bound" in downs[0]
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancelling_run_closes_and_fails_what_waits(server: NatsServer) -> None:
+    result: list[object] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer, trio.open_nursery() as inner:
+            link = await inner.start(Link([server.url]).run)
+            link.subscribe("slow", lambda m: None)
+            await link.ping(5)
+
+            async def ask() -> None:
+                result.extend(await link.request_many([Request("slow", b"")], 30))
+
+            outer.start_soon(ask)
+            await trio.sleep(0.2)
+            inner.cancel_scope.cancel()
+    assert not link.connected
+    assert isinstance(result[0], NoReply)
+    with pytest.raises(NotConnected):
+        link.publish("x", b"")
