@@ -7,28 +7,33 @@ Subjects (``<c>`` = cluster name, ``<slot>`` = 0..4095); storage is in :mod:`mes
 * ``mp.<c>.presence.<node>`` — presence requests answered by one node (:mod:`meshpush.presence`).
 
 A live notification is ``<header JSON>\\n<data JSON>``; the data is spliced into client frames
-unparsed. Incoming notifications are handed to trio through a bounded channel from the NATS
-callback (``send_nowait``, no crossing per message); when that channel is full the
-notification is dropped and counted — the stream still has the message.
+unparsed. Notifications travel on the node's trio-native NATS link (:mod:`meshpush.natslink`):
+the link's reader calls the subscription's synchronous callback, which hands each one to the
+router through a bounded channel (``send_nowait``: no task, wake-up or bridge crossing per
+message); when that channel is full the notification is dropped and counted — the stream
+still has the message. When the link reconnects (its subscriptions were gone meanwhile),
+``None`` goes into the channel: "catch every session up from the streams". nats-py keeps the
+control plane (:attr:`Bus.nc`, :attr:`Bus.js`: streams, KV, reads, presence, and — for now —
+the JetStream publishes of :mod:`meshpush.store`).
 
 Health: a stalled server (paused, overloaded, a half-dead TCP path) keeps the connection "up"
 while nothing gets through, so every ``nats_check_interval`` the bus publishes a small echo to
 an inbox it subscribes to and waits at most ``nats_check_timeout`` for it to come back through
 the server. One late echo makes the bus *unresponsive* (the node turns unready), the next
 timely one responsive again: a stall is noticed within ``interval + timeout`` (3 s by default).
-The echo is a plain publish/subscribe: nats-py's ``flush(timeout)`` cancels its PONG future on
-timeout and the late PONG then stops the client's read loop (nats-py 2.16: the connection stays
-"connected" and receives nothing more), so flush with a timeout is not used anywhere; the same
-echo confirms new slot subscriptions.
+The echo is a plain publish/subscribe on the link; the server handles a connection's protocol
+in order, so the same echo confirms new slot subscriptions. (nats-py's ``flush(timeout)`` is
+used nowhere: it cancels its PONG future on timeout and the late PONG then stops the client's
+read loop — nats-py 2.16: "connected", receiving nothing more.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +45,8 @@ from . import tracing
 from .bridge import Bridge, aio, best_effort
 from .encoding import encode_token
 from .metrics import Metrics
+from .natslink import Link, LinkConfig, LinkError
+from .natswire import Msg
 from .ring import slot
 from .settings import Settings
 from .stats import Tally, snapshot
@@ -120,18 +127,26 @@ class Bus:
         self.bridge = bridge
         self.stats = BusStats()
         metrics.add_source(self)
-        self.nc: Any = None
+        self.nc: Any = None  # nats-py, for the control plane
         self.js: Any = None
-        self._subs: dict[int, Any] = {}
-        self._bcast_sub: Any = None
+        self.link = Link(settings.nats_servers, LinkConfig(name=settings.node_id))
+        self.link.on_connect = self._link_up
+        self.link.on_disconnect = self._link_down
+        self._subs: dict[int, int] = {}  # slot -> link sid
+        self._bcast_sub: int | None = None
         self._send, self.inbound = trio.open_memory_channel[Notification | None](16384)
-        self.connected = False
+        self._nc_connected = False
         self.reconnects = 0
         self.responsive = True  # the last round-trip check came back in time
         self.unresponsive_reason = ""
         self._echo_subject = ""
         self._echoes: dict[bytes, trio.Event] = {}  # round trips in flight, by token
         self._probes = 0
+
+    @property
+    def connected(self) -> bool:
+        """Both connections are up: the link (live routing) and nats-py (control plane)."""
+        return self.link.connected and self._nc_connected
 
     def statistics(self) -> BusStats:
         return snapshot(self.stats, backend_up={"nats": float(self.healthy)})
@@ -149,13 +164,17 @@ class Bus:
     # ------------------------------------------------------------ lifecycle
 
     async def run(self, *, task_status: trio.TaskStatus[Bus] = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect (retrying with backoff), make sure the streams exist, then hold the line."""
-        await self._connect_with_retry()
-        task_status.started(self)
-        try:
-            await self._check_forever()
-        finally:
-            await self._close()
+        """Connect both (retrying with backoff), then check the line until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.link.run)
+            self._echo_subject = self.link.inbox + ".echo"
+            self.link.subscribe(self._echo_subject, self._on_echo)
+            await self._connect_with_retry()
+            task_status.started(self)
+            try:
+                await self._check_forever()
+            finally:
+                await self._close()
 
     async def _close(self) -> None:
         """Close the connection; whatever NATS does (stalled, gone), shutdown goes on."""
@@ -176,17 +195,12 @@ class Bus:
 
     async def _connect(self) -> None:
         async def disconnected() -> None:
-            self.connected = False
-            log.warning("NATS disconnected")
+            self._nc_connected = False
+            log.warning("NATS (control plane) disconnected")
 
         async def reconnected() -> None:
-            self.connected = True
-            self.reconnects += 1
-            log.info("NATS reconnected: catching up every session from the streams")
-            try:
-                self._send.send_nowait(None)  # None = "catch up everyone"
-            except trio.WouldBlock:
-                self.stats.dropped += 1
+            self._nc_connected = True
+            log.info("NATS (control plane) reconnected")
 
         async def error(exc: Exception) -> None:
             self.stats.backend_errors["nats"] += 1
@@ -204,9 +218,20 @@ class Bus:
             error_cb=error,
         )
         self.js = self.nc.jetstream(timeout=5)
-        self._echo_subject = self.nc.new_inbox()
-        await aio(self.nc.subscribe)(self._echo_subject, cb=self._on_echo)
-        self.connected = True
+        self._nc_connected = True
+
+    def _link_up(self, reconnect: bool) -> None:
+        if reconnect:
+            self.reconnects += 1
+            log.info("NATS reconnected: catching up every session from the streams")
+            try:
+                self._send.send_nowait(None)  # None = "catch up everyone"
+            except trio.WouldBlock:
+                self.stats.dropped += 1
+
+    def _link_down(self, reason: str) -> None:
+        self.stats.backend_errors["nats"] += 1
+        log.warning("NATS disconnected: %s", reason)
 
     # ------------------------------------------------------------ health
 
@@ -224,7 +249,7 @@ class Bus:
             rtt = await self._round_trip(timeout)
         except trio.TooSlowError:
             self._set_unresponsive(f"NATS round trip took longer than {timeout:g}s")
-        except (nats.errors.Error, OSError) as exc:
+        except LinkError as exc:
             self._set_unresponsive(f"NATS round trip failed: {exc!r}")
         else:
             self.stats.backend_rtt["nats"] = rtt
@@ -241,14 +266,14 @@ class Bus:
         start = trio.current_time()
         try:
             with trio.fail_after(timeout):
-                await aio(self.nc.publish)(self._echo_subject, token)
+                self.link.publish(self._echo_subject, token)
                 await arrived.wait()
         finally:
             del self._echoes[token]
         return trio.current_time() - start
 
-    async def _on_echo(self, msg: Any) -> None:
-        arrived = self._echoes.get(msg.data)
+    def _on_echo(self, msg: Msg) -> None:
+        arrived = self._echoes.get(msg.payload)
         if arrived is not None:  # a late echo of a check that gave up is ignored
             arrived.set()
 
@@ -261,20 +286,22 @@ class Bus:
     # ------------------------------------------------------------ subscriptions
 
     async def subscribe_slots(self, slots: set[int]) -> None:
-        """Subscribe the live subjects of ``slots`` (one crossing for the whole set)."""
+        """Subscribe the live subjects of ``slots``; returns once the server has them."""
         new = sorted(s for s in slots if s not in self._subs)
         if new:
-            subs = await aio(self._subscribe_many)(new)
-            self._subs.update(subs)
+            cb = self._callback("user")
+            for s in new:
+                self._subs[s] = self.link.subscribe(self.subjects.slot_live(s), cb)
             # the server handles a connection's protocol in order: once the echo is back, it
-            # has the subscriptions (what flush() would say, without its late-PONG hazard)
+            # has the subscriptions
             if not await self.check(SUBSCRIBE_TIMEOUT):
-                raise nats.errors.TimeoutError
+                raise TimeoutError("NATS did not confirm the new subscriptions")
 
     async def unsubscribe_slots(self, slots: set[int]) -> None:
-        gone = [self._subs.pop(s) for s in sorted(slots) if s in self._subs]
-        if gone:
-            await aio(_unsubscribe_all)(gone)
+        for s in sorted(slots):
+            sid = self._subs.pop(s, None)
+            if sid is not None:
+                self.link.unsubscribe(sid)
 
     def subscribed(self) -> frozenset[int]:
         return frozenset(self._subs)
@@ -285,27 +312,16 @@ class Bus:
     async def subscribe_broadcast(self) -> None:
         if self._bcast_sub is None:
             cb = self._callback("broadcast")
-            self._bcast_sub = await aio(self.nc.subscribe)(self.subjects.broadcast_live, cb=cb)
+            self._bcast_sub = self.link.subscribe(self.subjects.broadcast_live, cb)
 
-    async def _subscribe_many(self, slots: list[int]) -> dict[int, Any]:
-        """Subscribe each slot; once this asyncio task is cancelled, stop and return what was
-        subscribed (recorded by the caller, which is then cancelled at its next checkpoint:
-        as before, nothing subscribed is forgotten)."""
-        cb = self._callback("user")
-        subs: dict[int, Any] = {}
-        for s in slots:
-            if _cancelled():
-                break
-            subs[s] = await self.nc.subscribe(self.subjects.slot_live(s), cb=cb)
-        return subs
-
-    def _callback(self, ch: str) -> Any:
+    def _callback(self, ch: str) -> Callable[[Msg], None]:
+        """The link calls it in its reader, once per notification: decode, hand over."""
         send = self._send
         stats = self.stats
 
-        async def on_message(msg: Any) -> None:
+        def on_message(msg: Msg) -> None:
             try:
-                note = decode_notification(ch, msg.data)
+                note = decode_notification(ch, msg.payload)
                 if tracing.ON and msg.headers:
                     note = tracing.received(note, msg.headers)
                 send.send_nowait(note)
@@ -322,26 +338,3 @@ class Bus:
             return self.subjects.broadcast_live
         assert user is not None
         return self.subjects.slot_live(slot(user))
-
-
-def _cancelled() -> bool:
-    """For loops of nats-py calls: whether this asyncio task was cancelled.
-
-    nats-py 2.16 swallows ``CancelledError`` in its flush (``_flush_pending``), so a cancelled
-    subscribe or unsubscribe returns normally; a loop of them went on, and once ``close()``
-    had stopped the flusher the next call waited on its full flush queue for ever: the node's
-    shutdown hung (trio waits for a cancelled asyncio task to finish)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-async def _unsubscribe_all(subs: list[Any]) -> None:
-    """Unsubscribe each of ``subs``, stopping as soon as this (asyncio) task is cancelled (only
-    a stop cancels it: the connection closes then)."""
-    for sub in subs:
-        if _cancelled():
-            raise asyncio.CancelledError
-        try:
-            await sub.unsubscribe()
-        except nats.errors.Error as exc:
-            log.warning("unsubscribe failed: %r", exc)

@@ -39,6 +39,7 @@ from .bridge import Bridge, BridgeClosed, aio
 from .bus import Bus, encode_notification
 from .encoding import BadId, decode_token, encode_token
 from .metrics import Metrics
+from .natslink import LinkError
 from .pipeline import (
     Ack,
     AckInbox,
@@ -363,7 +364,7 @@ class Store:
                 await self._rounds(items, groups, outcomes, stored)
             finally:  # notified together: they reach a node together, which coalesces them
                 for item, outcome in stored:
-                    await self._notify(item, outcome)
+                    self._notify(item, outcome)
         return [o if o is not None else StoreUnavailable("not attempted") for o in outcomes]
 
     async def _rounds(
@@ -416,16 +417,15 @@ class Store:
             return StoreUnavailable(f"not stored: {answer.detail}")
         return StoreTimeout(f"outcome unknown: {answer.detail}")
 
-    async def _notify(self, item: Outgoing, stored: Stored) -> None:
-        """The live hint; a failure is logged and counted (the stream has the message)."""
+    def _notify(self, item: Outgoing, stored: Stored) -> None:
+        """The live hint, on the NATS link (buffered; written once per loop turn). A failure
+        is logged and counted (the stream has the message)."""
         head = {"u": item.user, "s": stored.seq, "p": stored.prev, "i": item.id, "t": time.time()}
         subject = self.bus.live_subject(item.ch, item.user)
         trace = tracing.notify(item.trace, subject, stored.seq) if item.trace else None
         try:
-            await self.bus.nc.publish(
-                subject, encode_notification(head, item.data_json), headers=trace
-            )
-        except (nats.errors.Error, OSError) as exc:
+            self.bus.link.publish(subject, encode_notification(head, item.data_json), None, trace)
+        except (LinkError, ValueError) as exc:
             self.stats.backend_errors["notify"] += 1
             log.warning("live notification failed (stored; receivers catch up): %r", exc)
 

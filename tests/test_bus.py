@@ -1,45 +1,50 @@
-"""The bus's round-trip health check, with a fake NATS connection (no server).
+"""The bus's round-trip health check and notification callback, with a fake NATS link (no
+server).
 
 The real thing (a SIGSTOPped nats-server) is in tests/test_health.py."""
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass
-
 import trio
-import trio_asyncio
 
 from meshpush.bridge import Bridge
-from meshpush.bus import Bus
+from meshpush.bus import Bus, Notification
 from meshpush.metrics import Metrics
+from meshpush.natswire import Msg
 from meshpush.settings import Settings
 
 
-@dataclass
-class Msg:
-    data: bytes
+class FakeLink:
+    """Echoes what is published to the bus's inbox (on the next loop turn, as the reader
+    would), unless stalled (then keeps it for later)."""
 
-
-class FakeNats:
-    """Echoes what is published to the bus's inbox, unless stalled (then keeps it for later)."""
-
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, nursery: trio.Nursery) -> None:
         self.bus = bus
+        self.nursery = nursery
+        self.connected = True
         self.stalled = False
         self.held: list[bytes] = []
 
-    async def publish(self, subject: str, data: bytes) -> None:
+    def publish(self, subject: str, data: bytes) -> None:
         if self.stalled:
             self.held.append(data)
         else:
-            asyncio.get_running_loop().create_task(self.bus._on_echo(Msg(data)))
+            self.nursery.start_soon(self.echo, data)
+
+    async def echo(self, data: bytes) -> None:
+        self.bus._on_echo(Msg("_INBOX.x.echo", 1, None, data))
 
     def resume(self) -> None:
         self.stalled = False
         for data in self.held:  # late echoes of checks that already timed out
-            asyncio.get_running_loop().create_task(self.bus._on_echo(Msg(data)))
+            self.nursery.start_soon(self.echo, data)
         self.held = []
+
+
+def faked(bus: Bus, nursery: trio.Nursery) -> FakeLink:
+    fake = FakeLink(bus, nursery)
+    bus.link, bus._nc_connected, bus._echo_subject = fake, True, "_INBOX.x.echo"  # type: ignore[assignment]
+    return fake
 
 
 def up(metrics: Metrics) -> float | None:
@@ -50,9 +55,8 @@ async def test_a_stall_makes_the_bus_unhealthy_and_a_timely_echo_heals_it() -> N
     metrics = Metrics("n1")
     bus = Bus(Settings(node_id="n1"), Bridge(), metrics)
     assert up(metrics) == 0  # not connected yet
-    async with trio_asyncio.open_loop():
-        fake = FakeNats(bus)
-        bus.nc, bus.connected, bus._echo_subject = fake, True, "_INBOX.x"
+    async with trio.open_nursery() as nursery:
+        fake = faked(bus, nursery)
         assert await bus.check(timeout=1.0)
         assert bus.healthy and up(metrics) == 1
         rtt = metrics.registry.get_sample_value("meshpush_backend_rtt_seconds", {"backend": "nats"})
@@ -84,8 +88,8 @@ async def test_a_disconnected_bus_is_unhealthy_without_a_check() -> None:
 async def test_concurrent_round_trips_each_get_their_own_echo() -> None:
     bus = Bus(Settings(node_id="n1"), Bridge(), Metrics("n1"))
     results: list[bool] = []
-    async with trio_asyncio.open_loop():
-        bus.nc, bus.connected, bus._echo_subject = FakeNats(bus), True, "_INBOX.x"
+    async with trio.open_nursery() as nursery:
+        faked(bus, nursery)
 
         async def one() -> None:
             results.append(await bus.check(timeout=1.0))
@@ -95,3 +99,23 @@ async def test_concurrent_round_trips_each_get_their_own_echo() -> None:
                 nursery.start_soon(one)
     assert results == [True] * 5
     assert bus._echoes == {}
+
+
+async def test_a_notification_goes_from_the_link_callback_to_inbound() -> None:
+    bus = Bus(Settings(node_id="n1"), Bridge(), Metrics("n1"))
+    on_message = bus._callback("user")
+    on_message(Msg("mp.c.live.u.1", 1, None, b'{"u":"a","s":3,"p":2,"i":"m","t":1.5}\n{"x":1}'))
+    on_message(Msg("mp.c.live.u.1", 1, None, b"garbage"))
+    assert bus.inbound.receive_nowait() == Notification(
+        ch="user", user="a", seq=3, prev=2, id="m", published_at=1.5, data_json='{"x":1}'
+    )
+    assert bus.stats.backend_errors["bad_notification"] == 1
+
+
+async def test_a_link_reconnect_asks_for_everyone_to_catch_up() -> None:
+    bus = Bus(Settings(node_id="n1"), Bridge(), Metrics("n1"))
+    bus._link_up(False)
+    bus._link_down("gone")
+    bus._link_up(True)
+    assert bus.inbound.receive_nowait() is None
+    assert bus.reconnects == 1 and bus.stats.backend_errors["nats"] == 1
