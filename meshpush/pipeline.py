@@ -1,38 +1,32 @@
-"""Pipelined JetStream publishes: many in flight, their acks awaited together.
+"""Pipelined JetStream publishes: many in flight, their acks awaited together, in trio.
 
 nats-py's ``js.publish`` is a request per message: a future, a timer (``wait_for``) and a
 response object each, and under trio-asyncio every timer and wake-up is a loop iteration with
 its own cancel scope — measured ~190 µs of CPU per message, against ~45 µs for the same calls
-under plain asyncio (docs/performance.md). :class:`AckInbox` sends a whole *round* of
-publishes with reply subjects under one inbox subscription and waits once for the round: no
-future or timer per message. Each answer becomes a :class:`Stored`-like tuple, the seq
-JetStream says is the real last one (``wrong last sequence``), or an error.
-:class:`GroupCommit` merges the publish requests that arrive while earlier ones are in flight,
-so single publishes from many HTTP requests share rounds too. Runs on the asyncio loop
-(called from :mod:`meshpush.store` inside bridge crossings). :class:`TrioGroupCommit` merges
-small requests already on the trio side, so they share one bridge crossing too.
+under plain asyncio (docs/performance.md). :func:`publish_round` sends a whole *round* of
+publishes with reply subjects on the node's trio NATS link (:mod:`meshpush.natslink`: one
+inbox subscription, one socket write) and waits once for the round: no future, timer or bridge
+crossing per message. Each answer becomes an :class:`Ack`, the seq JetStream says is the real
+last one (:class:`WrongLast`), :class:`Refused` (definitely not stored: JetStream said no, or
+the publish never left the process) or :class:`NoAnswer` (sent, outcome unknown).
+:class:`TrioGroupCommit` merges the publish requests that arrive while earlier ones are in
+flight, so single publishes from many HTTP requests share rounds too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
-import nats.errors
 import trio
+
+from .natslink import Link, NoReply, NotSent, Reply, Request
 
 WRONG_LAST = 10071
 _LAST_RE = re.compile(r"wrong last sequence: (\d+)")
-# raised before the message reached the socket buffer: it cannot have been stored
-NOT_SENT = (
-    nats.errors.ConnectionClosedError,
-    nats.errors.OutboundBufferLimitError,
-    nats.errors.NoRespondersError,
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +59,6 @@ class NoAnswer:
 Answer = Ack | WrongLast | Refused | NoAnswer
 
 
-@dataclass(frozen=True, slots=True)
-class Publish:
-    subject: str
-    payload: bytes
-    headers: dict[str, str]
-
-
 def parse_ack(data: bytes, headers: dict[str, str] | None) -> Answer:
     """A JetStream publish answer: ``{"seq", "duplicate"?}`` or ``{"error": {...}}``."""
     status = (headers or {}).get("Status")
@@ -90,121 +77,24 @@ def parse_ack(data: bytes, headers: dict[str, str] | None) -> Answer:
     return Refused(f"JetStream refused: {error.get('description')}")
 
 
-class _Round:
-    __slots__ = ("answers", "done", "remaining")
-
-    def __init__(self, size: int, done: asyncio.Future[None]) -> None:
-        self.answers: list[Answer | None] = [None] * size
-        self.remaining = size
-        self.done = done
-
-    def answer(self, i: int, answer: Answer) -> None:
-        if self.answers[i] is None:
-            self.answers[i] = answer
-            self.remaining -= 1
-            if not self.remaining and not self.done.done():
-                self.done.set_result(None)
+async def publish_round(link: Link, publishes: list[Request], timeout: float) -> list[Answer]:
+    """Send every publish with its own reply subject (one write), then wait at most
+    ``timeout`` for all the answers: one :data:`Answer` per publish, in order."""
+    return [answer_of(r) for r in await link.request_many(publishes, timeout)]
 
 
-class AckInbox:
-    """One subscription ``<inbox>.*`` receiving the answers of every pipelined publish."""
-
-    def __init__(self) -> None:
-        self.prefix = ""
-        self._sub: Any = None
-        self._waiting: dict[str, tuple[_Round, int]] = {}
-        self._next = 0
-
-    async def start(self, nc: Any) -> None:
-        if self._sub is None:
-            self.prefix = nc.new_inbox()
-            self._sub = await nc.subscribe(self.prefix + ".*", cb=self._on_answer)
-
-    async def _on_answer(self, msg: Any) -> None:
-        waiting = self._waiting.pop(msg.subject.rpartition(".")[2], None)
-        if waiting is not None:
-            round_, i = waiting
-            round_.answer(i, parse_ack(msg.data, msg.headers))
-
-    async def round(self, nc: Any, publishes: list[Publish], timeout: float) -> list[Answer]:
-        """Send every publish, then wait (at most ``timeout``) for all their answers."""
-        round_ = _Round(len(publishes), asyncio.get_running_loop().create_future())
-        tokens = []
-        for i, p in enumerate(publishes):
-            token = str(self._next)
-            self._next += 1
-            tokens.append(token)
-            self._waiting[token] = (round_, i)
-            try:
-                await nc.publish(
-                    p.subject, p.payload, reply=f"{self.prefix}.{token}", headers=p.headers
-                )
-            except NOT_SENT as exc:
-                round_.answer(i, Refused(f"not sent: {type(exc).__name__}"))
-            except (nats.errors.Error, OSError) as exc:
-                round_.answer(i, NoAnswer(f"send failed: {type(exc).__name__}"))
-        try:
-            if round_.remaining:  # one timer and no extra task (asyncio.wait adds a waiter)
-                timer = asyncio.get_running_loop().call_later(timeout, _expire, round_.done)
-                await round_.done
-                timer.cancel()
-        finally:
-            for token in tokens:
-                self._waiting.pop(token, None)
-        return [a if a is not None else NoAnswer("no answer in time") for a in round_.answers]
-
-
-def _expire(done: asyncio.Future[None]) -> None:
-    if not done.done():
-        done.set_result(None)
+def answer_of(reply: Reply) -> Answer:
+    """What a link reply says about a publish: never sent is definitely not stored; sent
+    without an answer may have been."""
+    if isinstance(reply, NotSent):
+        return Refused(reply.reason)
+    if isinstance(reply, NoReply):
+        return NoAnswer(reply.reason)
+    return parse_ack(reply.payload, reply.headers)
 
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
-
-
-class GroupCommit(Generic[Item, Result]):
-    """Merge concurrent requests: at most ``lanes`` merged batches run at once; a request that
-    arrives while every lane is busy joins the next batch (one round of publishes, one socket
-    write, one wait for many HTTP requests — group commit, without waiting on a timer).
-
-    ``run`` gets the concatenated items and returns one result per item, in order."""
-
-    def __init__(
-        self, run: Callable[[list[Item]], Awaitable[Sequence[Result]]], lanes: int = 4
-    ) -> None:
-        self._run = run
-        self._lanes = lanes
-        self._queue: list[tuple[list[Item], asyncio.Future[Sequence[Result]]]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.batches = 0
-
-    async def submit(self, items: list[Item]) -> Sequence[Result]:
-        future: asyncio.Future[Sequence[Result]] = asyncio.get_running_loop().create_future()
-        self._queue.append((items, future))
-        if len(self._tasks) < self._lanes:
-            task = asyncio.ensure_future(self._lane())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return await future
-
-    async def _lane(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            self.batches += 1
-            merged = [item for items, _ in batch for item in items]
-            try:
-                results = await self._run(merged)
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            start = 0
-            for items, future in batch:
-                if not future.done():
-                    future.set_result(results[start : start + len(items)])
-                start += len(items)
 
 
 class _Waiting(Generic[Item, Result]):

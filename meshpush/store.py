@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
@@ -35,21 +34,12 @@ import nats.js.errors
 import trio
 
 from . import tracing
-from .bridge import Bridge, BridgeClosed, aio
+from .bridge import Bridge, aio
 from .bus import Bus, encode_notification
 from .encoding import BadId, decode_token, encode_token
 from .metrics import Metrics
-from .natslink import LinkError
-from .pipeline import (
-    Ack,
-    AckInbox,
-    Answer,
-    GroupCommit,
-    Publish,
-    Refused,
-    TrioGroupCommit,
-    WrongLast,
-)
+from .natslink import LinkError, Request
+from .pipeline import Ack, Answer, Refused, TrioGroupCommit, WrongLast, publish_round
 from .ring import slot
 from .settings import Settings
 from .stats import Tally, snapshot
@@ -57,9 +47,9 @@ from .stats import Tally, snapshot
 log = logging.getLogger(__name__)
 
 MAX_CHAIN_RETRIES = 32
-# requests of at most this many messages (single publishes) merge on the trio side first:
-# measured, it cut a single publish's node CPU ~20 %; big batches merged there waited on the
-# hand-over between lanes (p99 x2-4), so they cross at once and merge on the asyncio side
+# requests of at most this many messages (single publishes) merge into shared rounds: one
+# socket write and one wait for many HTTP requests; big batches merged that way waited on the
+# hand-over between lanes (p99 x2-4), so each runs its own rounds at once
 SMALL_REQUEST = 8
 CURSOR_TTL_FACTOR = 4
 
@@ -107,17 +97,17 @@ class StoredMessage:
 
 
 class _Locks:
-    """One asyncio lock per key, created on demand and dropped when nobody holds or waits."""
+    """One trio lock per key, created on demand and dropped when nobody holds or waits."""
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._locks: dict[str, tuple[trio.Lock, int]] = {}
 
     @contextlib.asynccontextmanager
     async def hold_all(self, keys: list[str], timeout: float) -> AsyncIterator[set[str]]:
         """Hold the locks of ``keys`` (taken in the order given: sort them, no deadlock);
         yields the keys held — those not free within ``timeout`` are left out."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        held: list[tuple[str, asyncio.Lock]] = []
+        deadline = trio.current_time() + timeout
+        held: list[tuple[str, trio.Lock]] = []
         try:
             for key in keys:
                 lock = self._join(key)
@@ -131,19 +121,19 @@ class _Locks:
                 lock.release()
                 self._leave(key)
 
-    async def _acquire(self, lock: asyncio.Lock, deadline: float) -> bool:
-        if not lock.locked():  # wait_for costs a task and a timer: only when contended
+    async def _acquire(self, lock: trio.Lock, deadline: float) -> bool:
+        try:
+            lock.acquire_nowait()  # no scheduler turn per key when uncontended
+            return True
+        except trio.WouldBlock:
+            pass
+        with trio.move_on_at(deadline):
             await lock.acquire()
             return True
-        remaining = deadline - asyncio.get_running_loop().time()
-        try:
-            await asyncio.wait_for(lock.acquire(), max(remaining, 0.001))
-        except TimeoutError:
-            return False
-        return True
+        return False
 
-    def _join(self, key: str) -> asyncio.Lock:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+    def _join(self, key: str) -> trio.Lock:
+        lock, users = self._locks.get(key, (trio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         return lock
 
@@ -175,7 +165,7 @@ class _LastSeqs:
             self._data.popitem(last=False)
 
 
-def _publish(subject: str, prev: int, item: Outgoing) -> Publish:
+def _publish(subject: str, prev: int, item: Outgoing) -> Request:
     headers = {
         "Nats-Msg-Id": dedup_id(item),
         "Nats-Expected-Last-Subject-Sequence": str(prev),
@@ -184,7 +174,7 @@ def _publish(subject: str, prev: int, item: Outgoing) -> Publish:
     }
     if item.trace is not None:
         headers["traceparent"] = item.trace.traceparent
-    return Publish(subject, item.data_json.encode(), headers)
+    return Request(subject, item.data_json.encode(), headers)
 
 
 def _skip_rest(indexes: list[int], outcomes: list[Outcome | None]) -> None:
@@ -236,9 +226,9 @@ class Store:
         self._last = _LastSeqs()
         self.chain_retries = 0
         self.publish_timeout = 5.0
-        self._acks = AckInbox()
-        self._commits: GroupCommit[Outgoing, Outcome] = GroupCommit(self._publish_all)
-        self._small: TrioGroupCommit[Outgoing, Outcome] = TrioGroupCommit(self._cross, _cancelled)
+        self._small: TrioGroupCommit[Outgoing, Outcome] = TrioGroupCommit(
+            self._publish_all, _cancelled
+        )
 
     def statistics(self) -> StoreStats:
         return snapshot(self.stats)
@@ -275,7 +265,6 @@ class Store:
         ]
         infos = [await self._add_or_update(cfg) for cfg in configs]
         self.kv = await self._cursor_bucket()
-        await self._acks.start(self.bus.nc)
         return infos
 
     async def _cursor_bucket(self) -> Any:
@@ -317,7 +306,7 @@ class Store:
         return outcome
 
     async def publish_many(self, items: list[Outgoing]) -> Sequence[Outcome]:
-        """Store many messages in one bridge crossing; one outcome per item, in order.
+        """Store many messages (on the NATS link, in trio); one outcome per item, in order.
 
         Messages of different subjects (users) are in flight together and their acks are
         awaited together; messages of one subject are chained one after the other, in the
@@ -329,27 +318,17 @@ class Store:
     async def _publish_many(self, items: list[Outgoing]) -> Sequence[Outcome]:
         if self.bus.js is None or not self.bus.connected:
             return [StoreUnavailable("not stored: not connected to NATS")] * len(items)
-        if len(items) <= SMALL_REQUEST:  # merged on the trio side: one crossing for many
+        if len(items) <= SMALL_REQUEST:  # merged: one round of publishes for many requests
             outcomes = await self._small.submit(items)
         else:
-            outcomes = await self._cross(items)
+            outcomes = await self._publish_all(items)
         for outcome in outcomes:
             if isinstance(outcome, StoreTimeout):
                 self.stats.backend_errors["nats"] += 1
         return outcomes
 
-    async def _cross(self, items: list[Outgoing]) -> Sequence[Outcome]:
-        """One bridge crossing; on the asyncio side concurrent crossings merge again."""
-        try:
-            outcomes: Sequence[Outcome] = await self.bridge.call(
-                lambda: self._commits.submit(items), timeout=math.inf
-            )
-        except BridgeClosed as exc:
-            return [StoreUnavailable(f"not stored: {exc}")] * len(items)
-        return outcomes
-
     async def _publish_all(self, items: list[Outgoing]) -> Sequence[Outcome]:
-        """On the asyncio loop: hold every subject's lock, then store in rounds."""
+        """Hold every subject's lock, then store in rounds."""
         groups: dict[str, list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(stream_subject(self.settings, item.ch, item.user), []).append(i)
@@ -384,7 +363,7 @@ class Store:
         while heads:
             sending = [(s, queues[s][k]) for s, k in heads.items()]
             publishes = [_publish(s, prevs[s], items[i]) for s, i in sending]
-            answers = await self._acks.round(self.bus.nc, publishes, self.publish_timeout)
+            answers = await publish_round(self.bus.link, publishes, self.publish_timeout)
             for (subject, i), answer in zip(sending, answers, strict=True):
                 outcome = self._settle(subject, prevs, answer)
                 if outcome is None and tries[subject] < MAX_CHAIN_RETRIES:

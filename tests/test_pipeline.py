@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import Sequence
 
 import pytest
 import trio
 
+from meshpush.natslink import NoReply, NotSent
+from meshpush.natswire import Msg
 from meshpush.pipeline import (
     Ack,
-    GroupCommit,
     NoAnswer,
     Refused,
     TrioGroupCommit,
     WrongLast,
+    answer_of,
     parse_ack,
 )
 
@@ -40,37 +41,13 @@ def test_an_unreadable_answer_is_an_unknown_outcome() -> None:
     assert isinstance(parse_ack(b"garbage", None), NoAnswer)
 
 
-def test_group_commit_merges_requests_that_wait_and_answers_each_its_slice() -> None:
-    calls: list[list[int]] = []
-
-    async def run(items: list[int]) -> list[int]:
-        calls.append(items)
-        await asyncio.sleep(0.01)
-        return [i * 10 for i in items]
-
-    async def go() -> list[Sequence[int]]:
-        commit: GroupCommit[int, int] = GroupCommit(run, lanes=1)
-        first = asyncio.ensure_future(commit.submit([0, 100]))
-        await asyncio.sleep(0.001)  # its batch is running
-        rest = await asyncio.gather(*(commit.submit([i, i + 100]) for i in range(1, 5)))
-        return [await first, *rest]
-
-    results = asyncio.run(go())
-    assert results == [[i * 10, (i + 100) * 10] for i in range(5)]
-    assert calls[0] == [0, 100]  # the first ran alone; the four that waited ran together
-    assert calls[1] == [1, 101, 2, 102, 3, 103, 4, 104]
-
-
-def test_group_commit_gives_each_waiting_request_the_error() -> None:
-    async def run(items: list[int]) -> list[int]:
-        raise RuntimeError("boom")
-
-    async def go() -> None:
-        commit: GroupCommit[int, int] = GroupCommit(run)
-        with pytest.raises(RuntimeError):
-            await commit.submit([1])
-
-    asyncio.run(go())
+def test_a_link_reply_is_an_honest_answer() -> None:
+    """Never sent: definitely not stored. Sent without an answer: unknown. A reply: parsed."""
+    assert answer_of(NotSent("not sent: gone")) == Refused("not sent: gone")
+    assert answer_of(NoReply("NATS connection lost")) == NoAnswer("NATS connection lost")
+    assert answer_of(Msg("_INBOX.x.1", 1, None, b'{"seq":3}')) == Ack(3, False)
+    no_responders = Msg("_INBOX.x.2", 1, None, b"", {"Status": "503"})
+    assert isinstance(answer_of(no_responders), Refused)
 
 
 async def test_trio_group_commit_merges_requests_that_wait_and_answers_each_its_slice() -> None:
