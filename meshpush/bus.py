@@ -136,6 +136,7 @@ class Bus:
         self._bcast_sub: int | None = None
         self._send, self.inbound = trio.open_memory_channel[Notification | None](16384)
         self._nc_connected = False
+        self._missed = False  # a connection was down: catch everyone up once both are back
         self.reconnects = 0
         self.responsive = True  # the last round-trip check came back in time
         self.unresponsive_reason = ""
@@ -195,12 +196,13 @@ class Bus:
 
     async def _connect(self) -> None:
         async def disconnected() -> None:
-            self._nc_connected = False
+            self._nc_connected, self._missed = False, True
             log.warning("NATS (control plane) disconnected")
 
         async def reconnected() -> None:
             self._nc_connected = True
             log.info("NATS (control plane) reconnected")
+            self._back_up()
 
         async def error(exc: Exception) -> None:
             self.stats.backend_errors["nats"] += 1
@@ -221,17 +223,25 @@ class Bus:
         self._nc_connected = True
 
     def _link_up(self, reconnect: bool) -> None:
-        if reconnect:
-            self.reconnects += 1
-            log.info("NATS reconnected: catching up every session from the streams")
-            try:
-                self._send.send_nowait(None)  # None = "catch up everyone"
-            except trio.WouldBlock:
-                self.stats.dropped += 1
+        self._back_up()
 
     def _link_down(self, reason: str) -> None:
+        self._missed = True
         self.stats.backend_errors["nats"] += 1
         log.warning("NATS disconnected: %s", reason)
+
+    def _back_up(self) -> None:
+        """After an interruption, once *both* connections are back (the link had lost its
+        subscriptions; catching up reads the streams through nats-py): catch everyone up."""
+        if not (self._missed and self.connected):
+            return
+        self._missed = False
+        self.reconnects += 1
+        log.info("NATS reconnected: catching up every session from the streams")
+        try:
+            self._send.send_nowait(None)  # None = "catch up everyone"
+        except trio.WouldBlock:
+            self.stats.dropped += 1
 
     # ------------------------------------------------------------ health
 

@@ -53,6 +53,16 @@ class BufferFull(LinkError):
     """The output buffer is at ``max_buffer``: the server does not read fast enough."""
 
 
+# a server that cannot be reached, resets, stalls or speaks garbage while we connect
+_CONNECT_ERRORS = (
+    OSError,
+    trio.BrokenResourceError,
+    trio.TooSlowError,
+    natswire.ProtocolError,
+    LinkError,
+)
+
+
 @dataclass(frozen=True, slots=True)
 class NotSent:
     """A request that never left this process: definitely not delivered."""
@@ -339,7 +349,7 @@ class Link:
             for server in self.servers:
                 try:
                     return await self._handshake(server)
-                except (OSError, trio.TooSlowError, natswire.ProtocolError, LinkError) as exc:
+                except _CONNECT_ERRORS as exc:
                     self._errors += 1
                     log.warning("NATS link: %s:%d unreachable: %r", server.host, server.port, exc)
             await trio.sleep(random.uniform(delay / 2, delay))

@@ -5,6 +5,7 @@ The real thing (a SIGSTOPped nats-server) is in tests/test_health.py."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from meshpush.bridge import Bridge
@@ -112,10 +113,19 @@ async def test_a_notification_goes_from_the_link_callback_to_inbound() -> None:
     assert bus.stats.backend_errors["bad_notification"] == 1
 
 
-async def test_a_link_reconnect_asks_for_everyone_to_catch_up() -> None:
+async def test_everyone_catches_up_once_both_connections_are_back() -> None:
     bus = Bus(Settings(node_id="n1"), Bridge(), Metrics("n1"))
+    bus.link.connected, bus._nc_connected = True, True
     bus._link_up(False)
+    bus.link.connected = False
     bus._link_down("gone")
+    bus._nc_connected, bus._missed = False, True  # nats-py's disconnected callback
+    bus.link.connected = True
     bus._link_up(True)
+    assert bus.statistics().dropped == 0
+    with pytest.raises(trio.WouldBlock):  # not before the control plane is back too
+        bus.inbound.receive_nowait()
+    bus._nc_connected = True
+    bus._back_up()  # nats-py's reconnected callback
     assert bus.inbound.receive_nowait() is None
     assert bus.reconnects == 1 and bus.stats.backend_errors["nats"] == 1

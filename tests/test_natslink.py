@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import struct
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -260,11 +262,15 @@ async def test_a_stale_connection_is_dropped(server: NatsServer) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_a_server_speaking_garbage_is_dropped_and_retried() -> None:
+async def test_a_server_resetting_or_speaking_garbage_is_dropped_and_retried() -> None:
     accepted: list[int] = []
 
     async def liar(stream: trio.SocketStream) -> None:
         accepted.append(1)
+        if len(accepted) == 1:  # the first connection is reset before INFO
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await stream.aclose()
+            return
         await stream.send_all(b'INFO {"max_payload":1024}\r\n')
         await stream.receive_some(4096)  # CONNECT + PING
         await stream.send_all(b"PONG\r\n")
@@ -279,7 +285,7 @@ async def test_a_server_speaking_garbage_is_dropped_and_retried() -> None:
         downs: list[str] = []
         link.on_disconnect = downs.append
         await nursery.start(link.run)
-        await until(lambda: len(accepted) >= 2)
+        await until(lambda: len(accepted) >= 3)
         assert "over the bound" in downs[0]
         nursery.cancel_scope.cancel()
 
