@@ -1,14 +1,15 @@
 """The one crossing from trio into the asyncio libraries (nats-py, aetcd), done in batches.
 
-The node opens one ``trio_asyncio`` loop at start. Short asyncio operations (a JetStream
-publish, a KV write, a stream read) are queued with :meth:`Bridge.call`; one pump task takes
-everything waiting (up to ``max_batch``) across the bridge in a single ``aio_as_trio`` call
-that only *starts* each operation as its own asyncio task and returns at once. Each
-operation reports back to its trio caller when it finishes, on its own (the done callback
-runs on the trio thread and sets a trio event: no crossing per result). So crossings are
-amortised (one per batch, see docs/decisions.md) and independent operations never wait for
-each other: a stuck cursor flush or stream read does not delay a publish (no head-of-line
-blocking). At most ``max_inflight`` operations run at once; callers beyond that wait.
+The node opens one ``trio_asyncio`` loop at start, for the control plane (the NATS hot paths
+— publishes, notifications — run on the trio link, :mod:`meshpush.natslink`, and never cross).
+Short asyncio operations (a KV write, a stream read) are queued with :meth:`Bridge.call`; one
+pump task takes everything waiting (up to ``max_batch``) across the bridge in a single
+``aio_as_trio`` call that only *starts* each operation as its own asyncio task and returns at
+once. Each operation reports back to its trio caller when it finishes, on its own (the done
+callback runs on the trio thread and sets a trio event: no crossing per result). So
+crossings are amortised (one per batch, see docs/decisions.md) and independent operations
+never wait for each other: a stuck cursor flush does not delay a stream read (no
+head-of-line blocking). At most ``max_inflight`` operations run at once; callers beyond that wait.
 Long-lived asyncio work (watches, subscriptions) crosses with :func:`aio` directly.
 """
 
