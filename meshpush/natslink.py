@@ -205,13 +205,11 @@ class Link:
         headers: dict[str, str] | None = None,
     ) -> None:
         """Buffer one message for the writer (sent this loop turn). Raises
-        :class:`NotConnected` or :class:`BufferFull` (not sent), ``EncodeError`` (bad subject
-        or header) or ``ValueError`` (over the server's max_payload)."""
+        :class:`NotConnected` or :class:`BufferFull` (not sent), or ``EncodeError`` (a
+        ``ValueError``: a bad subject or header, or over the server's max_payload)."""
         if not self.connected:
             raise NotConnected("not connected to NATS")
-        if len(payload) > self.max_payload:
-            raise ValueError(f"payload of {len(payload)} bytes over max_payload")
-        self._write(natswire.publish(subject, payload, reply, headers))
+        self._write(natswire.publish(subject, payload, reply, headers, self.max_payload))
         self._published += 1
 
     def _write(self, data: bytes) -> None:

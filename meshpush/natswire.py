@@ -90,9 +90,18 @@ def connect(options: dict[str, Any]) -> bytes:
     return b"CONNECT " + json.dumps(options, separators=(",", ":")).encode() + b"\r\n"
 
 
-def pub(subject: str, payload: bytes, reply: str | None = None) -> bytes:
+def pub(
+    subject: str, payload: bytes, reply: str | None = None, max_payload: int | None = None
+) -> bytes:
     head = _token(subject) + (b" " + _token(reply, "reply") if reply else b"")
+    _check_size(len(payload), max_payload)
     return b"PUB %s %d\r\n%s\r\n" % (head, len(payload), payload)
+
+
+def _check_size(total: int, max_payload: int | None) -> None:
+    """A message over the server's max_payload would make it close the connection."""
+    if max_payload is not None and total > max_payload:
+        raise EncodeError(f"message of {total} bytes over the server's max_payload {max_payload}")
 
 
 def encode_headers(headers: dict[str, str]) -> bytes:
@@ -104,20 +113,32 @@ def encode_headers(headers: dict[str, str]) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def hpub(subject: str, headers: dict[str, str], payload: bytes, reply: str | None = None) -> bytes:
+def hpub(
+    subject: str,
+    headers: dict[str, str],
+    payload: bytes,
+    reply: str | None = None,
+    max_payload: int | None = None,
+) -> bytes:
     head = _token(subject) + (b" " + _token(reply, "reply") if reply else b"")
     block = encode_headers(headers)
     total = len(block) + len(payload)
+    _check_size(total, max_payload)
     return b"HPUB %s %d %d\r\n%s%s\r\n" % (head, len(block), total, block, payload)
 
 
 def publish(
-    subject: str, payload: bytes, reply: str | None = None, headers: dict[str, str] | None = None
+    subject: str,
+    payload: bytes,
+    reply: str | None = None,
+    headers: dict[str, str] | None = None,
+    max_payload: int | None = None,
 ) -> bytes:
-    """PUB, or HPUB when there are headers."""
+    """PUB, or HPUB when there are headers; ``EncodeError`` over ``max_payload`` (the size
+    the server counts: headers and payload)."""
     if headers:
-        return hpub(subject, headers, payload, reply)
-    return pub(subject, payload, reply)
+        return hpub(subject, headers, payload, reply, max_payload)
+    return pub(subject, payload, reply, max_payload)
 
 
 def sub(subject: str, sid: int, queue: str | None = None) -> bytes:

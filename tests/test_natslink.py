@@ -121,6 +121,15 @@ async def test_unsubscribe_stops_the_callback(link: Link) -> None:
     assert got == []
 
 
+async def test_a_message_over_max_payload_is_refused_and_the_link_stays_up(link: Link) -> None:
+    assert link.max_payload == 1024 * 1024  # from the server's INFO
+    with pytest.raises(ValueError, match="max_payload"):
+        link.publish("big", b"x" * (link.max_payload - 10), headers={"Nats-Msg-Id": "abc"})
+    [reply] = await link.request_many([Request("big", b"x" * (link.max_payload + 1))], 1)
+    assert isinstance(reply, NotSent)
+    assert await link.ping(5) >= 0 and link.connected
+
+
 async def test_a_failing_callback_does_not_take_the_connection_down(link: Link) -> None:
     def boom(msg: Msg) -> None:
         raise RuntimeError("bug")

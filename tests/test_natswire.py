@@ -149,3 +149,11 @@ def test_subjects_that_would_break_the_protocol_are_refused(subject: str) -> Non
 def test_headers_that_would_break_the_protocol_are_refused(key: str, value: str) -> None:
     with pytest.raises(w.EncodeError):
         w.hpub("s", {key: value}, b"")
+
+
+def test_a_message_over_max_payload_is_refused_counting_its_headers() -> None:
+    assert w.publish("s", b"x" * 10, max_payload=10) == w.pub("s", b"x" * 10)
+    with pytest.raises(w.EncodeError, match="max_payload"):
+        w.publish("s", b"x" * 11, max_payload=10)
+    with pytest.raises(w.EncodeError, match="max_payload"):
+        w.publish("s", b"x" * 5, headers={"K": "v"}, max_payload=10)
