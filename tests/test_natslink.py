@@ -17,8 +17,12 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio_asyncio
 
+from meshpush.bridge import Bridge
+from meshpush.bus import Bus
 from meshpush.devcluster import Proc, binary, free_port, spawn, wait_tcp
+from meshpush.metrics import Metrics
 from meshpush.natslink import (
     BufferFull,
     Link,
@@ -30,6 +34,7 @@ from meshpush.natslink import (
     parse_server,
 )
 from meshpush.natswire import Msg
+from meshpush.settings import Settings
 
 pytestmark = pytest.mark.cluster
 
@@ -317,3 +322,24 @@ async def test_cancelling_run_closes_and_fails_what_waits(server: NatsServer) ->
     assert isinstance(result[0], NoReply)
     with pytest.raises(NotConnected):
         link.publish("x", b"")
+
+
+async def test_the_bus_on_a_stopped_server_is_unresponsive_then_heals(server: NatsServer) -> None:
+    """The bus's echo check rides the link: a SIGSTOPped server makes it unhealthy with a
+    reason, SIGCONT healthy again; the slot subscriptions made meanwhile are kept."""
+    settings = Settings(node_id="n1", nats_url=server.url, cluster="lk")
+    bus = Bus(settings, Bridge(), Metrics("n1"))
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        await bus.subscribe_slots({1, 2})
+        assert bus.healthy and bus.subscribed() == {1, 2}
+        with server.paused():
+            assert not await bus.check(0.3)
+            assert not bus.healthy
+            assert bus.unhealthy_reason() == "NATS round trip took longer than 0.3s"
+        assert await bus.check(5) and bus.healthy
+        bus.link.publish(bus.subjects.slot_live(2), b'{"u":"a","s":1,"i":"m","t":1}\n{}')
+        with trio.fail_after(5):
+            note = await bus.inbound.receive()
+        assert note is not None and (note.user, note.seq) == ("a", 1)
+        nursery.cancel_scope.cancel()
