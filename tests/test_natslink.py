@@ -10,6 +10,7 @@ import json
 import signal
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -63,6 +64,7 @@ class NatsServer:
     def paused(self) -> Iterator[None]:
         assert self.proc is not None
         self.proc.send(signal.SIGSTOP)
+        time.sleep(0.1)  # kill() returns before the process stopped (it may run on the other core)
         try:
             yield
         finally:
