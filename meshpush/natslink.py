@@ -175,8 +175,9 @@ class Link:
         self._subs: dict[int, tuple[str, Callback]] = {}
         self._next_sid = 1
         self._out = bytearray()
-        self._unsent: list[str] = []  # request tokens whose bytes are still in _out
-        self._sending: list[str] = []  # request tokens in the send_all in progress
+        # request tokens whose bytes are still in _out (once the writer took them, they may
+        # have reached the server)
+        self._unsent: list[str] = []
         self._wake = trio.Event()
         self._waiting: dict[str, tuple[_Round, int]] = {}
         self._next_token = 0
@@ -331,7 +332,7 @@ class Link:
             else:
                 round_.answer(i, NoReply("NATS connection lost before the answer"))
         self._waiting.clear()
-        self._unsent, self._sending = [], []
+        self._unsent = []
         self._out = bytearray()
         for pong in conn.pongs:
             if pong is not None:
@@ -443,10 +444,8 @@ class Link:
                 self._wake = trio.Event()
                 if not self._out:
                     continue
-                data, self._out = self._out, bytearray()
-                self._sending, self._unsent = self._unsent, []
+                data, self._out, self._unsent = self._out, bytearray(), []
                 await conn.stream.send_all(data)
-                self._sending = []
         except (OSError, trio.BrokenResourceError) as exc:
             self._drop(conn, repr(exc))
 

@@ -345,3 +345,35 @@ async def test_the_bus_on_a_stopped_server_is_unresponsive_then_heals(server: Na
             note = await bus.inbound.receive()
         assert note is not None and (note.user, note.seq) == ("a", 1)
         nursery.cancel_scope.cancel()
+
+
+async def test_at_a_disconnect_buffered_requests_are_not_sent_and_written_ones_no_reply(
+    server: NatsServer,
+) -> None:
+    """The honest split: bytes still in the buffer never left (not stored, 503); bytes the
+    writer took may have reached the server (outcome unknown, 504)."""
+    async with trio.open_nursery() as nursery:
+        link = await nursery.start(Link([server.url], LinkConfig(backoff_max=0.2)).run)
+        link.subscribe("slow", lambda m: None)
+        await link.ping(5)
+        result: list[object] = []
+
+        async def ask() -> None:
+            result.extend(await link.request_many([Request("slow", b"1")], 30))
+
+        nursery.start_soon(ask)
+        await until(lambda: link._waiting and not link._unsent)  # written, waiting
+        conn = link._conn
+        assert conn is not None
+        result2: list[object] = []
+
+        async def ask_and_drop() -> None:
+            link._drop(conn, "cut by the test")  # the writer is cancelled from here on
+            assert link.connected  # until the connection's tasks are gone
+            result2.extend(await link.request_many([Request("slow", b"2")], 30))
+
+        nursery.start_soon(ask_and_drop)
+        await until(lambda: result and result2)
+        assert isinstance(result[0], NoReply)
+        assert isinstance(result2[0], NotSent) and "not sent" in result2[0].reason
+        nursery.cancel_scope.cancel()
