@@ -130,32 +130,32 @@ def install_node() -> None:
 
         return stamped
 
-    # trio side: a small request's lane starts; asyncio side: a merged batch starts, then
-    # holds every user's lock (_rounds runs once they are all held)
-    store.Store._cross = stamp_items("cross", store.Store._cross)  # type: ignore[method-assign]
-    store.Store._publish_all = stamp_items("aio", store.Store._publish_all)  # type: ignore[method-assign]
+    # a request's merged batch starts (small requests share a TrioGroupCommit lane), then
+    # holds every user's lock (_rounds runs once they are all held); no asyncio side since
+    # the store publishes on the trio NATS link (meshpush/natslink.py)
+    store.Store._publish_all = stamp_items("cross", store.Store._publish_all)  # type: ignore[method-assign]
     store.Store._rounds = stamp_items("locked", store.Store._rounds)  # type: ignore[method-assign]
 
-    round_ = pipeline.AckInbox.round
+    round_ = pipeline.publish_round  # store calls it by its own name: patched there
 
-    async def timed_round(self: Any, nc: Any, publishes: list[Any], timeout: float) -> Any:
+    async def timed_round(link: Any, publishes: list[Any], timeout: float) -> Any:
         ns = [n_of(p.payload) for p in publishes]
         t = time.monotonic()
         for n in ns:
             record("round", n, t)
-        answers = await round_(self, nc, publishes, timeout)
+        answers = await round_(link, publishes, timeout)
         t = time.monotonic()
         for n in ns:
             record("acked", n, t)
         return answers
 
-    pipeline.AckInbox.round = timed_round  # type: ignore[method-assign]
+    store.publish_round = timed_round  # type: ignore[attr-defined]
 
     notify = store.Store._notify
 
-    async def timed_notify(self: Any, item: Any, stored: Any) -> None:
+    def timed_notify(self: Any, item: Any, stored: Any) -> None:
         record("notify", n_of(item.data_json))
-        await notify(self, item, stored)
+        notify(self, item, stored)
 
     store.Store._notify = timed_notify  # type: ignore[method-assign]
 
@@ -228,7 +228,6 @@ ORDER = [
     "send",
     "http",
     "cross",
-    "aio",
     "locked",
     "round",
     "acked",
