@@ -115,10 +115,9 @@ class _Waiting(Generic[Item, Result]):
 
 
 class TrioGroupCommit(Generic[Item, Result]):
-    """:class:`GroupCommit` on the trio side, for small requests (single publishes): at most
-    ``lanes`` merged batches run at once;
-    the requests that arrive while every lane is busy wait and go together in the next one —
-    one bridge crossing, one asyncio task and one round of publishes for many HTTP requests
+    """Merge concurrent small requests (single publishes): at most ``lanes`` merged batches
+    run at once; the requests that arrive while every lane is busy wait and go together in the
+    next one — one round of publishes (one socket write, one wait) for many HTTP requests
     (group commit, without waiting on a timer). ``run`` gets the concatenated items and
     returns one result per item, in order.
 
