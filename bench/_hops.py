@@ -170,18 +170,18 @@ def install_node() -> None:
 
     deliver_many = hub.Hub.deliver_many
 
-    async def timed_deliver_many(self: Any, notes: Any) -> Any:
+    async def timed_deliver_many(self: Any, notes: Any, *more: Any) -> Any:
         ns = [n_of(n.data_json) for n in notes]
         t = time.monotonic()
         for n in ns:
             record("hub", n, t)
-        sent = await deliver_many(self, notes)
+        sent = await deliver_many(self, notes, *more)
         t = time.monotonic()
         for n in ns:
             record("written", n, t)
         return sent
 
-    hub.Hub.deliver_many = timed_deliver_many  # type: ignore[method-assign]
+    hub.Hub.deliver_many = timed_deliver_many  # type: ignore[method-assign,assignment]
 
     run = node.Node.run
 
