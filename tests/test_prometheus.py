@@ -200,9 +200,13 @@ async def test_dashboard_and_alerts_against_prometheus(stack: tuple[LocalCluster
 
         # 3. NATS back, traffic: every panel and variable returns data
         cluster.restart_nats()
-        with trio.fail_after(30):
-            while await publish_status(cluster, "back") != 202:
-                await trio.sleep(0.3)
+        with trio.fail_after(30):  # every node reconnects on its own backoff: wait for each
+            for node in cluster.live():
+                body = {"user": "back", "data": {"n": 1}}
+                while (
+                    await api(cluster, node, "POST", "/v1/publish", json=body)
+                ).status_code != 202:
+                    await trio.sleep(0.3)
         await traffic(cluster)
         await trio.sleep(3)  # a few scrapes
         for title, expr in panel_queries():
