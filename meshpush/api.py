@@ -30,7 +30,7 @@ import trio
 from . import tracing
 from .auth import AuthError, bearer, check_api_key
 from .encoding import BadId, check_id
-from .http import HttpServer, JSONResponse, Request, Response, Routes
+from .http import HttpServer, JSONResponse, Request, Response, Routes, compact_json
 from .listener import server_ssl_context
 from .metrics import PUBLISH_BUCKETS, Metrics
 from .ring import slot
@@ -70,10 +70,20 @@ def _finite(text: str) -> float:
     return value
 
 
+#: ``json.loads(raw, parse_constant=_not_json, parse_float=_finite)`` without building a
+#: decoder per call (``loads`` with arguments does)
+_DECODER = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
+
+
+def _loads(raw: bytes) -> Any:
+    """``json.loads`` of bytes, step for step, with the one decoder."""
+    return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+
+
 def parse_json(raw: bytes) -> Any:
     """Strict JSON: no NaN/Infinity (nor numbers that overflow to them), no lone surrogates."""
     try:
-        body = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+        body = _loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ApiError(400, "bad_json", "body is not valid JSON") from None
     if _MAYBE_SURROGATE.search(raw):
@@ -127,7 +137,7 @@ def message_id(body: dict[str, Any]) -> str:
 
 
 def data_json(body: dict[str, Any]) -> str:
-    return json.dumps(body["data"], ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return compact_json(body["data"])
 
 
 def user_id(value: object, what: str = "user") -> str:

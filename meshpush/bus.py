@@ -87,8 +87,12 @@ class Subjects:
         return f"mp.{self.cluster}.presence.{encode_token(node_id)}"
 
 
+#: ``json.dumps(x, separators=(",", ":"))`` without building an encoder per call
+_HEADER_JSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encode_notification(header: dict[str, Any], data_json: str) -> bytes:
-    return (json.dumps(header, separators=(",", ":")) + "\n" + data_json).encode()
+    return (_HEADER_JSON(header) + "\n" + data_json).encode()
 
 
 def decode_notification(ch: str, payload: bytes) -> Notification:
