@@ -406,8 +406,15 @@ class Link:
         try:
             for event in conn.pending:
                 self._dispatch(conn, event)
+            # wait, then read: trio's receive_some tries a recv first (usually in vain) and
+            # yields once more after a read that succeeded (docs/performance.md)
+            fd = conn.stream.socket.fileno()
             while True:
-                data = await conn.stream.receive_some(READ_SIZE)
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    data = os.read(fd, READ_SIZE)
+                except BlockingIOError:
+                    continue
                 if not data:
                     return self._drop(conn, "connection closed by the server")
                 for event in conn.parser.feed(data):
