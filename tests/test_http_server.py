@@ -211,3 +211,36 @@ async def test_a_client_that_never_reads_its_answer_is_dropped(nursery: trio.Nur
             await trio.sleep(0.1)
     assert statuses[-1] == 200
     await stalled.aclose()
+
+
+async def test_an_answer_larger_than_the_socket_buffer_arrives_whole(
+    nursery: trio.Nursery,
+) -> None:
+    """An answer is written straight to the socket and what the kernel does not take at once
+    goes through the stream: a slow reader still gets every byte, in order, and the same
+    connection serves its next request."""
+    text = "".join(chr(0x61 + i % 26) for i in range(1000)) * 3000  # 3 MB: not one write
+
+    async def big(request: Request) -> Response:
+        return JSONResponse({"x": text})
+
+    r = routes()
+    r.add("/big", ["GET"], big)
+    server = HttpServer(r, max_body=MAX_BODY, request_timeout=5.0)
+    port = await nursery.start(server.run, "127.0.0.1", 0)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+        await trio.sleep(0.2)  # the server's first write fills the socket buffers
+        data = b""
+        with trio.fail_after(10):
+            while not data.endswith(b"}"):
+                data += await stream.receive_some(65536)
+        [(status, body)] = answers(data)
+        assert status == 200 and body == {"x": text}
+        await stream.send_all(b"GET /echo HTTP/1.1\r\nhost: x\r\n\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while not data.endswith(b"}"):
+                data += await stream.receive_some(65536)
+        assert answers(data) == [(200, {"method": "GET", "body": "", "q": {}})]
