@@ -118,6 +118,22 @@ async def test_publish_reaches_a_subscription_with_headers(link: Link) -> None:
     ]
 
 
+async def test_a_flush_larger_than_the_socket_buffer_arrives_whole_and_in_order(
+    link: Link,
+) -> None:
+    """The writer writes a flush straight to the socket and sends what the kernel did not take
+    at once through the stream; the reader reads what arrives in pieces: every message
+    arrives, in order, byte for byte."""
+    got: list[Msg] = []
+    link.subscribe("big", got.append)
+    await link.ping(5)
+    payloads = [bytes([65 + i]) * 500_000 for i in range(24)]  # 12 MB in one flush
+    for p in payloads:
+        link.publish("big", p)
+    await until(lambda: len(got) == len(payloads))
+    assert [m.payload for m in got] == payloads
+
+
 async def test_unsubscribe_stops_the_callback(link: Link) -> None:
     got: list[Msg] = []
     sid = link.subscribe("u", got.append)
