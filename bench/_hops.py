@@ -131,10 +131,18 @@ def install_node() -> None:
         return stamped
 
     # a request's merged batch starts (small requests share a TrioGroupCommit lane), then
-    # holds every user's lock (_rounds runs once they are all held); no asyncio side since
-    # the store publishes on the trio NATS link (meshpush/natslink.py)
+    # each user's chain starts when it is the batch's turn on that user (Store._start); no
+    # asyncio side since the store publishes on the trio NATS link (meshpush/natslink.py)
     store.Store._publish_all = stamp_items("cross", store.Store._publish_all)  # type: ignore[method-assign]
-    store.Store._rounds = stamp_items("locked", store.Store._rounds)  # type: ignore[method-assign]
+    start_chain = store.Store._start
+
+    def timed_start(self: Any, subject: str, chain: Any, items: list[Any]) -> None:
+        t = time.monotonic()
+        for i in chain.indexes:
+            record("locked", n_of(items[i].data_json), t)
+        start_chain(self, subject, chain, items)
+
+    store.Store._start = timed_start  # type: ignore[method-assign]
 
     round_ = pipeline.publish_round  # store calls it by its own name: patched there
 

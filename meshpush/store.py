@@ -23,8 +23,8 @@ import hashlib
 import json
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,53 +96,111 @@ class StoredMessage:
     traceparent: str | None = None  # read only when tracing is on (replays link to it)
 
 
-class _Locks:
-    """One trio lock per key, created on demand and dropped when nobody holds or waits."""
+class _Turns:
+    """Whose turn it is on each key (a stream subject: one user's chain): a FIFO queue of
+    claims per key. The first claim in a key's queue holds the key until it lets go; the next
+    one is granted it then, at once. A claim queues for all its keys at once and never waits
+    for one while it holds another (no convoy: :meth:`Store._publish_all` works on the keys
+    it has while the others are busy), and order per key is the order of the claims."""
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[trio.Lock, int]] = {}
+        self._queues: dict[str, deque[_Claim]] = {}
 
-    @contextlib.asynccontextmanager
-    async def hold_all(self, keys: list[str], timeout: float) -> AsyncIterator[set[str]]:
-        """Hold the locks of ``keys`` (taken in the order given: sort them, no deadlock);
-        yields the keys held — those not free within ``timeout`` are left out."""
-        deadline = trio.current_time() + timeout
-        held: list[tuple[str, trio.Lock]] = []
-        try:
-            for key in keys:
-                lock = self._join(key)
-                if await self._acquire(lock, deadline):
-                    held.append((key, lock))
-                else:
-                    self._leave(key)
-            yield {key for key, _ in held}
-        finally:
-            for key, lock in held:
-                lock.release()
-                self._leave(key)
+    def claim(self, keys: Iterable[str]) -> _Claim:
+        """Queue a claim on every key (keys unique); those free now are granted at once."""
+        claim = _Claim(self)
+        for key in keys:
+            queue = self._queues.get(key)
+            if queue is None:
+                self._queues[key] = deque([claim])
+                claim.ready.append(key)
+            else:
+                queue.append(claim)
+                claim.waiting.add(key)
+        return claim
 
-    async def _acquire(self, lock: trio.Lock, deadline: float) -> bool:
-        try:
-            lock.acquire_nowait()  # no scheduler turn per key when uncontended
-            return True
-        except trio.WouldBlock:
-            pass
-        with trio.move_on_at(deadline):
-            await lock.acquire()
-            return True
-        return False
+    def busy(self) -> int:
+        """How many keys are held now (for tests and diagnosis)."""
+        return len(self._queues)
 
-    def _join(self, key: str) -> trio.Lock:
-        lock, users = self._locks.get(key, (trio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        return lock
-
-    def _leave(self, key: str) -> None:
-        lock, users = self._locks[key]
-        if users == 1:
-            del self._locks[key]
+    def _leave(self, key: str, claim: _Claim) -> None:
+        queue = self._queues[key]
+        if queue[0] is claim:
+            queue.popleft()
+            if queue:
+                queue[0]._grant(key)
         else:
-            self._locks[key] = (lock, users - 1)
+            queue.remove(claim)
+        if not queue:
+            del self._queues[key]
+
+
+class _Claim:
+    """One request's turns: keys granted but not taken yet (``ready``), taken (``held``) and
+    still queued behind other claims (``waiting``)."""
+
+    __slots__ = ("_turns", "_wake", "held", "ready", "waiting")
+
+    def __init__(self, turns: _Turns) -> None:
+        self._turns = turns
+        self._wake = trio.Event()
+        self.ready: list[str] = []
+        self.waiting: set[str] = set()
+        self.held: set[str] = set()
+
+    def _grant(self, key: str) -> None:
+        self.waiting.discard(key)
+        self.ready.append(key)
+        self._wake.set()
+
+    def take(self) -> list[str]:
+        """The keys granted since the last take (held from now on)."""
+        ready, self.ready = self.ready, []
+        self.held.update(ready)
+        return ready
+
+    async def granted(self, deadline: float) -> None:
+        """Wait until a key is granted, at most until ``deadline``."""
+        if not self.ready:
+            self._wake = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+
+    def give_up(self) -> list[str]:
+        """Leave the queues of the keys not granted; returns them."""
+        keys = list(self.waiting)
+        self.waiting.clear()
+        for key in keys:
+            self._turns._leave(key, self)
+        return keys
+
+    def release(self, key: str) -> None:
+        """Let go of a held key: the next claim queued on it has it now."""
+        self.held.discard(key)
+        self._turns._leave(key, self)
+
+    def close(self) -> None:
+        """Let go of every key, waiting, granted or held."""
+        self.give_up()
+        keys, self.ready, self.held = [*self.ready, *self.held], [], set()
+        for key in keys:
+            self._turns._leave(key, self)
+
+
+@dataclass(slots=True)
+class _Chain:
+    """One subject's messages of a request (indexes into its items), stored one after the
+    other: ``head`` is the next to send, ``prev`` the seq it chains on, ``stored`` what is
+    stored and not notified yet."""
+
+    indexes: list[int]
+    head: int = 0
+    prev: int = 0
+    tries: int = 0
+    stored: list[tuple[Outgoing, Stored]] = field(default_factory=list)
+
+    def done(self) -> bool:
+        return self.head == len(self.indexes)
 
 
 class _LastSeqs:
@@ -222,7 +280,7 @@ class Store:
         self.bucket = f"MP_{c}_CURSORS"
         self.epoch = ""
         self.kv: Any = None
-        self._locks = _Locks()
+        self._turns = _Turns()
         self._last = _LastSeqs()
         self.chain_retries = 0
         self.publish_timeout = 5.0
@@ -328,73 +386,121 @@ class Store:
         return outcomes
 
     async def _publish_all(self, items: list[Outgoing]) -> Sequence[Outcome]:
-        """Hold every subject's lock, then store in rounds."""
-        groups: dict[str, list[int]] = {}
+        """Store in rounds, each subject in its turn (:class:`_Turns`): a subject's messages
+        go out as soon as no earlier request has the subject, whatever this request's other
+        subjects wait for; once its last message is answered its notifications go out and
+        the subject passes to the next request queued on it."""
+        chains: dict[str, _Chain] = {}
         for i, item in enumerate(items):
-            groups.setdefault(stream_subject(self.settings, item.ch, item.user), []).append(i)
+            subject = stream_subject(self.settings, item.ch, item.user)
+            chain = chains.get(subject)
+            if chain is None:
+                chains[subject] = chain = _Chain([])
+            chain.indexes.append(i)
         outcomes: list[Outcome | None] = [None] * len(items)
-        async with self._locks.hold_all(sorted(groups), self.publish_timeout) as held:
-            for subject in set(groups) - held:
-                busy = StoreUnavailable("not stored: this user's earlier publishes are pending")
-                for i in groups.pop(subject):
-                    outcomes[i] = busy
-            stored: list[tuple[Outgoing, Stored]] = []
-            try:
-                await self._rounds(items, groups, outcomes, stored)
-            finally:  # notified together: they reach a node together, which coalesces them
-                for item, outcome in stored:
-                    self._notify(item, outcome)
+        claim = self._turns.claim(chains)
+        try:
+            await self._rounds(items, chains, outcomes, claim)
+        finally:  # cancelled or failed: what is stored is notified before the subject passes
+            for subject in claim.held:
+                self._notify_chain(chains[subject])
+            claim.close()
         return [o if o is not None else StoreUnavailable("not attempted") for o in outcomes]
 
     async def _rounds(
         self,
         items: list[Outgoing],
-        queues: dict[str, list[int]],
+        chains: dict[str, _Chain],
         outcomes: list[Outcome | None],
-        stored: list[tuple[Outgoing, Stored]],
+        claim: _Claim,
     ) -> None:
-        """Each round sends the next message of every subject (all in flight together); a
-        subject's next message waits for the answer to its previous one, so ``prev`` is
-        exact. A wrong-last answer resends on the seq JetStream named (bounded). What is newly
-        stored goes to ``stored``, in the order stored (to notify)."""
-        heads = {subject: 0 for subject in queues}
-        prevs = {subject: self._last.get(subject) for subject in queues}
-        tries = dict.fromkeys(queues, 0)
-        while heads:
-            sending = [(s, queues[s][k]) for s, k in heads.items()]
-            publishes = [_publish(s, prevs[s], items[i]) for s, i in sending]
-            answers = await publish_round(self.bus.link, publishes, self.publish_timeout)
-            for (subject, i), answer in zip(sending, answers, strict=True):
-                outcome = self._settle(subject, prevs, answer)
-                if outcome is None and tries[subject] < MAX_CHAIN_RETRIES:
-                    tries[subject] += 1
-                    continue
-                outcome = outcome or StoreUnavailable("not stored: too many concurrent publishers")
-                outcomes[i] = outcome
-                if isinstance(outcome, Stored) and not outcome.duplicate:
-                    stored.append((items[i], outcome))
-                heads[subject] += 1
-                if isinstance(outcome, StoreUnavailable):
-                    _skip_rest(queues[subject][heads[subject] :], outcomes)
-                    heads[subject] = len(queues[subject])
-                if heads[subject] == len(queues[subject]):
-                    del heads[subject]
+        """Each round sends the next message of every subject this request holds (all in
+        flight together); a subject granted meanwhile joins the next round. A subject not
+        granted within ``publish_timeout`` is left out (its messages: not stored)."""
+        deadline = trio.current_time() + self.publish_timeout
+        active: dict[str, _Chain] = {}
+        while True:
+            for subject in claim.take():
+                self._start(subject, chains[subject], items)
+                active[subject] = chains[subject]
+            if active:
+                await self._round(items, active, outcomes, claim)
+            elif claim.waiting:
+                await claim.granted(deadline)
+            else:
+                return
+            if claim.waiting and trio.current_time() >= deadline:
+                busy = StoreUnavailable("not stored: this user's earlier publishes are pending")
+                for subject in claim.give_up():
+                    for i in chains[subject].indexes:
+                        outcomes[i] = busy
 
-    def _settle(self, subject: str, prevs: dict[str, int], answer: Answer) -> Outcome | None:
-        """The outcome of one answer, or None to resend (the chain moved: ``prevs`` fixed)."""
+    def _start(self, subject: str, chain: _Chain, items: list[Outgoing]) -> None:
+        """A subject's turn came: its chain starts on the last seq known (``items``: for
+        bench/_hops.py, which wraps this)."""
+        chain.prev = self._last.get(subject)
+
+    async def _round(
+        self,
+        items: list[Outgoing],
+        active: dict[str, _Chain],
+        outcomes: list[Outcome | None],
+        claim: _Claim,
+    ) -> None:
+        """Send the next message of every active chain, settle the answers (a wrong-last
+        answer resends on the seq JetStream named, bounded); the chains that are done notify
+        (all in this loop turn: one write) and pass their subjects on."""
+        sending = [(s, c, c.indexes[c.head]) for s, c in active.items()]
+        publishes = [_publish(s, c.prev, items[i]) for s, c, i in sending]
+        answers = await publish_round(self.bus.link, publishes, self.publish_timeout)
+        for (subject, chain, i), answer in zip(sending, answers, strict=True):
+            self._advance(subject, chain, i, answer, items, outcomes)
+        for subject in [s for s, c in active.items() if c.done()]:
+            self._notify_chain(active.pop(subject))
+            claim.release(subject)
+
+    def _advance(
+        self,
+        subject: str,
+        chain: _Chain,
+        i: int,
+        answer: Answer,
+        items: list[Outgoing],
+        outcomes: list[Outcome | None],
+    ) -> None:
+        outcome = self._settle(subject, chain, answer)
+        if outcome is None and chain.tries < MAX_CHAIN_RETRIES:
+            chain.tries += 1
+            return
+        outcome = outcome or StoreUnavailable("not stored: too many concurrent publishers")
+        outcomes[i] = outcome
+        chain.head += 1
+        if isinstance(outcome, StoreUnavailable):
+            _skip_rest(chain.indexes[chain.head :], outcomes)
+            chain.head = len(chain.indexes)
+        elif not outcome.duplicate:
+            chain.stored.append((items[i], outcome))
+
+    def _settle(self, subject: str, chain: _Chain, answer: Answer) -> Outcome | None:
+        """The outcome of one answer, or None to resend (the chain moved: ``prev`` fixed)."""
         if isinstance(answer, WrongLast):
             self.chain_retries += 1
-            prevs[subject] = answer.last
+            chain.prev = answer.last
             return None
         if isinstance(answer, Ack):
-            stored = Stored(seq=answer.seq, prev=prevs[subject], duplicate=answer.duplicate)
+            stored = Stored(seq=answer.seq, prev=chain.prev, duplicate=answer.duplicate)
             if not answer.duplicate:
-                prevs[subject] = answer.seq
+                chain.prev = answer.seq
                 self._last.put(subject, answer.seq)
             return stored
         if isinstance(answer, Refused):
             return StoreUnavailable(f"not stored: {answer.detail}")
         return StoreTimeout(f"outcome unknown: {answer.detail}")
+
+    def _notify_chain(self, chain: _Chain) -> None:
+        stored, chain.stored = chain.stored, []
+        for item, outcome in stored:
+            self._notify(item, outcome)
 
     def _notify(self, item: Outgoing, stored: Stored) -> None:
         """The live hint, on the NATS link (buffered; written once per loop turn). A failure

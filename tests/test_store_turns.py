@@ -1,0 +1,207 @@
+"""The store's publish path without a server: per-user turns (no lock convoy), exact chains
+and notifications in seq order per user, against a fake JetStream on a fake NATS link."""
+
+from __future__ import annotations
+
+import json
+import random
+from types import SimpleNamespace
+from typing import Any
+
+import trio
+import trio.testing
+
+from meshpush.bridge import Bridge
+from meshpush.bus import Notification, decode_notification
+from meshpush.metrics import Metrics
+from meshpush.natslink import NoReply, Reply, Request
+from meshpush.natswire import Msg
+from meshpush.settings import Settings
+from meshpush.store import (
+    SMALL_REQUEST,
+    Outcome,
+    Outgoing,
+    Store,
+    Stored,
+    StoreTimeout,
+    StoreUnavailable,
+    stream_subject,
+)
+
+SETTINGS = Settings(node_id="t", cluster="t")
+
+
+def subject_of(user: str) -> str:
+    return stream_subject(SETTINGS, "user", user)
+
+
+class FakeJetStream:
+    """Stores a publish when it arrives if its expected last seq is right (else names the
+    real one), deduplicates by ``Nats-Msg-Id``; keeps every subject's chain of (seq, prev)."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.chains: dict[str, list[tuple[int, int]]] = {}
+        self.ids: dict[str, int] = {}
+
+    def answer(self, req: Request) -> dict[str, Any]:
+        headers = req.headers or {}
+        if headers["Nats-Msg-Id"] in self.ids:
+            return {"seq": self.ids[headers["Nats-Msg-Id"]], "duplicate": True}
+        chain = self.chains.setdefault(req.subject, [])
+        last = chain[-1][0] if chain else 0
+        if int(headers["Nats-Expected-Last-Subject-Sequence"]) != last:
+            description = f"wrong last sequence: {last}"
+            return {"error": {"code": 400, "err_code": 10071, "description": description}}
+        self.seq += 1
+        chain.append((self.seq, int(headers["Mp-Prev"])))
+        self.ids[headers["Nats-Msg-Id"]] = self.seq
+        return {"seq": self.seq}
+
+
+class FakeLink:
+    """A request round is answered by the fake JetStream after ``delay()`` seconds, and not
+    before the gates of its messages (by id) open; notifications are kept in publish order."""
+
+    def __init__(self, js: FakeJetStream, delay: Any = lambda: 0.0) -> None:
+        self.js = js
+        self.delay = delay
+        self.gates: dict[str, trio.Event] = {}
+        self.rounds: list[list[str]] = []
+        self.notes: list[Notification] = []
+
+    async def request_many(self, requests: list[Request], timeout: float) -> list[Reply]:
+        self.rounds.append([r.subject for r in requests])
+        answers = [self.js.answer(r) for r in requests]
+        for r in requests:
+            gate = self.gates.get(json.loads(r.payload)["id"])
+            if gate is not None:  # a stuck message (no timeout: the test opens the gate)
+                await gate.wait()
+        with trio.move_on_after(timeout):
+            await trio.sleep(self.delay())
+            return [Msg("_INBOX.x", 1, None, json.dumps(a).encode()) for a in answers]
+        return [NoReply("no answer in time")] * len(requests)
+
+    def publish(self, subject: str, payload: bytes, reply: Any = None, headers: Any = None) -> None:
+        self.notes.append(decode_notification("user", payload))
+
+    def notes_of(self, user: str) -> list[tuple[int, int]]:
+        return [(n.seq, n.prev) for n in self.notes if n.user == user]
+
+
+def make_store(link: FakeLink) -> Store:
+    bus = SimpleNamespace(
+        js=object(), connected=True, link=link, live_subject=lambda ch, user: f"live.{user}"
+    )
+    return Store(SETTINGS, bus, Bridge(), Metrics("t"))  # type: ignore[arg-type]
+
+
+def out(user: str, msg_id: str) -> Outgoing:
+    return Outgoing("user", user, msg_id, json.dumps({"id": msg_id}))
+
+
+async def test_a_request_waiting_on_a_busy_user_does_not_hold_up_its_free_users() -> None:
+    """``busy`` is stuck in a first request; a second request for ``free`` and ``busy``
+    stores and notifies ``free`` at once and lets go of it, so a third request for ``free``
+    and ``other`` completes while the first two still wait (with locks taken in sorted order,
+    the second held ``free``, which sorts first, while it waited for ``busy``)."""
+    free, busy, other = "u2", "u1", "u3"
+    assert subject_of(free) < subject_of(busy)
+    link = FakeLink(FakeJetStream())
+    link.gates["first-u1"] = trio.Event()
+    store = make_store(link)
+    done: dict[str, list[Outcome]] = {}
+
+    async def request(name: str, users: list[str]) -> None:
+        done[name] = list(await store.publish_many([out(u, f"{name}-{u}") for u in users]))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request, "first", [busy])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(request, "second", [free, busy])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(request, "third", [free, other])
+            await trio.testing.wait_all_tasks_blocked()
+            assert set(done) == {"third"}  # the first two still wait for busy
+            assert link.notes_of(free) == [(2, 0), (3, 2)]  # second's, then third's
+            link.gates.pop("first-u1").set()
+    assert all(isinstance(o, Stored) for outcomes in done.values() for o in outcomes)
+    assert link.notes_of(busy) == [(1, 0), (5, 1)]  # first's, then second's: in seq order
+    assert link.js.chains[subject_of(free)] == [(2, 0), (3, 2)]
+    assert store._turns.busy() == 0
+
+
+async def test_a_user_still_busy_at_the_timeout_is_not_stored_and_the_others_are(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    link = FakeLink(FakeJetStream())
+    link.gates["first-u2"] = trio.Event()
+    store = make_store(link)
+    store.publish_timeout = 1.0
+    done: dict[str, list[Outcome]] = {}
+
+    async def request(name: str, users: list[str]) -> None:
+        done[name] = list(await store.publish_many([out(u, f"{name}-{u}") for u in users]))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request, "first", ["u2"])
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(request, "second", ["u1", "u2"])
+        await trio.sleep(2)
+        stored, busy = done["second"]
+        assert isinstance(stored, Stored) and stored.seq == 2
+        assert isinstance(busy, StoreUnavailable) and not isinstance(busy, StoreTimeout)
+        assert "earlier publishes are pending" in str(busy)
+        link.gates.pop("first-u2").set()
+    assert done["first"] == [Stored(1, 0, False)]
+    assert [n.id for n in link.notes] == ["second-u1", "first-u2"]
+    assert store._turns.busy() == 0
+
+
+async def test_a_cancelled_request_notifies_what_it_stored_before_the_user_passes_on() -> None:
+    link = FakeLink(FakeJetStream())
+    store = make_store(link)
+    link.gates["a1"] = trio.Event()  # the second round (u1's second message) is stuck
+    with trio.move_on_after(0.05):
+        await store.publish_many([out("u1", "a0"), out("u1", "a1"), out("u2", "b0")])
+    # b0 was notified when its chain was done (first round), a0 when the request ended
+    assert [n.id for n in link.notes] == ["b0", "a0"]
+    link.gates.pop("a1").set()
+    later = await store.publish_many([out("u1", "c0"), out("u2", "c1")])
+    # a1 arrived (seq 3) without an answer: c0 is refused on the stale hint, then chained
+    assert later == [Stored(5, 3, False), Stored(4, 2, False)]
+    assert link.notes_of("u1") == [(1, 0), (5, 3)]  # the gap at 3 is the receivers' to read
+    assert store._turns.busy() == 0 and store.chain_retries == 1
+
+
+async def test_notifications_of_each_user_follow_its_chain_across_concurrent_requests(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Concurrent single and batch requests over a few users, rounds answered after random
+    delays: every message is stored once, each user's chain is exact, and each user's
+    notifications go out in that chain's order (a later request's never before an earlier
+    one's), every stored message notified once."""
+    rng = random.Random(7)
+    link = FakeLink(FakeJetStream(), delay=lambda: rng.random() * 0.01)
+    store = make_store(link)
+    users = [f"u{k}" for k in range(6)]
+    outcomes: list[Outcome] = []
+
+    async def publisher(p: int) -> None:
+        for r in range(25):
+            size = rng.choice([1, 1, 2, 3, SMALL_REQUEST + 4])
+            items = [out(rng.choice(users), f"{p}-{r}-{k}") for k in range(size)]
+            outcomes.extend(await store.publish_many(items))
+            await trio.sleep(rng.random() * 0.005)
+
+    async with trio.open_nursery() as nursery:
+        for p in range(8):
+            nursery.start_soon(publisher, p)
+    assert all(isinstance(o, Stored) and not o.duplicate for o in outcomes)
+    assert len({o.seq for o in outcomes if isinstance(o, Stored)}) == len(outcomes)
+    for user in users:
+        chain = link.js.chains.get(subject_of(user), [])
+        assert [prev for _, prev in chain] == [0] + [seq for seq, _ in chain[:-1]]
+        assert link.notes_of(user) == chain
+    assert max(len(r) for r in link.rounds) > 1 and store._turns.busy() == 0
