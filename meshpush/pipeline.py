@@ -119,7 +119,9 @@ class TrioGroupCommit(Generic[Item, Result]):
     run at once; the requests that arrive while every lane is busy wait and go together in the
     next one — one round of publishes (one socket write, one wait) for many HTTP requests
     (group commit, without waiting on a timer). ``run`` gets the concatenated items and
-    returns one result per item, in order.
+    returns one result per item, in order; it also gets ``idle``, to call when its batch only
+    waits for others (the store: for users that other requests hold) — the lane then goes to
+    the next request at once, and the batch goes on without one.
 
     A lane is the task of a request that found one free; it runs one batch, then the oldest
     request that queued meanwhile takes the lane over (so no request's answer waits for other
@@ -128,7 +130,7 @@ class TrioGroupCommit(Generic[Item, Result]):
 
     def __init__(
         self,
-        run: Callable[[list[Item]], Awaitable[Sequence[Result]]],
+        run: Callable[[list[Item], Callable[[], None]], Awaitable[Sequence[Result]]],
         cancelled: Callable[[list[Item]], Sequence[Result]],
         lanes: int = 4,
     ) -> None:
@@ -178,12 +180,21 @@ class TrioGroupCommit(Generic[Item, Result]):
         then hand the lane to the oldest request that queued meanwhile: the task that ran a
         batch returns to its own caller at once."""
         batch, self._queue = self._queue, []
+        freed = False
+
+        def idle() -> None:
+            nonlocal freed
+            if not freed:
+                freed = True
+                self._busy -= 1
+                self._hand_over()
+
         try:
             if batch:
                 self.batches += 1
                 merged = [item for w in batch for item in w.items]
                 try:
-                    results = await self._run(merged)
+                    results = await self._run(merged, idle)
                 except Exception as exc:
                     for w in batch:
                         w.answer((), exc)
@@ -195,5 +206,4 @@ class TrioGroupCommit(Generic[Item, Result]):
         finally:
             for w in batch:
                 w.answer(self._cancelled(w.items))  # no-op for those answered above
-            self._busy -= 1
-            self._hand_over()
+            idle()

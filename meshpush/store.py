@@ -385,11 +385,14 @@ class Store:
                 self.stats.backend_errors["nats"] += 1
         return outcomes
 
-    async def _publish_all(self, items: list[Outgoing]) -> Sequence[Outcome]:
+    async def _publish_all(
+        self, items: list[Outgoing], idle: Callable[[], None] = lambda: None
+    ) -> Sequence[Outcome]:
         """Store in rounds, each subject in its turn (:class:`_Turns`): a subject's messages
         go out as soon as no earlier request has the subject, whatever this request's other
         subjects wait for; once its last message is answered its notifications go out and
-        the subject passes to the next request queued on it."""
+        the subject passes to the next request queued on it. ``idle`` is called when only
+        subjects that others hold are left (the group commit's lane goes on meanwhile)."""
         chains: dict[str, _Chain] = {}
         for i, item in enumerate(items):
             subject = stream_subject(self.settings, item.ch, item.user)
@@ -400,7 +403,7 @@ class Store:
         outcomes: list[Outcome | None] = [None] * len(items)
         claim = self._turns.claim(chains)
         try:
-            await self._rounds(items, chains, outcomes, claim)
+            await self._rounds(items, chains, outcomes, claim, idle)
         finally:  # cancelled or failed: what is stored is notified before the subject passes
             for subject in claim.held:
                 self._notify_chain(chains[subject])
@@ -413,6 +416,7 @@ class Store:
         chains: dict[str, _Chain],
         outcomes: list[Outcome | None],
         claim: _Claim,
+        idle: Callable[[], None],
     ) -> None:
         """Each round sends the next message of every subject this request holds (all in
         flight together); a subject granted meanwhile joins the next round. A subject not
@@ -426,6 +430,7 @@ class Store:
             if active:
                 await self._round(items, active, outcomes, claim)
             elif claim.waiting:
+                idle()
                 await claim.granted(deadline)
             else:
                 return

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import trio
+import trio.testing
 
 from meshpush.natslink import NoReply, NotSent
 from meshpush.natswire import Msg
@@ -53,7 +54,7 @@ def test_a_link_reply_is_an_honest_answer() -> None:
 async def test_trio_group_commit_merges_requests_that_wait_and_answers_each_its_slice() -> None:
     calls: list[list[int]] = []
 
-    async def run(items: list[int]) -> list[int]:
+    async def run(items: list[int], idle: object) -> list[int]:
         calls.append(items)
         await trio.sleep(0.01)
         return [i * 10 for i in items]
@@ -79,7 +80,7 @@ def cancelled(items: list[int]) -> list[int]:
 
 
 async def test_trio_group_commit_gives_each_waiting_request_the_error() -> None:
-    async def run(items: list[int]) -> list[int]:
+    async def run(items: list[int], idle: object) -> list[int]:
         raise RuntimeError("boom")
 
     commit: TrioGroupCommit[int, int] = TrioGroupCommit(run, cancelled)
@@ -90,7 +91,7 @@ async def test_trio_group_commit_gives_each_waiting_request_the_error() -> None:
 async def test_a_cancelled_lane_hands_its_queue_to_a_waiting_request() -> None:
     gate = trio.Event()
 
-    async def run(items: list[int]) -> list[int]:
+    async def run(items: list[int], idle: object) -> list[int]:
         if 0 in items:
             await trio.sleep_forever()  # the first lane's task will be cancelled
         await gate.wait()
@@ -121,7 +122,7 @@ async def test_a_cancelled_lane_hands_its_queue_to_a_waiting_request() -> None:
 
 
 async def test_a_lane_answers_its_own_request_without_waiting_for_later_batches() -> None:
-    async def run(items: list[int]) -> list[int]:
+    async def run(items: list[int], idle: object) -> list[int]:
         await trio.sleep(0.05)
         return items
 
@@ -150,7 +151,7 @@ async def test_trio_group_commit_answers_every_request_its_own_slice_under_churn
     with the results of its own items (never another request's)."""
     rng = random.Random(seed)
 
-    async def run(items: list[int]) -> list[int]:
+    async def run(items: list[int], idle: object) -> list[int]:
         await trio.sleep(rng.random() * 0.01)
         return [i * 2 for i in items]
 
@@ -171,3 +172,31 @@ async def test_trio_group_commit_answers_every_request_its_own_slice_under_churn
     assert all(answered[i] in ([i * 2, (i + 1000) * 2], [-1, -1]) for i in answered)
     assert all(i in answered for i in range(200) if i % 4)
     assert sum(answered[i] == [i * 2, (i + 1000) * 2] for i in answered) > 100
+
+
+async def test_a_batch_that_only_waits_for_others_hands_its_lane_over() -> None:
+    """The store calls ``idle`` when a batch waits for users other requests hold: the next
+    request gets the lane at once and is answered while the idle batch still waits."""
+    gate = trio.Event()
+
+    async def run(items: list[int], idle: Callable[[], None]) -> list[int]:
+        if 0 in items:
+            idle()
+            await gate.wait()
+        return items
+
+    commit: TrioGroupCommit[int, int] = TrioGroupCommit(run, cancelled, lanes=1)
+    results: dict[int, Sequence[int]] = {}
+
+    async def submit(i: int) -> None:
+        results[i] = await commit.submit([i])
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(submit, 0)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(submit, 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert results == {1: [1]}
+            gate.set()
+    assert results == {0: [0], 1: [1]} and commit.batches == 2
