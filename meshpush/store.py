@@ -405,9 +405,11 @@ class Store:
         try:
             await self._rounds(items, chains, outcomes, claim, idle)
         finally:  # cancelled or failed: what is stored is notified before the subject passes
-            for subject in claim.held:
-                self._notify_chain(chains[subject])
-            claim.close()
+            try:
+                for subject in claim.held:
+                    self._notify_chain(chains[subject])
+            finally:
+                claim.close()
         return [o if o is not None else StoreUnavailable("not attempted") for o in outcomes]
 
     async def _rounds(
