@@ -6,7 +6,7 @@ tracing hooks:
   deliver    ``Hub.deliver`` of a unicast notification to SESSIONS live sessions of one user
              (feed verdict, frame encoding, the write to a fake socket that takes everything);
   receive    the bus's NATS callback: decode a live notification, hand it to the router;
-  store      build the JetStream publish (headers) of one message, as ``Store._rounds`` does.
+  store      build the JetStream publish (headers) of one message, as ``Store._round`` does.
 
 Times are CPU seconds of this process (``time.process_time``: time spent descheduled on a busy
 machine is not counted), best of ``--repeats``. ``--tracing off`` (default) is the shipped
