@@ -21,7 +21,6 @@ the spans (``meshpush[tracing]``), i.e. the cost of tracing at 100% sampling.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import time
@@ -36,6 +35,7 @@ from meshpush import store as store_mod
 from meshpush.hub import Hub
 from meshpush.machine import Limits
 from meshpush.metrics import Metrics
+from meshpush.natswire import Msg
 from meshpush.sessions import Context, Session
 from meshpush.settings import Settings
 
@@ -96,7 +96,10 @@ def _receive(messages: int, traced: bool) -> float:
     on_message = bus._callback("user")
     head = {"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"} if traced else None
     msgs = [
-        _Msg(
+        Msg(
+            "mp.c.live.u.1",
+            1,
+            None,
             bus_mod.encode_notification(
                 {"u": "alice", "s": i, "p": i - 1, "i": "m", "t": 1.0}, "1"
             ),
@@ -107,22 +110,10 @@ def _receive(messages: int, traced: bool) -> float:
     drained = bus.inbound
     started = time.process_time()
     for i, msg in enumerate(msgs):
-        _run(on_message(msg))
+        on_message(msg)  # the link's reader calls it synchronously
         if i % 1000 == 999:
             _drain(drained)
     return (time.process_time() - started) / messages
-
-
-@dataclasses.dataclass
-class _Msg:
-    data: bytes
-    headers: dict[str, str] | None
-    subject: str = "mp.c.live.u.1"
-
-
-def _run(coro: Any) -> None:
-    with contextlib.suppress(StopIteration):
-        coro.send(None)
 
 
 def _drain(channel: Any) -> None:

@@ -139,3 +139,12 @@ def test_unicast_smoke_with_hops_delivers_each_message_once(tmp_path: Path) -> N
         "generator",
         "receiver",
     }
+
+
+def test_tracing_overhead_smoke_runs_every_path(capsys: pytest.CaptureFixture[str]) -> None:
+    """The micro-bench drives the bus callback, the hub and the store's publish builder as the
+    node does (it broke silently once when the callback became the link's synchronous one)."""
+    assert main(["bench", "tracing-overhead", "--messages", "200", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for path in ("deliver", "receive", "store"):
+        assert f"| {path} |" in out
