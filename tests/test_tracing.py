@@ -656,7 +656,11 @@ async def test_node_processes_export_one_trace_over_otlp_set_by_otel_variables(
     assert collector.services == {"meshpush"}
     [notify] = [s for s in collector.spans if s[1] == "meshpush.notify"]
     trace = [s for s in collector.spans if s[2] == notify[2]]
-    assert {(node, name) for node, name, *_ in trace} == {
+    # just after start-up the first node may still hold the slot's subscription it lost when
+    # the second joined (it lets go once that slot's sessions have moved): the notification
+    # then reaches it too, finds no session there and goes no further (no feed, no write)
+    named = {(node, name) for node, name, *_ in trace} - {(first.id, "meshpush.deliver")}
+    assert named == {
         (first.id, "POST /v1/publish"),
         (first.id, "meshpush.store"),
         (first.id, "meshpush.notify"),
@@ -664,5 +668,5 @@ async def test_node_processes_export_one_trace_over_otlp_set_by_otel_variables(
         (second.id, "meshpush.feed"),
         (second.id, "meshpush.write"),
     }
-    [deliver] = [s for s in trace if s[1] == "meshpush.deliver"]
+    [deliver] = [s for s in trace if s[1] == "meshpush.deliver" and s[0] == second.id]
     assert deliver[4] == notify[3]  # b's delivery hangs under a's notification
