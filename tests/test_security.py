@@ -354,20 +354,40 @@ def read_status(sock: socket.socket) -> tuple[int, dict[str, str], dict[str, Any
 
 
 async def test_handshake_flood_from_one_ip_is_rate_limited(limited: LocalCluster) -> None:
-    port = ws_port(limited)
-    socks = [raw_connect(port) for _ in range(12)]  # burst 6, then 2/s
-    answers = []
-    for s in socks[6:]:
-        answers.append(read_status(s))
-    for s in socks[:6]:
-        s.close()
-    assert all(a[0] == 429 and a[2]["error"] == "rate_limited" for a in answers)
-    assert all(int(a[1]["Retry-After"]) >= 1 for a in answers)
+    burst, rate = 6, 2.0  # the fixture's handshake_burst and handshake_rate
+    began = time.monotonic()
+    socks = [raw_connect(ws_port(limited)) for _ in range(16)]
+    # a refusal is answered at once; an admitted connection that sends nothing is dropped
+    # silently at the handshake timeout (1.5 s). Which ones are admitted is not the order of
+    # connecting: the node takes waiting connections in batches, and trio runs the tasks of
+    # a batch in any order.
+    answers = [read_status(s) if _answered(s) else None for s in socks]
+    elapsed = time.monotonic() - began  # every admission happened within it
+    refused = [a for a in answers if a is not None]
+    # the bucket admits its burst plus what refills meanwhile (a node just started, on a
+    # loaded machine, may take its accepts slowly)
+    admitted = len(socks) - len(refused)
+    assert burst <= admitted <= burst + rate * elapsed + 1, (admitted, elapsed)
+    # a refill that comes while the per-IP cap (6) is full is refused by the cap: 429 too
+    errors = {a[2]["error"] for a in refused}
+    assert "rate_limited" in errors and errors <= {"rate_limited", "too_many_connections"}
+    assert all(a[0] == 429 and int(a[1]["Retry-After"]) >= 1 for a in refused)
     await trio.sleep(3.5)  # refill before the next test
     metrics = (await api(limited, limited.live()[0], "GET", "/metrics")).text
     # the series exists at 0 from start (pre-created): the refusals must have counted
     counted = re.search(r'meshpush_rate_limited_total\{kind="handshake"\} (\S+)', metrics)
-    assert counted and float(counted.group(1)) >= len(answers), metrics
+    limited_answers = sum(a[2]["error"] == "rate_limited" for a in refused)
+    assert counted and float(counted.group(1)) >= limited_answers, metrics
+
+
+def _answered(sock: socket.socket) -> bool:
+    """Whether the node answered anything on ``sock`` before dropping it (a refusal is
+    answered at once; an admitted connection that sends nothing is dropped silently)."""
+    sock.settimeout(5)
+    first = sock.recv(1, socket.MSG_PEEK)
+    if not first:
+        sock.close()
+    return bool(first)
 
 
 async def test_connection_cap_per_ip(limited: LocalCluster) -> None:
