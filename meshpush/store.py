@@ -190,14 +190,12 @@ class _Claim:
 @dataclass(slots=True)
 class _Chain:
     """One subject's messages of a request (indexes into its items), stored one after the
-    other: ``head`` is the next to send, ``prev`` the seq it chains on, ``stored`` what is
-    stored and not notified yet."""
+    other: ``head`` is the next to send, ``prev`` the seq it chains on."""
 
     indexes: list[int]
     head: int = 0
     prev: int = 0
     tries: int = 0
-    stored: list[tuple[Outgoing, Stored]] = field(default_factory=list)
 
     def done(self) -> bool:
         return self.head == len(self.indexes)
@@ -404,12 +402,8 @@ class Store:
         claim = self._turns.claim(chains)
         try:
             await self._rounds(items, chains, outcomes, claim, idle)
-        finally:  # cancelled or failed: what is stored is notified before the subject passes
-            try:
-                for subject in claim.held:
-                    self._notify_chain(chains[subject])
-            finally:
-                claim.close()
+        finally:  # each stored message was notified as its answer came
+            claim.close()
         return [o if o is not None else StoreUnavailable("not attempted") for o in outcomes]
 
     async def _rounds(
@@ -455,15 +449,16 @@ class Store:
         claim: _Claim,
     ) -> None:
         """Send the next message of every active chain, settle the answers (a wrong-last
-        answer resends on the seq JetStream named, bounded); the chains that are done notify
-        (all in this loop turn: one write) and pass their subjects on."""
+        answer resends on the seq JetStream named, bounded), notify what was stored (all in
+        this loop turn: one write; a chain's first messages do not wait for its last) and
+        pass the subjects of the chains that are done on."""
         sending = [(s, c, c.indexes[c.head]) for s, c in active.items()]
         publishes = [_publish(s, c.prev, items[i]) for s, c, i in sending]
         answers = await publish_round(self.bus.link, publishes, self.publish_timeout)
         for (subject, chain, i), answer in zip(sending, answers, strict=True):
             self._advance(subject, chain, i, answer, items, outcomes)
         for subject in [s for s, c in active.items() if c.done()]:
-            self._notify_chain(active.pop(subject))
+            del active[subject]
             claim.release(subject)
 
     def _advance(
@@ -486,7 +481,7 @@ class Store:
             _skip_rest(chain.indexes[chain.head :], outcomes)
             chain.head = len(chain.indexes)
         elif not outcome.duplicate:
-            chain.stored.append((items[i], outcome))
+            self._notify(items[i], outcome)
 
     def _settle(self, subject: str, chain: _Chain, answer: Answer) -> Outcome | None:
         """The outcome of one answer, or None to resend (the chain moved: ``prev`` fixed)."""
@@ -503,11 +498,6 @@ class Store:
         if isinstance(answer, Refused):
             return StoreUnavailable(f"not stored: {answer.detail}")
         return StoreTimeout(f"outcome unknown: {answer.detail}")
-
-    def _notify_chain(self, chain: _Chain) -> None:
-        stored, chain.stored = chain.stored, []
-        for item, outcome in stored:
-            self._notify(item, outcome)
 
     def _notify(self, item: Outgoing, stored: Stored) -> None:
         """The live hint, on the NATS link (buffered; written once per loop turn). A failure

@@ -159,14 +159,14 @@ async def test_a_user_still_busy_at_the_timeout_is_not_stored_and_the_others_are
     assert store._turns.busy() == 0
 
 
-async def test_a_cancelled_request_notifies_what_it_stored_before_the_user_passes_on() -> None:
+async def test_a_cancelled_request_has_notified_what_it_stored_before_the_user_passes_on() -> None:
     link = FakeLink(FakeJetStream())
     store = make_store(link)
     link.gates["a1"] = trio.Event()  # the second round (u1's second message) is stuck
     with trio.move_on_after(0.05):
         await store.publish_many([out("u1", "a0"), out("u1", "a1"), out("u2", "b0")])
-    # b0 was notified when its chain was done (first round), a0 when the request ended
-    assert [n.id for n in link.notes] == ["b0", "a0"]
+    # a0 and b0 were notified as their answers came (the first round), before a1 got stuck
+    assert [n.id for n in link.notes] == ["a0", "b0"]
     link.gates.pop("a1").set()
     later = await store.publish_many([out("u1", "c0"), out("u2", "c1")])
     # a1 arrived (seq 3) without an answer: c0 is refused on the stale hint, then chained
