@@ -55,8 +55,14 @@ class ApiError(Exception):
         self.status, self.code, self.detail = status, code, detail
 
 
+#: a 503/504 asks the client to wait this long before asking this node again (the publisher
+#: SDK meanwhile tries its other nodes)
+RETRY_AFTER = {"retry-after": "1"}
+
+
 def _error(status: int, code: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+    headers = RETRY_AFTER if status in (503, 504) else None
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
 def _not_json(constant: str) -> Any:

@@ -395,7 +395,8 @@ class HttpServer:
     async def _refuse(self, tcp: trio.SocketStream) -> None:
         with trio.move_on_after(1.0):
             try:
-                await tcp.send_all(render(error_response(503, "too many connections"), False))
+                refusal = error_response(503, "too many connections", {"retry-after": "1"})
+                await tcp.send_all(render(refusal, False))
                 await tcp.send_eof()
                 while await tcp.receive_some(RECEIVE):  # let the client read the answer
                     pass

@@ -13,7 +13,9 @@ alive across calls. Every message gets its ``id`` here, before the first attempt
 is always the same message: on a timeout, a lost connection, 503 ``store_unavailable`` or 504
 ``store_timeout`` the call is retried (bounded, with backoff) on the next node URL, and the
 node's dedup answers ``duplicate: true`` if the first attempt had been stored. Other errors
-(400, 401, 413) are the caller's to fix and raise :class:`PublishError` at once.
+(400, 401, 413) are the caller's to fix and raise :class:`PublishError` at once. A node that
+answered with ``Retry-After`` is not asked again before that time (at most
+``max_retry_after`` seconds): the retry goes to another node, or waits for the soonest one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -41,6 +43,8 @@ __all__ = [
 #: answers that mean "try again with the same id" (504: may have been stored; 503: was not)
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 RETRYABLE_CODES = frozenset({"store_unavailable", "store_timeout", "unreachable", "no_ring"})
+#: the longest ``Retry-After`` honoured by default (a node asking for more is asked sooner)
+MAX_RETRY_AFTER = 5.0
 T = TypeVar("T")
 
 
@@ -80,9 +84,10 @@ class Failed:
 class PublishError(Exception):
     """A publish failed. ``status`` is the HTTP status (0: no node answered)."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(self, status: int, code: str, detail: str, retry_after: float = 0.0) -> None:
         super().__init__(f"{status} {code}: {detail}")
         self.status, self.code, self.detail = status, code, detail
+        self.retry_after = retry_after  # seconds the node asked to wait (Retry-After), or 0
 
     @property
     def retryable(self) -> bool:
@@ -113,6 +118,15 @@ class _Reply:
     status: int = 0
     content: bytes = b""
     error: str = ""
+    retry_after: float = 0.0  # the answer's Retry-After (delta seconds), 0 if none
+
+
+def retry_after(value: str | None) -> float:
+    """Seconds of a ``Retry-After`` header in delta-seconds form; 0 for none or a date."""
+    try:
+        return max(0.0, float(value)) if value else 0.0
+    except ValueError:
+        return 0.0
 
 
 _Step = _Post | _Sleep
@@ -132,22 +146,32 @@ class _Core:
     """Node order, failover, backoff and answers: everything but the I/O."""
 
     def __init__(
-        self, urls: str | Sequence[str], retries: int, backoff: float, max_batch: int
+        self,
+        urls: str | Sequence[str],
+        retries: int,
+        backoff: float,
+        max_batch: int,
+        max_retry_after: float = MAX_RETRY_AFTER,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("give at least one node URL")
         self.urls = [u.rstrip("/") for u in self.urls]
         self.retries, self.backoff, self.max_batch = retries, backoff, max_batch
+        self.max_retry_after, self.clock = max_retry_after, clock
         self._next = 0
+        self._not_before: dict[str, float] = {}  # url -> when its Retry-After ends
 
     def call(self, path: str, body: Mapping[str, Any]) -> _Plan[dict[str, Any]]:
-        """One API call: on a retryable failure, the next node after a backoff, bounded."""
+        """One API call: on a retryable failure, the next node after a backoff (and not
+        before the node's ``Retry-After``), bounded."""
         raw, error = encode(body), PublishError(0, "unreachable", "no attempt")
         for attempt in range(self.retries + 1):
-            if attempt:
-                yield _Sleep(self._delay(attempt))
-            url = self.urls[self._next % len(self.urls)]
+            url, wait = self._pick()
+            delay = max(self._delay(attempt) if attempt else 0.0, wait)
+            if delay > 0:
+                yield _Sleep(delay)
             reply = yield _Post(url + path, raw)
             assert reply is not None
             try:
@@ -156,8 +180,24 @@ class _Core:
                 if not exc.retryable:
                     raise
                 error = exc
+                if exc.retry_after:
+                    wait = min(exc.retry_after, self.max_retry_after)
+                    self._not_before[url] = self.clock() + wait
                 self._next += 1  # fail over: the next call starts at the next node too
         raise error
+
+    def _pick(self) -> tuple[str, float]:
+        """The next node not waiting out a ``Retry-After`` (seconds to wait: 0); if every
+        node is, the one free soonest and how long until then."""
+        now, count = self.clock(), len(self.urls)
+        order = [(self._next + k) % count for k in range(count)]
+        for k, i in enumerate(order):
+            if self._not_before.get(self.urls[i], 0.0) <= now:
+                self._next += k
+                return self.urls[i], 0.0
+        i = min(order, key=lambda i: self._not_before[self.urls[i]])
+        self._next = i
+        return self.urls[i], self._not_before[self.urls[i]] - now
 
     def _delay(self, attempt: int) -> float:
         return random.uniform(0.5, 1.0) * min(self.backoff * 2.0 ** (attempt - 1), 2.0)
@@ -246,8 +286,13 @@ def _answer(reply: _Reply) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise PublishError(reply.status, "bad_answer", reply.content[:200].decode(errors="replace"))
     if reply.status // 100 != 2:
-        raise PublishError(reply.status, str(body.get("error")), str(body.get("detail")))
+        code, detail = str(body.get("error")), str(body.get("detail"))
+        raise PublishError(reply.status, code, detail, reply.retry_after)
     return body
+
+
+def _reply(resp: httpx.Response) -> _Reply:
+    return _Reply(resp.status_code, resp.content, "", retry_after(resp.headers.get("retry-after")))
 
 
 def _headers(api_key: str) -> dict[str, str]:
@@ -269,8 +314,9 @@ class Publisher:
         retries: int = 4,
         backoff: float = 0.1,
         max_batch: int = 1000,
+        max_retry_after: float = MAX_RETRY_AFTER,
     ) -> None:
-        self._core = _Core(urls, retries, backoff, max_batch)
+        self._core = _Core(urls, retries, backoff, max_batch, max_retry_after)
         self._http = httpx.Client(timeout=timeout, headers=_headers(api_key))
 
     def publish(self, user: str, data: Any, *, id: str | None = None) -> Published:
@@ -314,7 +360,7 @@ class Publisher:
             resp = self._http.post(step.url, content=step.body)
         except httpx.TransportError as exc:
             return _Reply(error=f"{type(exc).__name__}: {exc}")
-        return _Reply(resp.status_code, resp.content)
+        return _reply(resp)
 
     def close(self) -> None:
         self._http.close()
@@ -339,8 +385,9 @@ class AsyncPublisher:
         backoff: float = 0.1,
         max_batch: int = 1000,
         max_connections: int = 100,
+        max_retry_after: float = MAX_RETRY_AFTER,
     ) -> None:
-        self._core = _Core(urls, retries, backoff, max_batch)
+        self._core = _Core(urls, retries, backoff, max_batch, max_retry_after)
         limits = httpx.Limits(max_connections=max_connections)
         self._http = httpx.AsyncClient(timeout=timeout, headers=_headers(api_key), limits=limits)
 
@@ -382,7 +429,7 @@ class AsyncPublisher:
             resp = await self._http.post(step.url, content=step.body)
         except httpx.TransportError as exc:
             return _Reply(error=f"{type(exc).__name__}: {exc}")
-        return _Reply(resp.status_code, resp.content)
+        return _reply(resp)
 
     async def aclose(self) -> None:
         await self._http.aclose()

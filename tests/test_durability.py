@@ -239,6 +239,7 @@ async def test_nats_outage_answers_503_then_recovers_and_catches_up(tmp_path: Pa
             )
             assert resp.status_code == 503
             assert resp.json()["error"] == "store_unavailable"
+            assert resp.headers["retry-after"] == "1"
             await trio.to_thread.run_sync(cluster.start_nats)
             # the node reconnects and catches its sessions up: the hidden message arrives
             await got.wait_for(2, timeout=30)

@@ -165,8 +165,10 @@ async def test_connections_are_bounded(port: int) -> None:
     held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(4)]
     try:
         await trio.sleep(0.05)
-        [(status, body)] = answers(await exchange(port, b"GET /echo HTTP/1.1\r\n\r\n"))
+        data = await exchange(port, b"GET /echo HTTP/1.1\r\n\r\n")
+        [(status, body)] = answers(data)
         assert (status, body["error"]) == (503, "too_many_connections")
+        assert b"\r\nretry-after: 1\r\n" in data.lower()
     finally:
         for stream in held:
             await stream.aclose()

@@ -33,6 +33,7 @@ async def retry_until_answered(http: httpx.AsyncClient, body: dict[str, Any]) ->
                 answer: dict[str, Any] = resp.json()
                 return answer
             assert resp.status_code in (503, 504), resp.text
+            assert resp.headers["retry-after"] == "1"
             await trio.sleep(0.2)
 
 

@@ -17,6 +17,7 @@ from meshpush.publisher import (
     _Post,
     _Reply,
     _Sleep,
+    retry_after,
 )
 
 Answer = Callable[[_Post], _Reply]
@@ -142,3 +143,105 @@ def test_broadcast_many_sends_batches_and_retries_with_the_same_ids() -> None:
         core.broadcast_many(["a"], ["i1", "i2"])
     made, _ = drive(core.broadcast_many([1, 2], None), answer)
     assert len({r.id for r in made}) == 2  # an id made up for each message
+
+
+# ---------------------------------------------------------------- Retry-After
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drive_timed(
+    plan: _Plan[Any], answer: Answer, clock: FakeClock
+) -> tuple[Any, list[tuple[float, str]]]:
+    """Run a plan whose sleeps advance ``clock``; return its result and (time, url) per post."""
+    posts: list[tuple[float, str]] = []
+    reply_: _Reply | None = None
+    try:
+        while True:
+            step = plan.send(reply_)
+            if isinstance(step, _Sleep):
+                assert 0 < step.seconds <= 5.0
+                clock.now += step.seconds
+                reply_ = None
+            else:
+                posts.append((clock.now, step.url))
+                reply_ = answer(step)
+    except StopIteration as done:
+        return done.value, posts
+
+
+def busy(seconds: float) -> _Reply:
+    body = json.dumps({"error": "store_unavailable", "detail": "NATS down"}).encode()
+    return _Reply(503, body, "", seconds)
+
+
+def test_a_node_that_asked_to_wait_is_skipped_while_another_node_can_answer() -> None:
+    clock = FakeClock()
+    core = _Core(["http://a", "http://b"], retries=4, backoff=0.01, max_batch=10, clock=clock)
+    answers = iter([lambda p: busy(3.0), stored, stored])
+    result, posts = drive_timed(
+        core.publish("/v1/publish", {"user": "u", "data": 1, "id": "x"}),
+        lambda p: next(answers)(p),
+        clock,
+    )
+    assert isinstance(result, Published)
+    assert [url for _, url in posts] == ["http://a/v1/publish", "http://b/v1/publish"]
+    assert posts[1][0] - posts[0][0] < 0.1  # b at once (the backoff), not after 3 s
+    # the next call does not go back to a before its 3 s are over
+    _, later = drive_timed(
+        core.publish("/v1/publish", {"user": "u", "data": 2, "id": "y"}),
+        lambda p: next(answers)(p),
+        clock,
+    )
+    assert [url for _, url in later] == ["http://b/v1/publish"]
+
+
+def test_when_every_node_asked_to_wait_the_retry_waits_for_the_soonest() -> None:
+    clock = FakeClock()
+    core = _Core(["http://a", "http://b"], retries=4, backoff=0.01, max_batch=10, clock=clock)
+    answers = iter([lambda p: busy(2.0), lambda p: busy(1.0), stored])
+    result, posts = drive_timed(
+        core.publish("/v1/publish", {"user": "u", "data": 1, "id": "x"}),
+        lambda p: next(answers)(p),
+        clock,
+    )
+    assert isinstance(result, Published)
+    _, (t1, _), (t2, url) = posts
+    assert url == "http://b/v1/publish"  # free 1 s after its answer, before a (2 s)
+    assert t2 - t1 == pytest.approx(1.0, abs=0.05)
+
+
+def test_retry_after_is_capped() -> None:
+    clock = FakeClock()
+    core = _Core(
+        "http://a", retries=1, backoff=0.01, max_batch=10, max_retry_after=2.5, clock=clock
+    )
+    answers = iter([lambda p: busy(3600.0), stored])
+    _, posts = drive_timed(
+        core.publish("/v1/publish", {"user": "u", "data": 1, "id": "x"}),
+        lambda p: next(answers)(p),
+        clock,
+    )
+    assert posts[1][0] - posts[0][0] == pytest.approx(2.5, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("2", 2.0),
+        ("0.5", 0.5),
+        (None, 0.0),
+        ("", 0.0),
+        ("-3", 0.0),
+        ("soon", 0.0),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+    ],
+)
+def test_retry_after_header_values(header: str | None, seconds: float) -> None:
+    assert retry_after(header) == seconds
