@@ -9,7 +9,8 @@ for every trio wake-up later than 1 ms (nodes and receivers).
 In the nodes it is installed by a ``sitecustomize`` the bench writes (:func:`site_dir`):
 it wraps, without changing them, the functions a message passes through — the API's body
 parse (``http``), each JetStream round (``round`` sent / ``acked`` answered), the live
-notification (``notify``), its arrival on the owner (``owner``), the hub's fan-out
+notification (``notify``: with JetStream's republish, where the publishing node would have
+sent it), its arrival on the owner (``owner``), the hub's fan-out
 (``hub`` in / ``written`` out). Nothing here runs unless the bench asks for it.
 """
 
@@ -175,6 +176,15 @@ def install_node() -> None:
         return note
 
     bus.decode_notification = timed_decode
+
+    decode_republished = bus.decode_republished  # a unicast JetStream republished
+
+    def timed_decode_republished(subject: str, headers: Any, payload: bytes) -> Any:
+        note = decode_republished(subject, headers, payload)
+        record("owner", n_of(note.data_json))
+        return note
+
+    bus.decode_republished = timed_decode_republished
 
     deliver_many = hub.Hub.deliver_many
 

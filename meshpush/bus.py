@@ -2,12 +2,19 @@
 
 Subjects (``<c>`` = cluster name, ``<slot>`` = 0..4095); storage is in :mod:`meshpush.store`:
 
-* ``mp.<c>.live.u.<slot>`` — live notification of a stored unicast, to the slot's owner;
+* ``mp.<c>.rp.<slot>.<user>`` — a stored unicast as JetStream republishes it once stored (the
+  user stream's ``republish``: ``mp.<c>.store.u.>`` -> ``mp.<c>.rp.>``), to the slot's owner,
+  which subscribes ``mp.<c>.rp.<slot>.*`` for every slot it owns;
+* ``mp.<c>.live.u.<slot>`` — live notification of a stored unicast from the publishing node
+  (nodes before the republish, or on a server that does not echo it back), to the slot's owner;
 * ``mp.<c>.live.b`` — live notification of a stored broadcast, to every node;
 * ``mp.<c>.presence.<node>`` — presence requests answered by one node (:mod:`meshpush.presence`).
 
 A live notification is ``<header JSON>\\n<data JSON>``; the data is spliced into client frames
-unparsed. Notifications travel on the node's trio-native NATS link (:mod:`meshpush.natslink`):
+unparsed. A republished unicast is the stored message itself: its payload is the data, its
+headers say the rest (:func:`decode_republished`: ``Nats-Sequence``, ``Mp-Prev`` or
+``Mp-Prev-Back``, ``Mp-Id``, ``Mp-T``, ``traceparent``); the user is the subject's last token.
+Both travel on the node's trio-native NATS link (:mod:`meshpush.natslink`):
 the link's reader calls the subscription's synchronous callback, which hands each one to the
 router through a bounded channel (``send_nowait``: no task, wake-up or bridge crossing per
 message); when that channel is full the notification is dropped and counted — the stream
@@ -33,7 +40,8 @@ import json
 import logging
 import random
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +51,7 @@ import trio
 
 from . import tracing
 from .bridge import Bridge, aio, best_effort
-from .encoding import encode_token
+from .encoding import decode_token, encode_token
 from .metrics import Metrics
 from .natslink import Link, LinkConfig, LinkError
 from .natswire import Msg
@@ -82,6 +90,15 @@ class Subjects:
     def slot_live(self, s: int) -> str:
         return f"mp.{self.cluster}.live.u.{s}"
 
+    def slot_republished(self, s: int) -> str:
+        """What the owner of slot ``s`` subscribes: every user's republished messages."""
+        return f"mp.{self.cluster}.rp.{s}.*"
+
+    def user_republish(self) -> tuple[str, str]:
+        """The user stream's republish (source, destination): ``mp.<c>.store.u.<slot>.<user>``
+        becomes ``mp.<c>.rp.<slot>.<user>`` (the destination may not overlap the stream)."""
+        return f"mp.{self.cluster}.store.u.>", f"mp.{self.cluster}.rp.>"
+
     def presence(self, node_id: str) -> str:
         """Request/reply subject where ``node_id`` answers presence for its users."""
         return f"mp.{self.cluster}.presence.{encode_token(node_id)}"
@@ -112,6 +129,34 @@ def decode_notification(ch: str, payload: bytes) -> Notification:
     )
 
 
+def decode_republished(
+    subject: str, headers: Mapping[str, str] | None, payload: bytes
+) -> Notification:
+    """A stored unicast as JetStream republished it (``mp.<c>.rp.<slot>.<user>``) as the
+    notification the router delivers; raises ValueError/KeyError on garbage (counted, then
+    ignored). Reads only what it needs of the headers the link parsed: ``Nats-Sequence`` (the
+    seq), ``Mp-Prev-Back: k`` (prev = seq - k: a later message of an atomic batch) or else
+    ``Mp-Prev``, ``Mp-Id`` (the id, a token) and ``Mp-T`` (publish time; a node before it
+    sets none: the arrival time)."""
+    if not headers:
+        raise ValueError("republished message without headers")
+    seq = int(headers["Nats-Sequence"])
+    back = headers.get("Mp-Prev-Back")
+    prev = seq - int(back) if back is not None else int(headers.get("Mp-Prev", 0))
+    if not 0 <= prev < seq:
+        raise ValueError(f"republished message with prev {prev} for seq {seq}")
+    sent = headers.get("Mp-T")
+    return Notification(
+        ch="user",
+        user=decode_token(subject[subject.rindex(".") + 1 :]),
+        seq=seq,
+        prev=prev,
+        id=decode_token(headers["Mp-Id"]),
+        published_at=float(sent) if sent is not None else time.time(),
+        data_json=payload.decode(),
+    )
+
+
 @dataclass(slots=True)
 class BusStats:
     """Counted by the NATS connection; ``backend_up`` is filled in by ``statistics()``."""
@@ -136,7 +181,7 @@ class Bus:
         self.link = Link(settings.nats_servers, LinkConfig(name=settings.node_id))
         self.link.on_connect = self._link_up
         self.link.on_disconnect = self._link_down
-        self._subs: dict[int, int] = {}  # slot -> link sid
+        self._subs: dict[int, tuple[int, int]] = {}  # slot -> link sids (live, republished)
         self._bcast_sub: int | None = None
         self._send, self.inbound = trio.open_memory_channel[Notification | None](16384)
         self._nc_connected = False
@@ -303,9 +348,12 @@ class Bus:
         """Subscribe the live subjects of ``slots``; returns once the server has them."""
         new = sorted(s for s in slots if s not in self._subs)
         if new:
-            cb = self._callback("user")
+            live, republished = self._callback("user"), self._republished_callback()
             for s in new:
-                self._subs[s] = self.link.subscribe(self.subjects.slot_live(s), cb)
+                self._subs[s] = (
+                    self.link.subscribe(self.subjects.slot_live(s), live),
+                    self.link.subscribe(self.subjects.slot_republished(s), republished),
+                )
             # the server handles a connection's protocol in order: once the echo is back, it
             # has the subscriptions
             if not await self.check(SUBSCRIBE_TIMEOUT):
@@ -313,8 +361,7 @@ class Bus:
 
     async def unsubscribe_slots(self, slots: set[int]) -> None:
         for s in sorted(slots):
-            sid = self._subs.pop(s, None)
-            if sid is not None:
+            for sid in self._subs.pop(s, ()):
                 self.link.unsubscribe(sid)
 
     def subscribed(self) -> frozenset[int]:
@@ -329,13 +376,21 @@ class Bus:
             self._bcast_sub = self.link.subscribe(self.subjects.broadcast_live, cb)
 
     def _callback(self, ch: str) -> Callable[[Msg], None]:
-        """The link calls it in its reader, once per notification: decode, hand over."""
+        """For the live notifications of ``ch`` (:func:`decode_notification`)."""
+        return self._receiver(lambda msg: decode_notification(ch, msg.payload))
+
+    def _republished_callback(self) -> Callable[[Msg], None]:
+        """For stored unicasts republished by JetStream (:func:`decode_republished`)."""
+        return self._receiver(lambda msg: decode_republished(msg.subject, msg.headers, msg.payload))
+
+    def _receiver(self, decode: Callable[[Msg], Notification]) -> Callable[[Msg], None]:
+        """The link calls it in its reader, once per message: decode, hand over."""
         send = self._send
         stats = self.stats
 
         def on_message(msg: Msg) -> None:
             try:
-                note = decode_notification(ch, msg.payload)
+                note = decode(msg)
                 if tracing.ON and msg.headers:
                     note = tracing.received(note, msg.headers)
                 send.send_nowait(note)

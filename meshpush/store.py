@@ -8,8 +8,10 @@
   The per-user chain is therefore exact, whoever publishes.
 * ``Nats-Msg-Id`` is the publish id: a retry inside the duplicate window returns the original
   seq with ``duplicate`` set and is neither stored nor notified again.
-* Only after JetStream confirmed the store is the live notification published: the stream is
-  the truth, notifications are hints.
+* Only once JetStream stored a message is its live notification sent: the stream is the truth,
+  notifications are hints. For a unicast JetStream sends it itself (the user stream's
+  ``republish`` to ``mp.<c>.rp.>``, :mod:`meshpush.bus`); this node notifies only broadcasts,
+  and unicasts on a server that did not echo the republish back.
 * Reads use JetStream's batched direct get (``next_by_subj``): one round trip per batch.
 * Cursors (last acked seq per device and channel) live in the KV bucket ``MP_<c>_CURSORS``;
   :class:`Cursors` collects acks in memory and writes them in batches.
@@ -227,6 +229,7 @@ def _publish(subject: str, prev: int, item: Outgoing) -> Request:
         "Nats-Expected-Last-Subject-Sequence": str(prev),
         "Mp-Prev": str(prev),
         "Mp-Id": encode_token(item.id),
+        "Mp-T": repr(time.time()),  # publish time, for the owner's latency (republished)
     }
     if item.trace is not None:
         headers["traceparent"] = item.trace.traceparent
@@ -278,6 +281,9 @@ class Store:
         self.bucket = f"MP_{c}_CURSORS"
         self.epoch = ""
         self.kv: Any = None
+        #: the user stream republishes every stored message to its owner (the server echoed
+        #: the republish back): no unicast notification from here
+        self.republished = False
         self._turns = _Turns()
         self._last = _LastSeqs()
         self.chain_retries = 0
@@ -294,10 +300,16 @@ class Store:
     async def setup(self) -> None:
         """Create or update the streams and the cursor bucket (idempotent)."""
         infos = await aio(self._ensure)()
+        echoed = infos[0].config.republish
+        wanted = self.bus.subjects.user_republish()
+        self.republished = echoed is not None and (echoed.src, echoed.dest) == wanted
+        if not self.republished:
+            log.warning("the user stream does not republish (server too old?): nodes notify")
         self.epoch = ".".join(str(int(i.created.timestamp() * 1000)) for i in infos)
 
     async def _ensure(self) -> list[Any]:
         s, c = self.settings, self.settings.cluster
+        src, dest = self.bus.subjects.user_republish()
         common: dict[str, Any] = dict(
             max_age=s.max_message_age,
             duplicate_window=s.duplicate_window,
@@ -310,6 +322,7 @@ class Store:
                 name=self.streams["user"],
                 subjects=[f"mp.{c}.store.u.>"],
                 max_msgs_per_subject=s.max_msgs_per_user,
+                republish=nats.js.api.RePublish(src=src, dest=dest, headers_only=False),
                 **common,
             ),
             nats.js.api.StreamConfig(
@@ -501,7 +514,10 @@ class Store:
 
     def _notify(self, item: Outgoing, stored: Stored) -> None:
         """The live hint, on the NATS link (buffered; written once per loop turn). A failure
-        is logged and counted (the stream has the message)."""
+        is logged and counted (the stream has the message). None for a unicast when the
+        stream republishes it (:attr:`republished`: JetStream sends the hint)."""
+        if self.republished and item.ch == "user":
+            return
         head = {"u": item.user, "s": stored.seq, "p": stored.prev, "i": item.id, "t": time.time()}
         subject = self.bus.live_subject(item.ch, item.user)
         trace = tracing.notify(item.trace, subject, stored.seq) if item.trace else None

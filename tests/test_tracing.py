@@ -453,14 +453,15 @@ async def stored_headers(node: Node, seq: int) -> dict[str, str]:
 
 
 async def watch_notifications(node: Node, user: str) -> list[dict[str, str] | None]:
-    """The NATS headers of every live notification to ``user``'s slot from now on."""
+    """The NATS headers of every message JetStream republishes to ``user``'s slot from now on
+    (the live hint of a stored unicast; the publishing node sends none)."""
     seen: list[dict[str, str] | None] = []
 
     async def record(msg: Any) -> None:
         seen.append(msg.headers)
 
-    subject = node.bus.subjects.slot_live(slot(user))
-    # on the connection the node notifies on: the server sees this SUB before those PUBs
+    subject = node.bus.subjects.slot_republished(slot(user))
+    # on the connection the node publishes on: the server sees this SUB before those PUBs
     await node.bridge.call(lambda: node.bus.nc.subscribe(subject, cb=record), timeout=5)
     return seen
 
@@ -504,20 +505,15 @@ async def test_one_trace_from_publish_on_one_node_to_delivery_on_another(
     traced = [s for s in spans if s.name != "meshpush.replay"]  # a replay starts its own
     assert {s.context.trace_id for s in traced if s.context} == {int(UPSTREAM_TRACE, 16)}
     named = by_name(spans)
-    assert set(named) == {
+    assert set(named) == {  # no meshpush.notify: JetStream republishes the stored message
         "POST /v1/publish",
         "meshpush.store",
-        "meshpush.notify",
         "meshpush.deliver",
         "meshpush.feed",
         "meshpush.write",
         "meshpush.replay",
     }
-    server, store, notify = (
-        named["POST /v1/publish"],
-        named["meshpush.store"],
-        named["meshpush.notify"],
-    )
+    server, store = named["POST /v1/publish"], named["meshpush.store"]
     deliver, feed, write = (
         named["meshpush.deliver"],
         named["meshpush.feed"],
@@ -526,8 +522,7 @@ async def test_one_trace_from_publish_on_one_node_to_delivery_on_another(
     # the chain: upstream -> a's publish spans -> b's delivery spans
     assert parent_of(server) == int(UPSTREAM_SPAN, 16)
     assert parent_of(store) == span_id(server)
-    assert parent_of(notify) == span_id(store)
-    assert parent_of(deliver) == span_id(notify)
+    assert parent_of(deliver) == span_id(store)
     assert deliver.parent is not None and deliver.parent.is_remote
     assert parent_of(feed) == span_id(deliver)
     assert parent_of(write) == span_id(feed)
@@ -546,12 +541,12 @@ async def test_one_trace_from_publish_on_one_node_to_delivery_on_another(
     for span in spans:
         assert user not in repr(dict(span.attributes or {})), span.name
     assert deliver.attributes["meshpush.user_hash"] == store.attributes["meshpush.user_hash"]
-    # the live notification carried notify's context; the stored message the store's
+    # the republished message carried the store's context, as the stored message does
     [live] = notified
     assert (
-        live is not None and live["traceparent"] == f"00-{UPSTREAM_TRACE}-{span_id(notify):016x}-01"
+        live is not None and live["traceparent"] == f"00-{UPSTREAM_TRACE}-{span_id(store):016x}-01"
     )
-    # the stored message carries the trace too, and a replay of it links to its store span
+    # and a replay of the stored message links to its store span
     assert headers["traceparent"].split("-")[1] == UPSTREAM_TRACE
     replay = named["meshpush.replay"]
     assert replay.attributes is not None and replay.attributes["meshpush.node"] == "b"
@@ -575,7 +570,8 @@ async def test_off_no_spans_and_no_trace_headers(
             await wait_until(lambda: notified, timeout=10)
     assert exporter.get_finished_spans() == ()
     assert "traceparent" not in headers
-    assert notified == [None]  # the live notification went without headers
+    [live] = notified  # republished: JetStream's headers and ours, no trace context
+    assert live is not None and "traceparent" not in live and live["Nats-Sequence"] == str(msg.seq)
 
 
 # ---------------------------------------------------------------- node processes, OTLP
@@ -651,22 +647,21 @@ async def test_node_processes_export_one_trace_over_otlp_set_by_otel_variables(
         async with connected(cluster, user, via=second) as client:
             await publish_to(cluster, first, user, {"n": 3})
             await receive(client)
-        wanted = {(first.id, "meshpush.notify"), (second.id, "meshpush.write")}
+        wanted = {(first.id, "meshpush.store"), (second.id, "meshpush.write")}
         await wait_until(lambda: wanted <= {(s[0], s[1]) for s in collector.spans}, timeout=15)
     assert collector.services == {"meshpush"}
-    [notify] = [s for s in collector.spans if s[1] == "meshpush.notify"]
-    trace = [s for s in collector.spans if s[2] == notify[2]]
+    [store] = [s for s in collector.spans if s[1] == "meshpush.store"]
+    trace = [s for s in collector.spans if s[2] == store[2]]
     # just after start-up the first node may still hold the slot's subscription it lost when
     # the second joined (it lets go once that slot's sessions have moved): the notification
-    # then reaches it too, finds no session there and goes no further (no feed, no write)
+    # (republished) then reaches it too, finds no session there and goes no further
     named = {(node, name) for node, name, *_ in trace} - {(first.id, "meshpush.deliver")}
     assert named == {
         (first.id, "POST /v1/publish"),
         (first.id, "meshpush.store"),
-        (first.id, "meshpush.notify"),
         (second.id, "meshpush.deliver"),
         (second.id, "meshpush.feed"),
         (second.id, "meshpush.write"),
     }
     [deliver] = [s for s in trace if s[1] == "meshpush.deliver" and s[0] == second.id]
-    assert deliver[4] == notify[3]  # b's delivery hangs under a's notification
+    assert deliver[4] == store[3]  # b's delivery hangs under a's store (JetStream republished)
