@@ -17,6 +17,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 from meshpush.auth import issue_token
 from meshpush.client import Client, Message, open_client
 from meshpush.devcluster import LocalCluster, NodeProc
+from meshpush.node import Node
 
 _users = itertools.count()
 
@@ -153,3 +154,68 @@ def assert_exact_chain(messages: list[Message]) -> None:
     for before, after in itertools.pairwise(messages):
         assert after.seq > before.seq, (before, after)
         assert after.prev == before.seq, (before, after)
+
+
+# ---------------------------------------------------------------- nodes in this process
+
+# a node stopped inside a running trio (not at process exit) leaves trio-asyncio deferred calls
+IN_PROCESS_STOP = "ignore:coroutine '_call_defer' was never awaited:RuntimeWarning"
+
+
+@asynccontextmanager
+async def two_nodes(backends: LocalCluster) -> AsyncIterator[tuple[Node, Node]]:
+    """Nodes ``a`` and ``b`` in this process on ``backends`` (etcd and NATS only), both ready
+    and in each other's view."""
+    async with trio.open_nursery() as nursery:
+        a = await nursery.start(Node(backends.settings_for("a")).run)
+        b = await nursery.start(Node(backends.settings_for("b")).run)
+        try:
+            with trio.fail_after(30):
+                while not all(n.router.ready and set(n.router.view) == {"a", "b"} for n in (a, b)):
+                    await trio.sleep(0.05)
+            yield a, b
+        finally:
+            with trio.move_on_after(10):
+                await a.stop()
+                await b.stop()
+            nursery.cancel_scope.cancel()
+
+
+def user_of(node: Node, via: Node, prefix: str = "user") -> str:
+    """A user ``node`` owns, as ``via`` routes it."""
+    for i in range(1000):
+        route = via.router.route(f"{prefix}-{i}")
+        if route.node is not None and route.node.id == node.settings.node_id:
+            return f"{prefix}-{i}"
+    raise AssertionError("no user owned by the node")
+
+
+@asynccontextmanager
+async def online(
+    backends: LocalCluster, node: Node, user: str, device: str = "d1"
+) -> AsyncIterator[Client]:
+    """An SDK client of ``user`` connected to ``node`` only, online when the block starts."""
+
+    async def token() -> str:
+        return issue_token(backends.token_secret, user, 600)
+
+    async with open_client([node.settings.ws_url], token=token, device=device) as client:
+        with trio.fail_after(15):
+            await client.wait_online()
+        yield client
+
+
+async def publish_via(
+    node: Node, key: str, user: str, data: Any, msg_id: str | None = None, **headers: str
+) -> dict[str, Any]:
+    """POST /v1/publish to an in-process node (202 asserted); its answer."""
+    body: dict[str, Any] = {"user": user, "data": data}
+    if msg_id is not None:
+        body["id"] = msg_id
+    async with httpx.AsyncClient(base_url=node.settings.http_url, timeout=10) as http:
+        resp = await http.post(
+            "/v1/publish", json=body, headers={"authorization": f"Bearer {key}", **headers}
+        )
+    assert resp.status_code == 202, resp.text
+    result: dict[str, Any] = resp.json()
+    return result

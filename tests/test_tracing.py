@@ -14,14 +14,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import httpx
 import pytest
 import trio
 from conftest import FAST, make_cluster
@@ -33,13 +31,22 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from support import connected, receive, user_owned_by, wait_until
+from support import (
+    IN_PROCESS_STOP,
+    connected,
+    online,
+    publish_via,
+    receive,
+    two_nodes,
+    user_of,
+    user_owned_by,
+    wait_until,
+)
 from support import publish as publish_to
 
 from meshpush import tracing
-from meshpush.auth import issue_token
 from meshpush.bus import Notification
-from meshpush.client import Client, Message, open_client
+from meshpush.client import Client, Message
 from meshpush.devcluster import LocalCluster
 from meshpush.feed import Verdict
 from meshpush.hub import Hub
@@ -54,8 +61,6 @@ from meshpush.store import Outcome, Outgoing, Stored, StoreUnavailable, _publish
 
 UPSTREAM_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 UPSTREAM_SPAN = "00f067aa0ba902b7"
-# a node stopped inside a running trio (not at process exit) leaves trio-asyncio deferred calls
-IN_PROCESS_STOP = "ignore:coroutine '_call_defer' was never awaited:RuntimeWarning"
 
 
 # ---------------------------------------------------------------- configuration
@@ -386,60 +391,10 @@ def exporter() -> Iterator[InMemorySpanExporter]:
         provider.shutdown()
 
 
-@asynccontextmanager
-async def two_nodes(backends: LocalCluster) -> AsyncIterator[tuple[Node, Node]]:
-    async with trio.open_nursery() as nursery:
-        a = await nursery.start(Node(backends.settings_for("a")).run)
-        b = await nursery.start(Node(backends.settings_for("b")).run)
-        try:
-            with trio.fail_after(30):
-                while not all(n.router.ready and set(n.router.view) == {"a", "b"} for n in (a, b)):
-                    await trio.sleep(0.05)
-            yield a, b
-        finally:
-            with trio.move_on_after(10):
-                await a.stop()
-                await b.stop()
-            nursery.cancel_scope.cancel()
-
-
-def user_of(node: Node, via: Node) -> str:
-    for i in range(1000):
-        route = via.router.route(f"user-{i}")
-        if route.node is not None and route.node.id == node.settings.node_id:
-            return f"user-{i}"
-    raise AssertionError("no user owned by the node")
-
-
-@asynccontextmanager
-async def online(
-    backends: LocalCluster, node: Node, user: str, device: str = "d1"
-) -> AsyncIterator[Client]:
-    async def token() -> str:
-        return issue_token(backends.token_secret, user, 600)
-
-    async with open_client([node.settings.ws_url], token=token, device=device) as client:
-        with trio.fail_after(15):
-            await client.wait_online()
-        yield client
-
-
-async def publish(node: Node, key: str, user: str, data: Any, **headers: str) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=node.settings.http_url, timeout=10) as http:
-        resp = await http.post(
-            "/v1/publish",
-            json={"user": user, "data": data},
-            headers={"authorization": f"Bearer {key}", **headers},
-        )
-    assert resp.status_code == 202, resp.text
-    result: dict[str, Any] = resp.json()
-    return result
-
-
 async def publish_traced(backends: LocalCluster, node: Node, user: str, client: Client) -> Message:
     """Publish through ``node`` as part of the publisher's (sampled) trace; ``client`` gets it."""
     upstream = f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"
-    result = await publish(node, backends.api_key, user, {"n": 1}, traceparent=upstream)
+    result = await publish_via(node, backends.api_key, user, {"n": 1}, traceparent=upstream)
     with trio.fail_after(10):
         msg = await client.receive()
     assert msg.seq == result["seq"]

@@ -1,0 +1,338 @@
+"""The live path of a stored unicast: JetStream republishes it to its owner (meshpush/bus.py).
+
+Sans-IO: :func:`meshpush.bus.decode_republished` on headers (and on the bytes a real
+nats-server sent), and the bus's receive callback. Then two real nodes in this process (real
+etcd and nats-server -js from the wheels): a message published through node a reaches owner
+b from the republish, a sends no notification; duplicates, garbage on the subject, a node
+that still notifies (a rolling upgrade) and a stream made without republish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import nats
+import nats.js.api
+import nats.js.errors
+import pytest
+import trio
+from conftest import FAST
+from support import IN_PROCESS_STOP, online, publish_via, receive, two_nodes, user_of, wait_until
+
+from meshpush.bridge import Bridge
+from meshpush.bus import Bus, Notification, decode_republished
+from meshpush.devcluster import LocalCluster
+from meshpush.encoding import encode_token
+from meshpush.metrics import Metrics
+from meshpush.natswire import Msg, Parser
+from meshpush.node import Node
+from meshpush.ring import slot
+from meshpush.settings import Settings
+
+ALICE = encode_token("alice")
+SUBJECT = f"mp.c.rp.12.{ALICE}"
+
+
+def headers(**extra: str) -> dict[str, str]:
+    """What JetStream republishes: our headers, then its own."""
+    base = {
+        "Nats-Msg-Id": "9f" * 32,
+        "Nats-Expected-Last-Subject-Sequence": "4",
+        "Mp-Prev": "4",
+        "Mp-Id": encode_token("m-7"),
+        "Mp-T": "1795000000.25",
+        "Nats-Stream": "MP_c_USER",
+        "Nats-Subject": f"mp.c.store.u.12.{ALICE}",
+        "Nats-Sequence": "7",
+        "Nats-Time-Stamp": "2026-11-27T12:11:08.287502271Z",
+        "Nats-Last-Sequence": "4",
+    }
+    return {k: v for k, v in {**base, **extra}.items() if v != "-"}  # "-": left out
+
+
+ALICE_7 = Notification("user", "alice", 7, 4, "m-7", 1795000000.25, '{"x":1}')
+
+
+# ---------------------------------------------------------------- sans-IO
+
+
+def test_a_republished_message_decodes_to_the_notification() -> None:
+    assert decode_republished(SUBJECT, headers(), b'{"x":1}') == ALICE_7
+
+
+def test_the_relative_prev_of_a_later_message_of_an_atomic_batch() -> None:
+    note = decode_republished(SUBJECT, headers(**{"Mp-Prev": "-", "Mp-Prev-Back": "2"}), b"1")
+    assert (note.seq, note.prev) == (7, 5)
+
+
+def test_a_message_of_a_node_without_publish_time_is_dated_on_arrival() -> None:
+    before = time.time()
+    note = decode_republished(SUBJECT, headers(**{"Mp-T": "-"}), b"1")
+    assert before <= note.published_at <= time.time()
+
+
+def test_the_first_message_of_a_user_and_one_stored_before_mp_prev_chain_on_0() -> None:
+    assert decode_republished(SUBJECT, headers(**{"Mp-Prev": "0"}), b"1").prev == 0
+    assert decode_republished(SUBJECT, headers(**{"Mp-Prev": "-"}), b"1").prev == 0
+
+
+@pytest.mark.parametrize(
+    ("subject", "hdrs", "payload"),
+    [
+        (SUBJECT, None, b"1"),  # a plain message (no headers)
+        (SUBJECT, {}, b"1"),
+        (SUBJECT, headers(**{"Nats-Sequence": "-"}), b"1"),
+        (SUBJECT, headers(**{"Nats-Sequence": "seven"}), b"1"),
+        (SUBJECT, headers(**{"Mp-Prev": "x"}), b"1"),
+        (SUBJECT, headers(**{"Mp-Prev": "7"}), b"1"),  # prev not before seq
+        (SUBJECT, headers(**{"Mp-Prev": "-1"}), b"1"),
+        (SUBJECT, headers(**{"Mp-Prev-Back": "0"}), b"1"),
+        (SUBJECT, headers(**{"Mp-Prev-Back": "8"}), b"1"),
+        (SUBJECT, headers(**{"Mp-Id": "-"}), b"1"),
+        (SUBJECT, headers(**{"Mp-Id": "!!"}), b"1"),
+        (SUBJECT, headers(**{"Mp-T": "noon"}), b"1"),
+        ("mp.c.rp.12.!!", headers(), b"1"),  # not a user token
+        ("norp", headers(), b"1"),
+        (SUBJECT, headers(), b"\xff\xfe"),  # not UTF-8
+    ],
+)
+def test_garbage_raises_what_the_bus_counts(
+    subject: str, hdrs: dict[str, str] | None, payload: bytes
+) -> None:
+    with pytest.raises((ValueError, KeyError, UnicodeDecodeError)):
+        decode_republished(subject, hdrs, payload)
+
+
+def test_the_bytes_a_real_server_republishes_parse_and_decode() -> None:
+    """An HMSG as nats-server 2.15 sent it (recorded), through the link's parser."""
+    block = (
+        b"NATS/1.0\r\nNats-Msg-Id: id3\r\nMp-Prev: 2\r\nMp-Id: " + encode_token("m3").encode()
+        + b"\r\nMp-T: 1795000000.5\r\nNats-Stream: S\r\nNats-Subject: mp.c.store.u.12."
+        + ALICE.encode() + b"\r\nNats-Sequence: 3\r\n"
+        b"Nats-Time-Stamp: 2026-11-27T12:11:08.287502271Z\r\nNats-Last-Sequence: 2\r\n\r\n"
+    )  # fmt: skip
+    payload = b'{"x":3}'
+    wire = b"HMSG %s 1 %d %d\r\n%s%s\r\n" % (
+        SUBJECT.encode(), len(block), len(block) + len(payload), block, payload
+    )  # fmt: skip
+    [msg] = Parser().feed(wire)
+    assert isinstance(msg, Msg)
+    assert decode_republished(msg.subject, msg.headers, msg.payload) == Notification(
+        "user", "alice", 3, 2, "m3", 1795000000.5, '{"x":3}'
+    )
+
+
+async def test_the_bus_hands_republished_messages_over_and_counts_garbage() -> None:
+    bus = Bus(Settings(node_id="n1"), Bridge(), Metrics("n1"))
+    on_message = bus._republished_callback()
+    on_message(Msg(SUBJECT, 2, None, b"1", None))
+    on_message(Msg(SUBJECT, 2, None, b'{"x":1}', headers()))
+    on_message(Msg(SUBJECT, 2, None, b"1", headers(**{"Nats-Sequence": "-"})))
+    assert bus.inbound.receive_nowait() == ALICE_7
+    assert bus.stats.backend_errors["bad_notification"] == 2
+    with pytest.raises(trio.WouldBlock):
+        bus.inbound.receive_nowait()
+
+
+class RecordingLink:
+    def __init__(self) -> None:
+        self.subs: dict[int, str] = {}
+
+    def subscribe(self, subject: str, callback: Any) -> int:
+        self.subs[len(self.subs) + 1] = subject
+        return len(self.subs)
+
+    def unsubscribe(self, sid: int) -> None:
+        del self.subs[sid]
+
+
+async def test_an_owned_slot_is_subscribed_on_both_live_subjects_and_dropped_from_both() -> None:
+    bus = Bus(Settings(node_id="n1", cluster="c"), Bridge(), Metrics("n1"))
+    link = RecordingLink()
+    bus.link = link  # type: ignore[assignment]
+
+    async def confirmed(timeout: float) -> bool:
+        return True
+
+    bus.check = confirmed  # type: ignore[method-assign]
+    await bus.subscribe_slots({3, 4})
+    assert sorted(link.subs.values()) == [
+        "mp.c.live.u.3",
+        "mp.c.live.u.4",
+        "mp.c.rp.3.*",
+        "mp.c.rp.4.*",
+    ]
+    await bus.unsubscribe_slots({3})
+    assert sorted(link.subs.values()) == ["mp.c.live.u.4", "mp.c.rp.4.*"]
+    assert bus.subscribed() == {4}
+
+
+# ---------------------------------------------------------------- two real nodes
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """etcd and nats-server -js only: the nodes run in the test's process."""
+    workdir = tmp_path_factory.mktemp("republish")
+    with LocalCluster(workdir, nodes=0, cluster="rp", node_settings=FAST) as cluster:
+        yield cluster
+
+
+def notifications_of(node: Node) -> list[str]:
+    """From now on, the subjects of the live notifications ``node`` publishes."""
+    sent: list[str] = []
+    publish = node.bus.link.publish
+    prefix = f"mp.{node.settings.cluster}.live."
+
+    def recording(subject: str, *args: Any) -> None:
+        if subject.startswith(prefix):
+            sent.append(subject)
+        publish(subject, *args)
+
+    node.bus.link.publish = recording  # type: ignore[method-assign]
+    return sent
+
+
+def bad(node: Node) -> int:
+    return node.bus.stats.backend_errors["bad_notification"]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings(IN_PROCESS_STOP)
+async def test_a_unicast_through_a_reaches_owner_b_from_the_republish_alone(
+    backends: LocalCluster,
+) -> None:
+    async with two_nodes(backends) as (a, b):
+        assert a.store.republished and b.store.republished
+        user = user_of(b, via=a, prefix="exact")
+        sent = notifications_of(a)
+        async with online(backends, b, user) as client:
+            first = await publish_via(a, backends.api_key, user, {"n": 1}, msg_id="e-1")
+            second = await publish_via(a, backends.api_key, user, [2, "two"], msg_id="e-2")
+            got = [await receive(client), await receive(client)]
+        assert [(m.ch, m.seq, m.prev, m.id, m.data) for m in got] == [
+            ("user", first["seq"], 0, "e-1", {"n": 1}),
+            ("user", second["seq"], first["seq"], "e-2", [2, "two"]),
+        ]
+        assert sent == []  # a sent no notification: JetStream did
+        assert bad(a) == bad(b) == 0
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings(IN_PROCESS_STOP)
+async def test_a_duplicate_publish_delivers_nothing_new(backends: LocalCluster) -> None:
+    async with two_nodes(backends) as (a, b):
+        user = user_of(b, via=a, prefix="dup")
+        async with online(backends, b, user) as client:
+            stored = await publish_via(a, backends.api_key, user, 1, msg_id="d-1")
+            assert (await receive(client)).id == "d-1"
+            again = await publish_via(b, backends.api_key, user, 1, msg_id="d-1")
+            assert (again["seq"], again["duplicate"]) == (stored["seq"], True)
+            after = await publish_via(a, backends.api_key, user, 2, msg_id="d-2")
+            msg = await receive(client)  # the next one is d-2: d-1 was not republished again
+            assert (msg.id, msg.seq, msg.prev) == ("d-2", after["seq"], stored["seq"])
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings(IN_PROCESS_STOP)
+async def test_garbage_on_the_republish_subject_is_counted_and_others_keep_flowing(
+    backends: LocalCluster,
+) -> None:
+    async with two_nodes(backends) as (a, b):
+        user = user_of(b, via=a, prefix="garbage")
+        subject = f"mp.rp.rp.{slot(user)}.{encode_token(user)}"
+        before = bad(b)
+
+        async def foreign() -> None:
+            nc = b.bus.nc
+            await nc.publish(subject, b"no headers")
+            await nc.publish(subject, b"1", headers={"Nats-Sequence": "x", "Mp-Id": "!"})
+            await nc.publish(f"mp.rp.rp.{slot(user)}.!!", b"1", headers={"Nats-Sequence": "9"})
+            await nc.flush()
+
+        async with online(backends, b, user) as client:
+            await b.bridge.call(foreign, timeout=5)
+            await wait_until(lambda: bad(b) == before + 3, timeout=10)
+            stored = await publish_via(a, backends.api_key, user, {"ok": True}, msg_id="g-1")
+            msg = await receive(client)
+            assert (msg.seq, msg.id, msg.data) == (stored["seq"], "g-1", {"ok": True})
+        assert b.router.ready
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings(IN_PROCESS_STOP)
+async def test_a_node_that_still_notifies_gives_the_owner_both_hints_and_one_delivery(
+    backends: LocalCluster,
+) -> None:
+    """A rolling upgrade: an old node notifies, the stream republishes too; the owner gets
+    each message twice and delivers it once (the second hint is dropped by seq)."""
+    async with two_nodes(backends) as (a, b):
+        user = user_of(b, via=a, prefix="both")
+        sent = notifications_of(a)
+        a.store.republished = False  # as a node before the republish
+        async with online(backends, b, user) as client:
+            seqs = [
+                (await publish_via(a, backends.api_key, user, i, msg_id=f"b-{i}"))["seq"]
+                for i in range(3)
+            ]
+            got = [await receive(client) for _ in range(3)]
+            a.store.republished = True
+            last = await publish_via(a, backends.api_key, user, 3, msg_id="b-3")
+            after = await receive(client)
+        assert [(m.seq, m.prev) for m in got] == [
+            (seqs[0], 0),
+            (seqs[1], seqs[0]),
+            (seqs[2], seqs[1]),
+        ]
+        assert (after.seq, after.prev, after.id) == (last["seq"], seqs[2], "b-3")
+        assert sent == [b.bus.subjects.slot_live(slot(user))] * 3
+
+
+async def _strip_republish(servers: list[str], stream: str) -> Any:
+    """As a node before the republish left the user stream (created, or updated in place)."""
+    nc = await nats.connect(servers=servers)
+    try:
+        js = nc.jetstream()
+        try:
+            config = (await js.stream_info(stream)).config
+            config.republish = None
+            return (await js.update_stream(config)).config.republish
+        except nats.js.errors.NotFoundError:
+            config = nats.js.api.StreamConfig(name=stream, subjects=["mp.rp.store.u.>"])
+            return (await js.add_stream(config)).config.republish
+    finally:
+        await nc.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings(IN_PROCESS_STOP)
+async def test_a_stream_made_without_republish_gets_it_when_a_node_starts(
+    backends: LocalCluster,
+) -> None:
+    settings = backends.settings_for("solo")
+    stripped = await trio.to_thread.run_sync(
+        asyncio.run, _strip_republish(list(settings.nats_servers), "MP_rp_USER")
+    )
+    assert stripped is None
+    async with trio.open_nursery() as nursery:
+        node: Node = await nursery.start(Node(settings).run)
+        try:
+            assert node.store.republished
+
+            async def republish() -> Any:
+                return (await node.bus.js.stream_info("MP_rp_USER")).config.republish
+
+            echoed = await node.bridge.call(republish, timeout=5)
+            assert (echoed.src, echoed.dest) == ("mp.rp.store.u.>", "mp.rp.rp.>")
+        finally:
+            with trio.move_on_after(10):
+                await node.stop()
+            nursery.cancel_scope.cancel()
