@@ -179,8 +179,8 @@ def install_node() -> None:
 
     decode_republished = bus.decode_republished  # a unicast JetStream republished
 
-    def timed_decode_republished(subject: str, headers: Any, payload: bytes) -> Any:
-        note = decode_republished(subject, headers, payload)
+    def timed_decode_republished(subject: str, block: Any, payload: bytes) -> Any:
+        note = decode_republished(subject, block, payload)
         record("owner", n_of(note.data_json))
         return note
 

@@ -129,32 +129,42 @@ def decode_notification(ch: str, payload: bytes) -> Notification:
     )
 
 
-def decode_republished(
-    subject: str, headers: Mapping[str, str] | None, payload: bytes
-) -> Notification:
-    """A stored unicast as JetStream republished it (``mp.<c>.rp.<slot>.<user>``) as the
-    notification the router delivers; raises ValueError/KeyError on garbage (counted, then
-    ignored). Reads only what it needs of the headers the link parsed: ``Nats-Sequence`` (the
+#: the headers a republished message is read by, in one pass over its raw block (a name
+#: repeated: the last one, as a parsed block has it)
+_WANTED = re.compile(rb"\r\n(Nats-Sequence|Mp-Prev|Mp-Prev-Back|Mp-Id|Mp-T|traceparent):([^\r]*)")
+
+
+def decode_republished(subject: str, block: bytes | None, payload: bytes) -> Notification:
+    """A stored unicast as JetStream republished it (``mp.<c>.rp.<slot>.<user>``, its raw
+    header block) as the notification the router delivers; raises ValueError or KeyError on
+    garbage (counted, then ignored). Reads only the headers it needs: ``Nats-Sequence`` (the
     seq), ``Mp-Prev-Back: k`` (prev = seq - k: a later message of an atomic batch) or else
-    ``Mp-Prev``, ``Mp-Id`` (the id, a token) and ``Mp-T`` (publish time; a node before it
-    sets none: the arrival time)."""
-    if not headers:
+    ``Mp-Prev`` (none: 0), ``Mp-Id`` (the id, a token) and ``Mp-T`` (publish time; a node
+    before it sets none: the arrival time). The trace context: :func:`republished_trace`."""
+    if not block or not block.startswith(b"NATS/1.0\r\n"):
         raise ValueError("republished message without headers")
-    seq = int(headers["Nats-Sequence"])
-    back = headers.get("Mp-Prev-Back")
-    prev = seq - int(back) if back is not None else int(headers.get("Mp-Prev", 0))
+    h = dict(_WANTED.findall(block))
+    seq = int(h[b"Nats-Sequence"])
+    back = h.get(b"Mp-Prev-Back")
+    prev = seq - int(back) if back is not None else int(h.get(b"Mp-Prev", 0))
     if not 0 <= prev < seq:
         raise ValueError(f"republished message with prev {prev} for seq {seq}")
-    sent = headers.get("Mp-T")
+    sent = h.get(b"Mp-T")
     return Notification(
         ch="user",
         user=decode_token(subject[subject.rindex(".") + 1 :]),
         seq=seq,
         prev=prev,
-        id=decode_token(headers["Mp-Id"]),
+        id=decode_token(h[b"Mp-Id"].strip().decode()),
         published_at=float(sent) if sent is not None else time.time(),
         data_json=payload.decode(),
     )
+
+
+def republished_trace(block: bytes | None) -> dict[str, str] | None:
+    """The ``traceparent`` of a republished message, as :func:`tracing.received` takes it."""
+    found = dict(_WANTED.findall(block)).get(b"traceparent") if block else None
+    return None if found is None else {"traceparent": found.strip().decode()}
 
 
 @dataclass(slots=True)
@@ -352,7 +362,7 @@ class Bus:
             for s in new:
                 self._subs[s] = (
                     self.link.subscribe(self.subjects.slot_live(s), live),
-                    self.link.subscribe(self.subjects.slot_republished(s), republished),
+                    self.link.subscribe(self.subjects.slot_republished(s), republished, True),
                 )
             # the server handles a connection's protocol in order: once the echo is back, it
             # has the subscriptions
@@ -377,22 +387,33 @@ class Bus:
 
     def _callback(self, ch: str) -> Callable[[Msg], None]:
         """For the live notifications of ``ch`` (:func:`decode_notification`)."""
-        return self._receiver(lambda msg: decode_notification(ch, msg.payload))
+        return self._receiver(
+            lambda msg: decode_notification(ch, msg.payload), lambda msg: msg.headers
+        )
 
     def _republished_callback(self) -> Callable[[Msg], None]:
-        """For stored unicasts republished by JetStream (:func:`decode_republished`)."""
-        return self._receiver(lambda msg: decode_republished(msg.subject, msg.headers, msg.payload))
+        """For stored unicasts republished by JetStream (:func:`decode_republished`; the
+        subscription takes raw headers)."""
+        return self._receiver(
+            lambda msg: decode_republished(msg.subject, msg.raw_headers, msg.payload),
+            lambda msg: republished_trace(msg.raw_headers),
+        )
 
-    def _receiver(self, decode: Callable[[Msg], Notification]) -> Callable[[Msg], None]:
-        """The link calls it in its reader, once per message: decode, hand over."""
+    def _receiver(
+        self,
+        decode: Callable[[Msg], Notification],
+        trace: Callable[[Msg], Mapping[str, str] | None],
+    ) -> Callable[[Msg], None]:
+        """The link calls it in its reader, once per message: decode, hand over (with the
+        trace context when tracing is on)."""
         send = self._send
         stats = self.stats
 
         def on_message(msg: Msg) -> None:
             try:
                 note = decode(msg)
-                if tracing.ON and msg.headers:
-                    note = tracing.received(note, msg.headers)
+                if tracing.ON and (headers := trace(msg)):
+                    note = tracing.received(note, headers)
                 send.send_nowait(note)
             except trio.WouldBlock:
                 stats.dropped += 1

@@ -174,6 +174,7 @@ class Link:
         self.on_connect: Callable[[bool], None] = lambda reconnect: None
         self.on_disconnect: Callable[[str], None] = lambda reason: None
         self._subs: dict[int, tuple[str, Callback]] = {}
+        self._raw_sids: set[int] = set()  # their messages come with raw_headers
         self._next_sid = 1
         self._out = bytearray()
         # request tokens whose bytes are still in _out (once the writer took them, they may
@@ -222,17 +223,21 @@ class Link:
 
     # ------------------------------------------------------------ subscriptions
 
-    def subscribe(self, subject: str, callback: Callback) -> int:
+    def subscribe(self, subject: str, callback: Callback, raw_headers: bool = False) -> int:
         """Subscribe ``subject``; ``callback`` runs in the reader task, synchronously, once per
-        message (it must not block). Kept across reconnects. Returns the sid."""
+        message (it must not block). Kept across reconnects. Returns the sid. ``raw_headers``:
+        its messages' headers come unparsed (``Msg.raw_headers``)."""
         sid = self._next_sid
         self._next_sid += 1
         self._subs[sid] = (subject, callback)
+        if raw_headers:
+            self._raw_sids.add(sid)
         if self.connected:
             self._write(natswire.sub(subject, sid))
         return sid
 
     def unsubscribe(self, sid: int) -> None:
+        self._raw_sids.discard(sid)
         if self._subs.pop(sid, None) is not None and self.connected:
             self._write(natswire.unsub(sid))
 
@@ -360,7 +365,7 @@ class Link:
         with trio.fail_after(self.config.connect_timeout):
             stream = await trio.open_tcp_stream(server.host, server.port)
             try:
-                conn = _Conn(stream, natswire.Parser())
+                conn = _Conn(stream, natswire.Parser(raw_sids=self._raw_sids))
                 info = await self._next_event(conn)
                 if not isinstance(info, natswire.Info):
                     raise natswire.ProtocolError(f"expected INFO, got {info!r}")

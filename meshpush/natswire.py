@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,9 @@ class Msg:
     reply: str | None
     payload: bytes
     headers: dict[str, str] | None = None
+    #: the header block as received, unparsed (``headers`` is None then): for subscriptions
+    #: that asked for it (:attr:`Parser.raw_sids`) and read only the few headers they need
+    raw_headers: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,10 +193,15 @@ def parse_headers(block: bytes) -> dict[str, str]:
 
 
 class Parser:
-    """Feed it what the socket gave, get the complete server ops back (in order)."""
+    """Feed it what the socket gave, get the complete server ops back (in order). The header
+    blocks of messages to the sids in ``raw_sids`` (a set the caller keeps up to date) are
+    handed over unparsed (:attr:`Msg.raw_headers`)."""
 
-    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(
+        self, max_payload: int = DEFAULT_MAX_PAYLOAD, raw_sids: Collection[int] = frozenset()
+    ) -> None:
         self.max_payload = max_payload
+        self.raw_sids = raw_sids
         self._buf = bytearray()
         self._pos = 0
 
@@ -254,12 +263,17 @@ class Parser:
         reply = parts[3].decode() if reply_parts else None
         return parts[1].decode(), sid, reply, hlen, total - hlen
 
-    @staticmethod
-    def _message(head: tuple[str, int, str | None, int, int], buf: bytearray, at: int) -> Msg:
+    def _message(self, head: tuple[str, int, str | None, int, int], buf: bytearray, at: int) -> Msg:
         subject, sid, reply, hlen, plen = head
-        headers = parse_headers(bytes(buf[at : at + hlen])) if hlen else None
         payload = bytes(buf[at + hlen : at + hlen + plen])
-        return Msg(subject, sid, reply, payload, headers)
+        if not hlen:
+            return Msg(subject, sid, reply, payload)
+        block = bytes(buf[at : at + hlen])
+        if sid in self.raw_sids:
+            if not block.startswith(HEADER_LINE):
+                raise ProtocolError("header block without NATS/1.0")
+            return Msg(subject, sid, reply, payload, None, block)
+        return Msg(subject, sid, reply, payload, parse_headers(block))
 
     def _simple(self, line: bytes) -> Event:
         op, _, rest = line.partition(b" ")

@@ -23,11 +23,11 @@ from conftest import FAST
 from support import IN_PROCESS_STOP, online, publish_via, receive, two_nodes, user_of, wait_until
 
 from meshpush.bridge import Bridge
-from meshpush.bus import Bus, Notification, decode_republished
+from meshpush.bus import Bus, Notification, decode_republished, republished_trace
 from meshpush.devcluster import LocalCluster
 from meshpush.encoding import encode_token
 from meshpush.metrics import Metrics
-from meshpush.natswire import Msg, Parser
+from meshpush.natswire import Msg, Parser, ProtocolError, encode_headers
 from meshpush.node import Node
 from meshpush.ring import slot
 from meshpush.settings import Settings
@@ -53,6 +53,11 @@ def headers(**extra: str) -> dict[str, str]:
     return {k: v for k, v in {**base, **extra}.items() if v != "-"}  # "-": left out
 
 
+def block(**extra: str) -> bytes:
+    """The header block as it comes on the wire (the subscription takes it raw)."""
+    return encode_headers(headers(**extra))
+
+
 ALICE_7 = Notification("user", "alice", 7, 4, "m-7", 1795000000.25, '{"x":1}')
 
 
@@ -60,55 +65,56 @@ ALICE_7 = Notification("user", "alice", 7, 4, "m-7", 1795000000.25, '{"x":1}')
 
 
 def test_a_republished_message_decodes_to_the_notification() -> None:
-    assert decode_republished(SUBJECT, headers(), b'{"x":1}') == ALICE_7
+    assert decode_republished(SUBJECT, block(), b'{"x":1}') == ALICE_7
 
 
 def test_the_relative_prev_of_a_later_message_of_an_atomic_batch() -> None:
-    note = decode_republished(SUBJECT, headers(**{"Mp-Prev": "-", "Mp-Prev-Back": "2"}), b"1")
+    note = decode_republished(SUBJECT, block(**{"Mp-Prev": "-", "Mp-Prev-Back": "2"}), b"1")
     assert (note.seq, note.prev) == (7, 5)
 
 
 def test_a_message_of_a_node_without_publish_time_is_dated_on_arrival() -> None:
     before = time.time()
-    note = decode_republished(SUBJECT, headers(**{"Mp-T": "-"}), b"1")
+    note = decode_republished(SUBJECT, block(**{"Mp-T": "-"}), b"1")
     assert before <= note.published_at <= time.time()
 
 
 def test_the_first_message_of_a_user_and_one_stored_before_mp_prev_chain_on_0() -> None:
-    assert decode_republished(SUBJECT, headers(**{"Mp-Prev": "0"}), b"1").prev == 0
-    assert decode_republished(SUBJECT, headers(**{"Mp-Prev": "-"}), b"1").prev == 0
+    assert decode_republished(SUBJECT, block(**{"Mp-Prev": "0"}), b"1").prev == 0
+    assert decode_republished(SUBJECT, block(**{"Mp-Prev": "-"}), b"1").prev == 0
 
 
 @pytest.mark.parametrize(
-    ("subject", "hdrs", "payload"),
+    ("subject", "raw", "payload"),
     [
         (SUBJECT, None, b"1"),  # a plain message (no headers)
-        (SUBJECT, {}, b"1"),
-        (SUBJECT, headers(**{"Nats-Sequence": "-"}), b"1"),
-        (SUBJECT, headers(**{"Nats-Sequence": "seven"}), b"1"),
-        (SUBJECT, headers(**{"Mp-Prev": "x"}), b"1"),
-        (SUBJECT, headers(**{"Mp-Prev": "7"}), b"1"),  # prev not before seq
-        (SUBJECT, headers(**{"Mp-Prev": "-1"}), b"1"),
-        (SUBJECT, headers(**{"Mp-Prev-Back": "0"}), b"1"),
-        (SUBJECT, headers(**{"Mp-Prev-Back": "8"}), b"1"),
-        (SUBJECT, headers(**{"Mp-Id": "-"}), b"1"),
-        (SUBJECT, headers(**{"Mp-Id": "!!"}), b"1"),
-        (SUBJECT, headers(**{"Mp-T": "noon"}), b"1"),
-        ("mp.c.rp.12.!!", headers(), b"1"),  # not a user token
-        ("norp", headers(), b"1"),
-        (SUBJECT, headers(), b"\xff\xfe"),  # not UTF-8
+        (SUBJECT, encode_headers({}), b"1"),
+        (SUBJECT, b"Nats-Sequence: 7\r\nMp-Id: bQ\r\n\r\n", b"1"),  # not a header block
+        (SUBJECT, block(**{"Nats-Sequence": "-"}), b"1"),
+        (SUBJECT, block(**{"Nats-Sequence": "seven"}), b"1"),
+        (SUBJECT, block(**{"Mp-Prev": "x"}), b"1"),
+        (SUBJECT, block(**{"Mp-Prev": "7"}), b"1"),  # prev not before seq
+        (SUBJECT, block(**{"Mp-Prev": "-1"}), b"1"),
+        (SUBJECT, block(**{"Mp-Prev-Back": "0"}), b"1"),
+        (SUBJECT, block(**{"Mp-Prev-Back": "8"}), b"1"),
+        (SUBJECT, block(**{"Mp-Id": "-"}), b"1"),
+        (SUBJECT, block(**{"Mp-Id": "!!"}), b"1"),
+        (SUBJECT, block(**{"Mp-T": "noon"}), b"1"),
+        ("mp.c.rp.12.!!", block(), b"1"),  # not a user token
+        ("norp", block(), b"1"),
+        (SUBJECT, block(), b"\xff\xfe"),  # not UTF-8
     ],
 )
 def test_garbage_raises_what_the_bus_counts(
-    subject: str, hdrs: dict[str, str] | None, payload: bytes
+    subject: str, raw: bytes | None, payload: bytes
 ) -> None:
     with pytest.raises((ValueError, KeyError, UnicodeDecodeError)):
-        decode_republished(subject, hdrs, payload)
+        decode_republished(subject, raw, payload)
 
 
 def test_the_bytes_a_real_server_republishes_parse_and_decode() -> None:
     """An HMSG as nats-server 2.15 sent it (recorded), through the link's parser."""
-    block = (
+    raw = (
         b"NATS/1.0\r\nNats-Msg-Id: id3\r\nMp-Prev: 2\r\nMp-Id: " + encode_token("m3").encode()
         + b"\r\nMp-T: 1795000000.5\r\nNats-Stream: S\r\nNats-Subject: mp.c.store.u.12."
         + ALICE.encode() + b"\r\nNats-Sequence: 3\r\n"
@@ -116,21 +122,41 @@ def test_the_bytes_a_real_server_republishes_parse_and_decode() -> None:
     )  # fmt: skip
     payload = b'{"x":3}'
     wire = b"HMSG %s 1 %d %d\r\n%s%s\r\n" % (
-        SUBJECT.encode(), len(block), len(block) + len(payload), block, payload
+        SUBJECT.encode(), len(raw), len(raw) + len(payload), raw, payload
     )  # fmt: skip
-    [msg] = Parser().feed(wire)
-    assert isinstance(msg, Msg)
-    assert decode_republished(msg.subject, msg.headers, msg.payload) == Notification(
+    [msg] = Parser(raw_sids={1}).feed(wire)
+    assert isinstance(msg, Msg) and msg.headers is None and msg.raw_headers == raw
+    assert decode_republished(msg.subject, msg.raw_headers, msg.payload) == Notification(
         "user", "alice", 3, 2, "m3", 1795000000.5, '{"x":3}'
     )
+
+
+def test_only_the_sids_asked_for_get_raw_headers() -> None:
+    raw = encode_headers({"A": "1"})
+    wire = b"HMSG s 1 %d %d\r\n%s\r\nHMSG s 2 %d %d\r\n%s\r\n" % ((len(raw), len(raw), raw) * 2)
+    first, second = Parser(raw_sids={2}).feed(wire)
+    assert first == Msg("s", 1, None, b"", {"A": "1"})
+    assert second == Msg("s", 2, None, b"", None, raw)
+    with pytest.raises(ProtocolError):  # raw or not, a block must be a header block
+        Parser(raw_sids={1}).feed(b"HMSG s 1 3 3\r\nA:1\r\n")
+
+
+def test_the_trace_context_and_what_else_the_block_may_hold() -> None:
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert republished_trace(block(traceparent=tp)) == {"traceparent": tp}
+    assert republished_trace(block()) is None and republished_trace(None) is None
+    raw = b"NATS/1.0\r\nMp-T:2.5\r\nNats-Sequence:  9 \r\nMp-Id: bQ\r\nMp-Prev: 8\r\n"
+    raw += b"Mp-Prev: 3\r\nX-Mp-Prev: 1\r\n\r\n"  # repeated: the last one; others: ignored
+    note = decode_republished(SUBJECT, raw, b"1")
+    assert (note.seq, note.prev, note.id, note.published_at) == (9, 3, "m", 2.5)
 
 
 async def test_the_bus_hands_republished_messages_over_and_counts_garbage() -> None:
     bus = Bus(Settings(node_id="n1"), Bridge(), Metrics("n1"))
     on_message = bus._republished_callback()
-    on_message(Msg(SUBJECT, 2, None, b"1", None))
-    on_message(Msg(SUBJECT, 2, None, b'{"x":1}', headers()))
-    on_message(Msg(SUBJECT, 2, None, b"1", headers(**{"Nats-Sequence": "-"})))
+    on_message(Msg(SUBJECT, 2, None, b"1"))
+    on_message(Msg(SUBJECT, 2, None, b'{"x":1}', None, block()))
+    on_message(Msg(SUBJECT, 2, None, b"1", None, block(**{"Nats-Sequence": "-"})))
     assert bus.inbound.receive_nowait() == ALICE_7
     assert bus.stats.backend_errors["bad_notification"] == 2
     with pytest.raises(trio.WouldBlock):
@@ -140,10 +166,15 @@ async def test_the_bus_hands_republished_messages_over_and_counts_garbage() -> N
 class RecordingLink:
     def __init__(self) -> None:
         self.subs: dict[int, str] = {}
+        self.raw: set[str] = set()
+        self._sids = iter(range(1, 1000))
 
-    def subscribe(self, subject: str, callback: Any) -> int:
-        self.subs[len(self.subs) + 1] = subject
-        return len(self.subs)
+    def subscribe(self, subject: str, callback: Any, raw_headers: bool = False) -> int:
+        sid = next(self._sids)
+        self.subs[sid] = subject
+        if raw_headers:
+            self.raw.add(subject)
+        return sid
 
     def unsubscribe(self, sid: int) -> None:
         del self.subs[sid]
@@ -165,6 +196,7 @@ async def test_an_owned_slot_is_subscribed_on_both_live_subjects_and_dropped_fro
         "mp.c.rp.3.*",
         "mp.c.rp.4.*",
     ]
+    assert link.raw == {"mp.c.rp.3.*", "mp.c.rp.4.*"}  # read by decode_republished
     await bus.unsubscribe_slots({3})
     assert sorted(link.subs.values()) == ["mp.c.live.u.4", "mp.c.rp.4.*"]
     assert bus.subscribed() == {4}
