@@ -202,6 +202,9 @@ class Bus:
         self._echo_subject = ""
         self._echoes: dict[bytes, trio.Event] = {}  # round trips in flight, by token
         self._probes = 0
+        #: every node in the ring view subscribes republished unicasts (set by the router;
+        #: until then, and while an older node is a member, publishers notify too)
+        self.owners_take_republish = False
 
     @property
     def connected(self) -> bool:

@@ -30,6 +30,7 @@ from .settings import Settings
 from .stats import Tally, snapshot
 
 if TYPE_CHECKING:
+    from .store import Store
     from .webhook import Webhook
 
 log = logging.getLogger(__name__)
@@ -41,16 +42,25 @@ class NodeInfo:
     ws_url: str
     http_url: str
     started_at: float
+    #: it takes the live hints of unicasts from JetStream's republish (``rp``: nodes before
+    #: it only subscribe the publishing node's notifications)
+    republish: bool = True
 
     def to_json(self) -> str:
         return json.dumps(
-            {"ws_url": self.ws_url, "http_url": self.http_url, "started_at": self.started_at}
+            {
+                "ws_url": self.ws_url,
+                "http_url": self.http_url,
+                "started_at": self.started_at,
+                "rp": self.republish,
+            }
         )
 
     @classmethod
     def from_json(cls, node_id: str, raw: bytes) -> NodeInfo:
         obj = json.loads(raw)
-        return cls(node_id, str(obj["ws_url"]), str(obj["http_url"]), float(obj["started_at"]))
+        urls = str(obj["ws_url"]), str(obj["http_url"])
+        return cls(node_id, *urls, float(obj["started_at"]), obj.get("rp") is True)
 
 
 View = dict[str, NodeInfo]
@@ -103,6 +113,7 @@ class Router:
         self._dead: dict[str, tuple[NodeInfo, Ring, Ring]] = {}  # probed dead: info, ring, next
         self._nursery: trio.Nursery | None = None
         self._held: list[Notification | None] = []  # taken from the bus, not dispatched yet
+        self._older_seen = False  # a view held a node that does not take republished hints
         self.webhook: Webhook | None = None  # offline webhook hooks (meshpush/webhook.py)
         #: told of a node a client could not reach (Membership.suspect probes it)
         self.suspect: Callable[[str], None] = lambda node_id: None
@@ -269,10 +280,34 @@ class Router:
             if self.draining:
                 self._drain_ring = ring.without(self.me) if self.me in ring.nodes else ring
             self.registered = registered
+            self._track_republish(view)
             if ring is not old_ring:
                 self._ring_changed(old_ring, ring, len(owned - old_owned), len(lost))
             if lost:
                 self._start_migration(lost)
+
+    def _track_republish(self, view: View) -> None:
+        """Publishers leave unicast hints to JetStream's republish only while every node in
+        the view takes them (:attr:`Bus.owners_take_republish`; a rolling upgrade: while an
+        older node is a member, this one notifies too). Once the last older node is gone, the
+        stream is checked again before this node stops notifying: an older node that started
+        meanwhile updated the stream without the republish (``Store.setup`` puts it back)."""
+        everyone = all(info.republish for info in view.values())
+        if not everyone:
+            self._older_seen = True
+        elif self._older_seen and self._nursery is not None:
+            self._older_seen = False
+            store = self.feeder.store
+            store.republished = False  # notify until the stream is checked
+            self._nursery.start_soon(self._check_republish, store)
+        self.bus.owners_take_republish = everyone
+
+    @staticmethod
+    async def _check_republish(store: Store) -> None:
+        try:
+            await store.setup()
+        except Exception as exc:  # nats/JetStream errors are many: this node keeps notifying
+            log.warning("could not check the user stream's republish (notifying): %r", exc)
 
     def _ring_changed(self, old: Ring, new: Ring, gained: int, lost: int) -> None:
         """Count and log every ring change: grow, shrink (a leave or an expired lease), both."""

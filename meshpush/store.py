@@ -515,8 +515,9 @@ class Store:
     def _notify(self, item: Outgoing, stored: Stored) -> None:
         """The live hint, on the NATS link (buffered; written once per loop turn). A failure
         is logged and counted (the stream has the message). None for a unicast when the
-        stream republishes it (:attr:`republished`: JetStream sends the hint)."""
-        if self.republished and item.ch == "user":
+        stream republishes it (:attr:`republished`: JetStream sends the hint) and every node
+        takes that hint (``Bus.owners_take_republish``: not during a rolling upgrade)."""
+        if item.ch == "user" and self.republished and self.bus.owners_take_republish:
             return
         head = {"u": item.user, "s": stored.seq, "p": stored.prev, "i": item.id, "t": time.time()}
         subject = self.bus.live_subject(item.ch, item.user)

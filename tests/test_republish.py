@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import nats
@@ -26,11 +27,14 @@ from meshpush.bridge import Bridge
 from meshpush.bus import Bus, Notification, decode_republished, republished_trace
 from meshpush.devcluster import LocalCluster
 from meshpush.encoding import encode_token
+from meshpush.hub import Hub
 from meshpush.metrics import Metrics
 from meshpush.natswire import Msg, Parser, ProtocolError, encode_headers
 from meshpush.node import Node
 from meshpush.ring import slot
+from meshpush.router import NodeInfo, Router
 from meshpush.settings import Settings
+from meshpush.store import Outgoing, Store, Stored
 
 ALICE = encode_token("alice")
 SUBJECT = f"mp.c.rp.12.{ALICE}"
@@ -368,3 +372,82 @@ async def test_a_stream_made_without_republish_gets_it_when_a_node_starts(
             with trio.move_on_after(10):
                 await node.stop()
             nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- who notifies (rolling upgrade)
+
+
+class PublishedLink:
+    def __init__(self) -> None:
+        self.subjects: list[str] = []
+
+    def publish(self, subject: str, payload: bytes, *rest: Any) -> None:
+        self.subjects.append(subject)
+
+
+@pytest.mark.parametrize(
+    ("republished", "everyone", "notified"),
+    [(True, True, False), (True, False, True), (False, True, True), (False, False, True)],
+)
+def test_the_publisher_notifies_a_unicast_unless_the_stream_and_every_owner_republish(
+    republished: bool, everyone: bool, notified: bool
+) -> None:
+    settings = Settings(node_id="n1", cluster="c")
+    bus = Bus(settings, Bridge(), Metrics("n1"))
+    link = PublishedLink()
+    bus.link = link  # type: ignore[assignment]
+    store = Store(settings, bus, Bridge(), Metrics("n1"))
+    store.republished, bus.owners_take_republish = republished, everyone
+    store._notify(Outgoing("user", "alice", "m", "1"), Stored(7, 4, False))
+    store._notify(Outgoing("broadcast", None, "b", "1"), Stored(3, 2, False))
+    expected = [f"mp.c.live.u.{slot('alice')}"] if notified else []
+    assert link.subjects == [*expected, "mp.c.live.b"]  # broadcasts: always from the node
+
+
+def test_a_node_announces_that_it_takes_republished_hints_and_older_ones_read_as_not() -> None:
+    info = NodeInfo("n1", "ws://a/ws", "http://a", 1.5)
+    assert NodeInfo.from_json("n1", info.to_json().encode()) == info and info.republish
+    older = b'{"ws_url": "ws://a/ws", "http_url": "http://a", "started_at": 1.5}'
+    assert NodeInfo.from_json("n1", older) == NodeInfo("n1", "ws://a/ws", "http://a", 1.5, False)
+
+
+class CheckedStore:
+    def __init__(self) -> None:
+        self.republished = True
+        self.setups = 0
+
+    async def setup(self) -> None:
+        self.setups += 1
+        self.republished = True
+
+
+async def test_publishers_notify_while_an_older_node_is_a_member_then_check_the_stream() -> None:
+    bus = SimpleNamespace(
+        owners_take_republish=False,
+        subscribe_slots=_nothing,
+        unsubscribe_slots=_nothing,
+        subscribe_broadcast=_nothing,
+    )
+    store = CheckedStore()
+    feeder = SimpleNamespace(store=store)
+    r = Router(Settings(node_id="n1"), Hub(), bus, feeder, Metrics("n1"))  # type: ignore[arg-type]
+    new = {i: NodeInfo(i, f"ws://{i}/ws", f"http://{i}", 0.0) for i in ("n1", "n2")}
+    mixed = {**new, "old": NodeInfo("old", "ws://o/ws", "http://o", 0.0, republish=False)}
+    async with trio.open_nursery() as nursery:
+        r._nursery = nursery
+        await r.apply(new, registered=True)
+        assert bus.owners_take_republish and store.setups == 0  # set up at start already
+        await r.apply(mixed, registered=True)
+        assert not bus.owners_take_republish
+        await r.apply(new, registered=True)  # the older node left (or was replaced)
+        assert bus.owners_take_republish and not store.republished  # until checked again
+        await wait_until(lambda: store.setups == 1, timeout=5)
+        assert store.republished
+        await r.apply(new, registered=True)
+        await trio.sleep(0.01)
+        assert store.setups == 1  # once per older node gone, not per view
+        nursery.cancel_scope.cancel()
+
+
+async def _nothing(*args: Any) -> None:
+    pass
