@@ -112,6 +112,13 @@ class Settings:
         default=120.0, metadata={"help": "seconds a publish id deduplicates retries"}
     )
     stream_replicas: int = field(default=1, metadata={"help": "JetStream stream replicas"})
+    live_republish: bool = field(
+        default=True,
+        metadata={
+            "help": "JetStream republishes each stored unicast to its owner (off: the"
+            " publishing node notifies it); the same on every node"
+        },
+    )
     backlog_user: int = field(
         default=-1,
         metadata={"help": "stored user messages a brand-new device gets: -1 all, 0 none, N last N"},

@@ -303,7 +303,7 @@ class Store:
         echoed = infos[0].config.republish
         wanted = self.bus.subjects.user_republish()
         self.republished = echoed is not None and (echoed.src, echoed.dest) == wanted
-        if not self.republished:
+        if self.settings.live_republish and not self.republished:
             log.warning("the user stream does not republish (server too old?): nodes notify")
         self.epoch = ".".join(str(int(i.created.timestamp() * 1000)) for i in infos)
 
@@ -322,7 +322,9 @@ class Store:
                 name=self.streams["user"],
                 subjects=[f"mp.{c}.store.u.>"],
                 max_msgs_per_subject=s.max_msgs_per_user,
-                republish=nats.js.api.RePublish(src=src, dest=dest, headers_only=False),
+                republish=nats.js.api.RePublish(src=src, dest=dest, headers_only=False)
+                if s.live_republish
+                else None,
                 **common,
             ),
             nats.js.api.StreamConfig(

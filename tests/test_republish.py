@@ -10,8 +10,11 @@ that still notifies (a rolling upgrade) and a stream made without republish.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,8 +23,20 @@ import nats.js.api
 import nats.js.errors
 import pytest
 import trio
-from conftest import FAST
-from support import IN_PROCESS_STOP, online, publish_via, receive, two_nodes, user_of, wait_until
+from conftest import FAST, make_cluster
+from support import (
+    IN_PROCESS_STOP,
+    assert_exact_chain,
+    connected,
+    online,
+    publish,
+    publish_via,
+    receive,
+    two_nodes,
+    user_of,
+    user_owned_by,
+    wait_until,
+)
 
 from meshpush.bridge import Bridge
 from meshpush.bus import Bus, Notification, decode_republished, republished_trace
@@ -29,6 +44,7 @@ from meshpush.devcluster import LocalCluster
 from meshpush.encoding import encode_token
 from meshpush.hub import Hub
 from meshpush.metrics import Metrics
+from meshpush.natslink import Link, LinkConfig
 from meshpush.natswire import Msg, Parser, ProtocolError, encode_headers
 from meshpush.node import Node
 from meshpush.ring import slot
@@ -451,3 +467,62 @@ async def test_publishers_notify_while_an_older_node_is_a_member_then_check_the_
 
 async def _nothing(*args: Any) -> None:
     pass
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+async def test_node_processes_deliver_from_the_republish_and_publish_no_notification(
+    tmp_path: Path,
+) -> None:
+    """Three node processes (as the bench runs them): what crosses NATS per unicast is the
+    stored message and JetStream's republish, no notification from the publishing node."""
+    seen: Counter[str] = Counter()
+    with make_cluster(tmp_path / "cluster", nodes=3) as cluster:
+        first, second, _ = cluster.live()
+        user = await user_owned_by(cluster, second.id, prefix="procs")
+        link = Link(cluster.settings_for("watch").nats_servers, LinkConfig(name="watch"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(link.run)
+            for kind, subject in (("live", "mp.t.live.u.>"), ("republished", "mp.t.rp.>")):
+                link.subscribe(subject, lambda msg, kind=kind: seen.update([kind]))
+            await link.ping(5)  # the server has the subscriptions
+            async with connected(cluster, user, via=second) as client:
+                stored = [
+                    (await publish(cluster, first, user, {"i": i}, msg_id=f"p-{i}"))["seq"]
+                    for i in range(20)
+                ]
+                got = [await receive(client) for _ in stored]
+            nursery.cancel_scope.cancel()
+    assert [m.seq for m in got] == stored
+    assert_exact_chain(got)
+    assert seen == {"republished": 20}
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings(IN_PROCESS_STOP)
+async def test_with_live_republish_off_the_stream_loses_it_and_the_publisher_notifies(
+    backends: LocalCluster,
+) -> None:
+    settings = dataclasses.replace(backends.settings_for("off"), live_republish=False)
+    async with trio.open_nursery() as nursery:
+        node: Node = await nursery.start(Node(settings).run)
+        try:
+            assert not node.store.republished
+
+            async def republish() -> Any:
+                return (await node.bus.js.stream_info("MP_rp_USER")).config.republish
+
+            assert await node.bridge.call(republish, timeout=5) is None
+            sent = notifications_of(node)
+            await wait_until(lambda: node.router.ready, timeout=15)
+            user = "off-1"  # the only node owns every user
+            async with online(backends, node, user) as client:
+                stored = await publish_via(node, backends.api_key, user, 1, msg_id="o-1")
+                msg = await receive(client)
+            assert (msg.seq, msg.id) == (stored["seq"], "o-1")
+            assert sent == [node.bus.subjects.slot_live(slot(user))]
+        finally:
+            with trio.move_on_after(10):
+                await node.stop()
+            nursery.cancel_scope.cancel()
