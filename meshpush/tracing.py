@@ -15,8 +15,10 @@ node id. The packages come with the ``tracing`` extra (``pip install 'meshpush[t
 
 Spans (docs/operations.md, "Tracing"): on the publishing node ``POST /v1/publish`` (server)
 -> ``meshpush.store`` (one per stored message: the JetStream publish) -> ``meshpush.notify``
-(producer: the live notification). The W3C ``traceparent`` goes into the NATS headers of the
-notification and of the stored message. On the owner node ``meshpush.deliver`` (consumer,
+(producer: the live notification; none for a unicast JetStream republishes: the owner's
+deliver span then hangs under the store span, whose traceparent the stored message
+carries). The W3C ``traceparent`` goes into the NATS headers of the notification and of the
+stored message. On the owner node ``meshpush.deliver`` (consumer,
 from the moment the notification arrived) -> per session (at most :data:`SESSION_SPANS`)
 ``meshpush.feed`` (the feed's verdict) -> ``meshpush.write`` (the frame handed to the socket).
 A batch replayed from the stream is a ``meshpush.replay`` span linked to its messages' stores.
