@@ -164,14 +164,16 @@ IN_PROCESS_STOP = "ignore:coroutine '_call_defer' was never awaited:RuntimeWarni
 
 @asynccontextmanager
 async def two_nodes(backends: LocalCluster) -> AsyncIterator[tuple[Node, Node]]:
-    """Nodes ``a`` and ``b`` in this process on ``backends`` (etcd and NATS only), both ready
-    and in each other's view."""
+    """Nodes ``a`` and ``b`` in this process on ``backends`` (etcd and NATS only), both ready,
+    in each other's view and subscribed to their own slots only (the first node lets go of
+    the slots it lost to the second once their sessions have moved: until then a message to
+    one of them reaches both nodes)."""
     async with trio.open_nursery() as nursery:
         a = await nursery.start(Node(backends.settings_for("a")).run)
         b = await nursery.start(Node(backends.settings_for("b")).run)
         try:
             with trio.fail_after(30):
-                while not all(n.router.ready and set(n.router.view) == {"a", "b"} for n in (a, b)):
+                while not all(_settled(n) for n in (a, b)):
                     await trio.sleep(0.05)
             yield a, b
         finally:
@@ -179,6 +181,12 @@ async def two_nodes(backends: LocalCluster) -> AsyncIterator[tuple[Node, Node]]:
                 await a.stop()
                 await b.stop()
             nursery.cancel_scope.cancel()
+
+
+def _settled(node: Node) -> bool:
+    router = node.router
+    ready = router.ready and set(router.view) == {"a", "b"}
+    return ready and node.bus.subscribed() == router.owned
 
 
 def user_of(node: Node, via: Node, prefix: str = "user") -> str:
