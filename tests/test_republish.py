@@ -23,7 +23,7 @@ import nats.js.api
 import nats.js.errors
 import pytest
 import trio
-from conftest import FAST, make_cluster
+from conftest import FAST
 from support import (
     IN_PROCESS_STOP,
     assert_exact_chain,
@@ -470,14 +470,20 @@ async def _nothing(*args: Any) -> None:
 
 
 @pytest.mark.cluster
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("backends", ["single", "clustered"])
 async def test_node_processes_deliver_from_the_republish_and_publish_no_notification(
-    tmp_path: Path,
+    tmp_path: Path, backends: str
 ) -> None:
     """Three node processes (as the bench runs them): what crosses NATS per unicast is the
-    stored message and JetStream's republish, no notification from the publishing node."""
+    stored message and JetStream's republish, no notification from the publishing node. On
+    three NATS servers with a replicated stream (R3) it is republished once (by the leader)."""
     seen: Counter[str] = Counter()
-    with make_cluster(tmp_path / "cluster", nodes=3) as cluster:
+    workdir = tmp_path / "cluster"
+    cluster = LocalCluster(
+        workdir, nodes=3, cluster="t", backends=backends, node_settings=FAST, check_stops=True
+    )
+    with cluster:
         first, second, _ = cluster.live()
         user = await user_owned_by(cluster, second.id, prefix="procs")
         link = Link(cluster.settings_for("watch").nats_servers, LinkConfig(name="watch"))
