@@ -337,3 +337,13 @@ async def test_a_big_request_still_waiting_at_the_deadline_goes_in_rounds(
         link.gates.pop("first").set()
     assert link.js.chains[subject_of("u1")] == [(2, 0), (3, 2), (4, 3), (5, 4), (6, 5)]
     assert store._turns.busy() == 0
+
+
+async def test_a_big_request_with_one_message_a_user_goes_in_one_round() -> None:
+    """One round stores it all: a batch would only add the server's staging."""
+    link = FakeLink(FakeJetStream())
+    store = make_store(link, atomic=True)
+    users = [f"u{k}" for k in range(SMALL_REQUEST + 3)]
+    outcomes = await store.publish_many([out(u, f"one-{u}") for u in users])
+    assert all(isinstance(o, Stored) for o in outcomes)
+    assert link.batches == [] and len(link.rounds) == 1
