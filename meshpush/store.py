@@ -253,13 +253,18 @@ class _LastSeqs:
             self._data.popitem(last=False)
 
 
-def _publish(subject: str, prev: int, item: Outgoing) -> Request:
-    headers = {
-        "Nats-Msg-Id": dedup_id(item),
-        "Nats-Expected-Last-Subject-Sequence": str(prev),
-        "Mp-Prev": str(prev),
-        "Mp-Id": encode_token(item.id),
-    }
+def _publish(
+    subject: str, prev: int, item: Outgoing, headers: dict[str, str] | None = None
+) -> Request:
+    """One message's publish: chained on ``prev`` (``prev`` < 0: ``-prev`` messages back in
+    the same atomic batch, whose ``headers`` are given)."""
+    headers = headers or {}
+    headers["Nats-Msg-Id"] = dedup_id(item)
+    if prev >= 0:
+        headers["Nats-Expected-Last-Subject-Sequence"] = headers["Mp-Prev"] = str(prev)
+    else:  # the server refuses an expectation there; the batch keeps it behind its prev
+        headers["Mp-Prev-Back"] = str(-prev)
+    headers["Mp-Id"] = encode_token(item.id)
     if item.trace is not None:
         headers["traceparent"] = item.trace.traceparent
     return Request(subject, item.data_json.encode(), headers)
@@ -306,22 +311,10 @@ def _batch_publishes(
             subjects[i] = subject
     requests = []
     for i, item in enumerate(items):
-        headers = {
-            "Nats-Batch-Id": batch_id,
-            "Nats-Batch-Sequence": str(i + 1),
-            "Nats-Msg-Id": dedup_id(item),
-            "Mp-Id": encode_token(item.id),
-        }
-        if prevs[i] >= 0:
-            headers["Nats-Expected-Last-Subject-Sequence"] = str(prevs[i])
-            headers["Mp-Prev"] = str(prevs[i])
-        else:
-            headers["Mp-Prev-Back"] = str(-prevs[i])
-        if item.trace is not None:
-            headers["traceparent"] = item.trace.traceparent
+        batch = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i + 1)}
         if i == len(items) - 1:
-            headers["Nats-Batch-Commit"] = "1"
-        requests.append(Request(subjects[i], item.data_json.encode(), headers))
+            batch["Nats-Batch-Commit"] = "1"
+        requests.append(_publish(subjects[i], prevs[i], item, batch))
     return requests
 
 

@@ -193,3 +193,17 @@ def test_atomic_batches_only_where_the_server_echoed_allow_atomic() -> None:
     assert not atomic_allowed(stream_info())
     assert not atomic_allowed(stream_info(allow_atomic=False))
     assert atomic_allowed(stream_info(allow_atomic=True))
+
+
+async def test_one_id_twice_in_a_request_is_stored_once(backends: LocalCluster) -> None:
+    """JetStream refuses a batch with an id twice; the rounds store the first and answer the
+    second as its duplicate, as for any request."""
+    async with stores(backends, "at6") as [store]:
+        items = batch("d", ["d1", "d2"], 5)
+        items[6] = items[2]  # d1's second message, again as its fourth
+        outcomes = stored(await store.publish_many(items))
+        assert store.atomic_batches == 0 and store.atomic_fallbacks == 1
+        assert (outcomes[6].seq, outcomes[6].duplicate) == (outcomes[2].seq, True)
+        chain = await chain_of(store, "d1")
+        assert_exact(chain)
+        assert len(chain) == 4
