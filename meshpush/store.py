@@ -11,7 +11,8 @@
   one round trip instead of one per message of a user. The batch is stored whole, on
   consecutive seqs, or not at all; the first message of each subject carries the expected
   last seq and ``Mp-Prev``, a later one ``Mp-Prev-Back: k`` (its prev is its own seq - k,
-  unknown when it is sent). Any refusal falls back to the rounds above.
+  unknown when it is sent). Refused on a stale hint, it is sent once more on the users'
+  newest seqs (one read); any other refusal falls back to the rounds above.
 * ``Nats-Msg-Id`` is the publish id: a retry inside the duplicate window returns the original
   seq with ``duplicate`` set and is neither stored nor notified again.
 * Only after JetStream confirmed the store is the live notification published: the stream is
@@ -376,6 +377,7 @@ class Store:
         self._atomic_known = False  # the mode was logged
         self.atomic_batches = 0  # stored as one batch
         self.atomic_fallbacks = 0  # refused as a batch, stored in rounds
+        self.hint_refreshes = 0  # a batch refused on a stale hint: newest seqs read
         self._small: TrioGroupCommit[Outgoing, Outcome] = TrioGroupCommit(
             self._publish_all, _cancelled
         )
@@ -525,16 +527,21 @@ class Store:
         """Store a big request as one JetStream atomic batch once this request has the turn
         on all its subjects (it waits for them, at most ``publish_timeout``: requests queued
         on the same users then go one whole batch after the other). A batch refused for any
-        reason (a stale chain hint, an id already stored, a server limit) stored nothing:
-        the request goes in rounds, which answer per item. Still waiting at the deadline:
-        rounds too, for the subjects it has (the others: not stored, as in rounds)."""
+        reason (a stale chain hint, an id already stored, a server limit) stored nothing;
+        refused on a stale hint (another node published to one of the users), the users'
+        newest seqs are read and the batch is sent once more; refused again, or for another
+        reason, the request goes in rounds, which answer per item. Still waiting at the
+        deadline: rounds too, for the subjects it has (the others: not stored, as in rounds)."""
         chains = self._chains(items)
         outcomes: list[Outcome | None] = [None] * len(items)
         claim = self._turns.claim(chains)
         deadline = trio.current_time() + self.publish_timeout
         try:
             if await claim.all_granted(deadline):
-                if await self._batch(items, chains, outcomes):
+                refused = await self._batch(items, chains, outcomes)
+                if isinstance(refused, WrongLast) and await self._refresh_hints(items, chains):
+                    refused = await self._batch(items, chains, outcomes)
+                if refused is None:
                     return _filled(outcomes)
                 self.atomic_fallbacks += 1
             await self._rounds(items, chains, outcomes, claim, lambda: None, deadline)
@@ -544,10 +551,11 @@ class Store:
 
     async def _batch(
         self, items: list[Outgoing], chains: dict[str, _Chain], outcomes: list[Outcome | None]
-    ) -> bool:
-        """Send the request as one atomic batch; false if it was refused (nothing stored).
-        Stored: every item's seq follows from the batch's last seq and its position, its prev
-        from its chain; each is notified. No answer: every item's outcome is unknown."""
+    ) -> WrongLast | Refused | None:
+        """Send the request as one atomic batch; the answer if it was refused (nothing
+        stored), else None. Stored: every item's seq follows from the batch's last seq and its
+        position, its prev from its chain; each is notified. No answer: every item's outcome
+        is unknown."""
         for subject, chain in chains.items():
             self._start(subject, chain, items)
         prevs = _prevs_in_batch(chains)
@@ -556,12 +564,12 @@ class Store:
         if isinstance(answer, NoAnswer):
             timeout = StoreTimeout(f"outcome unknown: {answer.detail}")
             outcomes[:] = [timeout] * len(items)
-            return True
+            return None
         if not isinstance(answer, BatchAck):
             if isinstance(answer, Refused) and answer.code == ATOMIC_DISABLED:
                 self._use_atomic(False)
-            log.debug("atomic batch refused (%s): stored in rounds", answer)
-            return False
+            log.debug("atomic batch refused: %s", answer)
+            return answer
         self.atomic_batches += 1
         first = answer.seq - answer.count + 1
         for i, item in enumerate(items):
@@ -571,6 +579,19 @@ class Store:
             self._notify(item, stored)
         for subject, chain in chains.items():
             self._last.put(subject, first + chain.indexes[-1])
+        return None
+
+    async def _refresh_hints(self, items: list[Outgoing], chains: dict[str, _Chain]) -> bool:
+        """The chains' hints from the users' newest seqs, read in one request (the refusal
+        names one subject's seq, not which); false if the read failed."""
+        users = [items[chain.indexes[0]].user or "" for chain in chains.values()]
+        try:
+            lasts: dict[str, int] = await self._call(lambda: self._last_of_users(users))
+        except StoreUnavailable:
+            return False
+        for subject, user in zip(chains, users, strict=True):
+            self._last.put(subject, lasts.get(user, 0))
+        self.hint_refreshes += 1
         return True
 
     async def _rounds(

@@ -19,7 +19,15 @@ from meshpush.bus import Bus
 from meshpush.devcluster import LocalCluster
 from meshpush.metrics import Metrics
 from meshpush.settings import Settings
-from meshpush.store import SMALL_REQUEST, Outcome, Outgoing, Store, Stored, atomic_allowed
+from meshpush.store import (
+    SMALL_REQUEST,
+    Outcome,
+    Outgoing,
+    Store,
+    Stored,
+    atomic_allowed,
+    stream_subject,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -114,7 +122,7 @@ async def test_a_retried_batch_answers_duplicate_per_item_and_stores_nothing_new
             assert len(chain) == 8
 
 
-async def test_a_stale_chain_hint_falls_back_to_rounds_and_keeps_chains_exact(
+async def test_a_stale_chain_hint_is_read_again_and_the_batch_sent_once_more(
     backends: LocalCluster,
 ) -> None:
     async with stores(backends, "at3", count=2) as [a, b]:
@@ -122,13 +130,36 @@ async def test_a_stale_chain_hint_falls_back_to_rounds_and_keeps_chains_exact(
         stored(await a.publish_many(batch("a1", users, 3)))
         await b.publish("user", "s2", "from-b", '"b"')  # a's hint for s2 is stale now
         later = stored(await a.publish_many(batch("a2", users, 3)))
-        assert a.atomic_fallbacks == 1 and a.chain_retries >= 1
+        assert a.hint_refreshes == 1 and a.atomic_batches == 2 and a.atomic_fallbacks == 0
+        assert [s.seq for s in later] == list(range(later[0].seq, later[0].seq + 9))
+        for user in users:
+            assert_exact(await chain_of(a, user))
+
+
+async def test_a_batch_refused_again_after_the_hints_were_read_goes_in_rounds(
+    backends: LocalCluster,
+) -> None:
+    async with stores(backends, "at7", count=2) as [a, b]:
+        users = ["t1", "t2"]
+        stored(await a.publish_many(batch("a1", users, 5)))
+        await b.publish("user", "t1", "from-b", '"b"')
+        read = a._last_of_users
+
+        async def read_then_publish(users: list[str]) -> dict[str, int]:
+            lasts = await read(users)  # another node publishes between the read and the batch
+            await b.bus.js.publish(
+                stream_subject(b.settings, "user", "t2"),
+                b"1",
+                headers={"Mp-Prev": str(lasts["t2"]), "Nats-Msg-Id": "raced"},
+            )
+            return lasts
+
+        a._last_of_users = read_then_publish  # type: ignore[method-assign]
+        later = stored(await a.publish_many(batch("a2", users, 5)))
+        assert a.hint_refreshes == 1 and a.atomic_fallbacks == 1 and a.atomic_batches == 1
         assert not any(s.duplicate for s in later)
         for user in users:
             assert_exact(await chain_of(a, user))
-        # the rounds refreshed the hint: the next batch goes whole again
-        stored(await a.publish_many(batch("a3", users, 3)))
-        assert a.atomic_batches == 2
 
 
 async def test_concurrent_batches_from_several_stores_keep_chains_exact(
