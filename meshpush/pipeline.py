@@ -166,10 +166,12 @@ class TrioGroupCommit(Generic[Item, Result]):
         run: Callable[[list[Item], Callable[[], None]], Awaitable[Sequence[Result]]],
         cancelled: Callable[[list[Item]], Sequence[Result]],
         lanes: int = 4,
+        max_items: int | None = None,
     ) -> None:
         self._run = run
         self._cancelled = cancelled
         self._lanes = lanes
+        self._max_items = max_items  # a merged batch takes requests up to this many items
         self._busy = 0
         self._queue: list[_Waiting[Item, Result]] = []
         self.batches = 0
@@ -208,11 +210,22 @@ class TrioGroupCommit(Generic[Item, Result]):
             waiting[0].lead = True
             waiting[0].done.set()
 
+    def _take(self) -> list[_Waiting[Item, Result]]:
+        """The oldest queued requests, as many as fit in ``max_items`` (at least one)."""
+        count, total = 0, 0
+        for waiting in self._queue:
+            total += len(waiting.items)
+            if count and self._max_items is not None and total > self._max_items:
+                break
+            count += 1
+        batch, self._queue = self._queue[:count], self._queue[count:]
+        return batch
+
     async def _lane(self) -> None:
         """Run one merged batch of everything queued (``_busy`` counts this lane already),
         then hand the lane to the oldest request that queued meanwhile: the task that ran a
         batch returns to its own caller at once."""
-        batch, self._queue = self._queue, []
+        batch = self._take()
         freed = False
 
         def idle() -> None:

@@ -12,7 +12,8 @@
   consecutive seqs, or not at all; the first message of each subject carries the expected
   last seq and ``Mp-Prev``, a later one ``Mp-Prev-Back: k`` (its prev is its own seq - k,
   unknown when it is sent). Refused on a stale hint, it is sent once more on the users'
-  newest seqs (one read); any other refusal falls back to the rounds above.
+  newest seqs (one read); any other refusal falls back to the rounds above. One batch is in
+  flight per node: big requests that arrive meanwhile go together in the next one.
 * ``Nats-Msg-Id`` is the publish id: a retry inside the duplicate window returns the original
   seq with ``duplicate`` set and is neither stored nor notified again.
 * Only after JetStream confirmed the store is the live notification published: the stream is
@@ -381,6 +382,12 @@ class Store:
         self._small: TrioGroupCommit[Outgoing, Outcome] = TrioGroupCommit(
             self._publish_all, _cancelled
         )
+        # big requests that arrive while an atomic batch is in flight go together in the next
+        # one (a request waits for its users' turns anyway: requests on the same users would
+        # otherwise go one batch at a time)
+        self._big: TrioGroupCommit[Outgoing, Outcome] = TrioGroupCommit(
+            self._publish_atomic, _cancelled, lanes=1, max_items=MAX_ATOMIC_BATCH
+        )
 
     def statistics(self) -> StoreStats:
         return snapshot(self.stats)
@@ -486,7 +493,7 @@ class Store:
         if len(items) <= SMALL_REQUEST:  # merged: one round of publishes for many requests
             outcomes = await self._small.submit(items)
         elif self.atomic and _batchable(items):
-            outcomes = await self._publish_atomic(items)
+            outcomes = await self._big.submit(items)
         else:
             outcomes = await self._publish_all(items)
         for outcome in outcomes:
@@ -523,7 +530,9 @@ class Store:
             chain.indexes.append(i)
         return chains
 
-    async def _publish_atomic(self, items: list[Outgoing]) -> Sequence[Outcome]:
+    async def _publish_atomic(
+        self, items: list[Outgoing], idle: Callable[[], None] = lambda: None
+    ) -> Sequence[Outcome]:
         """Store a big request as one JetStream atomic batch once this request has the turn
         on all its subjects (it waits for them, at most ``publish_timeout``: requests queued
         on the same users then go one whole batch after the other). A batch refused for any

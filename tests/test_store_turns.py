@@ -347,3 +347,35 @@ async def test_a_big_request_with_one_message_a_user_goes_in_one_round() -> None
     outcomes = await store.publish_many([out(u, f"one-{u}") for u in users])
     assert all(isinstance(o, Stored) for o in outcomes)
     assert link.batches == [] and len(link.rounds) == 1
+
+
+async def test_big_requests_arriving_while_a_batch_is_in_flight_go_together_in_the_next() -> None:
+    link = FakeLink(FakeJetStream())
+    link.gates["a-u1-0"] = trio.Event()  # the first batch is stuck until the others queued
+    store = make_store(link, atomic=True)
+    done: dict[str, list[Outcome]] = {}
+
+    async def request(tag: str, users: list[str]) -> None:
+        done[tag] = list(await store.publish_many(big(tag, users)))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request, "a", ["u1", "u2"])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(request, "b", ["u1", "u2"])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(request, "c", ["u3", "u1"])
+            await trio.testing.wait_all_tasks_blocked()
+            link.gates.pop("a-u1-0").set()
+    assert [len(b) for b in link.batches] == [10, 20] and store.atomic_batches == 2
+    assert all(isinstance(o, Stored) for outcomes in done.values() for o in outcomes)
+    for user in ["u1", "u2", "u3"]:
+        chain = link.js.chains[subject_of(user)]
+        assert [prev for _, prev in chain] == [0] + [seq for seq, _ in chain[:-1]]
+        assert link.notes_of(user) == chain
+    assert [n.id for n in link.notes if n.user == "u1"] == [
+        *(f"a-u1-{k}" for k in range(5)),
+        *(f"b-u1-{k}" for k in range(5)),
+        *(f"c-u1-{k}" for k in range(5)),
+    ]
+    assert store._turns.busy() == 0
