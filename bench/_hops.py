@@ -135,6 +135,7 @@ def install_node() -> None:
     # each user's chain starts when it is the batch's turn on that user (Store._start); no
     # asyncio side since the store publishes on the trio NATS link (meshpush/natslink.py)
     store.Store._publish_all = stamp_items("cross", store.Store._publish_all)  # type: ignore[method-assign]
+    store.Store._publish_atomic = stamp_items("cross", store.Store._publish_atomic)  # type: ignore[method-assign]
     start_chain = store.Store._start
 
     def timed_start(self: Any, subject: str, chain: Any, items: list[Any]) -> None:
@@ -145,20 +146,25 @@ def install_node() -> None:
 
     store.Store._start = timed_start  # type: ignore[method-assign]
 
-    round_ = pipeline.publish_round  # store calls it by its own name: patched there
+    def timed(send: Any) -> Any:
+        """A store's JetStream send (a round, or an atomic batch) recording round/acked."""
 
-    async def timed_round(link: Any, publishes: list[Any], timeout: float) -> Any:
-        ns = [n_of(p.payload) for p in publishes]
-        t = time.monotonic()
-        for n in ns:
-            record("round", n, t)
-        answers = await round_(link, publishes, timeout)
-        t = time.monotonic()
-        for n in ns:
-            record("acked", n, t)
-        return answers
+        async def sent(link: Any, publishes: list[Any], timeout: float) -> Any:
+            ns = [n_of(p.payload) for p in publishes]
+            t = time.monotonic()
+            for n in ns:
+                record("round", n, t)
+            answers = await send(link, publishes, timeout)
+            t = time.monotonic()
+            for n in ns:
+                record("acked", n, t)
+            return answers
 
-    store.publish_round = timed_round  # type: ignore[attr-defined]
+        return sent
+
+    # the store calls them by their own names: patched there
+    store.publish_round = timed(pipeline.publish_round)  # type: ignore[attr-defined]
+    store.publish_batch = timed(pipeline.publish_batch)  # type: ignore[attr-defined]
 
     notify = store.Store._notify
 

@@ -257,6 +257,36 @@ class Link:
                 self._unsent.append(token)
             except (LinkError, ValueError) as exc:
                 round_.answer(i, NotSent(f"not sent: {exc}"))
+        return await self._answers(round_, tokens, timeout)
+
+    async def request_batch(self, requests: list[Request], timeout: float) -> Reply:
+        """Publish every request in one write, all or none (a request that cannot be encoded
+        sends nothing: :class:`NotSent`), only the last one with a reply subject, then wait
+        at most ``timeout`` for its answer (a JetStream atomic batch's commit)."""
+        token = self._token()
+        reply = f"{self.inbox}.{token}"
+        last = len(requests) - 1
+        try:
+            if not self.connected:
+                raise NotConnected("not connected to NATS")
+            data = b"".join(
+                natswire.publish(
+                    r.subject, r.payload, reply if k == last else None, r.headers, self.max_payload
+                )
+                for k, r in enumerate(requests)
+            )
+            self._write(data)
+        except (LinkError, ValueError) as exc:
+            return NotSent(f"not sent: {exc}")
+        self._published += len(requests)
+        round_ = _Round(1)
+        self._waiting[token] = (round_, 0)
+        self._unsent.append(token)
+        [answer] = await self._answers(round_, [token], timeout)
+        return answer
+
+    async def _answers(self, round_: _Round, tokens: list[str], timeout: float) -> list[Reply]:
+        """Wait at most ``timeout`` for a round's answers (those missing: :class:`NoReply`)."""
         try:
             if round_.remaining:
                 with trio.move_on_after(timeout):

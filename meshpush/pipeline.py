@@ -10,7 +10,8 @@ crossing per message. Each answer becomes an :class:`Ack`, the seq JetStream say
 last one (:class:`WrongLast`), :class:`Refused` (definitely not stored: JetStream said no, or
 the publish never left the process) or :class:`NoAnswer` (sent, outcome unknown).
 :class:`TrioGroupCommit` merges the publish requests that arrive while earlier ones are in
-flight, so single publishes from many HTTP requests share rounds too.
+flight, so single publishes from many HTTP requests share rounds too. :func:`publish_batch`
+sends a JetStream atomic batch (many publishes, one commit, one answer).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ _LAST_RE = re.compile(r"wrong last sequence: (\d+)")
 class Ack:
     seq: int
     duplicate: bool
+    count: int = 1  # messages stored by an atomic batch's commit (its PubAck's "count")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,7 @@ class Refused:
     """Definitely not stored (JetStream answered an error, or the publish was never sent)."""
 
     detail: str
+    code: int = 0  # JetStream's err_code, if it answered one
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,18 @@ class NoAnswer:
 
 
 Answer = Ack | WrongLast | Refused | NoAnswer
+
+
+@dataclass(frozen=True, slots=True)
+class BatchAck:
+    """A JetStream atomic batch was stored: its ``count`` messages have the consecutive seqs
+    ``seq - count + 1 .. seq`` (``seq``: the last one's)."""
+
+    seq: int
+    count: int
+
+
+BatchAnswer = BatchAck | WrongLast | Refused | NoAnswer
 
 
 def parse_ack(data: bytes, headers: dict[str, str] | None) -> Answer:
@@ -70,17 +85,35 @@ def parse_ack(data: bytes, headers: dict[str, str] | None) -> Answer:
         return NoAnswer(f"unreadable answer (status {status})")
     error = obj.get("error")
     if error is None:
-        return Ack(int(obj["seq"]), bool(obj.get("duplicate", False)))
+        return Ack(int(obj["seq"]), bool(obj.get("duplicate", False)), int(obj.get("count", 1)))
     match = _LAST_RE.search(str(error.get("description", "")))
     if error.get("err_code") == WRONG_LAST and match:
         return WrongLast(int(match.group(1)))
-    return Refused(f"JetStream refused: {error.get('description')}")
+    code = int(error.get("err_code") or 0)
+    return Refused(f"JetStream refused: {error.get('description')}", code)
 
 
 async def publish_round(link: Link, publishes: list[Request], timeout: float) -> list[Answer]:
     """Send every publish with its own reply subject (one write), then wait at most
     ``timeout`` for all the answers: one :data:`Answer` per publish, in order."""
     return [answer_of(r) for r in await link.request_many(publishes, timeout)]
+
+
+async def publish_batch(link: Link, publishes: list[Request], timeout: float) -> BatchAnswer:
+    """Send a JetStream atomic batch (``publishes`` carry the ``Nats-Batch-*`` headers; the
+    last one commits) in one write and wait at most ``timeout`` for its one answer."""
+    answer = answer_of(await link.request_batch(publishes, timeout))
+    if isinstance(answer, Ack):
+        return _batch_ack(answer, len(publishes))
+    return answer
+
+
+def _batch_ack(ack: Ack, count: int) -> BatchAnswer:
+    """A batch's PubAck. A plain or duplicate one (a server that took the commit for a lone
+    message) stored nothing as a batch: refused (the caller falls back to single publishes)."""
+    if ack.duplicate or ack.count != count:
+        return Refused(f"JetStream did not store the batch as one (ack {ack})")
+    return BatchAck(ack.seq, count)
 
 
 def answer_of(reply: Reply) -> Answer:
@@ -133,10 +166,12 @@ class TrioGroupCommit(Generic[Item, Result]):
         run: Callable[[list[Item], Callable[[], None]], Awaitable[Sequence[Result]]],
         cancelled: Callable[[list[Item]], Sequence[Result]],
         lanes: int = 4,
+        max_items: int | None = None,
     ) -> None:
         self._run = run
         self._cancelled = cancelled
         self._lanes = lanes
+        self._max_items = max_items  # a merged batch takes requests up to this many items
         self._busy = 0
         self._queue: list[_Waiting[Item, Result]] = []
         self.batches = 0
@@ -175,11 +210,22 @@ class TrioGroupCommit(Generic[Item, Result]):
             waiting[0].lead = True
             waiting[0].done.set()
 
+    def _take(self) -> list[_Waiting[Item, Result]]:
+        """The oldest queued requests, as many as fit in ``max_items`` (at least one)."""
+        count, total = 0, 0
+        for waiting in self._queue:
+            total += len(waiting.items)
+            if count and self._max_items is not None and total > self._max_items:
+                break
+            count += 1
+        batch, self._queue = self._queue[:count], self._queue[count:]
+        return batch
+
     async def _lane(self) -> None:
         """Run one merged batch of everything queued (``_busy`` counts this lane already),
         then hand the lane to the oldest request that queued meanwhile: the task that ran a
         batch returns to its own caller at once."""
-        batch, self._queue = self._queue, []
+        batch = self._take()
         freed = False
 
         def idle() -> None:

@@ -200,6 +200,34 @@ async def test_jetstream_publishes_are_acked_in_one_round(link: Link) -> None:
     assert isinstance(wrong, Msg) and json.loads(wrong.payload)["error"]["err_code"] == 10071
 
 
+async def test_an_atomic_batch_is_one_write_with_one_answer_or_nothing_sent(link: Link) -> None:
+    config = {"name": "A", "subjects": ["a.>"], "storage": "memory", "allow_atomic": True}
+    [created] = await link.request_many(
+        [Request("$JS.API.STREAM.CREATE.A", json.dumps(config).encode())], 5
+    )
+    assert isinstance(created, Msg) and b"error" not in created.payload
+
+    def batch(n: int, big: int = -1) -> list[Request]:
+        return [
+            Request(
+                f"a.{k % 2}",
+                b"x" * (link.max_payload + 1 if k == big else 1),
+                {"Nats-Batch-Id": f"b{n}{big}", "Nats-Batch-Sequence": str(k + 1)}
+                | ({"Nats-Batch-Commit": "1"} if k == n - 1 else {}),
+            )
+            for k in range(n)
+        ]
+
+    answer = await link.request_batch(batch(3), 5)
+    assert isinstance(answer, Msg)
+    ack = json.loads(answer.payload)
+    assert (ack["seq"], ack["count"], ack["batch"]) == (3, 3, "b3-1")
+    refused = await link.request_batch(batch(3, big=1), 5)  # one cannot be encoded
+    assert isinstance(refused, NotSent)
+    again = await link.request_batch(batch(2), 5)
+    assert isinstance(again, Msg) and json.loads(again.payload)["seq"] == 5  # nothing between
+
+
 async def test_publishing_while_disconnected_is_not_sent(server: NatsServer) -> None:
     link = Link([server.url])
     with pytest.raises(NotConnected):

@@ -75,6 +75,32 @@ async def test_trio_group_commit_merges_requests_that_wait_and_answers_each_its_
     assert sorted(calls[1]) == sorted([1, 101, 2, 102, 3, 103, 4, 104])
 
 
+async def test_trio_group_commit_merges_at_most_max_items_but_always_one_request() -> None:
+    calls: list[list[int]] = []
+
+    async def run(items: list[int], idle: object) -> list[int]:
+        calls.append(items)
+        await trio.sleep(0.01)
+        return items
+
+    commit: TrioGroupCommit[int, int] = TrioGroupCommit(run, cancelled, lanes=1, max_items=5)
+    results: dict[int, Sequence[int]] = {}
+
+    async def submit(i: int, size: int) -> None:
+        results[i] = await commit.submit([i] * size)
+
+    sizes = {0: 1, 1: 2, 2: 2, 3: 2, 4: 7, 5: 1}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(submit, 0, 1)
+        await trio.sleep(0.001)  # its batch is running: the others queue, in this order
+        for i in range(1, 6):
+            nursery.start_soon(submit, i, sizes[i])
+            await trio.testing.wait_all_tasks_blocked()
+    assert results == {i: [i] * n for i, n in sizes.items()}
+    # in arrival order: 1 and 2 fit in 5, 3 does not; 4 alone is over 5 but goes whole
+    assert calls == [[0], [1, 1, 2, 2], [3, 3], [4] * 7, [5]]
+
+
 def cancelled(items: list[int]) -> list[int]:
     return [-1] * len(items)
 

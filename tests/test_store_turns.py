@@ -8,6 +8,7 @@ import random
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -37,7 +38,9 @@ def subject_of(user: str) -> str:
 
 class FakeJetStream:
     """Stores a publish when it arrives if its expected last seq is right (else names the
-    real one), deduplicates by ``Nats-Msg-Id``; keeps every subject's chain of (seq, prev)."""
+    real one), deduplicates by ``Nats-Msg-Id``; keeps every subject's chain of (seq, prev).
+    An atomic batch is stored whole on consecutive seqs or refused whole, as nats-server does
+    (expected last seqs are checked on the first message of each subject only)."""
 
     def __init__(self) -> None:
         self.seq = 0
@@ -53,10 +56,32 @@ class FakeJetStream:
         if int(headers["Nats-Expected-Last-Subject-Sequence"]) != last:
             description = f"wrong last sequence: {last}"
             return {"error": {"code": 400, "err_code": 10071, "description": description}}
-        self.seq += 1
-        chain.append((self.seq, int(headers["Mp-Prev"])))
-        self.ids[headers["Nats-Msg-Id"]] = self.seq
+        self._store(req)
         return {"seq": self.seq}
+
+    def _store(self, req: Request) -> None:
+        headers = req.headers or {}
+        self.seq += 1
+        back = headers.get("Mp-Prev-Back")
+        prev = self.seq - int(back) if back else int(headers["Mp-Prev"])
+        self.chains.setdefault(req.subject, []).append((self.seq, prev))
+        self.ids[headers["Nats-Msg-Id"]] = self.seq
+
+    def answer_batch(self, requests: list[Request]) -> dict[str, Any]:
+        ids = [(r.headers or {})["Nats-Msg-Id"] for r in requests]
+        if any(i in self.ids for i in ids) or len(set(ids)) < len(ids):
+            description = "atomic publish batch contains duplicate message id"
+            return {"error": {"code": 400, "err_code": 10201, "description": description}}
+        for r in requests:
+            expected = (r.headers or {}).get("Nats-Expected-Last-Subject-Sequence")
+            chain = self.chains.get(r.subject, [])
+            last = chain[-1][0] if chain else 0
+            if expected is not None and int(expected) != last:
+                description = f"wrong last sequence: {last}"
+                return {"error": {"code": 400, "err_code": 10071, "description": description}}
+        for r in requests:
+            self._store(r)
+        return {"seq": self.seq, "batch": "b", "count": len(requests)}
 
 
 class FakeLink:
@@ -68,6 +93,7 @@ class FakeLink:
         self.delay = delay
         self.gates: dict[str, trio.Event] = {}
         self.rounds: list[list[str]] = []
+        self.batches: list[list[str]] = []
         self.notes: list[Notification] = []
 
     async def request_many(self, requests: list[Request], timeout: float) -> list[Reply]:
@@ -82,6 +108,18 @@ class FakeLink:
             return [Msg("_INBOX.x", 1, None, json.dumps(a).encode()) for a in answers]
         return [NoReply("no answer in time")] * len(requests)
 
+    async def request_batch(self, requests: list[Request], timeout: float) -> Reply:
+        self.batches.append([r.subject for r in requests])
+        for r in requests:  # a stuck message stalls the whole batch (before it is applied)
+            gate = self.gates.get(json.loads(r.payload)["id"])
+            if gate is not None:
+                await gate.wait()
+        answer = self.js.answer_batch(requests)
+        with trio.move_on_after(timeout):
+            await trio.sleep(self.delay())
+            return Msg("_INBOX.x", 1, None, json.dumps(answer).encode())
+        return NoReply("no answer in time")
+
     def publish(self, subject: str, payload: bytes, reply: Any = None, headers: Any = None) -> None:
         self.notes.append(decode_notification("user", payload))
 
@@ -89,11 +127,13 @@ class FakeLink:
         return [(n.seq, n.prev) for n in self.notes if n.user == user]
 
 
-def make_store(link: FakeLink) -> Store:
+def make_store(link: FakeLink, atomic: bool = False) -> Store:
     bus = SimpleNamespace(
         js=object(), connected=True, link=link, live_subject=lambda ch, user: f"live.{user}"
     )
-    return Store(SETTINGS, bus, Bridge(), Metrics("t"))  # type: ignore[arg-type]
+    store = Store(SETTINGS, bus, Bridge(), Metrics("t"))  # type: ignore[arg-type]
+    store.atomic = atomic
+    return store
 
 
 def out(user: str, msg_id: str) -> Outgoing:
@@ -175,8 +215,9 @@ async def test_a_cancelled_request_has_notified_what_it_stored_before_the_user_p
     assert store._turns.busy() == 0 and store.chain_retries == 1
 
 
+@pytest.mark.parametrize("atomic", [False, True])
 async def test_notifications_of_each_user_follow_its_chain_across_concurrent_requests(
-    autojump_clock: trio.abc.Clock,
+    autojump_clock: trio.abc.Clock, atomic: bool
 ) -> None:
     """Concurrent single and batch requests over a few users, rounds answered after random
     delays: every message is stored once, each user's chain is exact, and each user's
@@ -184,7 +225,7 @@ async def test_notifications_of_each_user_follow_its_chain_across_concurrent_req
     one's), every stored message notified once."""
     rng = random.Random(7)
     link = FakeLink(FakeJetStream(), delay=lambda: rng.random() * 0.01)
-    store = make_store(link)
+    store = make_store(link, atomic)
     users = [f"u{k}" for k in range(6)]
     outcomes: list[Outcome] = []
 
@@ -205,3 +246,136 @@ async def test_notifications_of_each_user_follow_its_chain_across_concurrent_req
         assert [prev for _, prev in chain] == [0] + [seq for seq, _ in chain[:-1]]
         assert link.notes_of(user) == chain
     assert max(len(r) for r in link.rounds) > 1 and store._turns.busy() == 0
+    assert bool(link.batches) == atomic and store.atomic_batches == len(link.batches)
+
+
+# ---------------------------------------------------------------- atomic batches
+
+
+def big(tag: str, users: list[str], per_user: int = 5) -> list[Outgoing]:
+    return [out(u, f"{tag}-{u}-{k}") for k in range(per_user) for u in users]
+
+
+async def test_a_big_request_is_one_atomic_batch_with_absolute_prevs_in_its_answers() -> None:
+    link = FakeLink(FakeJetStream())
+    store = make_store(link, atomic=True)
+    await store.publish_many([out("u1", "before")])  # seq 1
+    outcomes = await store.publish_many(big("a", ["u1", "u2", "u3"]))
+    assert len(link.batches) == 1 and len(link.batches[0]) == 15
+    assert [(o.seq, o.prev) for o in outcomes if isinstance(o, Stored)][:6] == [
+        (2, 1),
+        (3, 0),
+        (4, 0),
+        (5, 2),
+        (6, 3),
+        (7, 4),
+    ]
+    for user in ["u1", "u2", "u3"]:
+        assert link.notes_of(user) == link.js.chains[subject_of(user)]
+    # the hints follow the batch: the next one chains on its last seqs without a refusal
+    await store.publish_many(big("b", ["u1", "u2", "u3"]))
+    assert store.atomic_batches == 2 and store.atomic_fallbacks == 0
+    assert store._turns.busy() == 0
+
+
+async def test_a_batch_without_an_answer_is_a_timeout_for_every_item(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    link = FakeLink(FakeJetStream(), delay=lambda: 10.0)
+    store = make_store(link, atomic=True)
+    outcomes = await store.publish_many(big("t", ["u1", "u2"]))
+    assert all(isinstance(o, StoreTimeout) for o in outcomes), outcomes
+    assert len(link.rounds) == 0 and store._turns.busy() == 0
+    # it was stored: a retry with the same ids is refused as a batch and answered per item
+    link.delay = lambda: 0.0
+    again = await store.publish_many(big("t", ["u1", "u2"]))
+    assert all(isinstance(o, Stored) and o.duplicate for o in again)
+    assert store.atomic_fallbacks == 1
+
+
+async def test_a_big_request_waits_for_all_its_users_then_goes_as_one_batch() -> None:
+    link = FakeLink(FakeJetStream())
+    link.gates["first"] = trio.Event()
+    store = make_store(link, atomic=True)
+    done: list[Outcome] = []
+
+    async def request(items: list[Outgoing]) -> None:
+        done.extend(await store.publish_many(items))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request, [out("u2", "first")])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(request, big("b", ["u1", "u2"]))
+            await trio.testing.wait_all_tasks_blocked()
+            assert link.batches == [] and len(link.rounds) == 1  # u1 granted, u2 not yet
+            link.gates.pop("first").set()
+    assert len(link.batches) == 1 and store.atomic_batches == 1
+    assert link.js.chains[subject_of("u2")] == [(1, 0), (3, 1), (5, 3), (7, 5), (9, 7), (11, 9)]
+    assert store._turns.busy() == 0
+
+
+async def test_a_big_request_still_waiting_at_the_deadline_goes_in_rounds(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    link = FakeLink(FakeJetStream())
+    link.gates["first"] = trio.Event()
+    store = make_store(link, atomic=True)
+    store.publish_timeout = 1.0
+    done: dict[str, list[Outcome]] = {}
+
+    async def request(name: str, items: list[Outgoing]) -> None:
+        done[name] = list(await store.publish_many(items))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request, "first", [out("u2", "first")])
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(request, "big", big("b", ["u1", "u2"]))
+        await trio.sleep(2)
+        assert link.batches == []
+        assert [isinstance(o, Stored) for o in done["big"]] == [True, False] * 5
+        link.gates.pop("first").set()
+    assert link.js.chains[subject_of("u1")] == [(2, 0), (3, 2), (4, 3), (5, 4), (6, 5)]
+    assert store._turns.busy() == 0
+
+
+async def test_a_big_request_with_one_message_a_user_goes_in_one_round() -> None:
+    """One round stores it all: a batch would only add the server's staging."""
+    link = FakeLink(FakeJetStream())
+    store = make_store(link, atomic=True)
+    users = [f"u{k}" for k in range(SMALL_REQUEST + 3)]
+    outcomes = await store.publish_many([out(u, f"one-{u}") for u in users])
+    assert all(isinstance(o, Stored) for o in outcomes)
+    assert link.batches == [] and len(link.rounds) == 1
+
+
+async def test_big_requests_arriving_while_a_batch_is_in_flight_go_together_in_the_next() -> None:
+    link = FakeLink(FakeJetStream())
+    link.gates["a-u1-0"] = trio.Event()  # the first batch is stuck until the others queued
+    store = make_store(link, atomic=True)
+    done: dict[str, list[Outcome]] = {}
+
+    async def request(tag: str, users: list[str]) -> None:
+        done[tag] = list(await store.publish_many(big(tag, users)))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request, "a", ["u1", "u2"])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(request, "b", ["u1", "u2"])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(request, "c", ["u3", "u1"])
+            await trio.testing.wait_all_tasks_blocked()
+            link.gates.pop("a-u1-0").set()
+    assert [len(b) for b in link.batches] == [10, 20] and store.atomic_batches == 2
+    assert all(isinstance(o, Stored) for outcomes in done.values() for o in outcomes)
+    for user in ["u1", "u2", "u3"]:
+        chain = link.js.chains[subject_of(user)]
+        assert [prev for _, prev in chain] == [0] + [seq for seq, _ in chain[:-1]]
+        assert link.notes_of(user) == chain
+    assert [n.id for n in link.notes if n.user == "u1"] == [
+        *(f"a-u1-{k}" for k in range(5)),
+        *(f"b-u1-{k}" for k in range(5)),
+        *(f"c-u1-{k}" for k in range(5)),
+    ]
+    assert store._turns.busy() == 0

@@ -1,0 +1,240 @@
+"""Big publish requests as one JetStream atomic batch, against a real ``nats-server -js``:
+exact chains (also across batches and single publishes), retries answered ``duplicate`` per
+item, stale chain hints and concurrent publishers from several stores (the batch is refused,
+the request goes in rounds), and a stream without ``allow_atomic`` (rounds)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import nats.js.api
+import pytest
+import trio
+import trio_asyncio
+
+from meshpush.bridge import Bridge, aio
+from meshpush.bus import Bus
+from meshpush.devcluster import LocalCluster
+from meshpush.metrics import Metrics
+from meshpush.settings import Settings
+from meshpush.store import (
+    SMALL_REQUEST,
+    Outcome,
+    Outgoing,
+    Store,
+    Stored,
+    atomic_allowed,
+    stream_subject,
+)
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with LocalCluster(tmp_path_factory.mktemp("atomic"), nodes=0) as cluster:
+        yield cluster
+
+
+@contextlib.asynccontextmanager
+async def stores(backends: LocalCluster, name: str, count: int = 1) -> AsyncIterator[list[Store]]:
+    """``count`` stores on one cluster's streams, as that many nodes have."""
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        found = []
+        for k in range(count):
+            settings = Settings(node_id=f"n{k}", cluster=name, nats_url=backends.nats_url)
+            metrics = Metrics(f"n{k}")
+            bridge = await nursery.start(Bridge().run)
+            bus = await nursery.start(Bus(settings, bridge, metrics).run)
+            store = Store(settings, bus, bridge, metrics)
+            await store.setup()
+            found.append(store)
+        yield found
+        nursery.cancel_scope.cancel()
+
+
+def batch(tag: str, users: list[str], per_user: int) -> list[Outgoing]:
+    """``per_user`` messages of every user, interleaved (u0, u1, .., u0, u1, ..)."""
+    return [
+        Outgoing("user", u, f"{tag}-{u}-{k}", f'"{tag}-{u}-{k}"')
+        for k in range(per_user)
+        for u in users
+    ]
+
+
+async def chain_of(store: Store, user: str) -> list[tuple[int, int, str]]:
+    """The user's stored (seq, prev, id), read back from the stream."""
+    return [(m.seq, m.prev, m.id) for m in await store.read_after("user", user, 0, 1000)]
+
+
+def assert_exact(chain: list[tuple[int, int, str]]) -> None:
+    assert [prev for _, prev, _ in chain] == [0] + [seq for seq, _, _ in chain[:-1]]
+
+
+def stored(outcomes: Any) -> list[Stored]:
+    assert all(isinstance(o, Stored) for o in outcomes), outcomes
+    return list(outcomes)
+
+
+async def test_a_batch_is_stored_with_exact_chains_across_batches_and_single_publishes(
+    backends: LocalCluster,
+) -> None:
+    users = ["a", "b.c", "ü d"]
+    async with stores(backends, "at1") as [store]:
+        assert store.atomic
+        first = stored(await store.publish_many(batch("x", users, 4)))
+        one = await store.publish("user", "a", "single", '"single"')
+        second = stored(await store.publish_many(batch("y", users, 3)))
+        assert store.atomic_batches == 2 and store.atomic_fallbacks == 0
+        assert [s.seq for s in first] == list(range(first[0].seq, first[0].seq + 12))
+        assert not any(s.duplicate for s in first + second)
+        for user in users:
+            chain = await chain_of(store, user)
+            assert_exact(chain)
+            expected = [f"x-{user}-{k}" for k in range(4)] + (["single"] if user == "a" else [])
+            assert [i for _, _, i in chain] == expected + [f"y-{user}-{k}" for k in range(3)]
+        # the answers are what the stream holds
+        answered = {(s.seq, s.prev) for s in first + second + [one]}
+        held = {(seq, prev) for u in users for seq, prev, _ in await chain_of(store, u)}
+        assert answered == held
+
+
+async def test_a_retried_batch_answers_duplicate_per_item_and_stores_nothing_new(
+    backends: LocalCluster,
+) -> None:
+    async with stores(backends, "at2") as [store]:
+        items = batch("r", ["p", "q"], 5)
+        first = stored(await store.publish_many(items))
+        end = await store.end_seq("user")
+        again = stored(await store.publish_many(items))
+        assert [(s.seq, s.duplicate) for s in again] == [(s.seq, True) for s in first]
+        assert await store.end_seq("user") == end
+        assert store.atomic_fallbacks == 1  # the batch was refused whole, rounds answered
+        # some ids stored, some new: the stored ones are duplicates, the new ones chained on
+        mixed = items[:4] + batch("n", ["p", "q"], 3)
+        outcomes = stored(await store.publish_many(mixed))
+        assert [s.duplicate for s in outcomes] == [True] * 4 + [False] * 6
+        for user in ["p", "q"]:
+            chain = await chain_of(store, user)
+            assert_exact(chain)
+            assert len(chain) == 8
+
+
+async def test_a_stale_chain_hint_is_read_again_and_the_batch_sent_once_more(
+    backends: LocalCluster,
+) -> None:
+    async with stores(backends, "at3", count=2) as [a, b]:
+        users = ["s1", "s2", "s3"]
+        stored(await a.publish_many(batch("a1", users, 3)))
+        await b.publish("user", "s2", "from-b", '"b"')  # a's hint for s2 is stale now
+        later = stored(await a.publish_many(batch("a2", users, 3)))
+        assert a.hint_refreshes == 1 and a.atomic_batches == 2 and a.atomic_fallbacks == 0
+        assert [s.seq for s in later] == list(range(later[0].seq, later[0].seq + 9))
+        for user in users:
+            assert_exact(await chain_of(a, user))
+
+
+async def test_a_batch_refused_again_after_the_hints_were_read_goes_in_rounds(
+    backends: LocalCluster,
+) -> None:
+    async with stores(backends, "at7", count=2) as [a, b]:
+        users = ["t1", "t2"]
+        stored(await a.publish_many(batch("a1", users, 5)))
+        await b.publish("user", "t1", "from-b", '"b"')
+        read = a._last_of_users
+
+        async def read_then_publish(users: list[str]) -> dict[str, int]:
+            lasts = await read(users)  # another node publishes between the read and the batch
+            await b.bus.js.publish(
+                stream_subject(b.settings, "user", "t2"),
+                b"1",
+                headers={"Mp-Prev": str(lasts["t2"]), "Nats-Msg-Id": "raced"},
+            )
+            return lasts
+
+        a._last_of_users = read_then_publish  # type: ignore[method-assign]
+        later = stored(await a.publish_many(batch("a2", users, 5)))
+        assert a.hint_refreshes == 1 and a.atomic_fallbacks == 1 and a.atomic_batches == 1
+        assert not any(s.duplicate for s in later)
+        for user in users:
+            assert_exact(await chain_of(a, user))
+
+
+async def test_concurrent_batches_from_several_stores_keep_chains_exact(
+    backends: LocalCluster,
+) -> None:
+    users = [f"c{k}" for k in range(5)]
+    rounds = 6
+    outcomes: list[Outcome] = []
+    async with stores(backends, "at4", count=3) as nodes:
+
+        async def publisher(node: int, store: Store) -> None:
+            for r in range(rounds):
+                outcomes.extend(await store.publish_many(batch(f"{node}-{r}", users, 2)))
+                outcomes.append(await store.publish("user", users[r % 5], f"{node}-{r}", "1"))
+
+        async with trio.open_nursery() as nursery:
+            for node, store in enumerate(nodes):
+                nursery.start_soon(publisher, node, store)
+        assert len(stored(outcomes)) == 3 * rounds * 11
+        assert sum(s.atomic_batches for s in nodes) > 0
+        for user in users:
+            chain = await chain_of(nodes[0], user)
+            assert_exact(chain)
+            for node in range(3):  # each store's messages of one user keep their order
+                mine = [i for _, _, i in chain if i.startswith(f"{node}-")]
+                order = [(f"{node}-{r}-{user}-{k}") for r in range(rounds) for k in range(2)]
+                assert [i for i in mine if i.count("-") == 3] == order
+
+
+async def test_a_stream_without_allow_atomic_is_stored_in_rounds(
+    backends: LocalCluster,
+) -> None:
+    async with stores(backends, "at5") as [store]:
+        js = store.bus.js
+        info = await aio(js.stream_info)(store.streams["user"])
+        info.config.allow_atomic = False
+        await aio(js.update_stream)(info.config)
+        items = batch("o", ["o1", "o2"], SMALL_REQUEST)
+        outcomes = stored(await store.publish_many(items))  # refused as a batch: rounds
+        assert not store.atomic and store.atomic_batches == 0
+        assert not any(s.duplicate for s in outcomes)
+        for user in ["o1", "o2"]:
+            assert_exact(await chain_of(store, user))
+        stored(await store.publish_many(batch("p", ["o1"], SMALL_REQUEST + 1)))
+        assert store.atomic_fallbacks == 1  # atomic batches are off now: no second try
+
+
+def stream_info(**config: Any) -> nats.js.api.StreamInfo:
+    """A stream info as the server answers it (nats-py parses the dict in place)."""
+    state = {"messages": 0, "bytes": 0, "first_seq": 0, "last_seq": 0, "consumer_count": 0}
+    return nats.js.api.StreamInfo.from_response(
+        {
+            "config": {"name": "MP_t_USER", **config},
+            "state": state,
+            "created": "2026-11-27T12:00:00Z",
+        }
+    )
+
+
+def test_atomic_batches_only_where_the_server_echoed_allow_atomic() -> None:
+    """An older server ignores the field: the stream info it answers has none."""
+    assert not atomic_allowed(stream_info())
+    assert not atomic_allowed(stream_info(allow_atomic=False))
+    assert atomic_allowed(stream_info(allow_atomic=True))
+
+
+async def test_one_id_twice_in_a_request_is_stored_once(backends: LocalCluster) -> None:
+    """JetStream refuses a batch with an id twice; the rounds store the first and answer the
+    second as its duplicate, as for any request."""
+    async with stores(backends, "at6") as [store]:
+        items = batch("d", ["d1", "d2"], 5)
+        items[6] = items[2]  # d1's second message, again as its fourth
+        outcomes = stored(await store.publish_many(items))
+        assert store.atomic_batches == 0 and store.atomic_fallbacks == 1
+        assert (outcomes[6].seq, outcomes[6].duplicate) == (outcomes[2].seq, True)
+        chain = await chain_of(store, "d1")
+        assert_exact(chain)
+        assert len(chain) == 4
