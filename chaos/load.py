@@ -32,7 +32,8 @@ from .events import USER, FailedPublish, Published
 SINGLE, BATCH, MULTI, BROADCAST_VIA = "single", "batch", "multi", "broadcast"
 #: share of unicast publish *requests* of each kind (messages: batch and multi carry several)
 MIX: dict[str, float] = {SINGLE: 0.7, BATCH: 0.15, MULTI: 0.15}  # ~1/3 of messages each
-MAX_ITEMS = 8  # messages in one batch, users in one multi-user publish
+MAX_ITEMS = 16  # messages in one batch, users in one multi-user publish (a batch of more
+# than 8 with a user twice is one JetStream atomic batch: both store paths are exercised)
 
 
 @dataclass(frozen=True, slots=True)

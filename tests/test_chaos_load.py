@@ -14,7 +14,7 @@ from chaos import report
 from chaos.checker import check
 from chaos.events import USER, DeviceLog, EventLog, Instance, NodeSnapshot, Published, Received
 from chaos.harness import CountingPublisher
-from chaos.load import BATCH, MULTI, SINGLE, LoadPlan, Request, gave_up, outcome
+from chaos.load import BATCH, MAX_ITEMS, MULTI, SINGLE, LoadPlan, Request, gave_up, outcome
 from meshpush.publisher import Failed
 from meshpush.publisher import Published as Stored
 
@@ -41,7 +41,7 @@ def test_the_plan_is_seeded_and_mixes_all_three_kinds() -> None:
 def test_every_unicast_id_is_unique_per_user_and_multi_user_targets_are_distinct() -> None:
     seen: set[tuple[str | None, str]] = set()
     for slot, r in plan_requests(3):
-        assert 1 <= r.slots <= 8 and r.ch == USER
+        assert 1 <= r.slots <= MAX_ITEMS and r.ch == USER
         if r.via == MULTI:
             users = [u for u, _ in r.items]
             assert len(set(users)) == len(users) >= 2
