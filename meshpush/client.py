@@ -136,6 +136,9 @@ class _Redirect(Exception):
         self.node = node
 
 
+#: frames trio-websocket's reader may parse ahead of us (its default, 1, made it hand over
+#: each frame of a burst before reading the next: a task switch per message)
+MESSAGE_QUEUE = 64
 _SESSION_ERRORS = (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError, ProtocolError)
 
 
@@ -344,7 +347,10 @@ class Client:
         if urllib.parse.urlsplit(target).scheme == "wss":
             return self._open_tls(target)
         return open_websocket_url(
-            target, connect_timeout=self.connect_timeout, disconnect_timeout=1.0
+            target,
+            message_queue_size=MESSAGE_QUEUE,
+            connect_timeout=self.connect_timeout,
+            disconnect_timeout=1.0,
         )
 
     @asynccontextmanager
@@ -621,7 +627,9 @@ async def open_websocket_over(
     try:
         async with trio.open_nursery() as nursery:
             with trio.fail_after(timeout):
-                ws = await wrap_client_stream(nursery, stream, host, resource)
+                ws = await wrap_client_stream(
+                    nursery, stream, host, resource, message_queue_size=MESSAGE_QUEUE
+                )
             try:
                 yield ws
             finally:
