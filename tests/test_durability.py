@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,6 +32,7 @@ from trio_websocket import open_websocket_url
 
 from meshpush.devcluster import LocalCluster, NodeProc
 from meshpush.encoding import encode_token
+from meshpush.publisher import Publisher, PublishError
 from meshpush.ring import Ring, slot
 
 pytestmark = pytest.mark.cluster
@@ -221,6 +223,17 @@ async def nats_down_noticed(cluster: LocalCluster, node: NodeProc) -> bool:
     return body["reason"] == "NATS disconnected"
 
 
+def sdk_publish(cluster: LocalCluster, user: str) -> tuple[PublishError, float]:
+    """The publisher SDK against one node during the outage: its error and how long it took
+    (the node's Retry-After read from the real answer, honoured up to 0.3 s)."""
+    node = cluster.live()[1].http_url
+    with Publisher([node], cluster.api_key, retries=1, max_retry_after=0.3) as pub:
+        start = time.monotonic()
+        with pytest.raises(PublishError) as err:
+            pub.publish(user, "not stored either")
+        return err.value, time.monotonic() - start
+
+
 async def test_nats_outage_answers_503_then_recovers_and_catches_up(tmp_path: Path) -> None:
     with make_cluster(tmp_path / "c") as cluster:
         user = "nats-outage"
@@ -240,6 +253,9 @@ async def test_nats_outage_answers_503_then_recovers_and_catches_up(tmp_path: Pa
             assert resp.status_code == 503
             assert resp.json()["error"] == "store_unavailable"
             assert resp.headers["retry-after"] == "1"
+            error, took = await trio.to_thread.run_sync(sdk_publish, cluster, user)
+            assert (error.status, error.code, error.retry_after) == (503, "store_unavailable", 1)
+            assert took >= 0.3  # its one retry waited out Retry-After (capped at 0.3 s)
             await trio.to_thread.run_sync(cluster.start_nats)
             # the node reconnects and catches its sessions up: the hidden message arrives
             await got.wait_for(2, timeout=30)
