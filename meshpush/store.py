@@ -524,13 +524,22 @@ class Store:
         subjects wait for; once its last message is answered its notifications go out and
         the subject passes to the next request queued on it. ``idle`` is called when only
         subjects that others hold are left (the group commit's lane goes on meanwhile)."""
+        return await self._in_turn(items, idle, atomic=False)
+
+    async def _in_turn(
+        self, items: list[Outgoing], idle: Callable[[], None], atomic: bool
+    ) -> Sequence[Outcome]:
+        """Claim the turn on every subject of ``items``, store them (as one atomic batch
+        first if ``atomic``, else or if that did not settle them in rounds) and let the
+        subjects go; each stored message was notified as its answer came."""
         chains = self._chains(items)
         outcomes: list[Outcome | None] = [None] * len(items)
         claim = self._turns.claim(chains)
         deadline = trio.current_time() + self.publish_timeout
         try:
-            await self._rounds(items, chains, outcomes, claim, idle, deadline)
-        finally:  # each stored message was notified as its answer came
+            if not (atomic and await self._atomic(items, chains, outcomes, claim, deadline)):
+                await self._rounds(items, chains, outcomes, claim, idle, deadline)
+        finally:
             claim.close()
         return _filled(outcomes)
 
@@ -555,23 +564,29 @@ class Store:
         refused on a stale hint (another node published to one of the users), the users'
         newest seqs are read and the batch is sent once more; refused again, or for another
         reason, the request goes in rounds, which answer per item. Still waiting at the
-        deadline: rounds too, for the subjects it has (the others: not stored, as in rounds)."""
-        chains = self._chains(items)
-        outcomes: list[Outcome | None] = [None] * len(items)
-        claim = self._turns.claim(chains)
-        deadline = trio.current_time() + self.publish_timeout
-        try:
-            if await claim.all_granted(deadline):
-                refused = await self._batch(items, chains, outcomes)
-                if isinstance(refused, WrongLast) and await self._refresh_hints(items, chains):
-                    refused = await self._batch(items, chains, outcomes)
-                if refused is None:
-                    return _filled(outcomes)
-                self.atomic_fallbacks += 1
-            await self._rounds(items, chains, outcomes, claim, lambda: None, deadline)
-        finally:
-            claim.close()
-        return _filled(outcomes)
+        deadline: rounds too, for the subjects it has (the others: not stored, as in rounds).
+        The lane is not handed on meanwhile (``idle`` unused): one batch at a time."""
+        return await self._in_turn(items, lambda: None, atomic=True)
+
+    async def _atomic(
+        self,
+        items: list[Outgoing],
+        chains: dict[str, _Chain],
+        outcomes: list[Outcome | None],
+        claim: _Claim,
+        deadline: float,
+    ) -> bool:
+        """True when one atomic batch settled the request (stored, or outcome unknown);
+        False: nothing stored by it, rounds go on."""
+        if not await claim.all_granted(deadline):
+            return False
+        refused = await self._batch(items, chains, outcomes)
+        if isinstance(refused, WrongLast) and await self._refresh_hints(items, chains):
+            refused = await self._batch(items, chains, outcomes)
+        if refused is None:
+            return True
+        self.atomic_fallbacks += 1
+        return False
 
     async def _batch(
         self, items: list[Outgoing], chains: dict[str, _Chain], outcomes: list[Outcome | None]
