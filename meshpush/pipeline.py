@@ -212,10 +212,13 @@ class TrioGroupCommit(Generic[Item, Result]):
 
     def _take(self) -> list[_Waiting[Item, Result]]:
         """The oldest queued requests, as many as fit in ``max_items`` (at least one)."""
+        if self._max_items is None:  # the single publishes' lanes: everything queued
+            batch, self._queue = self._queue, []
+            return batch
         count, total = 0, 0
         for waiting in self._queue:
             total += len(waiting.items)
-            if count and self._max_items is not None and total > self._max_items:
+            if count and total > self._max_items:
                 break
             count += 1
         batch, self._queue = self._queue[:count], self._queue[count:]
