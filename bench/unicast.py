@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 import trio
 
 from bench import _hops
+from bench._leanrecv import lean_receiver
 from bench._stats import pct
 from bench._targets import cpu_seconds, machine, write_json
 from meshpush.auth import issue_token
@@ -440,6 +441,18 @@ def _pct_ms(values: list[float], q: float) -> float:
     return pct(values, q) * 1000 if values else float("nan")
 
 
+@dataclass(frozen=True)
+class Apparatus:
+    """How a phase loads and reads: the generators (lean raw sockets, or the publisher SDK),
+    the receivers (lean raw sockets, ``bench._leanrecv``, or the trio client SDK), their ack
+    interval, and where per-hop records go (``--hops``)."""
+
+    sdk_generator: bool = False
+    sdk_receiver: bool = False
+    ack_interval: float = ACK_INTERVAL
+    hops: Path | None = None
+
+
 def run_phase(
     cluster: LocalCluster,
     name: str,
@@ -447,18 +460,19 @@ def run_phase(
     users: int,
     batch: int,
     rate: float,
-    sdk: bool = False,
-    hops: Path | None = None,
-    ack_interval: float = ACK_INTERVAL,
+    apparatus: Apparatus = Apparatus(),
 ) -> Phase:
     since = time.monotonic()
     names = [f"{name}-{i}" for i in range(users)]
     ws = [n.ws_url for n in cluster.live()]
     receivers = []
+    read = receiver if apparatus.sdk_receiver else lean_receiver
     for r in range(RECEIVERS):
         mine = names[r::RECEIVERS]
         expected = sum(1 for i in range(messages) if i % users % RECEIVERS == r)
-        receivers.append(spawn(receiver, ws, cluster.token_secret, mine, expected, ack_interval))
+        receivers.append(
+            spawn(read, ws, cluster.token_secret, mine, expected, apparatus.ack_interval)
+        )
     for _, out in receivers:
         collect(out, 90)  # online
     http = [n.http_url for n in cluster.live()]
@@ -472,7 +486,7 @@ def run_phase(
         load = Load(
             http, cluster.api_key, names, g * per_gen, count, rate / GENERATORS, batch, concurrency
         )
-        gens.append(spawn(sdk_generator if sdk else generator, load))
+        gens.append(spawn(sdk_generator if apparatus.sdk_generator else generator, load))
     gen_results = [collect(out, 600) for _, out in gens]
     rec_results = [collect(out, 180) for _, out in receivers]
     node_cpu = sum(cpu_seconds(p) for p in pids) - cpu_before
@@ -480,7 +494,7 @@ def run_phase(
         proc.join(10)
     latencies = [x for r in rec_results for x in r["latencies"]]
     received = collections.Counter(n for r in rec_results for n in r["numbers"])
-    if hops is not None:
+    if apparatus.hops is not None:
         time.sleep(0.5)  # the processes' last records flushed
     start = min(g["start"] for g in gen_results)
     last = max(r["last"] for r in rec_results)
@@ -499,7 +513,7 @@ def run_phase(
         missing=sum(1 for i in range(messages) if i not in received),
         duplicates=sum(c - 1 for c in received.values() if c > 1),
         load_average=os.getloadavg()[0],
-        hops=_hops.breakdown(hops, since) if hops is not None else {},
+        hops=_hops.breakdown(apparatus.hops, since) if apparatus.hops is not None else {},
     )
 
 
@@ -509,30 +523,22 @@ def run(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
     proc.join(10)
     phases: list[Phase] = []
     kinds = [k for k in (("single", 1), ("batch", args.batch)) if args.only in (None, k[0])]
-    hops = _hops_folder() if args.hops else None
+    apparatus = Apparatus(
+        sdk_generator=args.generator == "sdk",
+        sdk_receiver=args.receiver == "sdk",
+        ack_interval=args.ack_interval,
+        hops=_hops_folder() if args.hops else None,
+    )
     for kind, batch in kinds:
         n = args.messages if batch > 1 else args.single_messages
-        sdk = args.generator == "sdk"
         if args.half_rate:  # the half phase only, at a given rate (before/after comparisons)
             rate = args.half_rate
         else:
-            top = run_phase(
-                cluster, f"{kind}-max", n, args.users, batch, 0.0, sdk, hops, args.ack_interval
-            )
+            top = run_phase(cluster, f"{kind}-max", n, args.users, batch, 0.0, apparatus)
             phases.append(top)
             rate = top.rate / 2
         phases.append(
-            run_phase(
-                cluster,
-                f"{kind}-half",
-                n // 2,
-                args.users,
-                batch,
-                rate,
-                sdk,
-                hops,
-                args.ack_interval,
-            )
+            run_phase(cluster, f"{kind}-half", n // 2, args.users, batch, rate, apparatus)
         )
     return {
         "raw_jetstream_rate": raw["rate"],
@@ -599,6 +605,12 @@ def main(argv: list[str]) -> int:
         choices=["lean", "sdk"],
         default="lean",
         help="load generator: raw keep-alive sockets (lean) or the publisher SDK (httpx)",
+    )
+    parser.add_argument(
+        "--receiver",
+        choices=["lean", "sdk"],
+        default="lean",
+        help="receivers: raw sockets on epoll (lean: bench/_leanrecv.py) or the trio client SDK",
     )
     parser.add_argument(
         "--hops",
