@@ -412,11 +412,13 @@ class Phase:
     p99_ms: float = 0.0
     p999_ms: float = 0.0
     node_cpu_ms_per_msg: float = 0.0
+    nats_cpu_ms_per_msg: float = 0.0  # the nats-server process(es)
     generator_cpu_s: list[float] = field(default_factory=list)
     receiver_cpu_s: list[float] = field(default_factory=list)
     errors: int = 0
     missing: int = 0  # message numbers never received
     duplicates: int = 0  # message numbers received more than once
+    chain_breaks: int = 0  # msgs whose prev was not the seq before (lean receivers count them)
     load_average: float = 0.0
     hops: dict[str, Any] = field(default_factory=dict)  # --hops: the per-hop breakdown
 
@@ -478,7 +480,9 @@ def run_phase(
     http = [n.http_url for n in cluster.live()]
     per_gen = messages // GENERATORS
     pids = [n.proc.pid for n in cluster.live()]
+    nats = [m.proc.pid for m in cluster.nats_members if m.proc is not None]
     cpu_before = sum(cpu_seconds(p) for p in pids)
+    nats_before = sum(cpu_seconds(p) for p in nats)
     gens = []
     for g in range(GENERATORS):
         count = per_gen if g < GENERATORS - 1 else messages - per_gen * g
@@ -490,6 +494,7 @@ def run_phase(
     gen_results = [collect(out, 600) for _, out in gens]
     rec_results = [collect(out, 180) for _, out in receivers]
     node_cpu = sum(cpu_seconds(p) for p in pids) - cpu_before
+    nats_cpu = sum(cpu_seconds(p) for p in nats) - nats_before
     for proc, _ in gens + receivers:
         proc.join(10)
     latencies = [x for r in rec_results for x in r["latencies"]]
@@ -507,11 +512,13 @@ def run_phase(
         p99_ms=_pct_ms(latencies, 0.99),
         p999_ms=_pct_ms(latencies, 0.999),
         node_cpu_ms_per_msg=node_cpu / max(len(latencies), 1) * 1000,
+        nats_cpu_ms_per_msg=nats_cpu / max(len(latencies), 1) * 1000,
         generator_cpu_s=[round(g["cpu"], 2) for g in gen_results],
         receiver_cpu_s=[round(r["cpu"], 2) for r in rec_results],
         errors=sum(g["errors"] for g in gen_results),
         missing=sum(1 for i in range(messages) if i not in received),
         duplicates=sum(c - 1 for c in received.values() if c > 1),
+        chain_breaks=sum(r.get("chain_breaks", 0) for r in rec_results),
         load_average=os.getloadavg()[0],
         hops=_hops.breakdown(apparatus.hops, since) if apparatus.hops is not None else {},
     )
@@ -573,17 +580,22 @@ def table(report: dict[str, Any]) -> str:
         f"raw JetStream publishes/s from one nats-py process (floor): {raw:,.0f}"
         f"  (cpu {report['raw_jetstream_cpu_s']:.1f} s)",
         f"{'phase':<12}{'msgs':>7}{'msg/s':>9}{'x raw':>7}{'p50 ms':>8}{'p99 ms':>8}"
-        f"{'p999 ms':>9}{'node ms/msg':>12}{'errors':>7}  gen cpu s / recv cpu s   load",
+        f"{'p999 ms':>9}{'node ms/msg':>12}{'nats':>6}{'errors':>7}  gen cpu s / recv cpu s"
+        "   load",
     ]
     for p in report["phases"]:
         lines.append(
             f"{p['name']:<12}{p['delivered']:>7}{p['rate']:>9,.0f}{p['rate'] / raw:>7.2f}"
             f"{p['p50_ms']:>8.1f}{p['p99_ms']:>8.1f}{p['p999_ms']:>9.1f}"
-            f"{p['node_cpu_ms_per_msg']:>12.3f}{p['errors']:>7}  {p['generator_cpu_s']} / "
+            f"{p['node_cpu_ms_per_msg']:>12.3f}{p['nats_cpu_ms_per_msg']:>6.3f}{p['errors']:>7}"
+            f"  {p['generator_cpu_s']} / "
             f"{p['receiver_cpu_s']}  {p['load_average']:.1f}"
         )
-        if p["missing"] or p["duplicates"]:
-            lines.append(f"  !! {p['missing']} missing, {p['duplicates']} duplicated")
+        if p["missing"] or p["duplicates"] or p["chain_breaks"]:
+            lines.append(
+                f"  !! {p['missing']} missing, {p['duplicates']} duplicated,"
+                f" {p['chain_breaks']} chain breaks"
+            )
         if p["hops"]:
             lines.append(_hops.text(p["hops"]))
     lines.append(
@@ -643,7 +655,8 @@ def _run_and_print(args: argparse.Namespace, tmp: Path) -> int:
     print(table(report))
     write_json(args.json, report)
     complete = all(
-        p["delivered"] == p["messages"] and not (p["errors"] or p["missing"] or p["duplicates"])
+        p["delivered"] == p["messages"]
+        and not (p["errors"] or p["missing"] or p["duplicates"] or p["chain_breaks"])
         for p in report["phases"]
     )
     return 0 if complete else 1

@@ -118,12 +118,19 @@ def test_failover_smoke_every_client_of_the_killed_node_receives_again(tmp_path:
 
 
 @pytest.mark.cluster
-def test_unicast_smoke_with_hops_delivers_each_message_once(tmp_path: Path) -> None:
-    """A tiny paced single phase with ``--hops``: every message delivered exactly once, and
-    every hop from the send to the receiver's handler recorded (nodes included)."""
+@pytest.mark.parametrize(
+    ("kind", "receiver"), [("single", "lean"), ("batch", "sdk")], ids=["single-lean", "batch-sdk"]
+)
+def test_unicast_smoke_with_hops_delivers_each_message_once(
+    tmp_path: Path, kind: str, receiver: str
+) -> None:
+    """A tiny paced phase with ``--hops``: every message delivered exactly once, in chain, and
+    every hop from the send to the receiver's handler recorded (nodes included), with either
+    receiver."""
     out, hops = tmp_path / "unicast.json", tmp_path / "hops"
-    argv = ["bench", "unicast", "--only", "single", "--messages", "200", "--users", "6"]
-    argv += ["--single-messages", "120", "--half-rate", "60", "--hops", "--json", str(out)]
+    argv = ["bench", "unicast", "--only", kind, "--messages", "120", "--users", "6"]
+    argv += ["--single-messages", "120", "--batch", "20", "--half-rate", "60", "--hops"]
+    argv += ["--receiver", receiver, "--json", str(out)]
     env = {**os.environ, "MESHPUSH_BENCH_HOPS": str(hops)}
     done = subprocess.run(
         [sys.executable, "-m", "meshpush", *argv], env=env, timeout=300, capture_output=True
@@ -132,6 +139,7 @@ def test_unicast_smoke_with_hops_delivers_each_message_once(tmp_path: Path) -> N
     [phase] = json.loads(out.read_text())["phases"]
     assert phase["delivered"] == phase["messages"] == 60
     assert phase["missing"] == phase["duplicates"] == phase["errors"] == 0
+    assert phase["chain_breaks"] == 0
     for hop in ("due->send", "send->http", "round->acked", "notify->owner", "read->handler"):
         assert phase["hops"]["hops"][hop]["n"] == 60, hop
     assert {p.name.split("-")[0] for p in hops.glob("*.jsonl")} == {

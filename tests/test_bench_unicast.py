@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import _hops
+from bench import _hops, _leanrecv
 from bench.unicast import Load, _affine_chunks, _lean_load
 
 
@@ -114,3 +114,57 @@ def test_breakdown_joins_hops_by_message_number(tmp_path: Path) -> None:
     assert result["gc"]["node gen2"]["count"] == 1  # while messages were under way
     assert result["lag"] == {}  # before the first send: not counted
     assert "send->http" in _hops.text(result)
+
+
+# ---------------------------------------------------------------- lean receivers
+
+
+def server_frame(opcode: int, payload: bytes) -> bytes:
+    """An unmasked server frame (the lengths the node uses: 7-bit and 16-bit)."""
+    if len(payload) < 126:
+        return bytes((0x80 | opcode, len(payload))) + payload
+    return bytes((0x80 | opcode, 126)) + len(payload).to_bytes(2, "big") + payload
+
+
+def msg(seq: int, prev: int, n: int) -> bytes:
+    data = {"t": time.monotonic(), "n": n, "pad": "x" * 150}
+    frame = {"type": "msg", "ch": "user", "seq": seq, "prev": prev, "id": f"m{n}", "data": data}
+    return server_frame(1, json.dumps(frame).encode())
+
+
+def test_lean_frames_are_taken_whole_and_split_ones_wait_for_their_rest() -> None:
+    wire = server_frame(1, b'{"type":"welcome"}') + server_frame(9, b"hb") + msg(3, 0, 1)
+    buf = bytearray(wire[:-10])
+    frames = _leanrecv._frames(buf)
+    assert [op for op, _ in frames] == [1, 9] and frames[1][1] == b"hb"
+    buf += wire[-10:]
+    [(op, payload)] = _leanrecv._frames(buf)
+    assert op == 1 and json.loads(payload)["seq"] == 3 and not buf
+
+
+def test_a_lean_receiver_records_messages_checks_the_chain_answers_pings_and_acks() -> None:
+    node, client = socket.socketpair()
+    with node, client:
+        client.setblocking(False)
+        receiver = _leanrecv.Receiver([_leanrecv.Session(client)], 0.05, hops=False)
+        node.sendall(msg(3, 0, 1) + msg(7, 3, 2) + server_frame(9, b"hb") + msg(9, 8, 3))
+        receiver.run(expected=3, timeout=5)
+        assert receiver.numbers == [1, 2, 3] and all(0 <= x < 5 for x in receiver.latencies)
+        [session] = receiver.sessions.values()
+        assert session.last == 9 and session.breaks == 1  # 9's prev 8 is not 7
+        node.settimeout(5)
+        sent = client_frames(node.recv(65536))
+    assert sent[0] == (0xA, b"hb")  # the pong
+    assert json.loads(sent[-1][1]) == {"type": "ack", "ch": "user", "seq": 9}
+    assert all(op == 1 for op, _ in sent[1:])  # acks only, the last one cumulative
+
+
+def client_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Masked client frames (short ones), unmasked."""
+    frames, pos = [], 0
+    while pos < len(data):
+        size, key = data[pos + 1] & 0x7F, data[pos + 2 : pos + 6]
+        payload = bytes(b ^ key[k % 4] for k, b in enumerate(data[pos + 6 : pos + 6 + size]))
+        frames.append((data[pos] & 0x0F, payload))
+        pos += 6 + size
+    return frames
