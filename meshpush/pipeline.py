@@ -27,7 +27,6 @@ import trio
 from .natslink import Link, NoReply, NotSent, Reply, Request
 
 WRONG_LAST = 10071
-WRONG_LAST_MSG_ID = 10070
 _LAST_RE = re.compile(r"wrong last sequence: (\d+)")
 
 
@@ -46,13 +45,6 @@ class WrongLast:
 
 
 @dataclass(frozen=True, slots=True)
-class Unlinked:
-    """JetStream refused a publish that expected the message before it (by id) to be the
-    stream's last one: that one was not stored just before it (not stored, or another
-    message came in between). Nothing was stored."""
-
-
-@dataclass(frozen=True, slots=True)
 class Refused:
     """Definitely not stored (JetStream answered an error, or the publish was never sent)."""
 
@@ -67,7 +59,7 @@ class NoAnswer:
     detail: str
 
 
-Answer = Ack | WrongLast | Unlinked | Refused | NoAnswer
+Answer = Ack | WrongLast | Refused | NoAnswer
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +71,7 @@ class BatchAck:
     count: int
 
 
-BatchAnswer = BatchAck | WrongLast | Unlinked | Refused | NoAnswer
+BatchAnswer = BatchAck | WrongLast | Refused | NoAnswer
 
 
 def parse_ack(data: bytes, headers: dict[str, str] | None) -> Answer:
@@ -98,8 +90,6 @@ def parse_ack(data: bytes, headers: dict[str, str] | None) -> Answer:
     if error.get("err_code") == WRONG_LAST and match:
         return WrongLast(int(match.group(1)))
     code = int(error.get("err_code") or 0)
-    if code == WRONG_LAST_MSG_ID:
-        return Unlinked()
     return Refused(f"JetStream refused: {error.get('description')}", code)
 
 

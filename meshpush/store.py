@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import secrets
@@ -62,11 +61,9 @@ from .pipeline import (
     Ack,
     Answer,
     BatchAck,
-    BatchAnswer,
     NoAnswer,
     Refused,
     TrioGroupCommit,
-    Unlinked,
     WrongLast,
     publish_batch,
     publish_round,
@@ -88,8 +85,6 @@ MAX_ATOMIC_BATCH = 1000
 # nats-server's error code for a batch sent to a stream without allow_atomic
 ATOMIC_DISABLED = 10174
 CURSOR_TTL_FACTOR = 4
-# the prev of a message linked to the one before it in its round: own seq - 1
-LINKED = -1
 
 
 class StoreUnavailable(Exception):
@@ -285,23 +280,6 @@ def _publish(
     if item.trace is not None:
         headers["traceparent"] = item.trace.traceparent
     return Request(subject, item.data_json.encode(), headers)
-
-
-def _chain_publishes(
-    subject: str, prev: int, indexes: list[int], items: list[Outgoing]
-) -> list[Request]:
-    """A chain's publishes for one round, all in flight together: the first expects the
-    subject's last seq to be ``prev``; each later one expects the one before it to be the
-    stream's last message (``Nats-Expected-Last-Msg-Id``) and chains on it (``Mp-Prev-Back:
-    1``). So a message is stored only right after its predecessor: the chain stays exact and
-    in the request's order without a round trip per message, and when one is not stored
-    (refused, or another publisher's message came in between) those after it are refused
-    too and go in the next round."""
-    requests = [_publish(subject, prev, items[indexes[0]])]
-    for before, i in itertools.pairwise(indexes):
-        link = {"Nats-Expected-Last-Msg-Id": dedup_id(items[before])}
-        requests.append(_publish(subject, LINKED, items[i], link))
-    return requests
 
 
 def atomic_allowed(info: Any) -> bool:
@@ -619,7 +597,7 @@ class Store:
 
     async def _batch(
         self, items: list[Outgoing], chains: dict[str, _Chain], outcomes: list[Outcome | None]
-    ) -> BatchAnswer | None:
+    ) -> WrongLast | Refused | None:
         """Send the request as one atomic batch; the answer if it was refused (nothing
         stored), else None. Stored: every item's seq follows from the batch's last seq and its
         position, its prev from its chain; each is notified. No answer: every item's outcome
@@ -704,43 +682,18 @@ class Store:
         outcomes: list[Outcome | None],
         claim: _Claim,
     ) -> None:
-        """Send what is left of every active chain, linked (:func:`_chain_publishes`: a
-        chain's messages go together, each stored only right after the one before it), settle
-        the answers (a wrong-last answer resends on the seq JetStream named, bounded; a linked
-        message whose predecessor was not stored right before it goes in the next round),
-        notify what was stored (all in this loop turn: one write; a chain's first messages do
-        not wait for its last) and pass the subjects of the chains that are done on."""
-        sending = [(s, c, c.indexes[c.head :]) for s, c in active.items()]
-        publishes = [p for s, c, sent in sending for p in _chain_publishes(s, c.prev, sent, items)]
+        """Send the next message of every active chain, settle the answers (a wrong-last
+        answer resends on the seq JetStream named, bounded), notify what was stored (all in
+        this loop turn: one write; a chain's first messages do not wait for its last) and
+        pass the subjects of the chains that are done on."""
+        sending = [(s, c, c.indexes[c.head]) for s, c in active.items()]
+        publishes = [_publish(s, c.prev, items[i]) for s, c, i in sending]
         answers = await publish_round(self.bus.link, publishes, self.publish_timeout)
-        at = 0
-        for subject, chain, sent in sending:
-            settled = answers[at : at + len(sent)]
-            self._advance_chain(subject, chain, sent, settled, items, outcomes)
-            at += len(sent)
+        for (subject, chain, i), answer in zip(sending, answers, strict=True):
+            self._advance(subject, chain, i, answer, items, outcomes)
         for subject in [s for s, c in active.items() if c.done()]:
             del active[subject]
             claim.release(subject)
-
-    def _advance_chain(
-        self,
-        subject: str,
-        chain: _Chain,
-        sent: list[int],
-        answers: Sequence[Answer],
-        items: list[Outgoing],
-        outcomes: list[Outcome | None],
-    ) -> None:
-        """Settle a chain's answers in order, up to the first one a later round takes again
-        (a resend, or a linked message refused because the one before it was not stored just
-        before it: the linked ones after it were refused too)."""
-        for k, (i, answer) in enumerate(zip(sent, answers, strict=True)):
-            if k and isinstance(answer, Unlinked):
-                return
-            head = chain.head
-            self._advance(subject, chain, i, answer, items, outcomes, linked=k > 0)
-            if chain.head == head or chain.done():
-                return
 
     def _advance(
         self,
@@ -750,9 +703,8 @@ class Store:
         answer: Answer,
         items: list[Outgoing],
         outcomes: list[Outcome | None],
-        linked: bool = False,
     ) -> None:
-        outcome = self._settle(subject, chain, answer, linked)
+        outcome = self._settle(subject, chain, answer)
         if outcome is None and chain.tries < MAX_CHAIN_RETRIES:
             chain.tries += 1
             return
@@ -765,21 +717,14 @@ class Store:
         elif not outcome.duplicate:
             self._notify(items[i], outcome)
 
-    def _settle(
-        self, subject: str, chain: _Chain, answer: Answer, linked: bool = False
-    ) -> Outcome | None:
-        """The outcome of one answer, or None to resend (the chain moved: ``prev`` fixed).
-        A ``linked`` message was stored right after the one before it: its prev is its own
-        seq - 1."""
+    def _settle(self, subject: str, chain: _Chain, answer: Answer) -> Outcome | None:
+        """The outcome of one answer, or None to resend (the chain moved: ``prev`` fixed)."""
         if isinstance(answer, WrongLast):
             self.chain_retries += 1
             chain.prev = answer.last
             return None
-        if isinstance(answer, Unlinked):  # never for a chain's first message: resent, bounded
-            return None
         if isinstance(answer, Ack):
-            prev = answer.seq - 1 if linked else chain.prev
-            stored = Stored(seq=answer.seq, prev=prev, duplicate=answer.duplicate)
+            stored = Stored(seq=answer.seq, prev=chain.prev, duplicate=answer.duplicate)
             if not answer.duplicate:
                 chain.prev = answer.seq
                 self._last.put(subject, answer.seq)

@@ -16,7 +16,6 @@ from meshpush.pipeline import (
     NoAnswer,
     Refused,
     TrioGroupCommit,
-    Unlinked,
     WrongLast,
     answer_of,
     parse_ack,
@@ -31,11 +30,6 @@ def test_an_ack_gives_the_seq_and_the_duplicate_flag() -> None:
 def test_a_wrong_last_sequence_names_the_real_last_seq() -> None:
     error = b'{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 42"}}'
     assert parse_ack(error, None) == WrongLast(42)
-
-
-def test_a_wrong_last_msg_id_means_the_linked_publish_was_not_stored() -> None:
-    error = b'{"error":{"code":400,"err_code":10070,"description":"wrong last msg ID: abc"}}'
-    assert parse_ack(error, None) == Unlinked()
 
 
 def test_other_jetstream_errors_and_no_responders_are_definitely_not_stored() -> None:

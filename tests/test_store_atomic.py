@@ -1,8 +1,7 @@
 """Big publish requests as one JetStream atomic batch, against a real ``nats-server -js``:
 exact chains (also across batches and single publishes), retries answered ``duplicate`` per
 item, stale chain hints and concurrent publishers from several stores (the batch is refused,
-the request goes in rounds), and a stream without ``allow_atomic`` (rounds). And the linked
-rounds: a chain's messages in one round, each stored only right after the one before it."""
+the request goes in rounds), and a stream without ``allow_atomic`` (rounds)."""
 
 from __future__ import annotations
 
@@ -15,12 +14,10 @@ import pytest
 import trio
 import trio_asyncio
 
-from meshpush import store as store_module
 from meshpush.bridge import Bridge, aio
 from meshpush.bus import Bus
 from meshpush.devcluster import LocalCluster
 from meshpush.metrics import Metrics
-from meshpush.pipeline import Ack, Unlinked
 from meshpush.settings import Settings
 from meshpush.store import (
     SMALL_REQUEST,
@@ -241,70 +238,3 @@ async def test_one_id_twice_in_a_request_is_stored_once(backends: LocalCluster) 
         chain = await chain_of(store, "d1")
         assert_exact(chain)
         assert len(chain) == 4
-
-
-# ---------------------------------------------------------------- linked rounds
-
-
-def counted_rounds(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The size of every round the store sends (its publishes' count)."""
-    sizes: list[int] = []
-    send = store_module.publish_round
-
-    async def counting(link: Any, publishes: list[Any], timeout: float) -> Any:
-        sizes.append(len(publishes))
-        return await send(link, publishes, timeout)
-
-    monkeypatch.setattr(store_module, "publish_round", counting)
-    return sizes
-
-
-async def test_a_small_request_with_a_repeated_user_goes_in_one_linked_round(
-    backends: LocalCluster, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async with stores(backends, "ln1") as [store]:
-        sizes = counted_rounds(store, monkeypatch)
-        items = [Outgoing("user", u, f"l-{k}", f'"{k}"') for k, u in enumerate("abab" + "aa")]
-        outcomes = stored(await store.publish_many(items))
-        assert sizes == [6]  # one round: a's and b's later messages linked to their first
-        for user, indexes in [("a", [0, 2, 4, 5]), ("b", [1, 3])]:
-            chain = await chain_of(store, user)
-            assert_exact(chain)
-            assert [i for _, _, i in chain] == [f"l-{k}" for k in indexes]
-            assert [(s.seq, s.prev) for s in (outcomes[k] for k in indexes)] == [
-                (seq, prev) for seq, prev, _ in chain
-            ]
-
-
-async def test_a_linked_publish_is_refused_when_another_message_came_between(
-    backends: LocalCluster,
-) -> None:
-    """What the linked rounds rest on: ``Nats-Expected-Last-Msg-Id`` holds a publish to
-    "right after the one before it", even in one round with the other in flight."""
-    async with stores(backends, "ln2") as [store]:
-        first, second = Outgoing("user", "x", "x0", "0"), Outgoing("user", "x", "x1", "1")
-        subject = stream_subject(store.settings, "user", "x")
-        head, linked = store_module._chain_publishes(subject, 0, [0, 1], [first, second])
-        y = Outgoing("user", "y", "y0", "0")
-        other = store_module._publish(stream_subject(store.settings, "user", "y"), 0, y)
-        answers = await store_module.publish_round(store.bus.link, [head, other, linked], 5.0)
-        assert answers[:2] == [Ack(1, False), Ack(2, False)]
-        assert answers[2] == Unlinked()
-        assert [i for _, _, i in await chain_of(store, "x")] == ["x0"]
-
-
-async def test_a_chain_refused_on_a_stale_hint_is_stored_whole_in_order_in_the_next_round(
-    backends: LocalCluster, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async with stores(backends, "ln3", count=2) as [a, b]:
-        await a.publish("user", "h", "a0", '"a0"')
-        await b.publish("user", "h", "b0", '"b0"')  # a's hint for h is stale now
-        sizes = counted_rounds(a, monkeypatch)
-        items = [Outgoing("user", "h", f"m{k}", f'"m{k}"') for k in range(3)]
-        outcomes = stored(await a.publish_many(items))
-        # round 1: m0 refused on the stale hint, m1 and m2 (linked) with it; round 2: all three
-        assert sizes == [3, 3] and a.chain_retries == 1
-        chain = await chain_of(a, "h")
-        assert_exact(chain)
-        assert [i for _, _, i in chain] == ["a0", "b0", "m0", "m1", "m2"]
-        assert [(s.seq, s.prev) for s in outcomes] == [(seq, prev) for seq, prev, _ in chain[2:]]
