@@ -6,13 +6,6 @@
   sends ``Nats-Expected-Last-Subject-Sequence: <prev>`` so JetStream refuses it if another
   publisher got there first; the node then retries with the seq JetStream names (bounded).
   The per-user chain is therefore exact, whoever publishes.
-* Requests are stored in *rounds*: each round sends what is left of every user's chain, all
-  in flight together. A user's later message in a round is *linked* to the one before it:
-  ``Nats-Expected-Last-Msg-Id: <its id>`` (JetStream stores it only if that one is the
-  stream's last message: stored right before it) and ``Mp-Prev-Back: 1`` (prev = own seq - 1).
-  When a message is not stored (refused, or another publisher's message came in between)
-  the ones linked after it are refused too and go in the next round, so the chain stays
-  exact and in the request's order without a round trip per message.
 * A request of more than ``SMALL_REQUEST`` user messages goes, once it has the turn on all
   its users, as one JetStream *atomic batch* (nats-server >= 2.12, stream ``allow_atomic``):
   one round trip instead of one per message of a user. The batch is stored whole, on
