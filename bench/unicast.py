@@ -7,13 +7,15 @@ Phases, each with fresh users (so no replay of earlier phases):
   batch    POST /v1/publish/batch with BATCH messages per request (4 connections);
 each of single/batch at the maximum rate, then paced at half the rate it reached.
 Load generators (raw keep-alive HTTP/1.1 sockets in a selector loop; ``--generator sdk`` uses
-the publisher SDK on httpx instead) and receivers (trio, the client SDK, USERS users) run in
-separate processes; every process's CPU is reported. Latency = receive time - the
-send time carried in the message (one machine, CLOCK_MONOTONIC is system-wide).
-Node CPU per message = CPU of the 3 node processes during the phase / messages delivered.
+the publisher SDK on httpx instead) and receivers (USERS sessions on raw sockets, one epoll
+loop per process, bench/_leanrecv.py: redirect, welcome, chain check, acks; ``--receiver sdk``
+uses the trio client SDK instead) run in separate processes; every process's CPU is
+reported. Latency = receive time - the send time carried in the message (one machine,
+CLOCK_MONOTONIC is system-wide). Node CPU per message = CPU of the 3 node processes during the
+phase / messages delivered; ``nats`` = the same for the nats-server process.
 
     meshpush bench unicast [--messages 20000] [--users 50] [--only single|batch]
-                           [--generator lean|sdk] [--json PATH]
+                           [--generator lean|sdk] [--receiver lean|sdk] [--json PATH]
 """
 
 from __future__ import annotations

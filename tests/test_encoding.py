@@ -15,7 +15,14 @@ from support import api, connected, publish, receive, refusal, token
 
 from meshpush.auth import issue_token
 from meshpush.devcluster import LocalCluster
-from meshpush.encoding import BadId, check_id, decode_token, encode_token, is_control
+from meshpush.encoding import (
+    CONTROL,
+    BadId,
+    check_id,
+    decode_token,
+    encode_token,
+    is_control,
+)
 
 TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -75,6 +82,11 @@ def test_the_rule_is_exactly_unicode_category_cc(value: str) -> None:
     else:
         assert valid
     assert all(is_control(c) == (unicodedata.category(c) == "Cc") for c in value)
+
+
+def test_the_control_class_is_unicode_category_cc_over_every_code_point() -> None:
+    found = {c for c in range(0x110000) if CONTROL.match(chr(c))}
+    assert found == {c for c in range(0x110000) if unicodedata.category(chr(c)) == "Cc"}
 
 
 def test_decode_rejects_garbage() -> None:
