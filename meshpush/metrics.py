@@ -76,6 +76,8 @@ KNOWN_LABELS: dict[str, dict[str, tuple[str, ...]]] = {
         "kind": ("handshake", "connections", "user_sessions", "frames")
     },
     "meshpush_blocked_total": {"reason": ("blocked", "not_allowed")},
+    "meshpush_store_atomic_batches_total": {"result": ("stored", "refused", "timeout")},
+    "meshpush_store_chain_retries_total": {"kind": ("wrong_last", "hint_refresh")},
     "meshpush_backend_errors_total": {
         "backend": (
             "etcd",
@@ -220,6 +222,22 @@ FAMILIES: tuple[Family, ...] = (
         "etcd/NATS errors, by backend",
         C,
         "backend",
+    ),
+    Family(
+        "atomic_batches",
+        "meshpush_store_atomic_batches_total",
+        "Big publish requests sent as one JetStream atomic batch, by result: stored, refused"
+        " (then stored in rounds), timeout (outcome unknown)",
+        C,
+        "result",
+    ),
+    Family(
+        "chain_retries",
+        "meshpush_store_chain_retries_total",
+        "Publishes resent because another publisher moved the user's chain (wrong_last), and"
+        " batches whose users' newest seqs were read again (hint_refresh)",
+        C,
+        "kind",
     ),
     Family(
         "presence_lookups",

@@ -119,6 +119,13 @@ class Settings:
             " publishing node notifies it); the same on every node"
         },
     )
+    atomic_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "a big publish request with several messages per user goes as one JetStream"
+            " atomic batch where the server allows it (off: in rounds)"
+        },
+    )
     backlog_user: int = field(
         default=-1,
         metadata={"help": "stored user messages a brand-new device gets: -1 all, 0 none, N last N"},

@@ -356,6 +356,11 @@ class StoreStats:
     """What the store and the cursors count."""
 
     backend_errors: Tally = field(default_factory=Tally)
+    #: big requests sent as one atomic batch, by result: stored, refused (then rounds), timeout
+    atomic_batches: Tally = field(default_factory=Tally)
+    #: resends because another publisher moved a chain: wrong_last (a publish, on the seq
+    #: JetStream named), hint_refresh (a batch's users' newest seqs read again)
+    chain_retries: Tally = field(default_factory=Tally)
 
 
 class Store:
@@ -384,6 +389,7 @@ class Store:
         self._atomic_known = False  # the mode was logged
         self.atomic_batches = 0  # stored as one batch
         self.atomic_fallbacks = 0  # refused as a batch, stored in rounds
+        self.atomic_timeouts = 0  # no answer to a batch (outcome unknown)
         self.hint_refreshes = 0  # a batch refused on a stale hint: newest seqs read
         self._small: TrioGroupCommit[Outgoing, Outcome] = TrioGroupCommit(
             self._publish_all, _cancelled
@@ -396,7 +402,13 @@ class Store:
         )
 
     def statistics(self) -> StoreStats:
-        return snapshot(self.stats)
+        atomic = {"stored": self.atomic_batches, "refused": self.atomic_fallbacks}
+        retries = {"wrong_last": self.chain_retries, "hint_refresh": self.hint_refreshes}
+        return snapshot(
+            self.stats,
+            atomic_batches=Tally(atomic | {"timeout": self.atomic_timeouts}),
+            chain_retries=Tally(retries),
+        )
 
     # ------------------------------------------------------------ setup
 
@@ -409,16 +421,22 @@ class Store:
         if self.settings.live_republish and not self.republished:
             log.warning("the user stream does not republish (server too old?): nodes notify")
         self.epoch = ".".join(str(int(i.created.timestamp() * 1000)) for i in infos)
-        self._use_atomic(atomic_allowed(infos[0]))
+        self._use_atomic(self.settings.atomic_batches and atomic_allowed(infos[0]))
 
     def _use_atomic(self, on: bool) -> None:
         """Atomic batches only where the server echoed ``allow_atomic`` (an older one ignores
-        the field and would store a batch's messages one by one, without the guarantee)."""
+        the field and would store a batch's messages one by one, without the guarantee) and
+        the ``atomic_batches`` setting is on."""
         if on != self.atomic or not self._atomic_known:
             self._atomic_known = True
+            why = (
+                "the atomic_batches setting is off"
+                if not self.settings.atomic_batches
+                else ("no atomic batch publish on the server")
+            )
             log.info(
                 "big publish requests: %s",
-                "one JetStream atomic batch each" if on else "rounds (no atomic batch publish)",
+                "one JetStream atomic batch each" if on else f"rounds ({why})",
             )
         self.atomic = on
 
@@ -601,6 +619,7 @@ class Store:
         requests = _batch_publishes(items, chains, prevs, secrets.token_hex(16))
         answer = await publish_batch(self.bus.link, requests, self.publish_timeout)
         if isinstance(answer, NoAnswer):
+            self.atomic_timeouts += 1
             timeout = StoreTimeout(f"outcome unknown: {answer.detail}")
             outcomes[:] = [timeout] * len(items)
             return None

@@ -39,12 +39,16 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]
 
 
 @contextlib.asynccontextmanager
-async def stores(backends: LocalCluster, name: str, count: int = 1) -> AsyncIterator[list[Store]]:
+async def stores(
+    backends: LocalCluster, name: str, count: int = 1, **settings_: Any
+) -> AsyncIterator[list[Store]]:
     """``count`` stores on one cluster's streams, as that many nodes have."""
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         found = []
         for k in range(count):
-            settings = Settings(node_id=f"n{k}", cluster=name, nats_url=backends.nats_url)
+            settings = Settings(
+                node_id=f"n{k}", cluster=name, nats_url=backends.nats_url, **settings_
+            )
             metrics = Metrics(f"n{k}")
             bridge = await nursery.start(Bridge().run)
             bus = await nursery.start(Bus(settings, bridge, metrics).run)
@@ -131,6 +135,8 @@ async def test_a_stale_chain_hint_is_read_again_and_the_batch_sent_once_more(
         await b.publish("user", "s2", "from-b", '"b"')  # a's hint for s2 is stale now
         later = stored(await a.publish_many(batch("a2", users, 3)))
         assert a.hint_refreshes == 1 and a.atomic_batches == 2 and a.atomic_fallbacks == 0
+        assert a.statistics().chain_retries == {"wrong_last": 0, "hint_refresh": 1}
+        assert a.statistics().atomic_batches == {"stored": 2, "refused": 0, "timeout": 0}
         assert [s.seq for s in later] == list(range(later[0].seq, later[0].seq + 9))
         for user in users:
             assert_exact(await chain_of(a, user))
@@ -205,6 +211,20 @@ async def test_a_stream_without_allow_atomic_is_stored_in_rounds(
             assert_exact(await chain_of(store, user))
         stored(await store.publish_many(batch("p", ["o1"], SMALL_REQUEST + 1)))
         assert store.atomic_fallbacks == 1  # atomic batches are off now: no second try
+
+
+async def test_with_atomic_batches_off_a_big_request_goes_in_rounds(
+    backends: LocalCluster,
+) -> None:
+    async with stores(backends, "at8", atomic_batches=False) as [store]:
+        assert not store.atomic  # the server allows them; the setting says no
+        outcomes = stored(await store.publish_many(batch("o", ["v1", "v2"], 5)))
+        assert store.atomic_batches == store.atomic_fallbacks == 0
+        assert not any(s.duplicate for s in outcomes)
+        for user in ["v1", "v2"]:
+            chain = await chain_of(store, user)
+            assert_exact(chain)
+            assert [i for _, _, i in chain] == [f"o-{user}-{k}" for k in range(5)]
 
 
 def stream_info(**config: Any) -> nats.js.api.StreamInfo:

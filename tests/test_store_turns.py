@@ -291,6 +291,8 @@ async def test_a_batch_without_an_answer_is_a_timeout_for_every_item(
     again = await store.publish_many(big("t", ["u1", "u2"]))
     assert all(isinstance(o, Stored) and o.duplicate for o in again)
     assert store.atomic_fallbacks == 1
+    # what /metrics shows (meshpush_store_atomic_batches_total)
+    assert store.statistics().atomic_batches == {"stored": 0, "refused": 1, "timeout": 1}
 
 
 async def test_a_big_request_waits_for_all_its_users_then_goes_as_one_batch() -> None:
