@@ -237,6 +237,19 @@ class _Chain:
         return self.head == len(self.indexes)
 
 
+@dataclass(slots=True)
+class _Pending:
+    """One request while it has its turns: its messages, their chains by subject, the
+    outcomes settled so far (None: not yet), its claim on the subjects and when it stops
+    waiting for them."""
+
+    items: list[Outgoing]
+    chains: dict[str, _Chain]
+    outcomes: list[Outcome | None]
+    claim: _Claim
+    deadline: float
+
+
 class _LastSeqs:
     """A bounded LRU of the last known seq per subject (a hint; JetStream corrects it)."""
 
@@ -551,15 +564,19 @@ class Store:
         first if ``atomic``, else or if that did not settle them in rounds) and let the
         subjects go; each stored message was notified as its answer came."""
         chains = self._chains(items)
-        outcomes: list[Outcome | None] = [None] * len(items)
-        claim = self._turns.claim(chains)
-        deadline = trio.current_time() + self.publish_timeout
+        req = _Pending(
+            items,
+            chains,
+            [None] * len(items),
+            self._turns.claim(chains),
+            trio.current_time() + self.publish_timeout,
+        )
         try:
-            if not (atomic and await self._atomic(items, chains, outcomes, claim, deadline)):
-                await self._rounds(items, chains, outcomes, claim, idle, deadline)
+            if not (atomic and await self._atomic(req)):
+                await self._rounds(req, idle)
         finally:
-            claim.close()
-        return _filled(outcomes)
+            req.claim.close()
+        return _filled(req.outcomes)
 
     def _chains(self, items: list[Outgoing]) -> dict[str, _Chain]:
         """Each subject's messages, in the request's order."""
@@ -586,33 +603,25 @@ class Store:
         The lane is not handed on meanwhile (``idle`` unused): one batch at a time."""
         return await self._in_turn(items, lambda: None, atomic=True)
 
-    async def _atomic(
-        self,
-        items: list[Outgoing],
-        chains: dict[str, _Chain],
-        outcomes: list[Outcome | None],
-        claim: _Claim,
-        deadline: float,
-    ) -> bool:
+    async def _atomic(self, req: _Pending) -> bool:
         """True when one atomic batch settled the request (stored, or outcome unknown);
         False: nothing stored by it, rounds go on."""
-        if not await claim.all_granted(deadline):
+        if not await req.claim.all_granted(req.deadline):
             return False
-        refused = await self._batch(items, chains, outcomes)
-        if isinstance(refused, WrongLast) and await self._refresh_hints(items, chains):
-            refused = await self._batch(items, chains, outcomes)
+        refused = await self._batch(req)
+        if isinstance(refused, WrongLast) and await self._refresh_hints(req):
+            refused = await self._batch(req)
         if refused is None:
             return True
         self.atomic_fallbacks += 1
         return False
 
-    async def _batch(
-        self, items: list[Outgoing], chains: dict[str, _Chain], outcomes: list[Outcome | None]
-    ) -> WrongLast | Refused | None:
+    async def _batch(self, req: _Pending) -> WrongLast | Refused | None:
         """Send the request as one atomic batch; the answer if it was refused (nothing
         stored), else None. Stored: every item's seq follows from the batch's last seq and its
         position, its prev from its chain; each is notified. No answer: every item's outcome
         is unknown."""
+        items, chains, outcomes = req.items, req.chains, req.outcomes
         for subject, chain in chains.items():
             self._start(subject, chain, items)
         prevs = _prevs_in_batch(chains)
@@ -639,10 +648,11 @@ class Store:
             self._last.put(subject, first + chain.indexes[-1])
         return None
 
-    async def _refresh_hints(self, items: list[Outgoing], chains: dict[str, _Chain]) -> bool:
+    async def _refresh_hints(self, req: _Pending) -> bool:
         """The chains' hints from the users' newest seqs, read in one request (the refusal
         names one subject's seq, not which); false if the read failed."""
-        users = [items[chain.indexes[0]].user or "" for chain in chains.values()]
+        chains = req.chains
+        users = [req.items[chain.indexes[0]].user or "" for chain in chains.values()]
         try:
             lasts: dict[str, int] = await self._call(lambda: self._last_of_users(users))
         except StoreUnavailable:
@@ -652,70 +662,50 @@ class Store:
         self.hint_refreshes += 1
         return True
 
-    async def _rounds(
-        self,
-        items: list[Outgoing],
-        chains: dict[str, _Chain],
-        outcomes: list[Outcome | None],
-        claim: _Claim,
-        idle: Callable[[], None],
-        deadline: float,
-    ) -> None:
+    async def _rounds(self, req: _Pending, idle: Callable[[], None]) -> None:
         """Each round sends the next message of every subject this request holds (all in
         flight together); a subject granted meanwhile joins the next round. A subject not
-        granted by ``deadline`` is left out (its messages: not stored)."""
+        granted by the deadline is left out (its messages: not stored)."""
         active: dict[str, _Chain] = {}
+        claim, chains = req.claim, req.chains
         while True:
             for subject in claim.take():
-                self._start(subject, chains[subject], items)
+                self._start(subject, chains[subject], req.items)
                 active[subject] = chains[subject]
             if active:
-                await self._round(items, active, outcomes, claim)
+                await self._round(req, active)
             elif claim.waiting:
                 idle()
-                await claim.granted(deadline)
+                await claim.granted(req.deadline)
             else:
                 return
-            if claim.waiting and trio.current_time() >= deadline:
+            if claim.waiting and trio.current_time() >= req.deadline:
                 busy = StoreUnavailable("not stored: this user's earlier publishes are pending")
                 for subject in claim.give_up():
                     for i in chains[subject].indexes:
-                        outcomes[i] = busy
+                        req.outcomes[i] = busy
 
     def _start(self, subject: str, chain: _Chain, items: list[Outgoing]) -> None:
         """A subject's turn came: its chain starts on the last seq known (``items``: for
         bench/_hops.py, which wraps this)."""
         chain.prev = self._last.get(subject)
 
-    async def _round(
-        self,
-        items: list[Outgoing],
-        active: dict[str, _Chain],
-        outcomes: list[Outcome | None],
-        claim: _Claim,
-    ) -> None:
+    async def _round(self, req: _Pending, active: dict[str, _Chain]) -> None:
         """Send the next message of every active chain, settle the answers (a wrong-last
         answer resends on the seq JetStream named, bounded), notify what was stored (all in
         this loop turn: one write; a chain's first messages do not wait for its last) and
         pass the subjects of the chains that are done on."""
         sending = [(s, c, c.indexes[c.head]) for s, c in active.items()]
-        publishes = [_publish(s, c.prev, items[i]) for s, c, i in sending]
+        publishes = [_publish(s, c.prev, req.items[i]) for s, c, i in sending]
         answers = await publish_round(self.bus.link, publishes, self.publish_timeout)
         for (subject, chain, i), answer in zip(sending, answers, strict=True):
-            self._advance(subject, chain, i, answer, items, outcomes)
+            self._advance(req, subject, chain, i, answer)
         for subject in [s for s, c in active.items() if c.done()]:
             del active[subject]
-            claim.release(subject)
+            req.claim.release(subject)
 
-    def _advance(
-        self,
-        subject: str,
-        chain: _Chain,
-        i: int,
-        answer: Answer,
-        items: list[Outgoing],
-        outcomes: list[Outcome | None],
-    ) -> None:
+    def _advance(self, req: _Pending, subject: str, chain: _Chain, i: int, answer: Answer) -> None:
+        outcomes = req.outcomes
         outcome = self._settle(subject, chain, answer)
         if outcome is None and chain.tries < MAX_CHAIN_RETRIES:
             chain.tries += 1
@@ -727,7 +717,7 @@ class Store:
             _skip_rest(chain.indexes[chain.head :], outcomes)
             chain.head = len(chain.indexes)
         elif not outcome.duplicate:
-            self._notify(items[i], outcome)
+            self._notify(req.items[i], outcome)
 
     def _settle(self, subject: str, chain: _Chain, answer: Answer) -> Outcome | None:
         """The outcome of one answer, or None to resend (the chain moved: ``prev`` fixed)."""
