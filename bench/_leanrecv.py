@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from bench import _hops
-from bench._wsload import KEY, READ_SIZE, client_frame
+from bench._wsload import KEY, READ_SIZE, client_frame, take_frames
 
 CONNECT_TIMEOUT = 10.0
 
@@ -60,36 +60,11 @@ def _upgrade(url: str, query: str) -> tuple[socket.socket, bytearray]:
     return sock, bytearray(rest)
 
 
-def _frames(buf: bytearray) -> list[tuple[int, bytes]]:
-    """Take the complete (unmasked, unfragmented: the node sends no others) frames off
-    ``buf``: (opcode, payload) each."""
-    out: list[tuple[int, bytes]] = []
-    pos, size = 0, len(buf)
-    while size - pos >= 2:
-        b1 = buf[pos + 1] & 0x7F
-        head = 2
-        if b1 == 126:
-            if size - pos < 4:
-                break
-            b1, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
-        elif b1 == 127:
-            if size - pos < 10:
-                break
-            b1, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
-        end = pos + head + b1
-        if end > size:
-            break
-        out.append((buf[pos] & 0x0F, bytes(buf[pos + head : end])))
-        pos = end
-    del buf[:pos]
-    return out
-
-
 def _first_frame(sock: socket.socket, buf: bytearray) -> dict[str, Any]:
     """The session's first JSON frame (the welcome or a redirect), read blocking."""
     deadline = time.monotonic() + CONNECT_TIMEOUT
     while time.monotonic() < deadline:
-        for opcode, payload in _frames(buf):
+        for opcode, payload in take_frames(buf):
             if opcode == 1:
                 obj: dict[str, Any] = json.loads(payload)
                 return obj
@@ -153,7 +128,7 @@ class Receiver:
         self._ack_all()
 
     def _handle(self, session: Session) -> None:
-        for opcode, payload in _frames(session.buf):
+        for opcode, payload in take_frames(session.buf):
             if opcode == 1:
                 self._on_text(session, payload)
             elif opcode == 9:

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench._procs import Procs
+from bench._wsload import take_frames
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 READ_SIZE = 64 * 1024
@@ -283,24 +284,7 @@ class Worker:
         self.frames(conn)
 
     def frames(self, conn: Conn) -> None:
-        buf = conn.buf
-        pos, size = 0, len(buf)
-        while size - pos >= 2:
-            b0, n = buf[pos], buf[pos + 1] & 0x7F
-            head = 2
-            if n == 126:
-                if size - pos < 4:
-                    break
-                n, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
-            elif n == 127:
-                if size - pos < 10:
-                    break
-                n, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
-            end = pos + head + n
-            if end > size:
-                break
-            opcode, payload = b0 & 0x0F, bytes(buf[pos + head : end])
-            pos = end
+        for opcode, payload in take_frames(conn.buf):
             if opcode == 1:
                 self.on_text(conn, json.loads(payload))
             elif opcode == 9:
@@ -311,7 +295,6 @@ class Worker:
                     conn.sock.send(frame(0x8, payload[:2]))
                 self.ended(conn, "close", abrupt=False)
                 return
-        del buf[:pos]
 
     def on_text(self, conn: Conn, f: dict[str, Any]) -> None:
         user, kind = conn.user, f.get("type")

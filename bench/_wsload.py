@@ -65,32 +65,50 @@ class Conn:
         self.close_code: int | None = None
 
 
+def frame_at(buf: bytearray, pos: int) -> tuple[int, int] | None:
+    """The server frame (unmasked) at ``pos`` of ``buf``: its payload's (start, end), or None
+    while it is incomplete."""
+    size = len(buf)
+    if size - pos < 2:
+        return None
+    n, head = buf[pos + 1] & 0x7F, 2
+    if n == 126:
+        if size - pos < 4:
+            return None
+        n, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
+    elif n == 127:
+        if size - pos < 10:
+            return None
+        n, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
+    end = pos + head + n
+    return None if end > size else (pos + head, end)
+
+
+def take_frames(buf: bytearray) -> list[tuple[int, bytes]]:
+    """Take the complete server frames off ``buf``: (opcode, payload) each."""
+    out: list[tuple[int, bytes]] = []
+    pos = 0
+    while (span := frame_at(buf, pos)) is not None:
+        out.append((buf[pos] & 0x0F, bytes(buf[span[0] : span[1]])))
+        pos = span[1]
+    del buf[:pos]
+    return out
+
+
 def parse_frames(conn: Conn) -> list[bytes]:
     """Consume complete frames from ``conn.buf``; count data frames, return ping payloads."""
     buf = conn.buf
-    pos, size, pings = 0, len(buf), []
-    while size - pos >= 2:
-        b0, b1 = buf[pos], buf[pos + 1] & 0x7F
-        head = 2
-        if b1 == 126:
-            if size - pos < 4:
-                break
-            b1, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
-        elif b1 == 127:
-            if size - pos < 10:
-                break
-            b1, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
-        end = pos + head + b1
-        if end > size:
-            break
+    pos, pings = 0, []
+    while (span := frame_at(buf, pos)) is not None:
+        b0, (start, end) = buf[pos], span
         opcode = b0 & 0x0F
         if opcode < 3:
             if b0 & 0x80:
                 conn.frames += 1
         elif opcode == 9:
-            pings.append(bytes(buf[pos + head : end]))
+            pings.append(bytes(buf[start:end]))
         elif opcode == 8:
-            payload = buf[pos + head : end]
+            payload = buf[start:end]
             conn.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
             conn.state = "closed"
         pos = end

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench import _hops, _leanrecv
+from bench._wsload import take_frames
 from bench.unicast import Load, _affine_chunks, _lean_load
 
 
@@ -135,10 +136,10 @@ def msg(seq: int, prev: int, n: int) -> bytes:
 def test_lean_frames_are_taken_whole_and_split_ones_wait_for_their_rest() -> None:
     wire = server_frame(1, b'{"type":"welcome"}') + server_frame(9, b"hb") + msg(3, 0, 1)
     buf = bytearray(wire[:-10])
-    frames = _leanrecv._frames(buf)
+    frames = take_frames(buf)
     assert [op for op, _ in frames] == [1, 9] and frames[1][1] == b"hb"
     buf += wire[-10:]
-    [(op, payload)] = _leanrecv._frames(buf)
+    [(op, payload)] = take_frames(buf)
     assert op == 1 and json.loads(payload)["seq"] == 3 and not buf
 
 
