@@ -22,7 +22,8 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from bench import _hops
-from bench._wsload import KEY, READ_SIZE, client_frame, take_frames
+from bench._procs import tune_gc
+from bench._wsload import KEY, READ_SIZE, client_frame, frame_at, take_frames
 
 CONNECT_TIMEOUT = 10.0
 
@@ -42,9 +43,17 @@ def _upgrade(url: str, query: str) -> tuple[socket.socket, bytearray]:
     """Open a WebSocket to ``url`` (blocking, bounded); the socket and what came after the 101."""
     parts = urlsplit(url)
     sock = socket.create_connection((parts.hostname, parts.port or 80), timeout=CONNECT_TIMEOUT)
+    try:
+        return sock, _handshake(sock, url, parts.path, parts.netloc, query)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _handshake(sock: socket.socket, url: str, path: str, netloc: str, query: str) -> bytearray:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     request = (
-        f"GET {parts.path}?{query} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+        f"GET {path}?{query} HTTP/1.1\r\nHost: {netloc}\r\nUpgrade: websocket\r\n"
         f"Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     sock.sendall(request.encode())
@@ -57,17 +66,22 @@ def _upgrade(url: str, query: str) -> tuple[socket.socket, bytearray]:
     head, _, rest = bytes(data).partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 101"):
         raise OSError(f"{url}: upgrade refused: {head[:80]!r}")
-    return sock, bytearray(rest)
+    return bytearray(rest)
 
 
 def _first_frame(sock: socket.socket, buf: bytearray) -> dict[str, Any]:
-    """The session's first JSON frame (the welcome or a redirect), read blocking."""
+    """The session's first JSON frame (the welcome or a redirect), read blocking; what came
+    after it stays in ``buf``."""
     deadline = time.monotonic() + CONNECT_TIMEOUT
     while time.monotonic() < deadline:
-        for opcode, payload in take_frames(buf):
+        span = frame_at(buf, 0)
+        if span is not None:
+            opcode, payload = buf[0] & 0x0F, bytes(buf[span[0] : span[1]])
+            del buf[: span[1]]
             if opcode == 1:
                 obj: dict[str, Any] = json.loads(payload)
                 return obj
+            continue
         chunk = sock.recv(READ_SIZE)
         if not chunk:
             break
@@ -80,7 +94,11 @@ def connect(ws_url: str, token: str) -> Session:
     query = f"token={quote(token)}&device=bench"
     for _ in range(3):
         sock, buf = _upgrade(ws_url, query)
-        first = _first_frame(sock, buf)
+        try:
+            first = _first_frame(sock, buf)
+        except BaseException:
+            sock.close()
+            raise
         if first.get("type") == "welcome":
             sock.setblocking(False)
             return Session(sock, buf)
@@ -105,6 +123,11 @@ class Receiver:
         for fd in self.sessions:
             self.poll.register(fd, select.EPOLLIN)
 
+    def close(self) -> None:
+        self.poll.close()
+        for session in self.sessions.values():
+            session.sock.close()
+
     def run(self, expected: int, timeout: float) -> None:
         """Read until ``expected`` messages arrived (or ``timeout`` s passed)."""
         deadline = time.monotonic() + timeout
@@ -112,7 +135,7 @@ class Receiver:
         for session in self.sessions.values():
             self._handle(session)  # what came with the welcome
         while len(self.numbers) < expected and time.monotonic() < deadline:
-            for fd, _ in self.poll.poll(min(self.ack_interval, 0.5)):
+            for fd, _ in self.poll.poll(min(max(self.ack_interval, 0.001), 0.5)):
                 session = self.sessions[fd]
                 try:
                     chunk = session.sock.recv(READ_SIZE)
@@ -142,7 +165,9 @@ class Receiver:
             return
         now = time.monotonic()
         seq, prev, data = frame["seq"], frame.get("prev"), frame["data"]
-        if session.last and prev != session.last:
+        if seq <= session.last:  # a redelivery (as the SDK, skipped; the run counts numbers)
+            return
+        if session.last and isinstance(prev, int) and prev != session.last:
             session.breaks += 1
         session.last = seq
         self.latencies.append(now - data["t"])
@@ -174,17 +199,27 @@ def lean_receiver(
     from meshpush.auth import issue_token
 
     hops = _hops.start("receiver")
-    sessions = [
-        connect(ws_urls[i % len(ws_urls)], issue_token(secret, user, 3600))
-        for i, user in enumerate(users)
-    ]
-    receiver = Receiver(sessions, ack_interval, hops)
+    sessions: list[Session] = []
+    try:
+        for i, user in enumerate(users):
+            sessions.append(connect(ws_urls[i % len(ws_urls)], issue_token(secret, user, 3600)))
+        receiver = Receiver(sessions, ack_interval, hops)
+    except Exception as exc:
+        for session in sessions:
+            session.sock.close()
+        out.put({"error": f"lean receiver: {exc!r}"})
+        return
+    tune_gc()
     out.put({"ready": os.getpid()})
     cpu = time.process_time()
-    receiver.run(expected, 120)
-    cpu = time.process_time() - cpu
-    for session in sessions:
-        session.sock.close()
+    try:
+        receiver.run(expected, 120)
+    except Exception as exc:
+        out.put({"error": f"lean receiver: {exc!r}"})
+        return
+    finally:
+        cpu = time.process_time() - cpu
+        receiver.close()
     out.put(
         {
             "latencies": receiver.latencies,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import gc
 import json
 import multiprocessing as mp
 import os
@@ -43,6 +42,7 @@ import trio
 
 from bench import _hops
 from bench._leanrecv import lean_receiver
+from bench._procs import tune_gc
 from bench._stats import pct
 from bench._targets import cpu_seconds, machine, write_json
 from meshpush.auth import issue_token
@@ -52,18 +52,6 @@ from meshpush.publisher import AsyncPublisher, Message, Published
 
 GENERATORS = 2
 RECEIVERS = 2
-#: meshpush.node.GC_THRESHOLDS; not imported from there: meshpush.node brings trio-asyncio,
-#: whose asyncio patches made the raw JetStream floor's process ~4x slower (its CPU 1.0 -> 4.4 s)
-GC_THRESHOLDS = (10_000, 20, 10)
-
-
-def tune_gc() -> None:
-    """As the nodes do: what exists now (50 sessions, modules) frozen out of the collector's
-    scans, young collections less often (a receiver's full collections took ~100 ms)."""
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
 # ---------------------------------------------------------------- processes
 
 
@@ -438,6 +426,8 @@ def collect(out: Any, timeout: float) -> dict[str, Any]:
         result: dict[str, Any] = out.get(timeout=timeout)
     except queue.Empty:
         raise RuntimeError("a benchmark process did not report in time") from None
+    if "error" in result:  # the process failed and said why
+        raise RuntimeError(result["error"])
     return result
 
 

@@ -443,9 +443,9 @@ class Store:
         if on != self.atomic or not self._atomic_known:
             self._atomic_known = True
             why = (
-                "the atomic_batches setting is off"
-                if not self.settings.atomic_batches
-                else ("no atomic batch publish on the server")
+                "no atomic batch publish on the server"
+                if self.settings.atomic_batches
+                else "the atomic_batches setting is off"
             )
             log.info(
                 "big publish requests: %s",

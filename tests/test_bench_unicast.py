@@ -169,3 +169,23 @@ def client_frames(data: bytes) -> list[tuple[int, bytes]]:
         frames.append((data[pos] & 0x0F, payload))
         pos += 6 + size
     return frames
+
+
+def test_what_comes_with_the_welcome_stays_for_the_receiver() -> None:
+    node, client = socket.socketpair()
+    with node, client:
+        buf = bytearray(server_frame(1, b'{"type":"welcome"}') + msg(3, 0, 1))
+        assert _leanrecv._first_frame(client, buf) == {"type": "welcome"}
+        assert [op for op, _ in take_frames(buf)] == [1]  # the msg was not thrown away
+
+
+def test_a_redelivered_message_is_skipped_not_a_chain_break() -> None:
+    node, client = socket.socketpair()
+    with node, client:
+        client.setblocking(False)
+        receiver = _leanrecv.Receiver([_leanrecv.Session(client)], 0.05, hops=False)
+        node.sendall(msg(3, 0, 1) + msg(3, 0, 1) + msg(7, 3, 2))
+        receiver.run(expected=2, timeout=5)
+        [session] = receiver.sessions.values()
+        assert receiver.numbers == [1, 2] and session.breaks == 0 and session.last == 7
+        receiver.poll.close()
