@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -29,6 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,11 @@ from .settings import Settings, env_for
 #: cluster are raised (tests of the limits set their own values).
 LOCAL_DEFAULTS: dict[str, Any] = {"handshake_rate": 1000.0, "handshake_burst": 2000}
 BACKENDS = ("single", "clustered")
+log = logging.getLogger(__name__)
+
 CLUSTER_SIZE = 3  # members of each clustered backend
+#: starts of a kind of backend whose member lost a port to another process (see _start_fresh)
+PORT_ATTEMPTS = 3
 #: The proxied links of each node: to NATS, to etcd, and from its WebSocket clients.
 LINKS = ("nats", "etcd", "clients")
 #: Seconds :meth:`LocalCluster.stop` gives all nodes together to exit on SIGINT before SIGKILL:
@@ -228,8 +234,21 @@ class Member:
 
 def _member(kind: str, index: int, count: int) -> Member:
     name = kind if count == 1 else f"{kind}{index + 1}"
-    monitor = free_port() if kind == "nats" and count > 1 else 0
-    return Member(kind, name, free_port(), free_port(), monitor)
+    member = Member(kind, name, 0, 0)
+    _new_ports(member, clustered=count > 1)
+    return member
+
+
+def _new_ports(member: Member, clustered: bool) -> None:
+    member.port, member.peer_port = free_port(), free_port()
+    member.monitor_port = free_port() if member.kind == "nats" and clustered else 0
+
+
+def _lost_a_port(member: Member) -> bool:
+    """The member exited because a port it was given was taken by another process between
+    :func:`free_port` choosing it and the server binding it."""
+    proc = member.proc
+    return proc is not None and not proc.alive() and "address already in use" in proc.log()
 
 
 @dataclass
@@ -333,13 +352,30 @@ class LocalCluster:
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.start_etcd()
-        self.start_nats()
+        self._start_fresh(self.etcd_members, self.start_etcd)
+        self._start_fresh(self.nats_members, self.start_nats)
         self.wait_backends()
         started = [self.start_node(wait=False) for _ in range(self.nodes)]
         for node in started:
             self.wait_ready(node)
         self.wait_converged()
+
+    def _start_fresh(self, members: list[Member], start: Callable[[], Proc]) -> None:
+        """Start a kind of backend for the first time. When a member could not bind a port it
+        was given (another process took it meanwhile: a free port is only free when chosen),
+        every member of the kind starts again on new ports and empty data (bounded)."""
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                start()
+                return
+            except ClusterError:
+                if attempt == PORT_ATTEMPTS - 1 or not any(_lost_a_port(m) for m in members):
+                    raise
+            log.warning("%s: a port was taken before it was bound; new ports", members[0].kind)
+            for member in members:
+                self.stop_member(member)
+                shutil.rmtree(self.workdir / f"{member.name}-data", ignore_errors=True)
+                _new_ports(member, self.clustered)
 
     def start_etcd(self) -> Proc:
         """Start every etcd member that is not running (and wait until etcd is healthy)."""

@@ -101,3 +101,27 @@ def test_dev_round_trip_and_clean_exit(tmp_path: Path, stop_signal: int) -> None
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+@pytest.mark.parametrize("kind", ["nats", "etcd"])
+def test_a_backend_port_taken_before_it_is_bound_gets_new_ports(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """free_port() only says a port was free when it was chosen: another process may take it
+    before the server binds it. The cluster then starts that backend again on new ports."""
+    import socket
+
+    from meshpush.devcluster import LocalCluster
+
+    cluster = LocalCluster(tmp_path, nodes=0, backends="clustered")
+    member = (cluster.nats_members if kind == "nats" else cluster.etcd_members)[0]
+    taken = member.monitor_port or member.port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        with cluster:
+            assert (member.monitor_port or member.port) != taken
+            assert all(m.alive() for m in cluster.backend_members())
+            with socket.create_connection(("127.0.0.1", member.port), timeout=5):
+                pass
+    assert f"{kind}: a port was taken before it was bound" in caplog.text
