@@ -8,9 +8,10 @@ import json
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
@@ -18,6 +19,8 @@ from meshpush.auth import issue_token
 from meshpush.client import Client, Message, open_client
 from meshpush.devcluster import LocalCluster, NodeProc
 from meshpush.node import Node
+
+T = TypeVar("T")
 
 _users = itertools.count()
 
@@ -149,6 +152,18 @@ class Collector:
         await wait_until(lambda: len(self.seqs(ch)) >= count, timeout=timeout)
 
 
+async def replayed(cluster: LocalCluster, user: str, count: int) -> list[Message]:
+    """Every stored message of ``user`` (``count`` of them), read back by a new device: a
+    replay from the stream."""
+    async with connected(cluster, user, device="late") as client:
+        got = Collector(client)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(got.run)
+            await got.wait_for(count)
+            nursery.cancel_scope.cancel()
+    return got.messages
+
+
 def assert_exact_chain(messages: list[Message]) -> None:
     """Strictly increasing seqs, each prev equal to the seq before it (after the first)."""
     for before, after in itertools.pairwise(messages):
@@ -160,6 +175,18 @@ def assert_exact_chain(messages: list[Message]) -> None:
 
 # a node stopped inside a running trio (not at process exit) leaves trio-asyncio deferred calls
 IN_PROCESS_STOP = "ignore:coroutine '_call_defer' was never awaited:RuntimeWarning"
+
+
+def in_process_nodes(test: T) -> T:
+    """The marks of a test that runs nodes in this process (``two_nodes``): a cluster test,
+    120 s at most, and the warning their stop inside trio leaves."""
+    for mark in (
+        pytest.mark.filterwarnings(IN_PROCESS_STOP),
+        pytest.mark.timeout(120),
+        pytest.mark.cluster,
+    ):
+        test = mark(test)
+    return test
 
 
 @asynccontextmanager

@@ -10,7 +10,7 @@ import httpx
 import nats
 import pytest
 import trio
-from support import Collector, api, assert_exact_chain, connected, publish
+from support import Collector, api, assert_exact_chain, connected, publish, replayed
 
 from meshpush.devcluster import LocalCluster
 
@@ -197,16 +197,11 @@ async def test_chains_stay_exact_under_concurrent_batches_from_several_nodes(
             nursery.start_soon(from_node, node)
     expected = 3 * rounds * 4
     for user in users:
-        async with connected(cluster, user, device="late") as client:
-            got = Collector(client)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(got.run)
-                await got.wait_for(expected)
-                nursery.cancel_scope.cancel()
-        assert len(got.messages) == expected
-        assert_exact_chain(got.messages)
+        stored = await replayed(cluster, user, expected)
+        assert len(stored) == expected
+        assert_exact_chain(stored)
         for node in range(3):  # each node's messages of one user keep their order
-            mine = [m.data for m in got.messages if m.data[0] == node]
+            mine = [m.data for m in stored if m.data[0] == node]
             assert mine == [[node, r, k] for r in range(rounds) for k in (0, 1, 2, "all")]
 
 

@@ -12,7 +12,7 @@ import httpx
 import nats
 import pytest
 import trio
-from support import Collector, api, assert_exact_chain, connected, publish
+from support import Collector, api, assert_exact_chain, connected, publish, replayed
 
 from meshpush.devcluster import LocalCluster
 from meshpush.store import SMALL_REQUEST
@@ -39,17 +39,6 @@ def batch(tag: str, users: list[str], ids: bool = False) -> list[dict[str, Any]]
         for k in range(PER_USER)
         for u in users
     ]
-
-
-async def replayed(cluster: LocalCluster, user: str, count: int) -> list[Any]:
-    """Every stored message of ``user``, read back by a new device (replay from the stream)."""
-    async with connected(cluster, user, device="late") as client:
-        got = Collector(client)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(got.run)
-            await got.wait_for(count)
-            nursery.cancel_scope.cancel()
-    return got.messages
 
 
 def stored_headers(cluster: LocalCluster, seq: int) -> dict[str, str]:

@@ -25,9 +25,9 @@ import pytest
 import trio
 from conftest import FAST
 from support import (
-    IN_PROCESS_STOP,
     assert_exact_chain,
     connected,
+    in_process_nodes,
     online,
     publish,
     publish_via,
@@ -252,9 +252,7 @@ def bad(node: Node) -> int:
     return node.bus.stats.backend_errors["bad_notification"]
 
 
-@pytest.mark.cluster
-@pytest.mark.timeout(120)
-@pytest.mark.filterwarnings(IN_PROCESS_STOP)
+@in_process_nodes
 async def test_a_unicast_through_a_reaches_owner_b_from_the_republish_alone(
     backends: LocalCluster,
 ) -> None:
@@ -274,9 +272,7 @@ async def test_a_unicast_through_a_reaches_owner_b_from_the_republish_alone(
         assert bad(a) == bad(b) == 0
 
 
-@pytest.mark.cluster
-@pytest.mark.timeout(120)
-@pytest.mark.filterwarnings(IN_PROCESS_STOP)
+@in_process_nodes
 async def test_a_duplicate_publish_delivers_nothing_new(backends: LocalCluster) -> None:
     async with two_nodes(backends) as (a, b):
         user = user_of(b, via=a, prefix="dup")
@@ -290,9 +286,7 @@ async def test_a_duplicate_publish_delivers_nothing_new(backends: LocalCluster) 
             assert (msg.id, msg.seq, msg.prev) == ("d-2", after["seq"], stored["seq"])
 
 
-@pytest.mark.cluster
-@pytest.mark.timeout(120)
-@pytest.mark.filterwarnings(IN_PROCESS_STOP)
+@in_process_nodes
 async def test_garbage_on_the_republish_subject_is_counted_and_others_keep_flowing(
     backends: LocalCluster,
 ) -> None:
@@ -317,9 +311,7 @@ async def test_garbage_on_the_republish_subject_is_counted_and_others_keep_flowi
         assert b.router.ready
 
 
-@pytest.mark.cluster
-@pytest.mark.timeout(120)
-@pytest.mark.filterwarnings(IN_PROCESS_STOP)
+@in_process_nodes
 async def test_a_node_that_still_notifies_gives_the_owner_both_hints_and_one_delivery(
     backends: LocalCluster,
 ) -> None:
@@ -363,9 +355,7 @@ async def _strip_republish(servers: list[str], stream: str) -> Any:
         await nc.close()
 
 
-@pytest.mark.cluster
-@pytest.mark.timeout(120)
-@pytest.mark.filterwarnings(IN_PROCESS_STOP)
+@in_process_nodes
 async def test_a_stream_made_without_republish_gets_it_when_a_node_starts(
     backends: LocalCluster,
 ) -> None:
@@ -504,9 +494,7 @@ async def test_node_processes_deliver_from_the_republish_and_publish_no_notifica
     assert seen == {"republished": 20}
 
 
-@pytest.mark.cluster
-@pytest.mark.timeout(120)
-@pytest.mark.filterwarnings(IN_PROCESS_STOP)
+@in_process_nodes
 async def test_with_live_republish_off_the_stream_loses_it_and_the_publisher_notifies(
     backends: LocalCluster,
 ) -> None:

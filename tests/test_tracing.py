@@ -32,8 +32,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from support import (
-    IN_PROCESS_STOP,
     connected,
+    in_process_nodes,
     online,
     publish_via,
     receive,
@@ -437,9 +437,7 @@ def span_id(span: ReadableSpan) -> int:
     return span.context.span_id
 
 
-@pytest.mark.cluster
-@pytest.mark.timeout(120)
-@pytest.mark.filterwarnings(IN_PROCESS_STOP)
+@in_process_nodes
 async def test_one_trace_from_publish_on_one_node_to_delivery_on_another(
     backends: LocalCluster, exporter: InMemorySpanExporter
 ) -> None:
@@ -509,9 +507,7 @@ async def test_one_trace_from_publish_on_one_node_to_delivery_on_another(
     assert link.context.span_id == span_id(store)
 
 
-@pytest.mark.cluster
-@pytest.mark.timeout(120)
-@pytest.mark.filterwarnings(IN_PROCESS_STOP)
+@in_process_nodes
 async def test_off_no_spans_and_no_trace_headers(
     backends: LocalCluster, exporter: InMemorySpanExporter
 ) -> None:
