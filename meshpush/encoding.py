@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import unicodedata
 
 MAX_ID_BYTES = 256
 #: every character of Unicode category Cc (C0, DEL, C1): one regex search instead of a
@@ -37,11 +36,6 @@ def check_id(value: object, what: str = "id") -> str:
     if CONTROL.search(value):
         raise BadId(f"{what} must not contain control characters (Unicode category Cc)")
     return value
-
-
-def is_control(char: str) -> bool:
-    """True for a character of Unicode category Cc (C0, DEL and C1 controls)."""
-    return unicodedata.category(char) == "Cc"
 
 
 def encode_token(value: str) -> str:
