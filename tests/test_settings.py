@@ -42,3 +42,10 @@ def test_public_urls() -> None:
     assert s.ws_url == "ws://127.0.0.1:1/ws"
     assert s.http_url == "http://[::1]:2"
     assert Settings(node_id="x", public_ws_url="wss://a/ws").ws_url == "wss://a/ws"
+
+
+def test_atomic_batches_is_a_switch_and_a_bad_value_names_it() -> None:
+    assert from_sources(None, {}).atomic_batches is True
+    assert from_sources(None, {"MESHPUSH_ATOMIC_BATCHES": "false"}).atomic_batches is False
+    with pytest.raises(ValueError, match="atomic_batches"):
+        from_sources(None, {"MESHPUSH_ATOMIC_BATCHES": "sometimes"})
