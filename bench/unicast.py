@@ -51,6 +51,9 @@ from meshpush.devcluster import LocalCluster
 from meshpush.publisher import AsyncPublisher, Message, Published
 
 GENERATORS = 2
+#: seconds between spawning the generators and their first request (all spawned and
+#: connected by then, so their schedules interleave as :func:`schedules` sets them)
+START_MARGIN = 1.5
 RECEIVERS = 2
 # ---------------------------------------------------------------- processes
 
@@ -165,6 +168,10 @@ class Load:
     rate: float  # messages per second for this generator; 0 = as fast as possible
     batch: int  # 1 = single publishes
     concurrency: int
+    #: when the first request is due (``time.monotonic``, system-wide); 0 = once connected.
+    #: Paced generators start a fraction of a period apart so their requests interleave
+    #: (:func:`schedules`): in phase, every generator's k-th request would arrive together.
+    start_at: float = 0.0
 
 
 def generator(load: Load, out: Any) -> None:
@@ -263,6 +270,27 @@ def _failed(status: int, body: bytes, batch: int) -> int:
 OPEN_LOOP_CONNECTIONS = 256
 
 
+def _started(load: Load) -> float:
+    """Sleep until ``load.start_at`` (if still ahead); the start of the generator's schedule.
+    A generator ready too late keeps its phase (its first requests are then due at once)."""
+    ahead = load.start_at - time.monotonic()
+    if load.start_at and ahead < -0.05:
+        print(
+            f"generator ready {-ahead:.2f} s after its start: raise START_MARGIN", file=sys.stderr
+        )
+    time.sleep(max(0.0, ahead))
+    return load.start_at or time.monotonic()
+
+
+def schedules(generators: int, batch: int, rate: float, margin: float) -> list[float]:
+    """Each generator's ``start_at``: ``margin`` s from now (every process spawned and
+    connected by then), generator g a ``g / generators`` of its period later (its period is
+    ``generators * batch / rate``), so together they send one request every ``batch / rate``
+    s rather than ``generators`` requests at once."""
+    t0 = time.monotonic() + margin
+    return [t0 + (g * batch / rate if rate else 0.0) for g in range(generators)]
+
+
 def _connect(url: str) -> tuple[socket.socket, str]:
     parts = urlsplit(url)
     sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
@@ -302,7 +330,7 @@ def _lean_load(
         sizes.append(0)
         return len(socks) - 1
 
-    start = time.monotonic()
+    start = _started(load)
     while (any(queues) or pending) and time.monotonic() < deadline:
         now = time.monotonic()
         for node in range(nodes):
@@ -372,7 +400,7 @@ def sdk_generator(load: Load, out: Any) -> None:
             finally:
                 sem.release()
 
-        start = time.monotonic()
+        start = _started(load)
         tasks = []
         for k, chunk in enumerate(chunks):
             if load.rate:
@@ -476,11 +504,20 @@ def run_phase(
     cpu_before = sum(cpu_seconds(p) for p in pids)
     nats_before = sum(cpu_seconds(p) for p in nats)
     gens = []
+    starts = schedules(GENERATORS, batch, rate, START_MARGIN)
     for g in range(GENERATORS):
         count = per_gen if g < GENERATORS - 1 else messages - per_gen * g
         concurrency = 32 if batch == 1 else 4
         load = Load(
-            http, cluster.api_key, names, g * per_gen, count, rate / GENERATORS, batch, concurrency
+            http,
+            cluster.api_key,
+            names,
+            g * per_gen,
+            count,
+            rate / GENERATORS,
+            batch,
+            concurrency,
+            starts[g],
         )
         gens.append(spawn(sdk_generator if apparatus.sdk_generator else generator, load))
     gen_results = [collect(out, 600) for _, out in gens]

@@ -18,7 +18,7 @@ import pytest
 
 from bench import _hops, _leanrecv
 from bench._wsload import take_frames
-from bench.unicast import Load, _affine_chunks, _lean_load
+from bench.unicast import Load, _affine_chunks, _lean_load, _started, schedules
 
 
 class SlowApi:
@@ -87,6 +87,27 @@ def test_unpaced_load_keeps_its_connections(api: SlowApi) -> None:
     assert errors == 0
     assert sorted(api.numbers) == list(range(20))
     assert api.connections == 2
+
+
+def test_paced_generators_interleave_instead_of_sending_together() -> None:
+    """Two generators at 25 requests/s each start 20 ms apart: together one request every
+    20 ms (in phase, both k-th requests would be due at once)."""
+    first, second = schedules(2, batch=200, rate=10_000.0, margin=1.0)
+    assert second - first == pytest.approx(0.02)
+    assert first == pytest.approx(time.monotonic() + 1.0, abs=0.1)
+    unpaced = schedules(2, batch=200, rate=0.0, margin=1.0)
+    assert unpaced[0] == unpaced[1]
+
+
+def test_a_generator_waits_for_its_start_and_keeps_its_phase_when_late(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    soon = time.monotonic() + 0.05
+    load = Load(["http://127.0.0.1:9"], "key", ["u0"], 0, 1, 10.0, 1, 1, start_at=soon)
+    assert _started(load) == soon and time.monotonic() >= soon
+    late = Load(["http://127.0.0.1:9"], "key", ["u0"], 0, 1, 10.0, 1, 1, start_at=soon - 1.0)
+    assert _started(late) == soon - 1.0  # its schedule is not shifted
+    assert "START_MARGIN" in capsys.readouterr().err
 
 
 def test_breakdown_joins_hops_by_message_number(tmp_path: Path) -> None:
