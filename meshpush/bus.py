@@ -51,7 +51,7 @@ import trio
 
 from . import tracing
 from .bridge import Bridge, aio, best_effort
-from .encoding import decode_token, encode_token
+from .encoding import decode_token, encode_token, user_of_token
 from .metrics import Metrics
 from .natslink import Link, LinkConfig, LinkError
 from .natswire import Msg
@@ -152,7 +152,7 @@ def decode_republished(subject: str, block: bytes | None, payload: bytes) -> Not
     sent = h.get(b"Mp-T")
     return Notification(
         ch="user",
-        user=decode_token(subject[subject.rindex(".") + 1 :]),
+        user=user_of_token(subject[subject.rindex(".") + 1 :]),
         seq=seq,
         prev=prev,
         id=decode_token(h[b"Mp-Id"].strip().decode()),

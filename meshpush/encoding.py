@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 
 MAX_ID_BYTES = 256
@@ -50,3 +51,9 @@ def decode_token(token: str) -> str:
         return raw.decode("utf-8")
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise BadId("not an encoded id") from None
+
+
+#: users recur (every message names one): the users seen lately are kept with their tokens
+#: (a republished message's subject names its user; the store keeps whole subjects; bounded)
+USER_TOKENS = 65_536
+user_of_token = functools.lru_cache(maxsize=USER_TOKENS)(decode_token)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -47,7 +48,7 @@ import trio
 from . import tracing
 from .bridge import Bridge, aio
 from .bus import Bus, encode_notification
-from .encoding import BadId, decode_token, encode_token
+from .encoding import USER_TOKENS, BadId, decode_token, encode_token
 from .metrics import Metrics
 from .natslink import LinkError, Request
 from .pipeline import (
@@ -271,10 +272,15 @@ class _LastSeqs:
 
 
 def _publish(
-    subject: str, prev: int, item: Outgoing, headers: dict[str, str] | None = None
+    subject: str,
+    prev: int,
+    item: Outgoing,
+    headers: dict[str, str] | None = None,
+    sent: str | None = None,
 ) -> Request:
     """One message's publish: chained on ``prev`` (``prev`` < 0: ``-prev`` messages back in
-    the same atomic batch, whose ``headers`` are given)."""
+    the same atomic batch, whose ``headers`` are given), sent at ``sent`` (``time.time()``'s
+    repr, once for a round or a batch; default: now)."""
     headers = headers or {}
     headers["Nats-Msg-Id"] = dedup_id(item)
     if prev >= 0:
@@ -282,7 +288,7 @@ def _publish(
     else:  # the server refuses an expectation there; the batch keeps it behind its prev
         headers["Mp-Prev-Back"] = str(-prev)
     headers["Mp-Id"] = encode_token(item.id)
-    headers["Mp-T"] = repr(time.time())  # publish time, for the owner's latency (republished)
+    headers["Mp-T"] = sent or repr(time.time())  # publish time: the owner's latency metric
     if item.trace is not None:
         headers["traceparent"] = item.trace.traceparent
     return Request(subject, item.data_json.encode(), headers)
@@ -327,12 +333,12 @@ def _batch_publishes(
     for subject, chain in chains.items():
         for i in chain.indexes:
             subjects[i] = subject
-    requests = []
+    requests, sent = [], repr(time.time())
     for i, item in enumerate(items):
         batch = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i + 1)}
         if i == len(items) - 1:
             batch["Nats-Batch-Commit"] = "1"
-        requests.append(_publish(subjects[i], prevs[i], item, batch))
+        requests.append(_publish(subjects[i], prevs[i], item, batch, sent))
     return requests
 
 
@@ -357,11 +363,16 @@ def dedup_id(item: Outgoing) -> str:
 
 
 def stream_subject(settings: Settings, ch: str, user: str | None) -> str:
-    c = settings.cluster
     if ch == "broadcast":
-        return f"mp.{c}.store.b"
+        return f"mp.{settings.cluster}.store.b"
     assert user is not None
-    return f"mp.{c}.store.u.{slot(user)}.{encode_token(user)}"
+    return _user_subject(settings.cluster, user)
+
+
+@functools.lru_cache(maxsize=USER_TOKENS)
+def _user_subject(cluster: str, user: str) -> str:
+    """A user's subject in the user stream (kept: every message of a user names it)."""
+    return f"mp.{cluster}.store.u.{slot(user)}.{encode_token(user)}"
 
 
 @dataclass(slots=True)
@@ -696,7 +707,8 @@ class Store:
         this loop turn: one write; a chain's first messages do not wait for its last) and
         pass the subjects of the chains that are done on."""
         sending = [(s, c, c.indexes[c.head]) for s, c in active.items()]
-        publishes = [_publish(s, c.prev, req.items[i]) for s, c, i in sending]
+        sent = repr(time.time())
+        publishes = [_publish(s, c.prev, req.items[i], None, sent) for s, c, i in sending]
         answers = await publish_round(self.bus.link, publishes, self.publish_timeout)
         for (subject, chain, i), answer in zip(sending, answers, strict=True):
             self._advance(req, subject, chain, i, answer)

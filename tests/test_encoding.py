@@ -21,6 +21,7 @@ from meshpush.encoding import (
     check_id,
     decode_token,
     encode_token,
+    user_of_token,
 )
 
 TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -35,6 +36,13 @@ def test_encoding_round_trips_into_a_safe_token(value: str) -> None:
     token = encode_token(value)
     assert TOKEN.match(token)
     assert decode_token(token) == value
+    assert user_of_token(token) == value  # the kept (cached) decoding: the same answer
+
+
+def test_the_kept_decoding_refuses_garbage_every_time() -> None:
+    for _ in range(2):  # a refusal is not kept as an answer
+        with pytest.raises(BadId):
+            user_of_token("not*a*token")
 
 
 @pytest.mark.parametrize("good", ["a", "a.b", "*", ">", "with space", "🎉", "é" * 128, "x" * 256])
