@@ -205,6 +205,10 @@ class Bus:
         #: every node in the ring view subscribes republished unicasts (set by the router;
         #: until then, and while an older node is a member, publishers notify too)
         self.owners_take_republish = False
+        #: every node in the ring view reads the chain of an atomic batch (``Mp-Prev-Back``;
+        #: set by the router: until the first view, and while an older node is a member, big
+        #: requests are stored in rounds)
+        self.peers_read_batches = False
 
     @property
     def connected(self) -> bool:

@@ -45,6 +45,9 @@ class NodeInfo:
     #: it takes the live hints of unicasts from JetStream's republish (``rp``: nodes before
     #: it only subscribe the publishing node's notifications)
     republish: bool = True
+    #: it reads the prev of a later message of an atomic batch (``Mp-Prev-Back``; ``pb``:
+    #: nodes before it read a prev of 0 there, so nobody sends batches while one is a member)
+    batches: bool = True
 
     def to_json(self) -> str:
         return json.dumps(
@@ -53,6 +56,7 @@ class NodeInfo:
                 "http_url": self.http_url,
                 "started_at": self.started_at,
                 "rp": self.republish,
+                "pb": self.batches,
             }
         )
 
@@ -60,7 +64,8 @@ class NodeInfo:
     def from_json(cls, node_id: str, raw: bytes) -> NodeInfo:
         obj = json.loads(raw)
         urls = str(obj["ws_url"]), str(obj["http_url"])
-        return cls(node_id, *urls, float(obj["started_at"]), obj.get("rp") is True)
+        flags = obj.get("rp") is True, obj.get("pb") is True
+        return cls(node_id, *urls, float(obj["started_at"]), *flags)
 
 
 View = dict[str, NodeInfo]
@@ -114,6 +119,7 @@ class Router:
         self._nursery: trio.Nursery | None = None
         self._held: list[Notification | None] = []  # taken from the bus, not dispatched yet
         self._older_seen = False  # a view held a node that does not take republished hints
+        self._batches_paused = False  # a view holds a node that does not read atomic batches
         self.webhook: Webhook | None = None  # offline webhook hooks (meshpush/webhook.py)
         #: told of a node a client could not reach (Membership.suspect probes it)
         self.suspect: Callable[[str], None] = lambda node_id: None
@@ -281,6 +287,7 @@ class Router:
                 self._drain_ring = ring.without(self.me) if self.me in ring.nodes else ring
             self.registered = registered
             self._track_republish(view)
+            self._track_batches(view)
             if ring is not old_ring:
                 self._ring_changed(old_ring, ring, len(owned - old_owned), len(lost))
             if lost:
@@ -299,15 +306,31 @@ class Router:
             self._older_seen = False
             store = self.feeder.store
             store.republished = False  # notify until the stream is checked
-            self._nursery.start_soon(self._check_republish, store)
+            self._nursery.start_soon(self._check_stream, store)
         self.bus.owners_take_republish = everyone
 
+    def _track_batches(self, view: View) -> None:
+        """Big requests go as atomic batches only while every node in the view reads their
+        chain header (:attr:`NodeInfo.batches`, :attr:`Bus.peers_read_batches`; a rolling
+        upgrade from an older version: in rounds, each message with its own ``Mp-Prev``,
+        until the last older node is gone)."""
+        older = sorted(n for n, info in view.items() if not info.batches)
+        if older and not self._batches_paused:
+            log.info("big publish requests in rounds while %s cannot read atomic batches", older)
+        elif not older and self._batches_paused and self._nursery is not None:
+            # an older node may have set the stream up without allow_atomic: set it up again
+            log.info("big publish requests: atomic batches again (every node reads them)")
+            self._nursery.start_soon(self._check_stream, self.feeder.store)
+        self._batches_paused = bool(older)
+        self.bus.peers_read_batches = not older
+
     @staticmethod
-    async def _check_republish(store: Store) -> None:
+    async def _check_stream(store: Store) -> None:
+        """Apply the streams' configuration again (republish, allow_atomic), as at start."""
         try:
             await store.setup()
-        except Exception as exc:  # nats/JetStream errors are many: this node keeps notifying
-            log.warning("could not check the user stream's republish (notifying): %r", exc)
+        except Exception as exc:  # nats/JetStream errors are many: notify, store in rounds
+            log.warning("could not check the user stream (notifying, in rounds): %r", exc)
 
     def _ring_changed(self, old: Ring, new: Ring, gained: int, lost: int) -> None:
         """Count and log every ring change: grow, shrink (a leave or an expired lease), both."""

@@ -408,7 +408,8 @@ class Store:
         self._last = _LastSeqs()
         self.chain_retries = 0
         self.publish_timeout = 5.0
-        # atomic batches for big requests: on once the user stream said allow_atomic (setup)
+        # atomic batches for big requests: on once the user stream said allow_atomic (setup),
+        # used while every node in the ring view reads them (Bus.peers_read_batches)
         self.atomic = False
         self._atomic_known = False  # the mode was logged
         self.atomic_batches = 0  # stored as one batch
@@ -549,7 +550,7 @@ class Store:
             return [StoreUnavailable("not stored: not connected to NATS")] * len(items)
         if len(items) <= SMALL_REQUEST:  # merged: one round of publishes for many requests
             outcomes = await self._small.submit(items)
-        elif self.atomic and _batchable(items):
+        elif self.atomic and self.bus.peers_read_batches and _batchable(items):
             outcomes = await self._big.submit(items)
         else:
             outcomes = await self._publish_all(items)

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from meshpush.auth import issue_token
@@ -42,6 +43,16 @@ async def api(
     headers = {"authorization": f"Bearer {cluster.api_key}", **kwargs.pop("headers", {})}
     async with httpx.AsyncClient(base_url=node.http_url, timeout=10, verify=verify()) as http:
         return await http.request(method, path, headers=headers, **kwargs)
+
+
+async def sample(cluster: LocalCluster, node: NodeProc, name: str, **labels: str) -> float:
+    """One sample of ``name`` (with ``labels``) from the node's /metrics; 0 if absent."""
+    text = (await api(cluster, node, "GET", "/metrics")).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
 
 
 async def refusal(

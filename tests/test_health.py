@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import make_cluster
-from prometheus_client.parser import text_string_to_metric_families
-from support import api, connected, publish, receive, wait_until
+from support import api, connected, publish, receive, sample, wait_until
 
 from meshpush.devcluster import LocalCluster, NodeProc, Proc
 from meshpush.settings import Settings
@@ -23,16 +22,6 @@ pytestmark = pytest.mark.cluster
 DEFAULTS = Settings()
 NATS_BOUND = DEFAULTS.nats_check_interval + DEFAULTS.nats_check_timeout  # documented: 3 s
 SLACK = 3.0  # a loaded CI machine schedules late; the bound itself is checked in test_bus.py
-
-
-async def sample(cluster: LocalCluster, node: NodeProc, name: str, **labels: str) -> float:
-    """One sample of ``name`` (with ``labels``) from the node's /metrics; 0 if absent."""
-    text = (await api(cluster, node, "GET", "/metrics")).text
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return 0.0
 
 
 async def readyz(cluster: LocalCluster, node: NodeProc) -> tuple[int, dict[str, object]]:

@@ -10,7 +10,15 @@ import httpx
 import nats
 import pytest
 import trio
-from support import Collector, api, assert_exact_chain, connected, publish, replayed
+from support import (
+    Collector,
+    api,
+    assert_exact_chain,
+    connected,
+    publish,
+    replayed,
+    sample,
+)
 
 from meshpush.devcluster import LocalCluster
 
@@ -95,6 +103,23 @@ async def test_batch_items_are_idempotent_by_id(cluster: LocalCluster) -> None:
     assert await count(cluster) == before
     single = await publish(cluster, cluster.live()[2], "idem-0", 0, msg_id="idem-0")
     assert single["duplicate"] and single["seq"] == first[0]["seq"]
+
+
+async def test_a_big_request_through_a_node_is_one_atomic_batch(cluster: LocalCluster) -> None:
+    """Every node of the cluster announces that it reads atomic batches (``pb`` in its etcd
+    record), so the router lets the store use them: a request with several messages per
+    user is one batch (the node's counter), and its chains are exact."""
+    node = cluster.live()[0]
+    name = "meshpush_store_atomic_batches_total"
+    before = await sample(cluster, node, name, result="stored")
+    users = [f"ab-{k}" for k in range(3)]
+    messages = [{"user": users[k % 3], "data": k} for k in range(12)]
+    resp = await post(cluster, "/v1/publish/batch", {"messages": messages})
+    assert resp.status_code == 202 and all("seq" in r for r in resp.json()["results"])
+    assert await sample(cluster, node, name, result="stored") == before + 1
+    for user in users:
+        msgs = await replayed(cluster, user, 4)
+        assert_exact_chain(msgs)
 
 
 BAD_BODIES: list[tuple[bytes, int, str]] = [

@@ -412,9 +412,17 @@ def test_the_publisher_notifies_a_unicast_unless_the_stream_and_every_owner_repu
 
 def test_a_node_announces_that_it_takes_republished_hints_and_older_ones_read_as_not() -> None:
     info = NodeInfo("n1", "ws://a/ws", "http://a", 1.5)
-    assert NodeInfo.from_json("n1", info.to_json().encode()) == info and info.republish
+    assert NodeInfo.from_json("n1", info.to_json().encode()) == info
+    assert info.republish and info.batches
     older = b'{"ws_url": "ws://a/ws", "http_url": "http://a", "started_at": 1.5}'
-    assert NodeInfo.from_json("n1", older) == NodeInfo("n1", "ws://a/ws", "http://a", 1.5, False)
+    oldest = NodeInfo("n1", "ws://a/ws", "http://a", 1.5, republish=False, batches=False)
+    assert NodeInfo.from_json("n1", older) == oldest
+    before_batches = (
+        b'{"ws_url": "ws://a/ws", "http_url": "http://a", "started_at": 1.5, "rp": true}'
+    )
+    assert NodeInfo.from_json("n1", before_batches) == NodeInfo(
+        "n1", "ws://a/ws", "http://a", 1.5, republish=True, batches=False
+    )
 
 
 class CheckedStore:
@@ -427,9 +435,11 @@ class CheckedStore:
         self.republished = True
 
 
-async def test_publishers_notify_while_an_older_node_is_a_member_then_check_the_stream() -> None:
+def checked_router() -> tuple[Router, Any, CheckedStore]:
+    """A router over a fake bus (its flags as a node starts) and a store counting setups."""
     bus = SimpleNamespace(
         owners_take_republish=False,
+        peers_read_batches=False,
         subscribe_slots=_nothing,
         unsubscribe_slots=_nothing,
         subscribe_broadcast=_nothing,
@@ -437,6 +447,11 @@ async def test_publishers_notify_while_an_older_node_is_a_member_then_check_the_
     store = CheckedStore()
     feeder = SimpleNamespace(store=store)
     r = Router(Settings(node_id="n1"), Hub(), bus, feeder, Metrics("n1"))  # type: ignore[arg-type]
+    return r, bus, store
+
+
+async def test_publishers_notify_while_an_older_node_is_a_member_then_check_the_stream() -> None:
+    r, bus, store = checked_router()
     new = {i: NodeInfo(i, f"ws://{i}/ws", f"http://{i}", 0.0) for i in ("n1", "n2")}
     mixed = {**new, "old": NodeInfo("old", "ws://o/ws", "http://o", 0.0, republish=False)}
     async with trio.open_nursery() as nursery:
@@ -452,6 +467,26 @@ async def test_publishers_notify_while_an_older_node_is_a_member_then_check_the_
         await r.apply(new, registered=True)
         await trio.sleep(0.01)
         assert store.setups == 1  # once per older node gone, not per view
+        nursery.cancel_scope.cancel()
+
+
+async def test_big_requests_go_in_rounds_while_a_node_cannot_read_atomic_batches() -> None:
+    """The router clears ``Bus.peers_read_batches`` while its view holds a node that does not
+    announce ``pb`` (a version before atomic batches would read their chained messages with a
+    prev of 0), and sets it again once that node is gone; false until the first view."""
+    r, bus, store = checked_router()
+    new = {i: NodeInfo(i, f"ws://{i}/ws", f"http://{i}", 0.0) for i in ("n1", "n2")}
+    older = NodeInfo("old", "ws://o/ws", "http://o", 0.0, republish=True, batches=False)
+    async with trio.open_nursery() as nursery:
+        r._nursery = nursery
+        await r.apply(new, registered=True)
+        assert bus.peers_read_batches and store.setups == 0
+        await r.apply({**new, "old": older}, registered=True)
+        assert not bus.peers_read_batches and bus.owners_take_republish  # it takes republish
+        await r.apply(new, registered=True)
+        assert bus.peers_read_batches
+        # the older node may have set the stream up without allow_atomic: set up again
+        await wait_until(lambda: store.setups == 1, timeout=5)
         nursery.cancel_scope.cancel()
 
 

@@ -52,6 +52,7 @@ async def stores(
             metrics = Metrics(f"n{k}")
             bridge = await nursery.start(Bridge().run)
             bus = await nursery.start(Bus(settings, bridge, metrics).run)
+            bus.peers_read_batches = True  # as a router sets it: every node reads batches
             store = Store(settings, bus, bridge, metrics)
             await store.setup()
             found.append(store)
@@ -225,6 +226,31 @@ async def test_with_atomic_batches_off_a_big_request_goes_in_rounds(
             chain = await chain_of(store, user)
             assert_exact(chain)
             assert [i for _, _, i in chain] == [f"o-{user}-{k}" for k in range(5)]
+
+
+async def test_while_a_node_cannot_read_atomic_batches_a_big_request_goes_in_rounds(
+    backends: LocalCluster,
+) -> None:
+    """A rolling upgrade from a version before atomic batches: while such a node is in the
+    ring view (the router clears ``peers_read_batches``), big requests are stored in rounds,
+    every message with its own ``Mp-Prev``; batches again once it is gone."""
+    async with stores(backends, "at9") as [store]:
+        store.bus.peers_read_batches = False
+        stored(await store.publish_many(batch("r", ["w1", "w2"], 5)))
+        assert store.atomic and store.atomic_batches == store.atomic_fallbacks == 0
+        store.bus.peers_read_batches = True
+        stored(await store.publish_many(batch("s", ["w1", "w2"], 5)))
+        assert store.atomic_batches == 1
+        for user in ["w1", "w2"]:
+            chain = await chain_of(store, user)
+            assert_exact(chain)
+            assert len(chain) == 10
+        get = trio_asyncio.aio_as_trio(store.bus.js.get_msg)
+        kinds = []
+        for seq, _, _ in await chain_of(store, "w1"):
+            headers = (await get(store.streams["user"], seq)).headers or {}
+            kinds.append("back" if "Mp-Prev-Back" in headers else "prev")
+        assert kinds == ["prev"] * 5 + ["prev"] + ["back"] * 4  # rounds, then one batch
 
 
 def stream_info(**config: Any) -> nats.js.api.StreamInfo:

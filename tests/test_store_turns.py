@@ -129,7 +129,11 @@ class FakeLink:
 
 def make_store(link: FakeLink, atomic: bool = False) -> Store:
     bus = SimpleNamespace(
-        js=object(), connected=True, link=link, live_subject=lambda ch, user: f"live.{user}"
+        js=object(),
+        connected=True,
+        link=link,
+        live_subject=lambda ch, user: f"live.{user}",
+        peers_read_batches=True,  # every node in the view reads atomic batches
     )
     store = Store(SETTINGS, bus, Bridge(), Metrics("t"))  # type: ignore[arg-type]
     store.atomic = atomic
