@@ -119,7 +119,9 @@ class Router:
         self._nursery: trio.Nursery | None = None
         self._held: list[Notification | None] = []  # taken from the bus, not dispatched yet
         self._older_seen = False  # a view held a node that does not take republished hints
-        self._batches_paused = False  # a view holds a node that does not read atomic batches
+        #: atomic batches: "on"; "paused" while a view holds a node that does not read them;
+        #: "resuming" while the streams are set up again after the last such node left
+        self._batches: Literal["on", "paused", "resuming"] = "on"
         self.webhook: Webhook | None = None  # offline webhook hooks (meshpush/webhook.py)
         #: told of a node a client could not reach (Membership.suspect probes it)
         self.suspect: Callable[[str], None] = lambda node_id: None
@@ -313,24 +315,37 @@ class Router:
         """Big requests go as atomic batches only while every node in the view reads their
         chain header (:attr:`NodeInfo.batches`, :attr:`Bus.peers_read_batches`; a rolling
         upgrade from an older version: in rounds, each message with its own ``Mp-Prev``,
-        until the last older node is gone)."""
+        until the last older node is gone). Then the streams are set up again first (an older
+        node that started meanwhile set the user stream up without ``allow_atomic``): batches
+        resume once that succeeded (failed: at a later view). An empty view (no membership
+        yet, or lost): rounds."""
         older = sorted(n for n, info in view.items() if not info.batches)
-        if older and not self._batches_paused:
-            log.info("big publish requests in rounds while %s cannot read atomic batches", older)
-        elif not older and self._batches_paused and self._nursery is not None:
-            # an older node may have set the stream up without allow_atomic: set it up again
+        if older:
+            if self._batches != "paused":
+                log.info("big publish requests in rounds while %s cannot read batches", older)
+            self._batches = "paused"
+        elif self._batches == "paused" and self._nursery is not None:
+            self._batches = "resuming"
+            self._nursery.start_soon(self._resume_batches, self.feeder.store)
+        self.bus.peers_read_batches = bool(view) and self._batches == "on"
+
+    async def _resume_batches(self, store: Store) -> None:
+        if not await self._check_stream(store):
+            self._batches = "paused"  # tried again at the next view
+        elif self._batches == "resuming":
+            self._batches = "on"
+            self.bus.peers_read_batches = bool(self.view)
             log.info("big publish requests: atomic batches again (every node reads them)")
-            self._nursery.start_soon(self._check_stream, self.feeder.store)
-        self._batches_paused = bool(older)
-        self.bus.peers_read_batches = not older
 
     @staticmethod
-    async def _check_stream(store: Store) -> None:
+    async def _check_stream(store: Store) -> bool:
         """Apply the streams' configuration again (republish, allow_atomic), as at start."""
         try:
             await store.setup()
         except Exception as exc:  # nats/JetStream errors are many: notify, store in rounds
             log.warning("could not check the user stream (notifying, in rounds): %r", exc)
+            return False
+        return True
 
     def _ring_changed(self, old: Ring, new: Ring, gained: int, lost: int) -> None:
         """Count and log every ring change: grow, shrink (a leave or an expired lease), both."""

@@ -535,6 +535,12 @@ class Store:
             raise outcome
         return outcome
 
+    @property
+    def batching(self) -> bool:
+        """Big requests go as atomic batches: the stream allows them (and the setting), and
+        every node in the ring view reads them (:attr:`Bus.peers_read_batches`)."""
+        return self.atomic and self.bus.peers_read_batches
+
     async def publish_many(self, items: list[Outgoing]) -> Sequence[Outcome]:
         """Store many messages (on the NATS link, in trio); one outcome per item, in order.
 
@@ -550,7 +556,7 @@ class Store:
             return [StoreUnavailable("not stored: not connected to NATS")] * len(items)
         if len(items) <= SMALL_REQUEST:  # merged: one round of publishes for many requests
             outcomes = await self._small.submit(items)
-        elif self.atomic and self.bus.peers_read_batches and _batchable(items):
+        elif self.batching and _batchable(items):
             outcomes = await self._big.submit(items)
         else:
             outcomes = await self._publish_all(items)
@@ -620,8 +626,11 @@ class Store:
         False: nothing stored by it, rounds go on."""
         if not await req.claim.all_granted(req.deadline):
             return False
+        if not self.batching:  # a node that cannot read them joined meanwhile
+            return False
         refused = await self._batch(req)
-        if isinstance(refused, WrongLast) and await self._refresh_hints(req):
+        # once more on fresh hints, if batches are still on (the read took a round trip)
+        if isinstance(refused, WrongLast) and await self._refresh_hints(req) and self.batching:
             refused = await self._batch(req)
         if refused is None:
             return True

@@ -23,6 +23,7 @@ import nats.js.api
 import nats.js.errors
 import pytest
 import trio
+import trio.testing
 from conftest import FAST
 from support import (
     assert_exact_chain,
@@ -429,9 +430,15 @@ class CheckedStore:
     def __init__(self) -> None:
         self.republished = True
         self.setups = 0
+        self.gate: trio.Event | None = None  # set: a setup waits for it
+        self.fail = False
 
     async def setup(self) -> None:
         self.setups += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise OSError("NATS went away")
         self.republished = True
 
 
@@ -473,20 +480,35 @@ async def test_publishers_notify_while_an_older_node_is_a_member_then_check_the_
 async def test_big_requests_go_in_rounds_while_a_node_cannot_read_atomic_batches() -> None:
     """The router clears ``Bus.peers_read_batches`` while its view holds a node that does not
     announce ``pb`` (a version before atomic batches would read their chained messages with a
-    prev of 0), and sets it again once that node is gone; false until the first view."""
+    prev of 0) or is empty; once that node is gone the streams are set up again (it may have
+    set the user stream up without ``allow_atomic``) and only then do batches resume; a
+    failed setup leaves them off until a later view tries again."""
     r, bus, store = checked_router()
     new = {i: NodeInfo(i, f"ws://{i}/ws", f"http://{i}", 0.0) for i in ("n1", "n2")}
-    older = NodeInfo("old", "ws://o/ws", "http://o", 0.0, republish=True, batches=False)
+    mixed = {**new, "old": NodeInfo("old", "ws://o/ws", "http://o", 0.0, batches=False)}
     async with trio.open_nursery() as nursery:
         r._nursery = nursery
+        await r.apply({}, registered=False)  # no membership yet (or lost)
+        assert not bus.peers_read_batches
         await r.apply(new, registered=True)
         assert bus.peers_read_batches and store.setups == 0
-        await r.apply({**new, "old": older}, registered=True)
+        await r.apply(mixed, registered=True)
         assert not bus.peers_read_batches and bus.owners_take_republish  # it takes republish
+        store.gate, store.fail = trio.Event(), True
         await r.apply(new, registered=True)
-        assert bus.peers_read_batches
-        # the older node may have set the stream up without allow_atomic: set up again
         await wait_until(lambda: store.setups == 1, timeout=5)
+        await r.apply(new, registered=True)  # while the setup runs: still rounds
+        assert not bus.peers_read_batches and store.setups == 1
+        store.gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not bus.peers_read_batches  # the setup failed
+        store.gate, store.fail = None, False
+        await r.apply(new, registered=True)  # the next view tries again
+        await wait_until(lambda: bus.peers_read_batches, timeout=5)
+        assert store.setups == 2
+        await r.apply(new, registered=True)
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.setups == 2 and bus.peers_read_batches  # once per older node gone
         nursery.cancel_scope.cancel()
 
 

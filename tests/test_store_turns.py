@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -299,10 +300,12 @@ async def test_a_batch_without_an_answer_is_a_timeout_for_every_item(
     assert store.statistics().atomic_batches == {"stored": 0, "refused": 1, "timeout": 1}
 
 
-async def test_a_big_request_waits_for_all_its_users_then_goes_as_one_batch() -> None:
-    link = FakeLink(FakeJetStream())
+async def behind_a_stuck_request(
+    store: Store, link: FakeLink, items: list[Outgoing], meanwhile: Callable[[], None]
+) -> list[Outcome]:
+    """``items`` published while a request for ``u2`` is stuck; ``meanwhile`` runs once both
+    wait (the big one for its turn on ``u2``), then the stuck one goes on."""
     link.gates["first"] = trio.Event()
-    store = make_store(link, atomic=True)
     done: list[Outcome] = []
 
     async def request(items: list[Outgoing]) -> None:
@@ -312,13 +315,42 @@ async def test_a_big_request_waits_for_all_its_users_then_goes_as_one_batch() ->
         async with trio.open_nursery() as nursery:
             nursery.start_soon(request, [out("u2", "first")])
             await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(request, big("b", ["u1", "u2"]))
+            nursery.start_soon(request, items)
             await trio.testing.wait_all_tasks_blocked()
-            assert link.batches == [] and len(link.rounds) == 1  # u1 granted, u2 not yet
+            meanwhile()
             link.gates.pop("first").set()
+    return done
+
+
+async def test_a_big_request_waits_for_all_its_users_then_goes_as_one_batch() -> None:
+    link = FakeLink(FakeJetStream())
+    store = make_store(link, atomic=True)
+
+    def waiting() -> None:
+        assert link.batches == [] and len(link.rounds) == 1  # u1 granted, u2 not yet
+
+    await behind_a_stuck_request(store, link, big("b", ["u1", "u2"]), waiting)
     assert len(link.batches) == 1 and store.atomic_batches == 1
     assert link.js.chains[subject_of("u2")] == [(1, 0), (3, 1), (5, 3), (7, 5), (9, 7), (11, 9)]
     assert store._turns.busy() == 0
+
+
+async def test_a_big_request_waiting_for_its_turn_goes_in_rounds_if_batches_stop_meanwhile() -> (
+    None
+):
+    """A node that cannot read atomic batches joined the view while the request waited for
+    its users (``peers_read_batches`` cleared): it is stored in rounds, not as a batch."""
+    link = FakeLink(FakeJetStream())
+    store = make_store(link, atomic=True)
+
+    def older_node_joins() -> None:
+        store.bus.peers_read_batches = False
+
+    done = await behind_a_stuck_request(store, link, big("c", ["u1", "u2"]), older_node_joins)
+    assert link.batches == [] and store.atomic_batches == 0
+    assert all(isinstance(o, Stored) for o in done) and len(done) == 11
+    chain = link.js.chains[subject_of("u2")]
+    assert [prev for _, prev in chain] == [0] + [seq for seq, _ in chain[:-1]]
 
 
 async def test_a_big_request_still_waiting_at_the_deadline_goes_in_rounds(
