@@ -437,6 +437,8 @@ class Phase:
     missing: int = 0  # message numbers never received
     duplicates: int = 0  # message numbers received more than once
     chain_breaks: int = 0  # msgs whose prev was not the seq before (lean receivers count them)
+    #: batch phases: each request's first and last message delivered (ms; p50/p99 of each)
+    per_request: dict[str, float] = field(default_factory=dict)
     load_average: float = 0.0
     hops: dict[str, Any] = field(default_factory=dict)  # --hops: the per-hop breakdown
 
@@ -527,6 +529,9 @@ def run_phase(
     for proc, _ in gens + receivers:
         proc.join(10)
     latencies = [x for r in rec_results for x in r["latencies"]]
+    delivered = [
+        (n, x) for r in rec_results for n, x in zip(r["numbers"], r["latencies"], strict=True)
+    ]
     received = collections.Counter(n for r in rec_results for n in r["numbers"])
     if apparatus.hops is not None:
         time.sleep(0.5)  # the processes' last records flushed
@@ -548,9 +553,32 @@ def run_phase(
         missing=sum(1 for i in range(messages) if i not in received),
         duplicates=sum(c - 1 for c in received.values() if c > 1),
         chain_breaks=sum(r.get("chain_breaks", 0) for r in rec_results),
+        per_request=request_spread(delivered, per_gen, batch) if batch > 1 else {},
         load_average=os.getloadavg()[0],
         hops=_hops.breakdown(apparatus.hops, since) if apparatus.hops is not None else {},
     )
+
+
+def request_spread(
+    delivered: list[tuple[int, float]], per_gen: int, batch: int
+) -> dict[str, float]:
+    """p50/p99 (ms) of each request's first and of its last message delivered: how long a
+    request's fixed path takes, and how far its burst spreads. Message ``n`` was sent by
+    generator ``n // per_gen`` (the last one takes the rest), in requests of ``batch``
+    consecutive numbers from its first."""
+    requests: dict[tuple[int, int], list[float]] = collections.defaultdict(list)
+    for n, latency in delivered:
+        g = min(n // per_gen, GENERATORS - 1)
+        requests[(g, (n - g * per_gen) // batch)].append(latency)
+    firsts = [min(v) for v in requests.values()]
+    lasts = [max(v) for v in requests.values()]
+    return {
+        "requests": len(requests),
+        "first_p50_ms": _pct_ms(firsts, 0.5),
+        "first_p99_ms": _pct_ms(firsts, 0.99),
+        "last_p50_ms": _pct_ms(lasts, 0.5),
+        "last_p99_ms": _pct_ms(lasts, 0.99),
+    }
 
 
 def run(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
@@ -624,6 +652,13 @@ def table(report: dict[str, Any]) -> str:
             lines.append(
                 f"  !! {p['missing']} missing, {p['duplicates']} duplicated,"
                 f" {p['chain_breaks']} chain breaks"
+            )
+        if p["per_request"]:
+            r = p["per_request"]
+            lines.append(
+                f"  {r['requests']:.0f} requests: first message p50 {r['first_p50_ms']:.1f} /"
+                f" p99 {r['first_p99_ms']:.1f} ms, last p50 {r['last_p50_ms']:.1f} /"
+                f" p99 {r['last_p99_ms']:.1f} ms"
             )
         if p["hops"]:
             lines.append(_hops.text(p["hops"]))

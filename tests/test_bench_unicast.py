@@ -18,7 +18,7 @@ import pytest
 
 from bench import _hops, _leanrecv
 from bench._wsload import take_frames
-from bench.unicast import Load, _affine_chunks, _lean_load, _started, schedules
+from bench.unicast import Load, _affine_chunks, _lean_load, _started, request_spread, schedules
 
 
 class SlowApi:
@@ -108,6 +108,20 @@ def test_a_generator_waits_for_its_start_and_keeps_its_phase_when_late(
     late = Load(["http://127.0.0.1:9"], "key", ["u0"], 0, 1, 10.0, 1, 1, start_at=soon - 1.0)
     assert _started(late) == soon - 1.0  # its schedule is not shifted
     assert "START_MARGIN" in capsys.readouterr().err
+
+
+def test_a_batch_phase_reports_each_requests_first_and_last_message() -> None:
+    """Two generators of 400 messages each, requests of 200: four requests; message n's
+    latency is n ms in the first request of each generator, 2 * n ms in the second."""
+    delivered = []
+    for g in range(2):
+        for n in range(g * 400, g * 400 + 400):
+            k = (n - g * 400) // 200
+            delivered.append((n, (n % 200 + 1) * (k + 1) / 1000))
+    spread = request_spread(delivered, per_gen=400, batch=200)
+    assert spread["requests"] == 4
+    assert spread["first_p50_ms"] == pytest.approx(2.0, abs=1.0)  # 1 or 2 ms
+    assert spread["last_p99_ms"] == pytest.approx(400.0)
 
 
 def test_breakdown_joins_hops_by_message_number(tmp_path: Path) -> None:
