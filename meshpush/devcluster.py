@@ -251,6 +251,12 @@ def _lost_a_port(member: Member) -> bool:
     return proc is not None and not proc.alive() and "address already in use" in proc.log()
 
 
+def _node_lost_a_port(node: NodeProc) -> bool:
+    """The node exited because a port it was given was taken (``[Errno 98] Address already
+    in use`` in its log)."""
+    return not node.proc.alive() and "address already in use" in node.proc.log().lower()
+
+
 @dataclass
 class NodeProc:
     id: str
@@ -357,7 +363,7 @@ class LocalCluster:
         self.wait_backends()
         started = [self.start_node(wait=False) for _ in range(self.nodes)]
         for node in started:
-            self.wait_ready(node)
+            self.ready_on_free_ports(node)
         self.wait_converged()
 
     def _start_fresh(self, members: list[Member], start: Callable[[], Proc]) -> None:
@@ -496,8 +502,26 @@ class LocalCluster:
         node = NodeProc(node_id, settings, proc, proxies)
         self.members.append(node)
         if wait:
-            self.wait_ready(node)
+            node = self.ready_on_free_ports(node)
             self.wait_converged()
+        return node
+
+    def ready_on_free_ports(self, node: NodeProc) -> NodeProc:
+        """Wait until a node just started is ready. One that exited because a port it was
+        given was taken meanwhile (a free port is only free when chosen) starts again, same
+        id, on new ports (bounded); returns the node that is ready."""
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                self.wait_ready(node)
+                break
+            except ClusterError:
+                if attempt == PORT_ATTEMPTS - 1 or not _node_lost_a_port(node):
+                    raise
+            log.warning("%s: a port was taken before it was bound; new ports", node.id)
+            self.members.remove(node)
+            for proxy in node.proxies.values():
+                proxy.stop()
+            node = self.start_node(wait=False, node_id=node.id)
         return node
 
     def _start_proxies(self, node_id: str, settings: Settings) -> tuple[Settings, dict[str, Proc]]:

@@ -125,3 +125,31 @@ def test_a_backend_port_taken_before_it_is_bound_gets_new_ports(
             with socket.create_connection(("127.0.0.1", member.port), timeout=5):
                 pass
     assert f"{kind}: a port was taken before it was bound" in caplog.text
+
+
+def test_a_node_port_taken_before_it_is_bound_gets_new_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same for a node: the first port handed to it is taken; it exits ("Address already
+    in use") and starts again, same id, on new ports."""
+    import socket
+
+    from meshpush import devcluster
+
+    real = devcluster.free_port
+    with socket.socket() as squatter, devcluster.LocalCluster(tmp_path, nodes=0) as cluster:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        handed: list[int] = []
+
+        def first_one_taken() -> int:
+            handed.append(taken if not handed else real())
+            return handed[-1]
+
+        monkeypatch.setattr(devcluster, "free_port", first_one_taken)
+        node = cluster.start_node()
+        assert node.id == "n1" and node.proc.alive()
+        assert taken not in (node.settings.ws_port, node.settings.http_port)
+        assert [n.id for n in cluster.live()] == ["n1"]
+    assert "n1: a port was taken before it was bound" in caplog.text
