@@ -244,17 +244,11 @@ def _new_ports(member: Member, clustered: bool) -> None:
     member.monitor_port = free_port() if member.kind == "nats" and clustered else 0
 
 
-def _lost_a_port(member: Member) -> bool:
-    """The member exited because a port it was given was taken by another process between
-    :func:`free_port` choosing it and the server binding it."""
-    proc = member.proc
-    return proc is not None and not proc.alive() and "address already in use" in proc.log()
-
-
-def _node_lost_a_port(node: NodeProc) -> bool:
-    """The node exited because a port it was given was taken (``[Errno 98] Address already
-    in use`` in its log)."""
-    return not node.proc.alive() and "address already in use" in node.proc.log().lower()
+def _lost_a_port(proc: Proc | None) -> bool:
+    """The process (a backend member's, a node's) exited because a port it was given was
+    taken by another process between :func:`free_port` choosing it and it binding it (etcd
+    and nats-server log "address already in use", a node "[Errno 98] Address already...")."""
+    return proc is not None and not proc.alive() and "address already in use" in proc.log().lower()
 
 
 @dataclass
@@ -375,7 +369,7 @@ class LocalCluster:
                 start()
                 return
             except ClusterError:
-                if attempt == PORT_ATTEMPTS - 1 or not any(_lost_a_port(m) for m in members):
+                if attempt == PORT_ATTEMPTS - 1 or not any(_lost_a_port(m.proc) for m in members):
                     raise
             log.warning("%s: a port was taken before it was bound; new ports", members[0].kind)
             for member in members:
@@ -515,7 +509,7 @@ class LocalCluster:
                 self.wait_ready(node)
                 break
             except ClusterError:
-                if attempt == PORT_ATTEMPTS - 1 or not _node_lost_a_port(node):
+                if attempt == PORT_ATTEMPTS - 1 or not _lost_a_port(node.proc):
                     raise
             log.warning("%s: a port was taken before it was bound; new ports", node.id)
             self.members.remove(node)
