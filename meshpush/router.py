@@ -288,19 +288,20 @@ class Router:
             if self.draining:
                 self._drain_ring = ring.without(self.me) if self.me in ring.nodes else ring
             self.registered = registered
-            self._track_republish(view)
-            self._track_batches(view)
+            checking = self._track_batches(view)  # first: it may set the streams up already
+            self._track_republish(view, checking)
             if ring is not old_ring:
                 self._ring_changed(old_ring, ring, len(owned - old_owned), len(lost))
             if lost:
                 self._start_migration(lost)
 
-    def _track_republish(self, view: View) -> None:
+    def _track_republish(self, view: View, checking: bool = False) -> None:
         """Publishers leave unicast hints to JetStream's republish only while every node in
         the view takes them (:attr:`Bus.owners_take_republish`; a rolling upgrade: while an
         older node is a member, this one notifies too). Once the last older node is gone, the
         stream is checked again before this node stops notifying: an older node that started
-        meanwhile updated the stream without the republish (``Store.setup`` puts it back)."""
+        meanwhile updated the stream without the republish (``Store.setup`` puts it back;
+        ``checking``: :meth:`_track_batches` just started that setup)."""
         everyone = all(info.republish for info in view.values())
         if not everyone:
             self._older_seen = True
@@ -308,26 +309,29 @@ class Router:
             self._older_seen = False
             store = self.feeder.store
             store.republished = False  # notify until the stream is checked
-            self._nursery.start_soon(self._check_stream, store)
+            if not checking:
+                self._nursery.start_soon(self._check_stream, store)
         self.bus.owners_take_republish = everyone
 
-    def _track_batches(self, view: View) -> None:
+    def _track_batches(self, view: View) -> bool:
         """Big requests go as atomic batches only while every node in the view reads their
         chain header (:attr:`NodeInfo.batches`, :attr:`Bus.peers_read_batches`; a rolling
         upgrade from an older version: in rounds, each message with its own ``Mp-Prev``,
         until the last older node is gone). Then the streams are set up again first (an older
         node that started meanwhile set the user stream up without ``allow_atomic``): batches
         resume once that succeeded (failed: at a later view). An empty view (no membership
-        yet, or lost): rounds."""
+        yet, or lost): rounds. True when it started that setup."""
         older = sorted(n for n, info in view.items() if not info.batches)
+        started = False
         if older:
             if self._batches != "paused":
                 log.info("big publish requests in rounds while %s cannot read batches", older)
             self._batches = "paused"
         elif self._batches == "paused" and self._nursery is not None:
-            self._batches = "resuming"
+            self._batches, started = "resuming", True
             self._nursery.start_soon(self._resume_batches, self.feeder.store)
         self.bus.peers_read_batches = bool(view) and self._batches == "on"
+        return started
 
     async def _resume_batches(self, store: Store) -> None:
         if not await self._check_stream(store):

@@ -424,6 +424,8 @@ def test_a_node_announces_that_it_takes_republished_hints_and_older_ones_read_as
     assert NodeInfo.from_json("n1", before_batches) == NodeInfo(
         "n1", "ws://a/ws", "http://a", 1.5, republish=True, batches=False
     )
+    odd = b'{"ws_url": "ws://a/ws", "http_url": "http://a", "started_at": 1.5, "pb": "yes"}'
+    assert not NodeInfo.from_json("n1", odd).batches  # only true is true: no batches
 
 
 class CheckedStore:
@@ -509,6 +511,23 @@ async def test_big_requests_go_in_rounds_while_a_node_cannot_read_atomic_batches
         await r.apply(new, registered=True)
         await trio.testing.wait_all_tasks_blocked()
         assert store.setups == 2 and bus.peers_read_batches  # once per older node gone
+        nursery.cancel_scope.cancel()
+
+
+async def test_when_a_node_older_than_both_leaves_the_streams_are_set_up_once() -> None:
+    """A node before republish and batches (neither ``rp`` nor ``pb``) leaves: one setup
+    puts both back (republish, allow_atomic), then hints go to JetStream and batches resume."""
+    r, bus, store = checked_router()
+    new = {i: NodeInfo(i, f"ws://{i}/ws", f"http://{i}", 0.0) for i in ("n1", "n2")}
+    oldest = NodeInfo("old", "ws://o/ws", "http://o", 0.0, republish=False, batches=False)
+    async with trio.open_nursery() as nursery:
+        r._nursery = nursery
+        await r.apply({**new, "old": oldest}, registered=True)
+        assert not bus.owners_take_republish and not bus.peers_read_batches
+        await r.apply(new, registered=True)
+        await wait_until(lambda: bus.peers_read_batches, timeout=5)
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.setups == 1 and store.republished and bus.owners_take_republish
         nursery.cancel_scope.cancel()
 
 
