@@ -20,7 +20,11 @@
 * Refusals (docs/protocol.md, "Close codes"): 1008 and 4403 are final, and so is 4401 with a
   fixed token string or after ``MAX_AUTH_FAILURES`` refusals in a row (a token function is
   asked again on every connect); the client then stops (state ``closed``, iteration ends).
-  4429/4503 and every other close reconnect with backoff. A ``bad_resume`` refusal (a
+  4429/4503 and every other close reconnect with backoff. A refusal that names a
+  ``retry_after`` (its error frame, or an HTTP refusal's ``Retry-After``; capped at
+  ``MAX_RETRY_AFTER``) keeps the client from that node for that long: the next bootstrap URL
+  that did not ask to wait is tried instead, and a connect to a node that asked (a bootstrap,
+  or a redirect's target) waits out the rest first. A ``bad_resume`` refusal (a
   position beyond the stream's end) resets that channel's position (event ``resume_reset``).
 * Acks are cumulative and batched: with ``auto_ack`` a message counts as consumed when the
   application asks for the next one; at most one ack frame per channel goes out every
@@ -37,6 +41,7 @@ import contextlib
 import enum
 import json
 import logging
+import math
 import random
 import ssl
 import urllib.parse
@@ -68,6 +73,9 @@ AUTH_MODES = ("frame", "query")
 #: everything consumed meanwhile); a reconnect replays at most this much, deduplicated by seq
 ACK_INTERVAL = 0.25
 MAX_ACK_INTERVAL = 10.0
+#: seconds at most that a refusal's ``retry_after`` holds a client back (a bound on a value
+#: the network hands us)
+MAX_RETRY_AFTER = 60.0
 REFUSAL_CODES = frozenset(
     {Close.BAD_REQUEST, Close.TOKEN_EXPIRED, Close.FORBIDDEN, Close.RATE_LIMITED, Close.UNAVAILABLE}
 )
@@ -205,6 +213,7 @@ class Client:
         self._redirect_node = ""
         self._url = ""
         self._auth_failures = 0
+        self._not_before: dict[str, float] = {}  # node (host:port) -> trio time it asked for
 
     # ------------------------------------------------------------ public
 
@@ -245,6 +254,7 @@ class Client:
         attempt = 0
         url, hops, target = self.bootstrap, 0, ("", "")
         while True:
+            await self._honour_retry_after(url)
             self._set_state(State.REDIRECTING if hops else State.CONNECTING)
             try:
                 await self._session(url)
@@ -313,18 +323,53 @@ class Client:
         log.log(level, "session to %s ended: %r", url, exc)
 
     def _rotate(self) -> str:
-        """The next bootstrap URL, skipping the node we avoid when there is another."""
-        for _ in range(len(self.bootstraps)):
-            self._next_bootstrap += 1
-            if self.bootstrap != self._avoid[1]:
+        """The next bootstrap URL, skipping the node we avoid and the nodes that asked us to
+        wait (``retry_after``) when there is another."""
+        n = len(self.bootstraps)
+        after = [self._next_bootstrap + k for k in range(1, n + 1)]
+        for fits in (self._free, self._not_avoided):
+            pick = next((i for i in after if fits(self.bootstraps[i % n])), None)
+            if pick is not None:
                 break
+        self._next_bootstrap = after[0] if pick is None else pick
         return self.bootstrap
 
+    def _not_avoided(self, url: str) -> bool:
+        return url != self._avoid[1]
+
+    def _free(self, url: str) -> bool:
+        return self._not_avoided(url) and not self._wait_for(url)
+
     async def _backoff(self, attempt: int) -> None:
-        """Full jitter: sleep uniform(0, min(cap, base * 2**attempt))."""
+        """Full jitter: sleep uniform(0, min(cap, base * 2**attempt)), after the last
+        refusal's ``retry_after`` when it named one (so refused clients do not all come back
+        at the same instant)."""
         self._set_state(State.BACKING_OFF)
         ceiling = min(self.backoff_cap, self.backoff_base * 2 ** min(attempt, 20))
         await trio.sleep(random.uniform(0, ceiling))
+
+    def _note_retry_after(self, url: str, value: object) -> None:
+        """Keep ``url``'s node away for a refusal's ``retry_after`` (seconds; ignored unless a
+        number >= 0; capped at ``MAX_RETRY_AFTER``)."""
+        if isinstance(value, str):
+            value = _seconds(value)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
+            return
+        now = trio.current_time()
+        self._not_before = {k: t for k, t in self._not_before.items() if t > now}
+        self._not_before[_node_key(url)] = now + min(float(value), MAX_RETRY_AFTER)
+
+    def _wait_for(self, url: str) -> float:
+        """Seconds until ``url``'s node may be asked again (0: now)."""
+        until = self._not_before.get(_node_key(url), 0.0)
+        return max(0.0, until - trio.current_time())
+
+    async def _honour_retry_after(self, url: str) -> None:
+        """Wait out what ``url``'s node asked for (docs/protocol.md, "Close codes")."""
+        wait = self._wait_for(url)
+        if wait > 0:
+            self._set_state(State.BACKING_OFF)
+            await trio.sleep(wait)
 
     async def _session(self, url: str) -> None:
         self.stats.connects += 1
@@ -339,6 +384,7 @@ class Client:
             self.stats.rejections += 1
             self.stats.last_error = f"rejected {exc.status_code}"
             error, detail = _rejection(exc.body)
+            self._note_retry_after(url, _header(exc.headers, b"retry-after"))
             if error == "bad_resume":
                 self._reset_resume(None, detail)
             raise Refused(4000 + exc.status_code, error, detail) from None
@@ -451,6 +497,7 @@ class Client:
         elif kind == "error":
             self._event("error", None, code=f.get("code"), detail=f.get("detail"))
             log.warning("server error frame: %s", f)
+            self._note_retry_after(self._url, f.get("retry_after"))
             if f.get("code") == "bad_resume":
                 self._reset_resume(f.get("ch"), str(f.get("detail") or ""))
         return None
@@ -614,6 +661,28 @@ def _rejection(body: bytes | None) -> tuple[str, str]:
     if not isinstance(obj, dict):
         return "", ""
     return str(obj.get("error", "")), str(obj.get("detail", ""))
+
+
+def _header(headers: Sequence[tuple[bytes, bytes]] | None, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower case) of an HTTP refusal, or None."""
+    for key, value in headers or ():
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _node_key(url: str) -> str:
+    """The node a URL names (host:port), whatever its path and query."""
+    return urllib.parse.urlsplit(url).netloc.lower()
+
+
+def _seconds(text: str) -> float | None:
+    """A ``Retry-After`` in delta seconds (an HTTP date, or anything else, is None)."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 @asynccontextmanager

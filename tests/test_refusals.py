@@ -132,6 +132,31 @@ async def test_session_cap_is_4429_with_retry_after(after: LocalCluster) -> None
     assert (close, code, frame["retry_after"]) == (Close.RATE_LIMITED, "too_many_sessions", 5)
 
 
+@pytest.mark.parametrize("fixture", ["after", "before"])
+async def test_sdk_refused_by_the_session_cap_waits_its_retry_after(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """A second device of a user at its cap is refused 4429 (or HTTP 429) with retry_after 5:
+    the SDK asks that node again no sooner (not every backoff step), then gets in once the
+    first session has gone."""
+    cluster: LocalCluster = request.getfixturevalue(fixture)
+    user, auth = f"r-cap-sdk-{fixture}", "frame" if fixture == "after" else "query"
+    url = cluster.live()[0].ws_url
+    second = Client(url, token=token(cluster, user), device="two", auth=auth)
+    second.backoff_base, second.backoff_cap = 0.01, 0.05  # would retry ~every 50 ms
+    async with trio.open_nursery() as nursery:
+        async with connected(cluster, user, auth=auth):
+            nursery.start_soon(second.run)
+            await trio.sleep(2.5)
+            assert (second.stats.connects, second.stats.rejections) == (1, 1)
+            assert second.state is State.BACKING_OFF
+            assert 2.0 < second._wait_for(url) <= 2.6  # what is left of the 5 s
+        with trio.fail_after(10):  # the first session has gone
+            await second.wait_online()
+        assert second.stats.connects == 2
+        nursery.cancel_scope.cancel()
+
+
 async def test_bad_resume_beyond_the_end_is_4400_naming_the_channel(after: LocalCluster) -> None:
     url = _url(after, f"token={token(after, 'r-future')}&last=999999999")
     close, code, frame = await refusal(url)

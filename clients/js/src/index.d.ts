@@ -132,6 +132,9 @@ export declare const State: Readonly<{
   CLOSED: "closed";
 }>;
 
+/** Seconds at most that a refusal's `retry_after` holds the client back. */
+export declare const MAX_RETRY_AFTER: number;
+
 export declare function tokenExpiry(token: string): number | null;
 
 export declare function backoffDelay(

@@ -41,6 +41,8 @@ export const State = Object.freeze({
 
 const CHANNELS = ["user", "broadcast"];
 const MAX_AUTH_FAILURES = 3;
+/** Seconds at most that a refusal's `retry_after` holds the client back. */
+export const MAX_RETRY_AFTER = 60;
 
 const DEFAULTS = {
   device: "default",
@@ -77,6 +79,11 @@ export function tokenExpiry(token) {
   } catch {
     return null;
   }
+}
+
+/** The node a URL names (host and port), whatever its path and query. */
+function nodeKey(url) {
+  return new URL(url).host.toLowerCase();
 }
 
 /**
@@ -145,6 +152,7 @@ export class MeshpushClient {
     this._attempt = 0;
     this._hops = 0;
     this._authFailures = 0;
+    this._notBefore = new Map(); // node (host) -> Date.now() it asked us to wait for
     this._conn = null; // the current connection attempt (one at a time)
     this._timer = null; // backoff timer
     this._freshToken = null; // fetched ahead of expiry, used by the next connect
@@ -222,6 +230,13 @@ export class MeshpushClient {
 
   async _connect(url, target) {
     if (this._stopped) return;
+    const wait = this._waitFor(url);
+    if (wait > 0) {
+      // that node asked us to wait (a refusal's retry_after): come back when it said
+      this._setState(State.BACKING_OFF);
+      this._timer = setTimeout(() => this._connect(url, target), wait);
+      return;
+    }
     this._setState(this._hops ? State.REDIRECTING : State.CONNECTING);
     this.stats.connects += 1;
     let token;
@@ -330,12 +345,37 @@ export class MeshpushClient {
     this._timer = setTimeout(() => this._connect(this._rotate(), { node: "", url: "" }), delay);
   }
 
-  /** The next bootstrap URL, skipping the avoided node when there is another. */
+  /**
+   * Keep `url`'s node away for a refusal's `retry_after` (seconds; ignored unless a number
+   * >= 0; capped at MAX_RETRY_AFTER).
+   */
+  _noteRetryAfter(url, value) {
+    if (typeof value !== "number" || !(value >= 0)) return;
+    const now = Date.now();
+    for (const [node, until] of this._notBefore) if (until <= now) this._notBefore.delete(node);
+    this._notBefore.set(nodeKey(url), now + Math.min(value, MAX_RETRY_AFTER) * 1000);
+  }
+
+  /** Milliseconds until `url`'s node may be asked again (0: now). */
+  _waitFor(url) {
+    return Math.max(0, (this._notBefore.get(nodeKey(url)) ?? 0) - Date.now());
+  }
+
+  /**
+   * The next bootstrap URL, skipping the avoided node and the nodes that asked us to wait
+   * (`retry_after`) when there is another.
+   */
   _rotate() {
-    for (let i = 0; i < this.bootstraps.length; i += 1) {
-      this._next += 1;
-      if (this.bootstrap !== this._avoid.url) break;
+    const n = this.bootstraps.length;
+    const after = Array.from({ length: n }, (_, k) => this._next + k + 1);
+    const notAvoided = (url) => url !== this._avoid.url;
+    const free = (url) => notAvoided(url) && this._waitFor(url) === 0;
+    let pick;
+    for (const fits of [free, notAvoided]) {
+      pick = after.find((i) => fits(this.bootstraps[i % n]));
+      if (pick !== undefined) break;
     }
+    this._next = pick ?? after[0];
     return this.bootstrap;
   }
 
@@ -549,6 +589,7 @@ class Connection {
         break;
       case "error":
         client._emit("error", { code: f.code, detail: f.detail });
+        client._noteRetryAfter(this.url, f.retry_after);
         if (f.code === "bad_resume") client._resetResume(f.ch, f.detail);
         break;
       default: // pong, and frame types this SDK does not know yet

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { afterEach, beforeEach, describe, it, mock } from "node:test";
 
-import { Close, MeshpushClient, backoffDelay, tokenExpiry } from "../src/index.js";
+import { Close, MAX_RETRY_AFTER, MeshpushClient, backoffDelay, tokenExpiry } from "../src/index.js";
 import { FakeSocket } from "./fake-socket.js";
 
 const URLS = ["ws://a.test/ws", "ws://b.test/ws", "ws://c.test/ws"];
@@ -341,6 +341,65 @@ describe("redirects and failover", () => {
     assert.equal(c.state, "backing_off");
     await settle(1);
     assert.equal(c.state, "connecting");
+  });
+
+  /** Refuse the current connection the way a node does after the upgrade. */
+  function refuse(retryAfter) {
+    FakeSocket.last.open();
+    const frame = { type: "error", code: "node_full", detail: "x", retry_after: retryAfter };
+    FakeSocket.last.frame(frame);
+    FakeSocket.last.serverClose(Close.UNAVAILABLE);
+  }
+
+  it("keeps away from a node for its retry_after, trying the others meanwhile", async () => {
+    const { c } = client({ random: () => 1, backoffBase: 100, backoffCap: 1000 });
+    c.start();
+    await settle();
+    refuse(10); // a.test: 10 s
+    await settle(200); // the backoff alone: b.test did not ask anything
+    assert.equal(FakeSocket.last.url.host, "b.test");
+    refuse(10);
+    await settle(400);
+    assert.equal(FakeSocket.last.url.host, "c.test");
+    refuse(10); // now every node asked to wait: a.test is asked again when it said
+    await settle(800);
+    assert.equal(FakeSocket.instances.length, 3);
+    assert.equal(c.state, "backing_off");
+    await settle(10000 - 200 - 400 - 800 - 1);
+    assert.equal(FakeSocket.instances.length, 3);
+    await settle(1);
+    assert.equal(FakeSocket.instances.length, 4);
+    assert.equal(FakeSocket.last.url.host, "a.test");
+  });
+
+  it("waits out a redirect target's retry_after before following the redirect", async () => {
+    const { c } = client({ random: () => 1, backoffBase: 100, backoffCap: 1000 });
+    c.start();
+    await settle();
+    FakeSocket.last.open();
+    FakeSocket.last.frame({ type: "redirect", node: "n3", url: "ws://c.test/ws", reason: "owner" });
+    await settle();
+    refuse(2); // the owner, c.test, is not ready
+    await settle(200); // the backoff, then b.test, which redirects to c.test again
+    assert.equal(FakeSocket.last.url.host, "b.test");
+    FakeSocket.last.open();
+    FakeSocket.last.frame({ type: "redirect", node: "n3", url: "ws://c.test/ws", reason: "owner" });
+    await settle(2000 - 200 - 1);
+    assert.equal(FakeSocket.last.url.host, "b.test");
+    assert.equal(c.state, "backing_off");
+    await settle(1);
+    assert.equal(FakeSocket.last.url.host, "c.test");
+  });
+
+  it("ignores a retry_after that is not a number >= 0 and caps a huge one", async () => {
+    const { c } = client();
+    for (const bad of [-1, "5", null, [1], true, Number.NaN]) {
+      c._noteRetryAfter("ws://a.test/ws", bad);
+      assert.equal(c._waitFor("ws://a.test/ws"), 0);
+    }
+    c._noteRetryAfter("ws://a.test/ws?device=d", 1e9); // the node, whatever the query
+    assert.equal(c._waitFor("ws://a.test/other"), MAX_RETRY_AFTER * 1000);
+    assert.equal(c._waitFor("ws://b.test/ws"), 0);
   });
 
   it("abandons a connection that is not welcomed within connectTimeout", async () => {
