@@ -99,6 +99,13 @@ class Subjects:
         becomes ``mp.<c>.rp.<slot>.<user>`` (the destination may not overlap the stream)."""
         return f"mp.{self.cluster}.store.u.>", f"mp.{self.cluster}.rp.>"
 
+    @property
+    def batch_marker(self) -> str:
+        """The first message of a batch a node opens ahead, in the user stream but no
+        user's subject (``mp.<c>.store.u.<slot>.<user>`` has one more token): republished
+        to ``mp.<c>.rp.batch``, which no node subscribes."""
+        return f"mp.{self.cluster}.store.u.batch"
+
     def presence(self, node_id: str) -> str:
         """Request/reply subject where ``node_id`` answers presence for its users."""
         return f"mp.{self.cluster}.presence.{encode_token(node_id)}"

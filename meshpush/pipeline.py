@@ -99,19 +99,23 @@ async def publish_round(link: Link, publishes: list[Request], timeout: float) ->
     return [answer_of(r) for r in await link.request_many(publishes, timeout)]
 
 
-async def publish_batch(link: Link, publishes: list[Request], timeout: float) -> BatchAnswer:
+async def publish_batch(
+    link: Link, publishes: list[Request], timeout: float, opened: int = 0
+) -> BatchAnswer:
     """Send a JetStream atomic batch (``publishes`` carry the ``Nats-Batch-*`` headers; the
-    last one commits) in one write and wait at most ``timeout`` for its one answer."""
+    last one commits) in one write and wait at most ``timeout`` for its one answer.
+    ``opened``: the batch's messages sent before (a batch opened ahead: its marker); the
+    server's answer counts them, the :class:`BatchAck` does not (they come first)."""
     answer = answer_of(await link.request_batch(publishes, timeout))
     if isinstance(answer, Ack):
-        return _batch_ack(answer, len(publishes))
+        return _batch_ack(answer, len(publishes), opened)
     return answer
 
 
-def _batch_ack(ack: Ack, count: int) -> BatchAnswer:
+def _batch_ack(ack: Ack, count: int, opened: int = 0) -> BatchAnswer:
     """A batch's PubAck. A plain or duplicate one (a server that took the commit for a lone
     message) stored nothing as a batch: refused (the caller falls back to single publishes)."""
-    if ack.duplicate or ack.count != count:
+    if ack.duplicate or ack.count != count + opened:
         return Refused(f"JetStream did not store the batch as one (ack {ack})")
     return BatchAck(ack.seq, count)
 

@@ -78,6 +78,12 @@ SMALL_REQUEST = 8
 MAX_ATOMIC_BATCH = 1000
 # nats-server's error code for a batch sent to a stream without allow_atomic
 ATOMIC_DISABLED = 10174
+# nats-server's error code for a batch it does not hold (all of it): one opened ahead that it
+# dropped (a restart, its max_batch_timeout)
+INCOMPLETE_BATCH = 10176
+# a batch opened ahead is used while at most this old (seconds): nats-server drops an
+# uncommitted batch after its max_batch_timeout, 10 s by default
+OPENED_MAX_AGE = 5.0
 CURSOR_TTL_FACTOR = 4
 
 
@@ -323,19 +329,24 @@ def _prevs_in_batch(chains: dict[str, _Chain]) -> list[int]:
 
 
 def _batch_publishes(
-    items: list[Outgoing], chains: dict[str, _Chain], prevs: list[int], batch_id: str
+    items: list[Outgoing],
+    chains: dict[str, _Chain],
+    prevs: list[int],
+    batch_id: str,
+    opened: int = 0,
 ) -> list[Request]:
     """The atomic batch's publishes: the first of each subject expects its last seq (so the
     whole batch is refused if another publisher got there first) and carries ``Mp-Prev``; a
     later one carries ``Mp-Prev-Back`` and no expectation (the server refuses one there; the
-    batch's atomicity keeps it right behind the first)."""
+    batch's atomicity keeps it right behind the first). ``opened``: the batch's messages
+    already sent (a batch opened ahead)."""
     subjects = [""] * len(items)
     for subject, chain in chains.items():
         for i in chain.indexes:
             subjects[i] = subject
     requests, sent = [], repr(time.time())
     for i, item in enumerate(items):
-        batch = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i + 1)}
+        batch = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(opened + i + 1)}
         if i == len(items) - 1:
             batch["Nats-Batch-Commit"] = "1"
         requests.append(_publish(subjects[i], prevs[i], item, batch, sent))
@@ -416,6 +427,9 @@ class Store:
         self.atomic_fallbacks = 0  # refused as a batch, stored in rounds
         self.atomic_timeouts = 0  # no answer to a batch (outcome unknown)
         self.hint_refreshes = 0  # a batch refused on a stale hint: newest seqs read
+        self._opened: tuple[str, float] | None = None  # a batch opened ahead: (id, trio time)
+        self.opened_ahead = 0  # batches sent into a batch opened ahead
+        self.opened_dropped = 0  # ... that the server no longer held (sent again)
         self._small: TrioGroupCommit[Outgoing, Outcome] = TrioGroupCommit(
             self._publish_all, _cancelled
         )
@@ -629,6 +643,9 @@ class Store:
         if not self.batching:  # a node that cannot read them joined meanwhile
             return False
         refused = await self._batch(req)
+        if isinstance(refused, Refused) and refused.code == INCOMPLETE_BATCH:
+            self.opened_dropped += 1  # the batch opened ahead was gone: stored nothing
+            refused = await self._batch(req)
         # once more on fresh hints, if batches are still on (the read took a round trip)
         if isinstance(refused, WrongLast) and await self._refresh_hints(req) and self.batching:
             refused = await self._batch(req)
@@ -646,8 +663,10 @@ class Store:
         for subject, chain in chains.items():
             self._start(subject, chain, items)
         prevs = _prevs_in_batch(chains)
-        requests = _batch_publishes(items, chains, prevs, secrets.token_hex(16))
-        answer = await publish_batch(self.bus.link, requests, self.publish_timeout)
+        batch_id, opened = self._batch_id(len(items))
+        requests = _batch_publishes(items, chains, prevs, batch_id, opened)
+        answer = await publish_batch(self.bus.link, requests, self.publish_timeout, opened)
+        self._open_ahead()
         if isinstance(answer, NoAnswer):
             self.atomic_timeouts += 1
             timeout = StoreTimeout(f"outcome unknown: {answer.detail}")
@@ -668,6 +687,33 @@ class Store:
         for subject, chain in chains.items():
             self._last.put(subject, first + chain.indexes[-1])
         return None
+
+    def _batch_id(self, size: int) -> tuple[str, int]:
+        """(id, messages already sent) of the batch for ``size`` items: the one opened ahead
+        if it is young enough and there is room beside its marker, else a new one."""
+        opened, self._opened = self._opened, None
+        if opened is not None and size < MAX_ATOMIC_BATCH:
+            batch_id, at = opened
+            if trio.current_time() - at < OPENED_MAX_AGE:
+                self.opened_ahead += 1
+                return batch_id, 1
+        return secrets.token_hex(16), 0
+
+    def _open_ahead(self) -> None:
+        """Open the next batch now, with a marker message (stored with it, never delivered):
+        nats-server creates a batch's staging store on its first message (on a file stream:
+        directories and fsyncs, ~2 ms), so the next big request's batch does not wait for
+        that (docs/performance.md). At most one is open; one left unused is dropped by the
+        server at its max_batch_timeout."""
+        if not self.batching:
+            return
+        batch_id = secrets.token_hex(16)
+        headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": "1"}
+        try:
+            self.bus.link.publish(self.bus.subjects.batch_marker, b"", None, headers)
+        except (LinkError, ValueError):
+            return
+        self._opened = batch_id, trio.current_time()
 
     async def _refresh_hints(self, req: _Pending) -> bool:
         """The chains' hints from the users' newest seqs, read in one request (the refusal

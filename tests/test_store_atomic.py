@@ -20,6 +20,8 @@ from meshpush.devcluster import LocalCluster
 from meshpush.metrics import Metrics
 from meshpush.settings import Settings
 from meshpush.store import (
+    MAX_ATOMIC_BATCH,
+    OPENED_MAX_AGE,
     SMALL_REQUEST,
     Outcome,
     Outgoing,
@@ -284,3 +286,50 @@ async def test_one_id_twice_in_a_request_is_stored_once(backends: LocalCluster) 
         chain = await chain_of(store, "d1")
         assert_exact(chain)
         assert len(chain) == 4
+
+
+async def test_the_next_batch_goes_into_the_one_opened_ahead(backends: LocalCluster) -> None:
+    """After a batch the store opens the next one with a marker message (nats-server creates
+    a batch's staging store on its first message): the next big request is stored into it,
+    right after the marker, with exact chains; the marker is no user's message."""
+    users = ["m1", "m2"]
+    async with stores(backends, "at10") as [store]:
+        first = stored(await store.publish_many(batch("f", users, 5)))
+        assert store.opened_ahead == 0 and store._opened is not None
+        second = stored(await store.publish_many(batch("g", users, 5)))
+        assert store.opened_ahead == 1 and store.atomic_batches == 2
+        marker_seq = first[-1].seq + 1
+        assert [s.seq for s in second] == list(range(marker_seq + 1, marker_seq + 11))
+        for user in users:
+            chain = await chain_of(store, user)
+            assert_exact(chain)
+            assert [i for _, _, i in chain] == [f"{t}-{user}-{k}" for t in "fg" for k in range(5)]
+        get = trio_asyncio.aio_as_trio(store.bus.js.get_msg)
+        marker = await get(store.streams["user"], marker_seq)
+        assert (marker.subject, marker.data or b"") == (store.bus.subjects.batch_marker, b"")
+
+
+async def test_a_batch_opened_ahead_that_is_gone_or_too_old_is_not_used(
+    backends: LocalCluster,
+) -> None:
+    """One the server no longer holds (a restart, its max_batch_timeout) is refused whole
+    (incomplete): the request is sent once more, in a new batch; one too old, or a request
+    with no room beside the marker, starts a new batch at once."""
+    users = ["d1", "d2"]
+    async with stores(backends, "at11") as [store]:
+        stored(await store.publish_many(batch("f", users, 5)))
+        store._opened = ("a-batch-the-server-does-not-hold", trio.current_time())
+        stored(await store.publish_many(batch("g", users, 5)))
+        # sent again into the batch opened right after the refusal
+        assert (store.opened_ahead, store.opened_dropped) == (2, 1)
+        assert (store.atomic_batches, store.atomic_fallbacks) == (2, 0)
+        assert store._opened is not None
+        store._opened = (store._opened[0], trio.current_time() - OPENED_MAX_AGE)
+        stored(await store.publish_many(batch("h", users, 5)))
+        assert (store.opened_ahead, store.opened_dropped, store.atomic_batches) == (2, 1, 3)
+        store._opened = ("x", trio.current_time())
+        assert store._batch_id(MAX_ATOMIC_BATCH)[1] == 0  # no room for the marker
+        for user in users:
+            chain = await chain_of(store, user)
+            assert_exact(chain)
+            assert len(chain) == 15

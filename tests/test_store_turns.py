@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from meshpush.bridge import Bridge
-from meshpush.bus import Notification, decode_notification
+from meshpush.bus import Notification, Subjects, decode_notification
 from meshpush.metrics import Metrics
 from meshpush.natslink import NoReply, Reply, Request
 from meshpush.natswire import Msg
@@ -47,6 +47,7 @@ class FakeJetStream:
         self.seq = 0
         self.chains: dict[str, list[tuple[int, int]]] = {}
         self.ids: dict[str, int] = {}
+        self.opened: set[str] = set()  # batches opened ahead (their marker came)
 
     def answer(self, req: Request) -> dict[str, Any]:
         headers = req.headers or {}
@@ -80,9 +81,16 @@ class FakeJetStream:
             if expected is not None and int(expected) != last:
                 description = f"wrong last sequence: {last}"
                 return {"error": {"code": 400, "err_code": 10071, "description": description}}
+        marker = (requests[0].headers or {})["Nats-Batch-Id"] in self.opened
+        if marker or (requests[0].headers or {})["Nats-Batch-Sequence"] != "1":
+            if not marker:  # a batch opened ahead that the server no longer holds
+                description = "atomic publish batch is incomplete"
+                return {"error": {"code": 400, "err_code": 10176, "description": description}}
+            self.opened.discard((requests[0].headers or {})["Nats-Batch-Id"])
+            self.seq += 1  # the marker is stored with the batch
         for r in requests:
             self._store(r)
-        return {"seq": self.seq, "batch": "b", "count": len(requests)}
+        return {"seq": self.seq, "batch": "b", "count": len(requests) + marker}
 
 
 class FakeLink:
@@ -122,6 +130,9 @@ class FakeLink:
         return NoReply("no answer in time")
 
     def publish(self, subject: str, payload: bytes, reply: Any = None, headers: Any = None) -> None:
+        if subject.endswith(".store.u.batch"):  # a batch opened ahead
+            self.js.opened.add(headers["Nats-Batch-Id"])
+            return
         self.notes.append(decode_notification("user", payload))
 
     def notes_of(self, user: str) -> list[tuple[int, int]]:
@@ -135,6 +146,7 @@ def make_store(link: FakeLink, atomic: bool = False) -> Store:
         link=link,
         live_subject=lambda ch, user: f"live.{user}",
         peers_read_batches=True,  # every node in the view reads atomic batches
+        subjects=Subjects(SETTINGS.cluster),
     )
     store = Store(SETTINGS, bus, Bridge(), Metrics("t"))  # type: ignore[arg-type]
     store.atomic = atomic
