@@ -78,6 +78,7 @@ KNOWN_LABELS: dict[str, dict[str, tuple[str, ...]]] = {
     "meshpush_blocked_total": {"reason": ("blocked", "not_allowed")},
     "meshpush_store_atomic_batches_total": {"result": ("stored", "refused", "timeout")},
     "meshpush_store_chain_retries_total": {"kind": ("wrong_last", "hint_refresh")},
+    "meshpush_store_batches_opened_ahead_total": {"result": ("used", "gone")},
     "meshpush_backend_errors_total": {
         "backend": (
             "etcd",
@@ -228,6 +229,14 @@ FAMILIES: tuple[Family, ...] = (
         "meshpush_store_atomic_batches_total",
         "Big publish requests sent as one JetStream atomic batch, by result: stored, refused"
         " (then stored in rounds), timeout (outcome unknown)",
+        C,
+        "result",
+    ),
+    Family(
+        "opened_ahead",
+        "meshpush_store_batches_opened_ahead_total",
+        "Atomic batches sent into a batch this node opened ahead (used), and those the server"
+        " no longer held (gone: sent again in a new one)",
         C,
         "result",
     ),

@@ -396,6 +396,8 @@ class StoreStats:
     #: resends because another publisher moved a chain: wrong_last (a publish, on the seq
     #: JetStream named), hint_refresh (a batch's users' newest seqs read again)
     chain_retries: Tally = field(default_factory=Tally)
+    #: atomic batches sent into one opened ahead: used, gone (the server no longer held it)
+    opened_ahead: Tally = field(default_factory=Tally)
 
 
 class Store:
@@ -447,6 +449,7 @@ class Store:
             self.stats,
             atomic_batches=Tally(atomic | {"timeout": self.atomic_timeouts}),
             chain_retries=Tally(retries),
+            opened_ahead=Tally({"used": self.opened_ahead, "gone": self.opened_dropped}),
         )
 
     # ------------------------------------------------------------ setup

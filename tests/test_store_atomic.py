@@ -298,6 +298,7 @@ async def test_the_next_batch_goes_into_the_one_opened_ahead(backends: LocalClus
         assert store.opened_ahead == 0 and store._opened is not None
         second = stored(await store.publish_many(batch("g", users, 5)))
         assert store.opened_ahead == 1 and store.atomic_batches == 2
+        assert store.statistics().opened_ahead == {"used": 1, "gone": 0}
         marker_seq = first[-1].seq + 1
         assert [s.seq for s in second] == list(range(marker_seq + 1, marker_seq + 11))
         for user in users:
@@ -327,6 +328,7 @@ async def test_a_batch_opened_ahead_that_is_gone_or_too_old_is_not_used(
         store._opened = (store._opened[0], trio.current_time() - OPENED_MAX_AGE)
         stored(await store.publish_many(batch("h", users, 5)))
         assert (store.opened_ahead, store.opened_dropped, store.atomic_batches) == (2, 1, 3)
+        assert store.statistics().opened_ahead == {"used": 2, "gone": 1}
         store._opened = ("x", trio.current_time())
         assert store._batch_id(MAX_ATOMIC_BATCH)[1] == 0  # no room for the marker
         for user in users:
