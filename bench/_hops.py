@@ -149,12 +149,12 @@ def install_node() -> None:
     def timed(send: Any) -> Any:
         """A store's JetStream send (a round, or an atomic batch) recording round/acked."""
 
-        async def sent(link: Any, publishes: list[Any], timeout: float) -> Any:
+        async def sent(link: Any, publishes: list[Any], timeout: float, *more: Any) -> Any:
             ns = [n_of(p.payload) for p in publishes]
             t = time.monotonic()
             for n in ns:
                 record("round", n, t)
-            answers = await send(link, publishes, timeout)
+            answers = await send(link, publishes, timeout, *more)
             t = time.monotonic()
             for n in ns:
                 record("acked", n, t)
