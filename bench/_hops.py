@@ -104,7 +104,8 @@ def install_node() -> None:
     """Wrap the node's functions on a message's path (called from the sitecustomize)."""
     import trio
 
-    from meshpush import api, bus, hub, node, pipeline, store
+    from meshpush.backends import bus, pipeline, store
+    from meshpush.server import api, hub, node
 
     read_json = api.read_json
 
@@ -133,7 +134,7 @@ def install_node() -> None:
 
     # a request's merged batch starts (small requests share a TrioGroupCommit lane), then
     # each user's chain starts when it is the batch's turn on that user (Store._start); no
-    # asyncio side since the store publishes on the trio NATS link (meshpush/natslink.py)
+    # asyncio side since the store publishes on the trio NATS link (meshpush/backends/natslink.py)
     store.Store._publish_all = stamp_items("cross", store.Store._publish_all)  # type: ignore[method-assign]
     store.Store._publish_atomic = stamp_items("cross", store.Store._publish_atomic)  # type: ignore[method-assign]
     start_chain = store.Store._start

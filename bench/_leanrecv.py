@@ -196,7 +196,7 @@ def lean_receiver(
 ) -> None:
     """Connect one lean session per user; report latencies once ``expected`` arrived (the
     same answer as ``bench.unicast.receiver``)."""
-    from meshpush.auth import issue_token
+    from meshpush.core.auth import issue_token
 
     hops = _hops.start("receiver")
     sessions: list[Session] = []

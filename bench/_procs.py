@@ -10,8 +10,9 @@ import subprocess
 import sys
 from typing import Any, Self
 
-#: meshpush.node.GC_THRESHOLDS; not imported from there: meshpush.node brings trio-asyncio,
-#: whose asyncio patches made the raw JetStream floor's process ~4x slower (its CPU 1.0 -> 4.4 s)
+#: meshpush.server.node.GC_THRESHOLDS; not imported from there: meshpush.server.node brings
+#: trio-asyncio, whose asyncio patches made the raw JetStream floor's process ~4x slower (its CPU
+#: 1.0 -> 4.4 s)
 GC_THRESHOLDS = (10_000, 20, 10)
 
 

@@ -135,7 +135,7 @@ class Conn:
 
 class Worker:
     def __init__(self, cmd: dict[str, Any]) -> None:
-        from meshpush.auth import issue_token
+        from meshpush.core.auth import issue_token
 
         self.ep = select.epoll()
         self.conns: dict[int, Conn] = {}

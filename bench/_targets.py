@@ -2,8 +2,8 @@
 
 A target listens on 127.0.0.1, greets every WebSocket connection with one text frame, and
 broadcasts on request. meshpush is a real 1-node cluster (etcd + NATS JetStream from the venv's
-wheels, via :class:`meshpush.devcluster.LocalCluster`) reached only through its public contract:
-``/ws`` with a token per session, ``POST /v1/broadcast`` and ``GET /metrics``.
+wheels, via :class:`meshpush.local.devcluster.LocalCluster`) reached only through its public
+contract: ``/ws`` with a token per session, ``POST /v1/broadcast`` and ``GET /metrics``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from bench._servers import Reference, Unavailable
-from meshpush.auth import issue_token
-from meshpush.devcluster import LocalCluster, free_port
+from meshpush.core.auth import issue_token
+from meshpush.local.devcluster import LocalCluster, free_port
 
 ALL = ("meshpush", *Reference.KINDS)
 #: a benchmark opens thousands of sessions from 127.0.0.1: lift the per-IP limits

@@ -34,7 +34,7 @@ from typing import Any
 from bench._resumeload import workers
 from bench._stats import pct
 from bench._targets import cpu_seconds, machine, table, write_json
-from meshpush.devcluster import LocalCluster, NodeProc
+from meshpush.local.devcluster import LocalCluster, NodeProc
 
 SETTLE = 1.0  # seconds between the baseline round and the steady publishing
 BEFORE_KILL = 1.0  # seconds of steady publishing before the kill

@@ -24,9 +24,9 @@ import nats
 import trio
 
 from bench._stats import pct
-from meshpush.auth import issue_token
 from meshpush.client import Client
-from meshpush.devcluster import LocalCluster
+from meshpush.core.auth import issue_token
+from meshpush.local.devcluster import LocalCluster
 
 
 def cpu_seconds(pid: int) -> float:

@@ -45,9 +45,9 @@ from bench._leanrecv import lean_receiver
 from bench._procs import tune_gc
 from bench._stats import pct
 from bench._targets import cpu_seconds, machine, write_json
-from meshpush.auth import issue_token
 from meshpush.client import ACK_INTERVAL, Client
-from meshpush.devcluster import LocalCluster
+from meshpush.core.auth import issue_token
+from meshpush.local.devcluster import LocalCluster
 from meshpush.publisher import AsyncPublisher, Message, Published
 
 GENERATORS = 2

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from meshpush.devcluster import CLUSTER_SIZE, ClusterError, Member
+from meshpush.local.devcluster import CLUSTER_SIZE, ClusterError, Member
 
 if TYPE_CHECKING:
     from .harness import Harness
@@ -157,7 +157,7 @@ async def backend_leader(h: Harness, spec: FaultSpec) -> None:
     await _restart_member(h, spec, leader, " (the leader)")
 
 
-#: The links each partition cuts (see :mod:`meshpush.faultproxy`).
+#: The links each partition cuts (see :mod:`meshpush.local.faultproxy`).
 PARTITIONS: dict[str, tuple[str, ...]] = {
     "partition-nats": ("nats",),
     "partition-etcd": ("etcd",),

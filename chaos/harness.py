@@ -1,4 +1,4 @@
-"""The chaos harness: load on a :class:`~meshpush.devcluster.LocalCluster` while faults run.
+"""The chaos harness: load on a :class:`~meshpush.local.devcluster.LocalCluster` while faults run.
 
 One trio program drives everything and records an :class:`~chaos.events.EventLog`:
 
@@ -40,11 +40,11 @@ from typing import Any, TextIO, TypeVar
 import httpx
 import trio
 
-from meshpush.auth import issue_token
 from meshpush.client import Client, ClientEvent, State
-from meshpush.devcluster import ClusterError, LocalCluster, NodeProc, Proc
+from meshpush.core.auth import issue_token
+from meshpush.core.ring import Ring
+from meshpush.local.devcluster import ClusterError, LocalCluster, NodeProc, Proc
 from meshpush.publisher import AsyncPublisher, PublishError, _Reply, _Step
-from meshpush.ring import Ring
 
 from .checker import check_placement, missing
 from .events import (

@@ -18,7 +18,7 @@ from typing import TextIO
 
 import trio
 
-from meshpush.devcluster import ClusterError, LocalCluster
+from meshpush.local.devcluster import ClusterError, LocalCluster
 
 from . import report
 from .checker import check

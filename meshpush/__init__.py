@@ -1,16 +1,23 @@
 """meshpush: a self-hosted, self-healing WebSocket push service.
 
-Layers, bottom up:
+Packages, bottom up:
 
-* pure logic, importable without a loop: :mod:`meshpush.settings`, :mod:`meshpush.protocol`
-  (frames and close codes), :mod:`meshpush.encoding` (ids in subjects and keys),
-  :mod:`meshpush.ring` (slots and owners), :mod:`meshpush.auth` (tokens);
-* backends hosted on one trio-asyncio loop: :mod:`meshpush.bridge`, :mod:`meshpush.membership`
-  (etcd), :mod:`meshpush.bus` (NATS core + JetStream);
-* the node: :mod:`meshpush.sessions` (who is connected), :mod:`meshpush.gateway` (WebSocket),
-  :mod:`meshpush.router` (ring changes, subscriptions, migration), :mod:`meshpush.api` (HTTP),
-  :mod:`meshpush.node` (wires them);
-* tools: :mod:`meshpush.client` (trio SDK), :mod:`meshpush.devcluster`, :mod:`meshpush.cli`.
+* :mod:`meshpush.core` — the pure logic, sans-IO, importable without a running loop: frames and
+  close codes (``protocol``), one session's rules (``machine``, ``feed``), WebSocket frames and
+  the upgrade request (``frames``, ``upgrade``), ids in subjects and keys (``encoding``), slots
+  and owners (``ring``), tokens (``auth``), limits and the stats records;
+* :mod:`meshpush.backends` — etcd membership, the NATS link and its wire codec, the bus (live
+  routing), the JetStream store and its pipelined publishes, the one trio -> asyncio bridge;
+* :mod:`meshpush.server` — the node's I/O: admission and the WebSocket gateway, sessions and the
+  hub's fan-out, the router (ring changes, subscriptions, migration), the HTTP API, presence,
+  webhooks, metrics, tracing and logs; :mod:`meshpush.server.node` wires them;
+* :mod:`meshpush.local` — local clusters of real processes (``meshpush dev``, the tests, the
+  benchmarks) and a TCP fault proxy.
+
+At the top, what users import or run: :mod:`meshpush.settings` (the one typed settings object),
+the SDKs :mod:`meshpush.client` (receivers, trio) and :mod:`meshpush.publisher` (publishers,
+sync and asyncio), :mod:`meshpush.webhook_verify` (checking webhook signatures) and
+:mod:`meshpush.cli` (the ``meshpush`` command).
 """
 
 __version__ = "0.1.0"

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import settings as settings_mod
-from .auth import issue_token
-from .client import State
-from .encoding import BadId, check_id
+from meshpush import settings as settings_mod
+from meshpush.client import State
+from meshpush.core.auth import issue_token
+from meshpush.core.encoding import BadId, check_id
 
 if TYPE_CHECKING:
-    from .client import Client
+    from meshpush.client import Client
 
 DEV_JSON = Path(".meshpush/dev.json")
 
@@ -211,13 +211,13 @@ def load_dev(path: Path) -> dict[str, Any]:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from .node import main as node_main
+    from meshpush.server.node import main as node_main
 
     return node_main(settings_mod.from_sources(args))
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from .devcluster import LocalCluster
+    from meshpush.local.devcluster import LocalCluster
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     workdir: Path = args.dir.resolve()
@@ -311,7 +311,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from .publisher import Publisher, PublishError
+    from meshpush.publisher import Publisher, PublishError
 
     data = parse_data(args.data)
     dev = load_dev(args.config)
@@ -451,7 +451,7 @@ class ListenReporter:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
-    from .client import open_client
+    from meshpush.client import open_client
 
     dev = load_dev(args.config)
     secret, user = dev["token_secret"], args.user

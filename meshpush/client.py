@@ -61,7 +61,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from .protocol import Close, ProtocolError, parse_server_frame
+from meshpush.core.protocol import Close, ProtocolError, parse_server_frame
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .proxyproto import CidrSet
+from meshpush.server.proxyproto import CidrSet
 
 ENV_PREFIX = "MESHPUSH_"
 

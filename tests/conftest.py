@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from meshpush.devcluster import LocalCluster
+from meshpush.local.devcluster import LocalCluster
 
 FAST = {
     "lease_ttl": 2,

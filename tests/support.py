@@ -16,10 +16,10 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from meshpush.auth import issue_token
 from meshpush.client import Client, Message, open_client
-from meshpush.devcluster import LocalCluster, NodeProc
-from meshpush.node import Node
+from meshpush.core.auth import issue_token
+from meshpush.local.devcluster import LocalCluster, NodeProc
+from meshpush.server.node import Node
 
 T = TypeVar("T")
 

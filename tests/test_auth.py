@@ -5,7 +5,7 @@ from __future__ import annotations
 import jwt
 import pytest
 
-from meshpush.auth import AuthError, TokenVerifier, bearer, check_api_key, issue_token
+from meshpush.core.auth import AuthError, TokenVerifier, bearer, check_api_key, issue_token
 
 SECRET = "s" * 32
 

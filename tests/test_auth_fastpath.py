@@ -10,7 +10,7 @@ from typing import Any
 import jwt
 import pytest
 
-from meshpush.auth import AuthError, Hs256, Identity, TokenCache, TokenVerifier, issue_token
+from meshpush.core.auth import AuthError, Hs256, Identity, TokenCache, TokenVerifier, issue_token
 
 SECRET = "s" * 32
 OLD = "o" * 32

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio_asyncio
 
-from meshpush.bridge import Bridge
+from meshpush.backends.bridge import Bridge
 
 
 @pytest.fixture

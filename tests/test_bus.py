@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import trio
 
-from meshpush.bridge import Bridge
-from meshpush.bus import Bus, Notification
-from meshpush.metrics import Metrics
-from meshpush.natswire import Msg
+from meshpush.backends.bridge import Bridge
+from meshpush.backends.bus import Bus, Notification
+from meshpush.backends.natswire import Msg
+from meshpush.server.metrics import Metrics
 from meshpush.settings import Settings
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from meshpush.devcluster import LocalCluster, NodeProc, Proc, free_port, wait_tcp
+from meshpush.local.devcluster import LocalCluster, NodeProc, Proc, free_port, wait_tcp
 from meshpush.settings import Settings
 
 
@@ -79,7 +79,7 @@ def echo_server() -> Iterator[int]:
 @pytest.fixture
 def proxy(echo_server: int, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
-    argv = [sys.executable, "-m", "meshpush.faultproxy", f"{port}=127.0.0.1:{echo_server}"]
+    argv = [sys.executable, "-m", "meshpush.local.faultproxy", f"{port}=127.0.0.1:{echo_server}"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     try:
         wait_tcp(port, 10, Proc("proxy", proc, tmp_path / "none.log"))
@@ -132,7 +132,7 @@ def test_a_close_on_either_side_reaches_the_other_at_once(
 
 
 def test_the_proxy_refuses_a_bad_link_spec() -> None:
-    argv = [sys.executable, "-m", "meshpush.faultproxy", "nonsense"]
+    argv = [sys.executable, "-m", "meshpush.local.faultproxy", "nonsense"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert result.returncode != 0 and "LOCALPORT=HOST:PORT" in result.stderr
 
@@ -262,9 +262,9 @@ class _Views:
 
 
 def _membership(views: _Views) -> Any:
-    from meshpush.membership import Membership
-    from meshpush.metrics import Metrics
-    from meshpush.router import NodeInfo
+    from meshpush.backends.membership import Membership
+    from meshpush.server.metrics import Metrics
+    from meshpush.server.router import NodeInfo
 
     m = Membership(Settings(node_id="me", lease_ttl=2), views, Metrics("me"))
     m.view = {n: NodeInfo(n, f"ws://{n}", f"http://{n}", 0.0) for n in ("me", "a", "b")}

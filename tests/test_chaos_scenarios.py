@@ -25,7 +25,7 @@ pytestmark = pytest.mark.cluster
 Match = Callable[[dict[str, Any]], bool]
 
 KNOWN_CORE_BUGS: dict[str, Match] = {
-    # Empty: the late-Ping crash (trio-websocket #184) is fixed in meshpush/listener.py and
+    # Empty: the late-Ping crash (trio-websocket #184) is fixed in meshpush/server/listener.py and
     # regression-tested in tests/test_cluster.py. Add an entry only with a filed bug.
 }
 

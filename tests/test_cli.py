@@ -21,9 +21,9 @@ import trio
 from trio_websocket import open_websocket_url
 
 from meshpush import cli
-from meshpush.auth import issue_token
 from meshpush.client import State
-from meshpush.devcluster import free_port
+from meshpush.core.auth import issue_token
+from meshpush.local.devcluster import free_port
 from meshpush.settings import env_name
 
 

@@ -21,9 +21,9 @@ from support import (
 )
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from meshpush.auth import issue_token
-from meshpush.devcluster import LocalCluster
-from meshpush.protocol import Close
+from meshpush.core.auth import issue_token
+from meshpush.core.protocol import Close
+from meshpush.local.devcluster import LocalCluster
 
 pytestmark = pytest.mark.cluster
 

@@ -1,4 +1,4 @@
-"""Coalesced fan-out (meshpush/hub.py ``deliver_many``) over real socket pairs, no node: the
+"""Coalesced fan-out (meshpush/server/hub.py ``deliver_many``) over real socket pairs, no node: the
 frames of many messages go to a session in one write and parse with wsproto, plain and over
 TLS; feeds advance exactly as one-by-one deliveries would; order holds when coalesced, fast and
 buffered writes mix; a reader that stops is still cut with 4008, its buffer counted per
@@ -20,14 +20,14 @@ from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import CloseConnection, TextMessage
 
-from meshpush import hub as hub_module
-from meshpush.bus import Notification
-from meshpush.feed import Feed, Verdict
-from meshpush.hub import Hub, waiting
-from meshpush.machine import Limits
-from meshpush.protocol import Close
-from meshpush.sessions import Session
-from meshpush.wire import Wire
+from meshpush.backends.bus import Notification
+from meshpush.core.feed import Feed, Verdict
+from meshpush.core.machine import Limits
+from meshpush.core.protocol import Close
+from meshpush.server import hub as hub_module
+from meshpush.server.hub import Hub, waiting
+from meshpush.server.sessions import Session
+from meshpush.server.wire import Wire
 
 
 def chain(first: int, count: int, ch: str = "user", size: int = 10, gap: int = 1) -> list[Any]:

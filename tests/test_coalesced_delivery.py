@@ -30,7 +30,7 @@ from test_fastpath import (
     wait_closed_by_server,
 )
 
-from meshpush.devcluster import LocalCluster
+from meshpush.local.devcluster import LocalCluster
 from meshpush.publisher import AsyncPublisher, Published
 
 __all__ = ["node_cluster", "slow"]  # fixtures shared with test_fastpath

@@ -111,7 +111,7 @@ def test_a_backend_port_taken_before_it_is_bound_gets_new_ports(
     before the server binds it. The cluster then starts that backend again on new ports."""
     import socket
 
-    from meshpush.devcluster import LocalCluster
+    from meshpush.local.devcluster import LocalCluster
 
     cluster = LocalCluster(tmp_path, nodes=0, backends="clustered")
     member = (cluster.nats_members if kind == "nats" else cluster.etcd_members)[0]
@@ -134,7 +134,7 @@ def test_a_node_port_taken_before_it_is_bound_gets_new_ports(
     in use") and starts again, same id, on new ports."""
     import socket
 
-    from meshpush import devcluster
+    from meshpush.local import devcluster
 
     real = devcluster.free_port
     with socket.socket() as squatter, devcluster.LocalCluster(tmp_path, nodes=0) as cluster:

@@ -30,10 +30,10 @@ from support import (
 )
 from trio_websocket import open_websocket_url
 
-from meshpush.devcluster import LocalCluster, NodeProc
-from meshpush.encoding import encode_token
+from meshpush.core.encoding import encode_token
+from meshpush.core.ring import Ring, slot
+from meshpush.local.devcluster import LocalCluster, NodeProc
 from meshpush.publisher import Publisher, PublishError
-from meshpush.ring import Ring, slot
 
 pytestmark = pytest.mark.cluster
 

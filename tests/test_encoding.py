@@ -13,9 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support import api, connected, publish, receive, refusal, token
 
-from meshpush.auth import issue_token
-from meshpush.devcluster import LocalCluster
-from meshpush.encoding import (
+from meshpush.core.auth import issue_token
+from meshpush.core.encoding import (
     CONTROL,
     BadId,
     check_id,
@@ -23,6 +22,7 @@ from meshpush.encoding import (
     encode_token,
     user_of_token,
 )
+from meshpush.local.devcluster import LocalCluster
 
 TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 

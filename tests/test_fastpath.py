@@ -41,9 +41,9 @@ from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import CloseConnection, TextMessage
 
-from meshpush.auth import issue_token
-from meshpush.devcluster import LocalCluster
-from meshpush.protocol import Close
+from meshpush.core.auth import issue_token
+from meshpush.core.protocol import Close
+from meshpush.local.devcluster import LocalCluster
 
 
 @pytest.fixture(scope="module", params=["plain", "tls"])

@@ -1,4 +1,4 @@
-"""The node's own client-frame parser (``meshpush.frames``): every frame shape RFC 6455 allows
+"""The node's own client-frame parser (``meshpush.core.frames``): every frame shape RFC 6455 allows
 parses as wsproto's client writes it, and every frame it forbids ends with the documented close
 code (1002, 1007, 1009) — in unit tests, and over a socket pair against a running session
 while another session keeps being served."""
@@ -17,11 +17,11 @@ from wsproto.connection import Connection
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 from wsproto.frame_protocol import Opcode
 
-from meshpush.frames import ClientFrames, ProtocolClose, close_payload, server_frame, unmask
-from meshpush.machine import Limits
-from meshpush.protocol import Close
-from meshpush.sessions import Session
-from meshpush.wire import Wire
+from meshpush.core.frames import ClientFrames, ProtocolClose, close_payload, server_frame, unmask
+from meshpush.core.machine import Limits
+from meshpush.core.protocol import Close
+from meshpush.server.sessions import Session
+from meshpush.server.wire import Wire
 
 
 def client_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes = b"abcd") -> bytes:

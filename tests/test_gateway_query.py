@@ -9,7 +9,7 @@ import urllib.parse
 
 import pytest
 
-from meshpush.gateway import MAX_QUERY_FIELDS, _query_pairs
+from meshpush.server.gateway import MAX_QUERY_FIELDS, _query_pairs
 
 
 def _reference(qs: str) -> list[tuple[str, str]] | str:

@@ -1,11 +1,11 @@
-"""The node's paced young collections (meshpush.node.GcPacer), with fake gc functions."""
+"""The node's paced young collections (meshpush.server.node.GcPacer), with fake gc functions."""
 
 from __future__ import annotations
 
 import trio
 import trio.testing
 
-from meshpush.node import GcPacer, paced_generation
+from meshpush.server.node import GcPacer, paced_generation
 
 THRESHOLDS = (10_000, 20, 10)
 

@@ -11,11 +11,11 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from meshpush.auth import AuthError, Identity, TokenCache, TokenVerifier, issue_token
-from meshpush.delivery import BadResume, Batcher, Feed, Feeder, Start
-from meshpush.metrics import Metrics
+from meshpush.backends.store import Cursor, Starts, StoredMessage, StoreUnavailable, cursor_key
+from meshpush.core.auth import AuthError, Identity, TokenCache, TokenVerifier, issue_token
+from meshpush.server.delivery import BadResume, Batcher, Feed, Feeder, Start
+from meshpush.server.metrics import Metrics
 from meshpush.settings import Settings
-from meshpush.store import Cursor, Starts, StoredMessage, StoreUnavailable, cursor_key
 
 SECRET = "s" * 32
 

@@ -15,7 +15,7 @@ import trio
 from conftest import make_cluster
 from support import api, connected, publish, receive, sample, wait_until
 
-from meshpush.devcluster import LocalCluster, NodeProc, Proc
+from meshpush.local.devcluster import LocalCluster, NodeProc, Proc
 from meshpush.settings import Settings
 
 pytestmark = pytest.mark.cluster

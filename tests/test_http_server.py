@@ -1,4 +1,4 @@
-"""The node's lean HTTP/1.1 server (meshpush/http.py) over real sockets on 127.0.0.1:
+"""The node's lean HTTP/1.1 server (meshpush/server/http.py) over real sockets on 127.0.0.1:
 keep-alive, pipelining, chunked bodies, bounds (413, 431, 503), timeouts (408), JSON errors."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from meshpush.http import HttpServer, JSONResponse, Request, Response, Routes, parse_head
+from meshpush.server.http import HttpServer, JSONResponse, Request, Response, Routes, parse_head
 
 MAX_BODY = 1000
 

@@ -138,7 +138,7 @@ def test_install_script_in_a_clean_venv(tmp_path: Path) -> None:
     # read-only root filesystem: importing the node writes nothing (bytecode was compiled)
     before = sorted(p for p in venv.rglob("*"))
     check = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import meshpush.node, meshpush.cli"],
+        [str(venv / "bin" / "python"), "-c", "import meshpush.server.node, meshpush.cli"],
         capture_output=True,
         text=True,
         env=env,

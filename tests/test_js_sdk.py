@@ -30,8 +30,8 @@ import httpx
 import pytest
 from conftest import make_cluster
 
-from meshpush.auth import issue_token
-from meshpush.devcluster import LocalCluster, NodeProc
+from meshpush.core.auth import issue_token
+from meshpush.local.devcluster import LocalCluster, NodeProc
 
 JS_DIR = Path(__file__).resolve().parent.parent / "clients" / "js"
 Event = dict[str, Any]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meshpush.limits import (
+from meshpush.core.limits import (
     Counter,
     FilterError,
     IpFilter,
@@ -16,8 +16,8 @@ from meshpush.limits import (
     TokenBucket,
     origin_allowed,
 )
-from meshpush.listener import Doorman, Refusal
-from meshpush.metrics import Metrics
+from meshpush.server.listener import Doorman, Refusal
+from meshpush.server.metrics import Metrics
 from meshpush.settings import Settings
 
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from meshpush.machine import CloseDecision, Limits, Outbound, SessionMachine
-from meshpush.protocol import PONG, Close
+from meshpush.core.machine import CloseDecision, Limits, Outbound, SessionMachine
+from meshpush.core.protocol import PONG, Close
 
 LIMITS = Limits(
     heartbeat_interval=10.0,

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import pytest
 import trio_asyncio
 
-from meshpush.membership import Membership
-from meshpush.metrics import Metrics
-from meshpush.router import View
+from meshpush.backends.membership import Membership
+from meshpush.server.metrics import Metrics
+from meshpush.server.router import View
 from meshpush.settings import Settings
 
 

@@ -11,23 +11,23 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import meshpush
-from meshpush.api import ApiStats
-from meshpush.bus import BusStats
-from meshpush.delivery import FeederStats
-from meshpush.gateway import GatewayStats
-from meshpush.hub import HubStats
-from meshpush.listener import DoormanStats
-from meshpush.looplag import LoopLagStats
-from meshpush.membership import MembershipStats
-from meshpush.metrics import BY_ATTR, DELIVERY_BUCKETS, KNOWN_LABELS, Metrics
-from meshpush.node import NodeStats
-from meshpush.presence import PresenceStats
-from meshpush.retention import RetentionStats
-from meshpush.router import RouterStats
-from meshpush.sessions import SessionStats
-from meshpush.stats import Buckets, Tally, snapshot
-from meshpush.store import StoreStats
-from meshpush.webhook import WebhookStats
+from meshpush.backends.bus import BusStats
+from meshpush.backends.membership import MembershipStats
+from meshpush.backends.store import StoreStats
+from meshpush.core.stats import Buckets, Tally, snapshot
+from meshpush.server.api import ApiStats
+from meshpush.server.delivery import FeederStats
+from meshpush.server.gateway import GatewayStats
+from meshpush.server.hub import HubStats
+from meshpush.server.listener import DoormanStats
+from meshpush.server.looplag import LoopLagStats
+from meshpush.server.metrics import BY_ATTR, DELIVERY_BUCKETS, KNOWN_LABELS, Metrics
+from meshpush.server.node import NodeStats
+from meshpush.server.presence import PresenceStats
+from meshpush.server.retention import RetentionStats
+from meshpush.server.router import RouterStats
+from meshpush.server.sessions import SessionStats
+from meshpush.server.webhook import WebhookStats
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -11,7 +11,7 @@ import trio
 from support import connected, owner_of, publish, receive, wait_until
 
 from meshpush.client import Client
-from meshpush.devcluster import LocalCluster
+from meshpush.local.devcluster import LocalCluster
 
 pytestmark = pytest.mark.cluster
 USERS = [f"mig-{i}" for i in range(24)]

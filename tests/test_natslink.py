@@ -20,11 +20,9 @@ import pytest
 import trio
 import trio_asyncio
 
-from meshpush.bridge import Bridge
-from meshpush.bus import Bus
-from meshpush.devcluster import Proc, binary, free_port, spawn, wait_tcp
-from meshpush.metrics import Metrics
-from meshpush.natslink import (
+from meshpush.backends.bridge import Bridge
+from meshpush.backends.bus import Bus
+from meshpush.backends.natslink import (
     BufferFull,
     Link,
     LinkConfig,
@@ -34,7 +32,9 @@ from meshpush.natslink import (
     Request,
     parse_server,
 )
-from meshpush.natswire import Msg
+from meshpush.backends.natswire import Msg
+from meshpush.local.devcluster import Proc, binary, free_port, spawn, wait_tcp
+from meshpush.server.metrics import Metrics
 from meshpush.settings import Settings
 
 pytestmark = pytest.mark.cluster

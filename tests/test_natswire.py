@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from meshpush import natswire as w
+from meshpush.backends import natswire as w
 
 INFO = b'INFO {"server_id":"x","max_payload":1048576,"headers":true}\r\n'
 STREAM = (

@@ -16,8 +16,8 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from meshpush.membership import _refuses
-from meshpush.router import Route, Router
+from meshpush.backends.membership import _refuses
+from meshpush.server.router import Route, Router
 from tests.conftest import make_cluster
 from tests.support import connected, token, user_owned_by
 from tests.test_chaos_backends import _membership, _Views

@@ -9,9 +9,9 @@ import pytest
 import trio
 import trio.testing
 
-from meshpush.natslink import NoReply, NotSent
-from meshpush.natswire import Msg
-from meshpush.pipeline import (
+from meshpush.backends.natslink import NoReply, NotSent
+from meshpush.backends.natswire import Msg
+from meshpush.backends.pipeline import (
     Ack,
     NoAnswer,
     Refused,

@@ -13,9 +13,9 @@ import pytest
 from conftest import make_cluster
 from support import api, connected, owner_of, user_owned_by, wait_until
 
-from meshpush.api import ApiError
-from meshpush.devcluster import LocalCluster
-from meshpush.presence import (
+from meshpush.local.devcluster import LocalCluster
+from meshpush.server.api import ApiError
+from meshpush.server.presence import (
     MAX_USERS,
     answer,
     check_users,

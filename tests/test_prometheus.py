@@ -30,7 +30,7 @@ from support import api, connected, publish, receive
 from test_deploy_files import DASHBOARD, dashboard_queries
 from test_prometheus_rules import RULES
 
-from meshpush.devcluster import LocalCluster, Proc, free_port, spawn, wait_http
+from meshpush.local.devcluster import LocalCluster, Proc, free_port, spawn, wait_http
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = [

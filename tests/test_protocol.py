@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshpush import protocol
-from meshpush.protocol import Ack, Close, Ping, ProtocolError, parse_client_frame
+from meshpush.core import protocol
+from meshpush.core.protocol import Ack, Close, Ping, ProtocolError, parse_client_frame
 
 
 def test_ack_and_ping_parse() -> None:

@@ -32,9 +32,9 @@ from wsproto.events import (
     TextMessage,
 )
 
-from meshpush.auth import issue_token
-from meshpush.devcluster import LocalCluster, NodeProc
-from meshpush.proxyproto import V2_SIGNATURE
+from meshpush.core.auth import issue_token
+from meshpush.local.devcluster import LocalCluster, NodeProc
+from meshpush.server.proxyproto import V2_SIGNATURE
 
 pytestmark = pytest.mark.cluster
 

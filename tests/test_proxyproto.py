@@ -13,10 +13,10 @@ from io import StringIO
 import pytest
 import trio
 
-from meshpush import logs
-from meshpush.listener import PENDING, Doorman
-from meshpush.metrics import Metrics
-from meshpush.proxyproto import (
+from meshpush.server import logs
+from meshpush.server.listener import PENDING, Doorman
+from meshpush.server.metrics import Metrics
+from meshpush.server.proxyproto import (
     V1_MAX,
     V2_MAX,
     V2_SIGNATURE,
@@ -30,8 +30,8 @@ from meshpush.proxyproto import (
     read_header,
     to_read,
 )
+from meshpush.server.wire import HandshakeFailed
 from meshpush.settings import Settings, add_arguments, env_for, from_sources
-from meshpush.wire import HandshakeFailed
 
 TRUSTED = CidrSet.parse(["10.0.0.0/8", "fd00::/8", "192.0.2.1"])
 
@@ -359,8 +359,8 @@ def root_logger() -> Iterator[None]:
 async def connection(ip: str) -> None:
     """What a WebSocket connection's task does: name its client, then log."""
     logs.CLIENT_IP.set(ip)
-    logging.getLogger("meshpush.gateway").warning("handshake refused: %s", "x")
-    logging.getLogger("meshpush.listener").warning("refused %s: y", ip)
+    logging.getLogger("meshpush.server.gateway").warning("handshake refused: %s", "x")
+    logging.getLogger("meshpush.server.listener").warning("refused %s: y", ip)
 
 
 @pytest.mark.usefixtures("root_logger")
@@ -382,5 +382,5 @@ async def test_text_log_lines_of_a_connection_end_with_its_client_ip() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connection, "2001:db8::7")
     first, second = out.getvalue().splitlines()
-    assert first.endswith("meshpush.gateway: handshake refused: x [client 2001:db8::7]")
-    assert second.endswith("meshpush.listener: refused 2001:db8::7: y")  # named once
+    assert first.endswith("meshpush.server.gateway: handshake refused: x [client 2001:db8::7]")
+    assert second.endswith("meshpush.server.listener: refused 2001:db8::7: y")  # named once

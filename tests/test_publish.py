@@ -20,7 +20,7 @@ from support import (
     sample,
 )
 
-from meshpush.devcluster import LocalCluster
+from meshpush.local.devcluster import LocalCluster
 
 pytestmark = pytest.mark.cluster
 

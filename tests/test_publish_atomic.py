@@ -14,8 +14,8 @@ import pytest
 import trio
 from support import Collector, api, assert_exact_chain, connected, publish, replayed
 
-from meshpush.devcluster import LocalCluster
-from meshpush.store import SMALL_REQUEST
+from meshpush.backends.store import SMALL_REQUEST
+from meshpush.local.devcluster import LocalCluster
 
 pytestmark = pytest.mark.cluster
 

@@ -8,10 +8,10 @@ from typing import Any
 import httpx
 import pytest
 
-from meshpush.api import Api
-from meshpush.metrics import Metrics
+from meshpush.backends.store import Outcome, Outgoing
+from meshpush.server.api import Api
+from meshpush.server.metrics import Metrics
 from meshpush.settings import Settings
-from meshpush.store import Outcome, Outgoing
 
 
 class BrokenStore:

@@ -12,7 +12,7 @@ import pytest
 import trio
 from support import Collector, assert_exact_chain, connected, publish
 
-from meshpush.devcluster import LocalCluster
+from meshpush.local.devcluster import LocalCluster
 
 pytestmark = pytest.mark.cluster
 

@@ -13,7 +13,7 @@ import pytest
 from test_publish import stored_count
 
 from meshpush import cli
-from meshpush.devcluster import LocalCluster, free_port
+from meshpush.local.devcluster import LocalCluster, free_port
 from meshpush.publisher import AsyncPublisher, Failed, Message, Published, Publisher
 
 pytestmark = pytest.mark.cluster

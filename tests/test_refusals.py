@@ -26,10 +26,10 @@ from support import (
 )
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from meshpush.auth import issue_token
 from meshpush.client import Client, ClientEvent, State, open_client
-from meshpush.devcluster import LocalCluster
-from meshpush.protocol import Close
+from meshpush.core.auth import issue_token
+from meshpush.core.protocol import Close
+from meshpush.local.devcluster import LocalCluster
 
 pytestmark = pytest.mark.cluster
 

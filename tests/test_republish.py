@@ -1,6 +1,7 @@
-"""The live path of a stored unicast: JetStream republishes it to its owner (meshpush/bus.py).
+"""The live path of a stored unicast: JetStream republishes it to its owner
+(meshpush/backends/bus.py).
 
-Sans-IO: :func:`meshpush.bus.decode_republished` on headers (and on the bytes a real
+Sans-IO: :func:`meshpush.backends.bus.decode_republished` on headers (and on the bytes a real
 nats-server sent), and the bus's receive callback. Then two real nodes in this process (real
 etcd and nats-server -js from the wheels): a message published through node a reaches owner
 b from the republish, a sends no notification; duplicates, garbage on the subject, a node
@@ -39,19 +40,19 @@ from support import (
     wait_until,
 )
 
-from meshpush.bridge import Bridge
-from meshpush.bus import Bus, Notification, decode_republished, republished_trace
-from meshpush.devcluster import LocalCluster
-from meshpush.encoding import encode_token
-from meshpush.hub import Hub
-from meshpush.metrics import Metrics
-from meshpush.natslink import Link, LinkConfig
-from meshpush.natswire import Msg, Parser, ProtocolError, encode_headers
-from meshpush.node import Node
-from meshpush.ring import slot
-from meshpush.router import NodeInfo, Router
+from meshpush.backends.bridge import Bridge
+from meshpush.backends.bus import Bus, Notification, decode_republished, republished_trace
+from meshpush.backends.natslink import Link, LinkConfig
+from meshpush.backends.natswire import Msg, Parser, ProtocolError, encode_headers
+from meshpush.backends.store import Outgoing, Store, Stored
+from meshpush.core.encoding import encode_token
+from meshpush.core.ring import slot
+from meshpush.local.devcluster import LocalCluster
+from meshpush.server.hub import Hub
+from meshpush.server.metrics import Metrics
+from meshpush.server.node import Node
+from meshpush.server.router import NodeInfo, Router
 from meshpush.settings import Settings
-from meshpush.store import Outgoing, Store, Stored
 
 ALICE = encode_token("alice")
 SUBJECT = f"mp.c.rp.12.{ALICE}"

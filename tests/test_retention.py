@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from meshpush.logs import Redactor
-from meshpush.metrics import Metrics
-from meshpush.retention import RetentionLosses
+from meshpush.server.logs import Redactor
+from meshpush.server.metrics import Metrics
+from meshpush.server.retention import RetentionLosses
 
 
 @dataclass
@@ -25,7 +25,7 @@ def dropped(metrics: Metrics, ch: str) -> float:
 async def test_a_gap_counts_every_lost_seq_and_logs_it(caplog: pytest.LogCaptureFixture) -> None:
     metrics = Metrics("n1")
     losses = RetentionLosses(metrics)
-    caplog.set_level(logging.WARNING, logger="meshpush.retention")
+    caplog.set_level(logging.WARNING, logger="meshpush.server.retention")
     caplog.handler.addFilter(Redactor(()))  # as the node's log handler does
     alice = Session(7, "alice@example.com")
     assert losses.report(alice, "user", 3, 12) == 10
@@ -42,7 +42,7 @@ async def test_a_gap_counts_every_lost_seq_and_logs_it(caplog: pytest.LogCapture
 async def test_logging_is_sampled_but_counting_is_not(caplog: pytest.LogCaptureFixture) -> None:
     metrics = Metrics("n1")
     losses = RetentionLosses(metrics, log_per_second=3)
-    caplog.set_level(logging.WARNING, logger="meshpush.retention")
+    caplog.set_level(logging.WARNING, logger="meshpush.server.retention")
     for i in range(100):
         losses.report(Session(i, f"u{i}"), "user", 1, 2)
     assert dropped(metrics, "user") == 200

@@ -7,7 +7,7 @@ import zlib
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshpush.ring import EMPTY, SLOTS, Ring, slot
+from meshpush.core.ring import EMPTY, SLOTS, Ring, slot
 
 
 @given(st.text(min_size=1, max_size=64))

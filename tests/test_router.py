@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import trio
 
-from meshpush.bus import Notification
-from meshpush.hub import Hub
-from meshpush.metrics import Metrics
-from meshpush.router import NodeInfo, Router, View
+from meshpush.backends.bus import Notification
+from meshpush.server.hub import Hub
+from meshpush.server.metrics import Metrics
+from meshpush.server.router import NodeInfo, Router, View
 from meshpush.settings import Settings
 
 
@@ -64,7 +64,7 @@ def sample(metrics: Metrics, name: str) -> float:
 
 async def test_every_ring_change_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     r, metrics = router()
-    caplog.set_level(logging.INFO, logger="meshpush.router")
+    caplog.set_level(logging.INFO, logger="meshpush.server.router")
     async with trio.open_nursery() as nursery:
         await nursery.start(r.run)
         steps = [

@@ -29,11 +29,11 @@ from hypothesis import strategies as st
 from support import Collector, api, publish, receive, refusal
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from meshpush.auth import issue_token
 from meshpush.client import open_client
-from meshpush.devcluster import LocalCluster
-from meshpush.protocol import Close
-from meshpush.ring import slot
+from meshpush.core.auth import issue_token
+from meshpush.core.protocol import Close
+from meshpush.core.ring import slot
+from meshpush.local.devcluster import LocalCluster
 
 pytestmark = pytest.mark.cluster
 

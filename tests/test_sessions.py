@@ -19,15 +19,15 @@ from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import CloseConnection, TextMessage
 
-from meshpush import hub as hub_module
-from meshpush.bus import Notification
-from meshpush.hub import Hub
-from meshpush.machine import Limits
-from meshpush.metrics import Metrics
-from meshpush.protocol import Close
-from meshpush.ring import slot
-from meshpush.sessions import Context, Session
-from meshpush.wire import Wire
+from meshpush.backends.bus import Notification
+from meshpush.core.machine import Limits
+from meshpush.core.protocol import Close
+from meshpush.core.ring import slot
+from meshpush.server import hub as hub_module
+from meshpush.server.hub import Hub
+from meshpush.server.metrics import Metrics
+from meshpush.server.sessions import Context, Session
+from meshpush.server.wire import Wire
 
 LIMITS = Limits(heartbeat_interval=100, heartbeat_timeout=300, out_frames=64, slow_grace=0.5)
 

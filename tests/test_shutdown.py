@@ -22,14 +22,14 @@ import trio.testing
 from conftest import FAST, make_cluster
 from test_fastpath import publish_many, stalled_reader
 
-from meshpush import devcluster
-from meshpush.devcluster import STOP_BACKSTOP, LocalCluster, NodeProc, spawn
-from meshpush.node import STOP_BOUND, stuck_tasks
+from meshpush.local import devcluster
+from meshpush.local.devcluster import STOP_BACKSTOP, LocalCluster, NodeProc, spawn
+from meshpush.server.node import STOP_BOUND, stuck_tasks
 from meshpush.settings import Settings
 
 # The slot subscribe/unsubscribe loops over nats-py (which swallowed the cancellation) are
-# gone: live routing runs on the trio NATS link (meshpush/natslink.py), where subscribing and
-# unsubscribing are synchronous buffer writes; the node-level stops below still cover it.
+# gone: live routing runs on the trio NATS link (meshpush/backends/natslink.py), where subscribing
+# and unsubscribing are synchronous buffer writes; the node-level stops below still cover it.
 
 
 async def test_stuck_tasks_names_the_task_and_where_it_waits() -> None:
@@ -85,7 +85,9 @@ def test_a_fixture_cluster_fails_when_a_node_does_not_stop_cleanly(
     cluster = LocalCluster(tmp_path, nodes=0, check_stops=True)
     cluster.members = [
         _node_that(tmp_path, "n1", "signal.SIG_IGN"),
-        _node_that(tmp_path, "n2", exit0, before=f"ERROR meshpush.node: ... {STOP_BACKSTOP}"),
+        _node_that(
+            tmp_path, "n2", exit0, before=f"ERROR meshpush.server.node: ... {STOP_BACKSTOP}"
+        ),
         _node_that(tmp_path, "n3", exit0),
     ]
     deadline = time.monotonic() + 10

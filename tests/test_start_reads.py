@@ -15,12 +15,12 @@ import pytest
 import trio
 import trio_asyncio
 
-from meshpush.bridge import Bridge, aio
-from meshpush.bus import Bus
-from meshpush.devcluster import LocalCluster
-from meshpush.metrics import Metrics
+from meshpush.backends.bridge import Bridge, aio
+from meshpush.backends.bus import Bus
+from meshpush.backends.store import Cursor, Cursors, Store, cursor_key, stream_subject
+from meshpush.local.devcluster import LocalCluster
+from meshpush.server.metrics import Metrics
 from meshpush.settings import Settings
-from meshpush.store import Cursor, Cursors, Store, cursor_key, stream_subject
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,9 @@ import pytest
 import trio
 import trio_asyncio
 
-from meshpush.bridge import Bridge, aio
-from meshpush.bus import Bus
-from meshpush.devcluster import LocalCluster
-from meshpush.metrics import Metrics
-from meshpush.settings import Settings
-from meshpush.store import (
+from meshpush.backends.bridge import Bridge, aio
+from meshpush.backends.bus import Bus
+from meshpush.backends.store import (
     MAX_ATOMIC_BATCH,
     OPENED_MAX_AGE,
     SMALL_REQUEST,
@@ -30,6 +27,9 @@ from meshpush.store import (
     atomic_allowed,
     stream_subject,
 )
+from meshpush.local.devcluster import LocalCluster
+from meshpush.server.metrics import Metrics
+from meshpush.settings import Settings
 
 pytestmark = pytest.mark.cluster
 

@@ -13,13 +13,11 @@ import pytest
 import trio
 import trio.testing
 
-from meshpush.bridge import Bridge
-from meshpush.bus import Notification, Subjects, decode_notification
-from meshpush.metrics import Metrics
-from meshpush.natslink import NoReply, Reply, Request
-from meshpush.natswire import Msg
-from meshpush.settings import Settings
-from meshpush.store import (
+from meshpush.backends.bridge import Bridge
+from meshpush.backends.bus import Notification, Subjects, decode_notification
+from meshpush.backends.natslink import NoReply, Reply, Request
+from meshpush.backends.natswire import Msg
+from meshpush.backends.store import (
     SMALL_REQUEST,
     Outcome,
     Outgoing,
@@ -29,6 +27,8 @@ from meshpush.store import (
     StoreUnavailable,
     stream_subject,
 )
+from meshpush.server.metrics import Metrics
+from meshpush.settings import Settings
 
 SETTINGS = Settings(node_id="t", cluster="t")
 

@@ -1,4 +1,4 @@
-"""Tracing (meshpush/tracing.py): off by default and absent when off; one trace across nodes.
+"""Tracing (meshpush/server/tracing.py): off by default and absent when off; one trace across nodes.
 
 The cluster test runs two real nodes *in this process* (real etcd and nats-server -js from the
 wheels, started by LocalCluster) so that both export to one SDK ``InMemorySpanExporter``: a
@@ -44,20 +44,20 @@ from support import (
 )
 from support import publish as publish_to
 
-from meshpush import tracing
-from meshpush.bus import Notification
+from meshpush.backends.bus import Notification
+from meshpush.backends.store import Outcome, Outgoing, Stored, StoreUnavailable, _publish
 from meshpush.client import Client, Message
-from meshpush.devcluster import LocalCluster
-from meshpush.feed import Verdict
-from meshpush.hub import Hub
-from meshpush.logs import user_hash
-from meshpush.machine import Limits
-from meshpush.metrics import Metrics
-from meshpush.node import Node
-from meshpush.ring import slot
-from meshpush.sessions import Context, Session
+from meshpush.core.feed import Verdict
+from meshpush.core.machine import Limits
+from meshpush.core.ring import slot
+from meshpush.local.devcluster import LocalCluster
+from meshpush.server import tracing
+from meshpush.server.hub import Hub
+from meshpush.server.logs import user_hash
+from meshpush.server.metrics import Metrics
+from meshpush.server.node import Node
+from meshpush.server.sessions import Context, Session
 from meshpush.settings import env_for
-from meshpush.store import Outcome, Outgoing, Stored, StoreUnavailable, _publish
 
 UPSTREAM_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 UPSTREAM_SPAN = "00f067aa0ba902b7"
@@ -144,8 +144,8 @@ def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_off_by_default_imports_no_opentelemetry() -> None:
     code = (
         "import sys\n"
-        "import meshpush.node, meshpush.cli, meshpush.api, meshpush.sessions\n"
-        "from meshpush import tracing\n"
+        "import meshpush.server.node, meshpush.cli, meshpush.server.api, meshpush.server.sessions\n"
+        "from meshpush.server import tracing\n"
         "print(tracing.setup('n1'), tracing.ON)\n"
         "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"
     )

@@ -1,4 +1,4 @@
-"""The upgrade request's fast path (``meshpush.upgrade``): the same request and the same 101
+"""The upgrade request's fast path (``meshpush.core.upgrade``): the same request and the same 101
 as wsproto's h11 handshake for the common shape, and the h11 way for everything else."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from wsproto import ConnectionType
 from wsproto.events import AcceptConnection, Request
 from wsproto.handshake import H11Handshake
 
-from meshpush import upgrade
-from meshpush.wire import Upgrade
+from meshpush.core import upgrade
+from meshpush.server.wire import Upgrade
 
 HEAD = (
     b"GET /ws?token=abc.def.ghi&device=phone%201&last=7 HTTP/1.1\r\n"

@@ -17,11 +17,10 @@ import trio
 from conftest import make_cluster
 from support import api, connected, publish, receive, user_owned_by, wait_until
 
-from meshpush.bus import Notification
-from meshpush.devcluster import LocalCluster
-from meshpush.metrics import Metrics
-from meshpush.settings import Settings
-from meshpush.webhook import (
+from meshpush.backends.bus import Notification
+from meshpush.local.devcluster import LocalCluster
+from meshpush.server.metrics import Metrics
+from meshpush.server.webhook import (
     MAX_BACKOFF,
     OfflineTracker,
     Pending,
@@ -30,6 +29,7 @@ from meshpush.webhook import (
     check_settings,
     encode_batch,
 )
+from meshpush.settings import Settings
 from meshpush.webhook_verify import HEADER, sign, verify
 
 SECRET = "whsec-test"
