@@ -54,7 +54,7 @@ from bench._wsload import ReaderPool, raise_fd_limit
 
 STALL_GAUGE = "meshpush_event_loop_stall_max_seconds"
 STALL_HISTOGRAM = "meshpush_event_loop_stall_seconds"
-NOTICE = 0.001  # the histogram observes stalls from 1 ms (meshpush/server/looplag.py)
+NOTICE = 0.001  # the histogram observes stalls from 1 ms (meshpush/observe/looplag.py)
 
 
 Send = Callable[[int, int], None]  # (count, size): make the server send ``count`` broadcasts

@@ -34,8 +34,8 @@ from meshpush.backends import bus as bus_mod
 from meshpush.backends import store as store_mod
 from meshpush.backends.natswire import Msg
 from meshpush.core.machine import Limits
+from meshpush.observe.metrics import Metrics
 from meshpush.server.hub import Hub
-from meshpush.server.metrics import Metrics
 from meshpush.server.sessions import Context, Session
 from meshpush.settings import Settings
 
@@ -55,7 +55,7 @@ class _Feeder:
 def _note(seq: int, traced: bool) -> Any:
     note = bus_mod.Notification("user", "alice", seq, seq - 1, f"m{seq}", time.time(), '{"n":1}')
     if traced:
-        from meshpush.server import tracing
+        from meshpush.observe import tracing
 
         note = tracing.received(note, {"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"})
     return note
@@ -78,7 +78,7 @@ async def _deliver(messages: int, sessions: int, traced: bool) -> float:
     notes = [_note(seq, traced) for seq in range(1, messages + 1)]
     deliver = hub.deliver
     if traced:
-        from meshpush.server import tracing
+        from meshpush.observe import tracing
 
         async def deliver(note: Any) -> int:
             return await tracing.deliver(hub.deliver, note, "bench")
@@ -128,7 +128,7 @@ def _store(messages: int, traced: bool) -> float:
     """Seconds per JetStream publish built (``Outgoing`` -> headers), as a round does."""
     items = [store_mod.Outgoing("user", "alice", f"m{i}", "1") for i in range(messages)]
     if traced:
-        from meshpush.server import tracing
+        from meshpush.observe import tracing
 
         state = tracing._state
         assert state is not None
@@ -145,7 +145,7 @@ def _tracing_on() -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
-    from meshpush.server import tracing
+    from meshpush.observe import tracing
 
     class Drop(SpanExporter):
         def export(self, spans: Sequence[Any]) -> SpanExportResult:

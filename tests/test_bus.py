@@ -11,7 +11,7 @@ import trio
 from meshpush.backends.bridge import Bridge
 from meshpush.backends.bus import Bus, Notification
 from meshpush.backends.natswire import Msg
-from meshpush.server.metrics import Metrics
+from meshpush.observe.metrics import Metrics
 from meshpush.settings import Settings
 
 

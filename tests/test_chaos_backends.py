@@ -5,6 +5,7 @@ loses the etcd member it talks to (it fails over to another)."""
 from __future__ import annotations
 
 import json
+import select
 import signal
 import socket
 import subprocess
@@ -80,13 +81,20 @@ def echo_server() -> Iterator[int]:
 def proxy(echo_server: int, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
     argv = [sys.executable, "-m", "meshpush.local.faultproxy", f"{port}=127.0.0.1:{echo_server}"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
     try:
         wait_tcp(port, 10, Proc("proxy", proc, tmp_path / "none.log"))
         yield proc, port
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _said(proc: subprocess.Popen[bytes], word: bytes, timeout: float = 10) -> bool:
+    """Whether the proxy printed ``word`` (``cut``/``healed``: it took the signal) in time."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return bool(ready) and proc.stdout.readline().strip() == word
 
 
 def _roundtrip(conn: socket.socket, data: bytes, timeout: float) -> bytes | None:
@@ -105,11 +113,12 @@ def test_a_cut_link_holds_bytes_without_closing_and_delivers_them_after_the_heal
     conn = socket.create_connection(("127.0.0.1", port), 2)
     assert _roundtrip(conn, b"one", 2) == b"one"
     proc.send_signal(signal.SIGUSR1)
-    time.sleep(0.3)
+    assert _said(proc, b"cut")
     assert _roundtrip(conn, b"two", 0.7) is None  # vanished: no answer, and no close either
     late = socket.create_connection(("127.0.0.1", port), 2)  # accepted, never connected on
     assert _roundtrip(late, b"new", 0.5) is None
     proc.send_signal(signal.SIGUSR2)
+    assert _said(proc, b"healed")
     conn.settimeout(3)
     assert conn.recv(1024) == b"two"  # held, then delivered, like TCP after a healed split
     late.settimeout(3)
@@ -263,8 +272,8 @@ class _Views:
 
 def _membership(views: _Views) -> Any:
     from meshpush.backends.membership import Membership
-    from meshpush.server.metrics import Metrics
-    from meshpush.server.router import NodeInfo
+    from meshpush.core.ring import NodeInfo
+    from meshpush.observe.metrics import Metrics
 
     m = Membership(Settings(node_id="me", lease_ttl=2), views, Metrics("me"))
     m.view = {n: NodeInfo(n, f"ws://{n}", f"http://{n}", 0.0) for n in ("me", "a", "b")}

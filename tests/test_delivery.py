@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from meshpush.observe.metrics import Metrics
 from meshpush.server.delivery import MAX_PENDING, BadResume, Feed, Feeder, Gap, Verdict
-from meshpush.server.metrics import Metrics
 from meshpush.settings import Settings
 
 

@@ -1,7 +1,7 @@
 """Static checks of the Helm chart, the Grafana dashboard and docs/operations.md (no servers).
 
-Metric names used by the dashboard and the alert rules must exist in meshpush/server/metrics.py, and
-the operations guide must name every setting and metric.
+Metric names used by the dashboard and the alert rules must exist in meshpush/observe/metrics.py,
+and the operations guide must name every setting and metric.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "helm" / "meshpush"
 DASHBOARD = ROOT / "grafana" / "meshpush-dashboard.json"
 OPERATIONS = ROOT / "docs" / "operations.md"
-METRICS_PY = ROOT / "meshpush" / "server" / "metrics.py"
+METRICS_PY = ROOT / "meshpush" / "observe" / "metrics.py"
 
 METRIC_REF = re.compile(r"\bmeshpush_[a-z0-9_]+")
 SUFFIXES = ("_bucket", "_count", "_sum", "_total")
@@ -29,7 +29,7 @@ SUFFIXES = ("_bucket", "_count", "_sum", "_total")
 
 def defined_metrics() -> set[str]:
     names = set(re.findall(r"[\"'](meshpush_[a-z0-9_]+)[\"']", METRICS_PY.read_text()))
-    assert names, "no metric names found in meshpush/server/metrics.py"
+    assert names, "no metric names found in meshpush/observe/metrics.py"
     return names
 
 

@@ -13,8 +13,8 @@ import trio.testing
 
 from meshpush.backends.store import Cursor, Starts, StoredMessage, StoreUnavailable, cursor_key
 from meshpush.core.auth import AuthError, Identity, TokenCache, TokenVerifier, issue_token
+from meshpush.observe.metrics import Metrics
 from meshpush.server.delivery import BadResume, Batcher, Feed, Feeder, Start
-from meshpush.server.metrics import Metrics
 from meshpush.settings import Settings
 
 SECRET = "s" * 32

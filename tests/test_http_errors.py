@@ -7,8 +7,8 @@ from typing import Any, cast
 import httpx
 import pytest
 
+from meshpush.observe.metrics import Metrics
 from meshpush.server.api import Api, message_id, new_message_id
-from meshpush.server.metrics import Metrics
 from meshpush.settings import Settings
 
 

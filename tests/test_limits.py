@@ -16,8 +16,8 @@ from meshpush.core.limits import (
     TokenBucket,
     origin_allowed,
 )
+from meshpush.observe.metrics import Metrics
 from meshpush.server.listener import Doorman, Refusal
-from meshpush.server.metrics import Metrics
 from meshpush.settings import Settings
 
 

@@ -1,6 +1,6 @@
 """JSON logs (``log_format=json``): one object a line, sessions as id + user hash, no secrets.
 
-Unit tests drive meshpush.server.logs directly; the integration test runs a real node with JSON
+Unit tests drive meshpush.observe.logs directly; the integration test runs a real node with JSON
 logs, publishes a known body with a known API key, receives it with a known token and greps the log.
 """
 
@@ -16,7 +16,7 @@ import pytest
 from conftest import make_cluster
 from support import api, connected, receive, token
 
-from meshpush.server import logs
+from meshpush.observe import logs
 from meshpush.settings import Settings
 
 

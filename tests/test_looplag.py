@@ -5,8 +5,8 @@ from __future__ import annotations
 import trio
 from prometheus_client import generate_latest
 
-from meshpush.server.looplag import LoopLag, StallWindow
-from meshpush.server.metrics import Metrics
+from meshpush.observe.looplag import LoopLag, StallWindow
+from meshpush.observe.metrics import Metrics
 
 
 def test_window_keeps_the_max_of_the_last_window_seconds() -> None:

@@ -11,8 +11,8 @@ import pytest
 import trio_asyncio
 
 from meshpush.backends.membership import Membership
-from meshpush.server.metrics import Metrics
-from meshpush.server.router import View
+from meshpush.core.ring import View
+from meshpush.observe.metrics import Metrics
 from meshpush.settings import Settings
 
 

@@ -15,13 +15,13 @@ from meshpush.backends.bus import BusStats
 from meshpush.backends.membership import MembershipStats
 from meshpush.backends.store import StoreStats
 from meshpush.core.stats import Buckets, Tally, snapshot
+from meshpush.observe.looplag import LoopLagStats
+from meshpush.observe.metrics import BY_ATTR, DELIVERY_BUCKETS, KNOWN_LABELS, Metrics
 from meshpush.server.api import ApiStats
 from meshpush.server.delivery import FeederStats
 from meshpush.server.gateway import GatewayStats
 from meshpush.server.hub import HubStats
 from meshpush.server.listener import DoormanStats
-from meshpush.server.looplag import LoopLagStats
-from meshpush.server.metrics import BY_ATTR, DELIVERY_BUCKETS, KNOWN_LABELS, Metrics
 from meshpush.server.node import NodeStats
 from meshpush.server.presence import PresenceStats
 from meshpush.server.retention import RetentionStats

@@ -34,7 +34,7 @@ from meshpush.backends.natslink import (
 )
 from meshpush.backends.natswire import Msg
 from meshpush.local.devcluster import Proc, binary, free_port, spawn, wait_tcp
-from meshpush.server.metrics import Metrics
+from meshpush.observe.metrics import Metrics
 from meshpush.settings import Settings
 
 pytestmark = pytest.mark.cluster

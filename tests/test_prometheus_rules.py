@@ -20,7 +20,7 @@ import pytest
 import yaml
 from test_deploy_files import DASHBOARD, OPERATIONS, ROOT, dashboard_queries
 
-from meshpush.server.metrics import KNOWN_LABELS, Metrics
+from meshpush.observe.metrics import KNOWN_LABELS, Metrics
 
 RULES_DIR = ROOT / "deploy" / "prometheus"
 RULES = RULES_DIR / "meshpush-rules.yaml"

@@ -13,9 +13,9 @@ from io import StringIO
 import pytest
 import trio
 
-from meshpush.server import logs
+from meshpush.observe import logs
+from meshpush.observe.metrics import Metrics
 from meshpush.server.listener import PENDING, Doorman
-from meshpush.server.metrics import Metrics
 from meshpush.server.proxyproto import (
     V1_MAX,
     V2_MAX,

@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from meshpush.backends.store import Outcome, Outgoing
+from meshpush.observe.metrics import Metrics
 from meshpush.server.api import Api
-from meshpush.server.metrics import Metrics
 from meshpush.settings import Settings
 
 

@@ -46,12 +46,12 @@ from meshpush.backends.natslink import Link, LinkConfig
 from meshpush.backends.natswire import Msg, Parser, ProtocolError, encode_headers
 from meshpush.backends.store import Outgoing, Store, Stored
 from meshpush.core.encoding import encode_token
-from meshpush.core.ring import slot
+from meshpush.core.ring import NodeInfo, slot
 from meshpush.local.devcluster import LocalCluster
+from meshpush.observe.metrics import Metrics
 from meshpush.server.hub import Hub
-from meshpush.server.metrics import Metrics
 from meshpush.server.node import Node
-from meshpush.server.router import NodeInfo, Router
+from meshpush.server.router import Router
 from meshpush.settings import Settings
 
 ALICE = encode_token("alice")

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from meshpush.server.logs import Redactor
-from meshpush.server.metrics import Metrics
+from meshpush.observe.logs import Redactor
+from meshpush.observe.metrics import Metrics
 from meshpush.server.retention import RetentionLosses
 
 

@@ -9,9 +9,10 @@ import pytest
 import trio
 
 from meshpush.backends.bus import Notification
+from meshpush.core.ring import NodeInfo, View
+from meshpush.observe.metrics import Metrics
 from meshpush.server.hub import Hub
-from meshpush.server.metrics import Metrics
-from meshpush.server.router import NodeInfo, Router, View
+from meshpush.server.router import Router
 from meshpush.settings import Settings
 
 

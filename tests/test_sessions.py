@@ -23,9 +23,9 @@ from meshpush.backends.bus import Notification
 from meshpush.core.machine import Limits
 from meshpush.core.protocol import Close
 from meshpush.core.ring import slot
+from meshpush.observe.metrics import Metrics
 from meshpush.server import hub as hub_module
 from meshpush.server.hub import Hub
-from meshpush.server.metrics import Metrics
 from meshpush.server.sessions import Context, Session
 from meshpush.server.wire import Wire
 

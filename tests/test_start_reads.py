@@ -19,7 +19,7 @@ from meshpush.backends.bridge import Bridge, aio
 from meshpush.backends.bus import Bus
 from meshpush.backends.store import Cursor, Cursors, Store, cursor_key, stream_subject
 from meshpush.local.devcluster import LocalCluster
-from meshpush.server.metrics import Metrics
+from meshpush.observe.metrics import Metrics
 from meshpush.settings import Settings
 
 

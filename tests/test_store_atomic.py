@@ -28,7 +28,7 @@ from meshpush.backends.store import (
     stream_subject,
 )
 from meshpush.local.devcluster import LocalCluster
-from meshpush.server.metrics import Metrics
+from meshpush.observe.metrics import Metrics
 from meshpush.settings import Settings
 
 pytestmark = pytest.mark.cluster

@@ -27,7 +27,7 @@ from meshpush.backends.store import (
     StoreUnavailable,
     stream_subject,
 )
-from meshpush.server.metrics import Metrics
+from meshpush.observe.metrics import Metrics
 from meshpush.settings import Settings
 
 SETTINGS = Settings(node_id="t", cluster="t")

@@ -1,4 +1,5 @@
-"""Tracing (meshpush/server/tracing.py): off by default and absent when off; one trace across nodes.
+"""Tracing (meshpush/observe/tracing.py): off by default and absent when off; one trace across
+nodes.
 
 The cluster test runs two real nodes *in this process* (real etcd and nats-server -js from the
 wheels, started by LocalCluster) so that both export to one SDK ``InMemorySpanExporter``: a
@@ -51,10 +52,10 @@ from meshpush.core.feed import Verdict
 from meshpush.core.machine import Limits
 from meshpush.core.ring import slot
 from meshpush.local.devcluster import LocalCluster
-from meshpush.server import tracing
+from meshpush.observe import tracing
+from meshpush.observe.logs import user_hash
+from meshpush.observe.metrics import Metrics
 from meshpush.server.hub import Hub
-from meshpush.server.logs import user_hash
-from meshpush.server.metrics import Metrics
 from meshpush.server.node import Node
 from meshpush.server.sessions import Context, Session
 from meshpush.settings import env_for
@@ -145,7 +146,7 @@ def test_off_by_default_imports_no_opentelemetry() -> None:
     code = (
         "import sys\n"
         "import meshpush.server.node, meshpush.cli, meshpush.server.api, meshpush.server.sessions\n"
-        "from meshpush.server import tracing\n"
+        "from meshpush.observe import tracing\n"
         "print(tracing.setup('n1'), tracing.ON)\n"
         "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"
     )

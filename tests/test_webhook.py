@@ -19,7 +19,7 @@ from support import api, connected, publish, receive, user_owned_by, wait_until
 
 from meshpush.backends.bus import Notification
 from meshpush.local.devcluster import LocalCluster
-from meshpush.server.metrics import Metrics
+from meshpush.observe.metrics import Metrics
 from meshpush.server.webhook import (
     MAX_BACKOFF,
     OfflineTracker,

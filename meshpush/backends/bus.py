@@ -57,8 +57,8 @@ from meshpush.backends.natswire import Msg
 from meshpush.core.encoding import decode_token, encode_token, user_of_token
 from meshpush.core.ring import slot
 from meshpush.core.stats import Tally, snapshot
-from meshpush.server import tracing
-from meshpush.server.metrics import Metrics
+from meshpush.observe import tracing
+from meshpush.observe.metrics import Metrics
 from meshpush.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class Notification:
     id: str
     published_at: float
     data_json: str
-    trace: tracing.Trace | None = None  # set by meshpush.server.tracing, only when tracing is on
+    trace: tracing.Trace | None = None  # set by meshpush.observe.tracing, only when tracing is on
 
 
 class Subjects:

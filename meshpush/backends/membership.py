@@ -47,9 +47,9 @@ import trio
 import trio_asyncio
 
 from meshpush.backends.bridge import aio, best_effort
+from meshpush.core.ring import NodeInfo, View
 from meshpush.core.stats import Tally, snapshot
-from meshpush.server.metrics import Metrics
-from meshpush.server.router import NodeInfo, View
+from meshpush.observe.metrics import Metrics
 from meshpush.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -62,8 +62,8 @@ from meshpush.backends.pipeline import (
 from meshpush.core.encoding import USER_TOKENS, BadId, decode_token, encode_token
 from meshpush.core.ring import slot
 from meshpush.core.stats import Tally, snapshot
-from meshpush.server import tracing
-from meshpush.server.metrics import Metrics
+from meshpush.observe import tracing
+from meshpush.observe.metrics import Metrics
 from meshpush.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class Outgoing:
     user: str | None
     id: str
     data_json: str
-    trace: tracing.Trace | None = None  # set by meshpush.server.tracing, only when tracing is on
+    trace: tracing.Trace | None = None  # set by meshpush.observe.tracing, only when tracing is on
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,9 @@
 """Plain counters that components keep on their hot paths, read by the metrics collector.
 
 A component counts with ints and dicts (a few tens of nanoseconds an event) and answers
-``statistics()`` with a typed snapshot, trio-style; :mod:`meshpush.server.metrics` reads every
+``statistics()`` with a typed snapshot, trio-style; :mod:`meshpush.observe.metrics` reads every
 component's snapshot only when Prometheus scrapes. The field names of a snapshot are the
-names of the metrics they feed (see ``meshpush.server.metrics.FAMILIES``):
+names of the metrics they feed (see ``meshpush.observe.metrics.FAMILIES``):
 
 * ``int`` / ``float`` — an unlabelled counter or gauge;
 * ``Tally`` (a ``collections.Counter`` of label value -> count) — a counter with one label,
@@ -32,7 +32,7 @@ class Buckets:
     """A histogram's counts by upper bound (``le``, inclusive) plus ``+Inf``, and their sum.
 
     ``observe`` is one bisect and two additions; the collector makes them cumulative at scrape
-    time. The bounds are the metric's (``meshpush.server.metrics``), so the histogram reads the
+    time. The bounds are the metric's (``meshpush.observe.metrics``), so the histogram reads the
     same.
     """
 

@@ -32,10 +32,10 @@ from meshpush.core.auth import AuthError, bearer, check_api_key
 from meshpush.core.encoding import BadId, check_id
 from meshpush.core.ring import slot
 from meshpush.core.stats import Buckets, Tally, snapshot
-from meshpush.server import tracing
+from meshpush.observe import tracing
+from meshpush.observe.metrics import PUBLISH_BUCKETS, Metrics
 from meshpush.server.http import HttpServer, JSONResponse, Request, Response, Routes, compact_json
 from meshpush.server.listener import server_ssl_context
-from meshpush.server.metrics import PUBLISH_BUCKETS, Metrics
 from meshpush.server.router import Router
 from meshpush.settings import Settings
 

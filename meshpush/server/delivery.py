@@ -29,8 +29,8 @@ from meshpush.backends.store import (
 from meshpush.core import protocol
 from meshpush.core.feed import MAX_PENDING, Chained, Feed, Gap, Verdict
 from meshpush.core.stats import Tally, snapshot
-from meshpush.server import tracing
-from meshpush.server.metrics import Metrics
+from meshpush.observe import tracing
+from meshpush.observe.metrics import Metrics
 from meshpush.server.retention import RetentionLosses
 from meshpush.settings import Settings
 

@@ -29,11 +29,11 @@ from meshpush.core.limits import origin_allowed
 from meshpush.core.machine import Limits
 from meshpush.core.protocol import Close
 from meshpush.core.stats import Tally, snapshot
+from meshpush.observe.metrics import Metrics
 from meshpush.server import listener
 from meshpush.server.delivery import BadResume, Feeder
 from meshpush.server.hub import Hub
 from meshpush.server.listener import Doorman, Refusal
-from meshpush.server.metrics import Metrics
 from meshpush.server.router import Route, Router
 from meshpush.server.sessions import Context, Session
 from meshpush.server.wire import Upgrade, Wire, encode_text

@@ -25,8 +25,8 @@ import trio
 from meshpush.backends.bus import Notification
 from meshpush.core import protocol
 from meshpush.core.stats import Buckets, Tally, snapshot
-from meshpush.server import tracing
-from meshpush.server.metrics import DELIVERY_BUCKETS, Metrics
+from meshpush.observe import tracing
+from meshpush.observe.metrics import DELIVERY_BUCKETS, Metrics
 from meshpush.server.sessions import Session
 from meshpush.server.wire import encode_text
 

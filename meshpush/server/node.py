@@ -29,13 +29,13 @@ from meshpush.backends.bus import Bus
 from meshpush.backends.membership import Membership
 from meshpush.backends.store import Cursors, Store
 from meshpush.core.stats import Tally, snapshot
-from meshpush.server import logs, tracing
+from meshpush.observe import logs, tracing
+from meshpush.observe.looplag import LoopLag
+from meshpush.observe.metrics import Metrics
 from meshpush.server.api import Api
 from meshpush.server.delivery import Feeder
 from meshpush.server.gateway import Gateway
 from meshpush.server.hub import Hub
-from meshpush.server.looplag import LoopLag
-from meshpush.server.metrics import Metrics
 from meshpush.server.presence import Presence
 from meshpush.server.router import Router
 from meshpush.server.webhook import Webhook

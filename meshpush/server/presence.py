@@ -33,7 +33,7 @@ from meshpush.settings import Settings
 
 if TYPE_CHECKING:
     from meshpush.backends.bus import Bus
-    from meshpush.server.metrics import Metrics
+    from meshpush.observe.metrics import Metrics
     from meshpush.server.router import Router
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ import trio
 
 from meshpush.core.limits import SampledLog
 from meshpush.core.stats import Tally, snapshot
-from meshpush.server.logs import SessionLike
-from meshpush.server.metrics import Metrics
+from meshpush.observe.logs import SessionLike
+from meshpush.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class RetentionLosses:
         """``session`` resumes on ``ch`` missing seqs ``first..last``: count, log, return the count.
 
         The log line names the session as logging shows every session (its id and a hash of the
-        user id, never the id itself: meshpush.server.logs)."""
+        user id, never the id itself: meshpush.observe.logs)."""
         dropped = max(0, last - first + 1)
         self.gaps += 1
         self.dropped += dropped

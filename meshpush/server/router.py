@@ -9,7 +9,6 @@ serve here, redirect there, or not available yet. Live notifications go from the
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Callable
@@ -21,12 +20,12 @@ import trio
 from meshpush.backends.bus import Bus, Notification
 from meshpush.core import protocol
 from meshpush.core.protocol import Close
-from meshpush.core.ring import EMPTY, Ring, slot
+from meshpush.core.ring import EMPTY, NodeInfo, Ring, View, slot
 from meshpush.core.stats import Tally, snapshot
-from meshpush.server import tracing
+from meshpush.observe import tracing
+from meshpush.observe.metrics import Metrics
 from meshpush.server.delivery import Feeder
 from meshpush.server.hub import Hub, waiting
-from meshpush.server.metrics import Metrics
 from meshpush.server.sessions import Session
 from meshpush.settings import Settings
 
@@ -37,39 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class NodeInfo:
-    id: str
-    ws_url: str
-    http_url: str
-    started_at: float
-    #: it takes the live hints of unicasts from JetStream's republish (``rp``: nodes before
-    #: it only subscribe the publishing node's notifications)
-    republish: bool = True
-    #: it reads the prev of a later message of an atomic batch (``Mp-Prev-Back``; ``pb``:
-    #: nodes before it read a prev of 0 there, so nobody sends batches while one is a member)
-    batches: bool = True
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "ws_url": self.ws_url,
-                "http_url": self.http_url,
-                "started_at": self.started_at,
-                "rp": self.republish,
-                "pb": self.batches,
-            }
-        )
-
-    @classmethod
-    def from_json(cls, node_id: str, raw: bytes) -> NodeInfo:
-        obj = json.loads(raw)
-        urls = str(obj["ws_url"]), str(obj["http_url"])
-        flags = obj.get("rp") is True, obj.get("pb") is True
-        return cls(node_id, *urls, float(obj["started_at"]), *flags)
-
-
-View = dict[str, NodeInfo]
 _NOT_READY = {
     "registered": "not registered in etcd (etcd unreachable, slow or lease lost)",
     "in_ring": "not in its own ring view yet",

@@ -38,9 +38,9 @@ from meshpush.core.machine import CloseDecision, Limits, SessionMachine
 from meshpush.core.protocol import Close
 from meshpush.core.ring import slot
 from meshpush.core.stats import Tally, snapshot
-from meshpush.server import tracing
+from meshpush.observe import tracing
+from meshpush.observe.metrics import Metrics
 from meshpush.server.delivery import Feeder
-from meshpush.server.metrics import Metrics
 from meshpush.server.wire import Wire, encode_text
 
 log = logging.getLogger(__name__)

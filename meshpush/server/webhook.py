@@ -35,7 +35,7 @@ from meshpush.webhook_verify import HEADER, sign
 
 if TYPE_CHECKING:
     from meshpush.backends.bus import Notification
-    from meshpush.server.metrics import Metrics
+    from meshpush.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
 REACHED_SLACK = 2.0  # seconds a delivery may precede its own notification (replay read first)

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from meshpush.server.logs import user_hash
+from meshpush.observe.logs import user_hash
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context

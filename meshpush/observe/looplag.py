@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import trio
 
 from meshpush.core.stats import Buckets, snapshot
-from meshpush.server.metrics import LOOP_STALL_BUCKETS, Metrics
+from meshpush.observe.metrics import LOOP_STALL_BUCKETS, Metrics
 
 INTERVAL = 0.01
 WINDOW = 30.0
