@@ -335,3 +335,22 @@ async def test_a_batch_opened_ahead_that_is_gone_or_too_old_is_not_used(
             chain = await chain_of(store, user)
             assert_exact(chain)
             assert len(chain) == 15
+
+
+async def test_a_batch_opened_ahead_that_cannot_be_used_is_committed_with_its_marker_alone(
+    backends: LocalCluster,
+) -> None:
+    """No room beside the marker (a request of the server's whole batch limit), or too old:
+    the store starts a new batch and commits the opened one (``eob``: its marker alone), so
+    the server does not hold it until its timeout (it counts against its batches in flight)."""
+    async with stores(backends, "at12") as [store]:
+        stored(await store.publish_many(batch("f", ["e1", "e2"], 5)))
+        end = await store.end_seq("user")
+        assert store._opened is not None
+        assert store._batch_id(MAX_ATOMIC_BATCH)[1] == 0 and store._opened is None
+        with trio.fail_after(5):
+            while await store.end_seq("user") != end + 1:
+                await trio.sleep(0.02)
+        get = trio_asyncio.aio_as_trio(store.bus.js.get_msg)
+        marker = await get(store.streams["user"], end + 1)
+        assert marker.subject == store.bus.subjects.batch_marker

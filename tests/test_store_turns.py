@@ -70,6 +70,12 @@ class FakeJetStream:
         self.ids[headers["Nats-Msg-Id"]] = self.seq
 
     def answer_batch(self, requests: list[Request]) -> dict[str, Any]:
+        first = requests[0].headers or {}
+        marker = first["Nats-Batch-Id"] in self.opened
+        self.opened.discard(first["Nats-Batch-Id"])  # a commit ends it, stored or refused
+        if first["Nats-Batch-Sequence"] != ("2" if marker else "1"):
+            description = "atomic publish batch is incomplete"  # e.g. one the server dropped
+            return {"error": {"code": 400, "err_code": 10176, "description": description}}
         ids = [(r.headers or {})["Nats-Msg-Id"] for r in requests]
         if any(i in self.ids for i in ids) or len(set(ids)) < len(ids):
             description = "atomic publish batch contains duplicate message id"
@@ -81,13 +87,7 @@ class FakeJetStream:
             if expected is not None and int(expected) != last:
                 description = f"wrong last sequence: {last}"
                 return {"error": {"code": 400, "err_code": 10071, "description": description}}
-        marker = (requests[0].headers or {})["Nats-Batch-Id"] in self.opened
-        if marker or (requests[0].headers or {})["Nats-Batch-Sequence"] != "1":
-            if not marker:  # a batch opened ahead that the server no longer holds
-                description = "atomic publish batch is incomplete"
-                return {"error": {"code": 400, "err_code": 10176, "description": description}}
-            self.opened.discard((requests[0].headers or {})["Nats-Batch-Id"])
-            self.seq += 1  # the marker is stored with the batch
+        self.seq += marker  # the marker is stored with the batch, first
         for r in requests:
             self._store(r)
         return {"seq": self.seq, "batch": "b", "count": len(requests) + marker}
@@ -130,8 +130,15 @@ class FakeLink:
         return NoReply("no answer in time")
 
     def publish(self, subject: str, payload: bytes, reply: Any = None, headers: Any = None) -> None:
-        if subject.endswith(".store.u.batch"):  # a batch opened ahead
-            self.js.opened.add(headers["Nats-Batch-Id"])
+        if subject.endswith(".store.u.batch"):  # a batch opened ahead, or closed unused
+            if (
+                headers.get("Nats-Batch-Commit") == "eob"
+                and headers["Nats-Batch-Id"] in self.js.opened
+            ):
+                self.js.opened.discard(headers["Nats-Batch-Id"])
+                self.js.seq += 1  # its marker, alone
+            elif "Nats-Batch-Commit" not in headers:
+                self.js.opened.add(headers["Nats-Batch-Id"])
             return
         self.notes.append(decode_notification("user", payload))
 
@@ -303,13 +310,43 @@ async def test_a_batch_without_an_answer_is_a_timeout_for_every_item(
     outcomes = await store.publish_many(big("t", ["u1", "u2"]))
     assert all(isinstance(o, StoreTimeout) for o in outcomes), outcomes
     assert len(link.rounds) == 0 and store._turns.busy() == 0
+    assert store._opened is None  # nothing opened ahead after a batch without an answer
     # it was stored: a retry with the same ids is refused as a batch and answered per item
     link.delay = lambda: 0.0
     again = await store.publish_many(big("t", ["u1", "u2"]))
     assert all(isinstance(o, Stored) and o.duplicate for o in again)
-    assert store.atomic_fallbacks == 1
+    assert store.atomic_fallbacks == 1 and store._opened is None  # nor after a refusal
     # what /metrics shows (meshpush_store_atomic_batches_total)
     assert store.statistics().atomic_batches == {"stored": 0, "refused": 1, "timeout": 1}
+
+
+async def test_a_batch_opened_ahead_that_the_server_dropped_is_sent_again_while_batches_last() -> (
+    None
+):
+    """Refused as incomplete (the server no longer held the batch opened ahead): sent once
+    more in a new batch — unless batches stopped meanwhile (a node that cannot read them
+    joined while the answer came): then in rounds."""
+    link = FakeLink(FakeJetStream())
+    store = make_store(link, atomic=True)
+    await store.publish_many(big("a", ["u1", "u2"]))
+    link.js.opened.clear()  # the server dropped it (a restart, its timeout)
+    stored = await store.publish_many(big("b", ["u1", "u2"]))
+    assert all(isinstance(o, Stored) for o in stored) and len(link.batches) == 3
+    assert (store.opened_dropped, store.atomic_batches, store.atomic_fallbacks) == (1, 2, 0)
+    link.js.opened.clear()
+
+    def older_node_joins() -> float:
+        store.bus.peers_read_batches = False
+        return 0.0
+
+    link.delay = older_node_joins
+    stored = await store.publish_many(big("c", ["u1", "u2"]))
+    assert all(isinstance(o, Stored) for o in stored) and len(link.batches) == 4  # no resend
+    assert (store.opened_dropped, store.atomic_fallbacks) == (2, 1) and len(link.rounds) > 1
+    for user in ["u1", "u2"]:
+        chain = link.js.chains[subject_of(user)]
+        assert [prev for _, prev in chain] == [0] + [seq for seq, _ in chain[:-1]]
+        assert link.notes_of(user) == chain
 
 
 async def behind_a_stuck_request(

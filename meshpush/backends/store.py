@@ -255,6 +255,7 @@ class _Pending:
     outcomes: list[Outcome | None]
     claim: _Claim
     deadline: float
+    opened: int = 0  # the batch it was last sent in had been opened ahead (its marker: 1)
 
 
 class _LastSeqs:
@@ -304,6 +305,11 @@ def atomic_allowed(info: Any) -> bool:
     """Whether a stream info (as the server answered it) says atomic batches are on: an
     older server ignores ``allow_atomic`` and does not echo it."""
     return getattr(info.config, "allow_atomic", None) is True
+
+
+def _incomplete(answer: object) -> bool:
+    """A batch the server does not hold (all of it): one opened ahead that it dropped."""
+    return isinstance(answer, Refused) and answer.code == INCOMPLETE_BATCH
 
 
 def _batchable(items: list[Outgoing]) -> bool:
@@ -646,9 +652,10 @@ class Store:
         if not self.batching:  # a node that cannot read them joined meanwhile
             return False
         refused = await self._batch(req)
-        if isinstance(refused, Refused) and refused.code == INCOMPLETE_BATCH:
+        if _incomplete(refused) and req.opened:
             self.opened_dropped += 1  # the batch opened ahead was gone: stored nothing
-            refused = await self._batch(req)
+            if self.batching:  # still (the answer took a round trip)
+                refused = await self._batch(req)
         # once more on fresh hints, if batches are still on (the read took a round trip)
         if isinstance(refused, WrongLast) and await self._refresh_hints(req) and self.batching:
             refused = await self._batch(req)
@@ -666,10 +673,11 @@ class Store:
         for subject, chain in chains.items():
             self._start(subject, chain, items)
         prevs = _prevs_in_batch(chains)
-        batch_id, opened = self._batch_id(len(items))
-        requests = _batch_publishes(items, chains, prevs, batch_id, opened)
-        answer = await publish_batch(self.bus.link, requests, self.publish_timeout, opened)
-        self._open_ahead()
+        batch_id, req.opened = self._batch_id(len(items))
+        requests = _batch_publishes(items, chains, prevs, batch_id, req.opened)
+        answer = await publish_batch(self.bus.link, requests, self.publish_timeout, req.opened)
+        if isinstance(answer, BatchAck | WrongLast) or _incomplete(answer):
+            self._open_ahead()  # for the next request, or for this one sent again
         if isinstance(answer, NoAnswer):
             self.atomic_timeouts += 1
             timeout = StoreTimeout(f"outcome unknown: {answer.detail}")
@@ -695,19 +703,35 @@ class Store:
         """(id, messages already sent) of the batch for ``size`` items: the one opened ahead
         if it is young enough and there is room beside its marker, else a new one."""
         opened, self._opened = self._opened, None
-        if opened is not None and size < MAX_ATOMIC_BATCH:
+        if opened is not None:
             batch_id, at = opened
-            if trio.current_time() - at < OPENED_MAX_AGE:
+            if size < MAX_ATOMIC_BATCH and trio.current_time() - at < OPENED_MAX_AGE:
                 self.opened_ahead += 1
                 return batch_id, 1
+            self._close(batch_id)
         return secrets.token_hex(16), 0
+
+    def _close(self, batch_id: str) -> None:
+        """Commit a batch opened ahead that will not be used, with its marker alone (``eob``:
+        the commit message itself is not stored), so the server does not hold it until its
+        timeout: each held batch counts against its limit of batches in flight per stream."""
+        headers = {
+            "Nats-Batch-Id": batch_id,
+            "Nats-Batch-Sequence": "2",
+            "Nats-Batch-Commit": "eob",
+        }
+        with contextlib.suppress(LinkError, ValueError):
+            self.bus.link.publish(self.bus.subjects.batch_marker, b"", None, headers)
 
     def _open_ahead(self) -> None:
         """Open the next batch now, with a marker message (stored with it, never delivered):
         nats-server creates a batch's staging store on its first message (on a file stream:
         directories and fsyncs, ~2 ms), so the next big request's batch does not wait for
-        that (docs/performance.md). At most one is open; one left unused is dropped by the
-        server at its max_batch_timeout."""
+        that (docs/performance.md). Opened after a batch was stored or refused to be sent
+        again (a stale hint, or the server dropped the batch), never after other refusals or
+        no answer. At most one is open; one that cannot be used is committed with its marker
+        alone (:meth:`_close`); one left when the node goes idle is dropped by the server at
+        its max_batch_timeout."""
         if not self.batching:
             return
         batch_id = secrets.token_hex(16)

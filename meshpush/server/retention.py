@@ -9,7 +9,8 @@ the size of the gap and a ``retention:`` line is logged (sampled: at most a few 
 
 The size is the gap's span of stream seqs ``last - first + 1``. It is exact for broadcasts (their
 stream holds nothing else) and for a user whose messages were not interleaved with other users'
-in the shared user stream; otherwise it is an upper bound — deleted messages cannot be counted
+(or with the markers of atomic batches opened ahead) in the shared user stream; otherwise it is
+an upper bound — deleted messages cannot be counted
 per user afterwards. Either way a rising counter means devices lost messages they never got.
 """
 
