@@ -327,11 +327,14 @@ class Client:
         wait (``retry_after``) when there is another."""
         n = len(self.bootstraps)
         after = [self._next_bootstrap + k for k in range(1, n + 1)]
-        for fits in (self._free, self._not_avoided):
-            pick = next((i for i in after if fits(self.bootstraps[i % n])), None)
-            if pick is not None:
-                break
-        self._next_bootstrap = after[0] if pick is None else pick
+        free = [i for i in after if self._free(self.bootstraps[i % n])]
+        if free:
+            self._next_bootstrap = free[0]
+        else:  # every one asked us to wait (or is avoided): the one free soonest
+            allowed = [i for i in after if self._not_avoided(self.bootstraps[i % n])] or after
+            self._next_bootstrap = min(
+                allowed, key=lambda i: self._wait_for(self.bootstraps[i % n])
+            )
         return self.bootstrap
 
     def _not_avoided(self, url: str) -> bool:
@@ -671,9 +674,18 @@ def _header(headers: Sequence[tuple[bytes, bytes]] | None, name: bytes) -> str |
     return None
 
 
+_DEFAULT_PORTS = {"ws": 80, "wss": 443, "http": 80, "https": 443}
+
+
 def _node_key(url: str) -> str:
-    """The node a URL names (host:port), whatever its path and query."""
-    return urllib.parse.urlsplit(url).netloc.lower()
+    """The node a URL names: host and port (the scheme's default when none), whatever its
+    path and query (a URL that does not parse: itself)."""
+    try:
+        u = urllib.parse.urlsplit(url)
+        port = u.port or _DEFAULT_PORTS.get(u.scheme, 0)
+    except ValueError:
+        return url
+    return f"{(u.hostname or '').lower()}:{port}"
 
 
 def _seconds(text: str) -> float | None:

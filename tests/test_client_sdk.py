@@ -136,9 +136,9 @@ async def test_a_node_that_asked_to_wait_is_skipped_for_another(nursery: trio.Nu
     async def busy(request: WebSocketRequest) -> None:
         seen.append("busy")
         ws = await request.accept()
-        frame = {"type": "error", "code": "node_full", "detail": "x", "retry_after": 30}
+        frame = {"type": "error", "code": "unavailable", "detail": "x", "retry_after": 30}
         await ws.send_message(json.dumps(frame))
-        await ws.aclose(4503, "node_full")
+        await ws.aclose(4503, "unavailable")
 
     async def free(request: WebSocketRequest) -> None:
         seen.append("free")
@@ -197,3 +197,19 @@ async def test_retry_after_is_kept_only_when_a_bounded_number(given: object, kep
     client._note_retry_after("ws://127.0.0.1:1/ws?device=d", given)
     assert client._wait_for("ws://127.0.0.1:1/other") == pytest.approx(kept, abs=0.01)
     assert client._wait_for("ws://127.0.0.1:2/ws") == 0
+
+
+async def test_the_wait_is_per_node_whatever_the_url_says_and_the_soonest_is_asked_first() -> None:
+    """The node is host and port (the scheme's default when none); when every node asked to
+    wait, the one free soonest is next; a URL that does not parse is its own key."""
+    urls = ["ws://a.test/ws", "ws://b.test:80/ws", "wss://c.test/ws"]
+    client = Client(urls, token="t")
+    client._note_retry_after("ws://a.test:80/ws?device=d", 30)
+    client._note_retry_after("ws://B.test/other", 10)
+    client._note_retry_after("wss://c.test:443/ws", 20)
+    assert client._wait_for(urls[0]) == pytest.approx(30, abs=0.1)
+    assert client._wait_for(urls[1]) == pytest.approx(10, abs=0.1)
+    assert client._wait_for("ws://c.test/ws") == 0  # port 80: another node
+    assert client._rotate() == urls[1]  # every one waits: b is free soonest
+    client._note_retry_after("ws://[::1/ws", 5)  # no crash on a URL that does not parse
+    assert client._wait_for("ws://[::1/ws") == pytest.approx(5, abs=0.1)

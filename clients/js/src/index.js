@@ -81,9 +81,18 @@ export function tokenExpiry(token) {
   }
 }
 
-/** The node a URL names (host and port), whatever its path and query. */
+/**
+ * The node a URL names: host and port (the scheme's default when none), whatever its path and
+ * query (a URL that does not parse: itself).
+ */
 function nodeKey(url) {
-  return new URL(url).host.toLowerCase();
+  try {
+    const u = new URL(url);
+    const port = u.port || (u.protocol === "wss:" || u.protocol === "https:" ? "443" : "80");
+    return `${u.hostname.toLowerCase()}:${port}`;
+  } catch {
+    return String(url);
+  }
 }
 
 /**
@@ -356,9 +365,13 @@ export class MeshpushClient {
     this._notBefore.set(nodeKey(url), now + Math.min(value, MAX_RETRY_AFTER) * 1000);
   }
 
-  /** Milliseconds until `url`'s node may be asked again (0: now). */
+  /**
+   * Milliseconds until `url`'s node may be asked again (0: now; at most MAX_RETRY_AFTER,
+   * whatever the wall clock did meanwhile).
+   */
   _waitFor(url) {
-    return Math.max(0, (this._notBefore.get(nodeKey(url)) ?? 0) - Date.now());
+    const left = (this._notBefore.get(nodeKey(url)) ?? 0) - Date.now();
+    return Math.min(MAX_RETRY_AFTER * 1000, Math.max(0, left));
   }
 
   /**
@@ -370,12 +383,15 @@ export class MeshpushClient {
     const after = Array.from({ length: n }, (_, k) => this._next + k + 1);
     const notAvoided = (url) => url !== this._avoid.url;
     const free = (url) => notAvoided(url) && this._waitFor(url) === 0;
-    let pick;
-    for (const fits of [free, notAvoided]) {
-      pick = after.find((i) => fits(this.bootstraps[i % n]));
-      if (pick !== undefined) break;
+    let pick = after.find((i) => free(this.bootstraps[i % n]));
+    if (pick === undefined) {
+      // every one asked us to wait (or is avoided): the one free soonest
+      const allowed = after.filter((i) => notAvoided(this.bootstraps[i % n]));
+      const candidates = allowed.length ? allowed : after;
+      const wait = (i) => this._waitFor(this.bootstraps[i % n]);
+      pick = candidates.reduce((best, i) => (wait(i) < wait(best) ? i : best));
     }
-    this._next = pick ?? after[0];
+    this._next = pick;
     return this.bootstrap;
   }
 

@@ -391,6 +391,25 @@ describe("redirects and failover", () => {
     assert.equal(FakeSocket.last.url.host, "c.test");
   });
 
+  it("keys the wait by host and port and asks the node free soonest first", async () => {
+    const { c } = client();
+    c._noteRetryAfter("ws://a.test:80/ws?device=d", 30);
+    c._noteRetryAfter("ws://B.test/other", 10);
+    c._noteRetryAfter("ws://c.test/ws", 20);
+    assert.equal(c._waitFor("ws://a.test/ws"), 30000);
+    assert.equal(c._waitFor("wss://a.test/ws"), 0); // port 443: another node
+    assert.equal(c._rotate(), "ws://b.test/ws"); // every one waits: b is free soonest
+    c._noteRetryAfter("not a url", 5); // no throw on a URL that does not parse
+    assert.equal(c._waitFor("not a url"), 5000);
+  });
+
+  it("never waits longer than MAX_RETRY_AFTER, whatever the wall clock did", async () => {
+    const { c } = client();
+    c._noteRetryAfter("ws://a.test/ws", 10);
+    c._notBefore.set("a.test:80", Date.now() + 10 ** 12); // as if the clock jumped back
+    assert.equal(c._waitFor("ws://a.test/ws"), MAX_RETRY_AFTER * 1000);
+  });
+
   it("ignores a retry_after that is not a number >= 0 and caps a huge one", async () => {
     const { c } = client();
     for (const bad of [-1, "5", null, [1], true, Number.NaN]) {
