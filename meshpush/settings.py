@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from meshpush.server.proxyproto import CidrSet
+from meshpush.core.limits import CidrSet
 
 ENV_PREFIX = "MESHPUSH_"
 

@@ -13,6 +13,7 @@ from io import StringIO
 import pytest
 import trio
 
+from meshpush.core.limits import CidrSet
 from meshpush.observe import logs
 from meshpush.observe.metrics import Metrics
 from meshpush.server.listener import PENDING, Doorman
@@ -20,7 +21,6 @@ from meshpush.server.proxyproto import (
     V1_MAX,
     V2_MAX,
     V2_SIGNATURE,
-    CidrSet,
     ProxyHeaderError,
     forwarded_client,
     hop,

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class TokenBucket:
@@ -173,3 +174,46 @@ def origin_allowed(origin: str | None, allowed: Iterable[str]) -> bool:
     if not allowed or origin is None:
         return True
     return origin.rstrip("/").lower() in {a.rstrip("/").lower() for a in allowed}
+
+
+# ------------------------------------------------------------------------ addresses and CIDRs
+
+
+def address(text: str) -> IpAddress | None:
+    """An IP address (IPv4-mapped IPv6 shown as IPv4), or None if ``text`` is not one."""
+    try:
+        addr = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+@dataclass(frozen=True, slots=True)
+class CidrSet:
+    """A set of networks (``trusted_proxies``). Empty: nobody is trusted."""
+
+    networks: tuple[IpNetwork, ...] = ()
+
+    @classmethod
+    def parse(cls, values: Iterable[str], name: str = "trusted_proxies") -> CidrSet:
+        """``10.0.0.0/8``, ``fd00::/8``, or one address; raises ValueError naming the value."""
+        networks = []
+        for value in values:
+            try:
+                networks.append(ipaddress.ip_network(value.strip(), strict=False))
+            except ValueError:
+                raise ValueError(
+                    f"bad value for {name}: {value!r} is not an IP network (CIDR like 10.0.0.0/8)"
+                ) from None
+        return cls(tuple(networks))
+
+    def __contains__(self, ip: object) -> bool:
+        if not self.networks:  # the default: no parsing on every accept
+            return False
+        addr = address(ip) if isinstance(ip, str) else None
+        return addr is not None and any(addr in net for net in self.networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)

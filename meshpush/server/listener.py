@@ -33,11 +33,11 @@ from typing import Protocol
 
 import trio
 
-from meshpush.core.limits import Counter, FilterError, IpFilter, KeyedBuckets, SampledLog
+from meshpush.core.limits import CidrSet, Counter, FilterError, IpFilter, KeyedBuckets, SampledLog
 from meshpush.core.stats import Tally, snapshot
 from meshpush.observe.logs import CLIENT_IP
 from meshpush.observe.metrics import Metrics
-from meshpush.server.proxyproto import CidrSet, ProxyHeaderError, forwarded_client, read_header
+from meshpush.server.proxyproto import ProxyHeaderError, forwarded_client, read_header
 from meshpush.server.wire import HandshakeFailed, Upgrade
 from meshpush.settings import Settings
 

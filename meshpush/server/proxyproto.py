@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 
+from meshpush.core.limits import CidrSet, IpAddress, address
 from meshpush.server.wire import HandshakeFailed
-
-IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107  # the longest v1 line, CRLF included (spec 2.1)
@@ -51,49 +48,6 @@ _V2_LENGTH = {0x0: 0, 0x1: 12, 0x2: 36, 0x3: 216}  # address block of each famil
 
 class ProxyHeaderError(ValueError):
     """The first bytes from a trusted proxy are not a valid PROXY protocol header."""
-
-
-# ------------------------------------------------------------------------ addresses and CIDRs
-
-
-def address(text: str) -> IpAddress | None:
-    """An IP address (IPv4-mapped IPv6 shown as IPv4), or None if ``text`` is not one."""
-    try:
-        addr = ipaddress.ip_address(text.strip())
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
-@dataclass(frozen=True, slots=True)
-class CidrSet:
-    """A set of networks (``trusted_proxies``). Empty: nobody is trusted."""
-
-    networks: tuple[IpNetwork, ...] = ()
-
-    @classmethod
-    def parse(cls, values: Iterable[str], name: str = "trusted_proxies") -> CidrSet:
-        """``10.0.0.0/8``, ``fd00::/8``, or one address; raises ValueError naming the value."""
-        networks = []
-        for value in values:
-            try:
-                networks.append(ipaddress.ip_network(value.strip(), strict=False))
-            except ValueError:
-                raise ValueError(
-                    f"bad value for {name}: {value!r} is not an IP network (CIDR like 10.0.0.0/8)"
-                ) from None
-        return cls(tuple(networks))
-
-    def __contains__(self, ip: object) -> bool:
-        if not self.networks:  # the default: no parsing on every accept
-            return False
-        addr = address(ip) if isinstance(ip, str) else None
-        return addr is not None and any(addr in net for net in self.networks)
-
-    def __bool__(self) -> bool:
-        return bool(self.networks)
 
 
 # ------------------------------------------------------------------------ PROXY protocol
