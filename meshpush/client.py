@@ -41,7 +41,6 @@ import contextlib
 import enum
 import json
 import logging
-import math
 import random
 import ssl
 import urllib.parse
@@ -61,7 +60,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from meshpush.core.protocol import Close, ProtocolError, parse_server_frame
+from meshpush.core.protocol import Close, ProtocolError, parse_server_frame, retry_after
 
 log = logging.getLogger(__name__)
 
@@ -344,9 +343,8 @@ class Client:
         return self._not_avoided(url) and not self._wait_for(url)
 
     async def _backoff(self, attempt: int) -> None:
-        """Full jitter: sleep uniform(0, min(cap, base * 2**attempt)), after the last
-        refusal's ``retry_after`` when it named one (so refused clients do not all come back
-        at the same instant)."""
+        """Full jitter: sleep uniform(0, min(cap, base * 2**attempt)) (a node's own
+        ``retry_after`` is waited out before connecting to it: :meth:`_honour_retry_after`)."""
         self._set_state(State.BACKING_OFF)
         ceiling = min(self.backoff_cap, self.backoff_base * 2 ** min(attempt, 20))
         await trio.sleep(random.uniform(0, ceiling))
@@ -355,7 +353,7 @@ class Client:
         """Keep ``url``'s node away for a refusal's ``retry_after`` (seconds; ignored unless a
         number >= 0; capped at ``MAX_RETRY_AFTER``)."""
         if isinstance(value, str):
-            value = _seconds(value)
+            value = retry_after(value)
         if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
             return
         now = trio.current_time()
@@ -686,15 +684,6 @@ def _node_key(url: str) -> str:
     except ValueError:
         return url
     return f"{(u.hostname or '').lower()}:{port}"
-
-
-def _seconds(text: str) -> float | None:
-    """A ``Retry-After`` in delta seconds (an HTTP date, or anything else, is None)."""
-    try:
-        value = float(text.strip())
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
 
 
 @asynccontextmanager

@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 import anyio
 import httpx
 
+from meshpush.core.protocol import retry_after
+
 __all__ = [
     "AsyncPublisher",
     "Failed",
@@ -119,14 +121,6 @@ class _Reply:
     content: bytes = b""
     error: str = ""
     retry_after: float = 0.0  # the answer's Retry-After (delta seconds), 0 if none
-
-
-def retry_after(value: str | None) -> float:
-    """Seconds of a ``Retry-After`` header in delta-seconds form; 0 for none or a date."""
-    try:
-        return max(0.0, float(value)) if value else 0.0
-    except ValueError:
-        return 0.0
 
 
 _Step = _Post | _Sleep

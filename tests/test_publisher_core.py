@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from meshpush.core.protocol import retry_after
 from meshpush.publisher import (
     Failed,
     Published,
@@ -17,7 +18,6 @@ from meshpush.publisher import (
     _Post,
     _Reply,
     _Sleep,
-    retry_after,
 )
 
 Answer = Callable[[_Post], _Reply]

@@ -715,13 +715,7 @@ class Store:
         """Commit a batch opened ahead that will not be used, with its marker alone (``eob``:
         the commit message itself is not stored), so the server does not hold it until its
         timeout: each held batch counts against its limit of batches in flight per stream."""
-        headers = {
-            "Nats-Batch-Id": batch_id,
-            "Nats-Batch-Sequence": "2",
-            "Nats-Batch-Commit": "eob",
-        }
-        with contextlib.suppress(LinkError, ValueError):
-            self.bus.link.publish(self.bus.subjects.batch_marker, b"", None, headers)
+        self._marker(batch_id, 2, commit="eob")
 
     def _open_ahead(self) -> None:
         """Open the next batch now, with a marker message (stored with it, never delivered):
@@ -735,12 +729,20 @@ class Store:
         if not self.batching:
             return
         batch_id = secrets.token_hex(16)
-        headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": "1"}
+        if self._marker(batch_id, 1):
+            self._opened = batch_id, trio.current_time()
+
+    def _marker(self, batch_id: str, seq: int, commit: str | None = None) -> bool:
+        """Send message ``seq`` of a batch, empty, on the marker subject (no answer asked);
+        whether the link took it."""
+        headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(seq)}
+        if commit is not None:
+            headers["Nats-Batch-Commit"] = commit
         try:
             self.bus.link.publish(self.bus.subjects.batch_marker, b"", None, headers)
         except (LinkError, ValueError):
-            return
-        self._opened = batch_id, trio.current_time()
+            return False
+        return True
 
     async def _refresh_hints(self, req: _Pending) -> bool:
         """The chains' hints from the users' newest seqs, read in one request (the refusal

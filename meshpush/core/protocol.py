@@ -50,6 +50,15 @@ class ProtocolError(Exception):
         self.close = close
 
 
+def retry_after(value: str | None) -> float:
+    """Seconds of a ``Retry-After`` header (or a refusal's ``retry_after``) in delta-seconds
+    form; 0 for none, a date or anything else. Both SDKs bound what they wait."""
+    try:
+        return max(0.0, float(value)) if value else 0.0
+    except ValueError:
+        return 0.0
+
+
 # ---------------------------------------------------------------- client frames
 
 

@@ -161,7 +161,7 @@ export class MeshpushClient {
     this._attempt = 0;
     this._hops = 0;
     this._authFailures = 0;
-    this._notBefore = new Map(); // node (host) -> Date.now() it asked us to wait for
+    this._notBefore = new Map(); // node (host:port) -> Date.now() it asked us to wait for
     this._conn = null; // the current connection attempt (one at a time)
     this._timer = null; // backoff timer
     this._freshToken = null; // fetched ahead of expiry, used by the next connect
