@@ -563,7 +563,11 @@ class LocalCluster:
             if all(self.view_of(n) == want for n in self.live()):
                 return
             time.sleep(0.05)
-        raise ClusterError(f"views did not converge on {want}")
+        seen = "\n".join(
+            f"--- {n.id} sees {self.view_of(n)}; its log ends:\n{n.proc.log()[-1500:]}"
+            for n in self.live()
+        )
+        raise ClusterError(f"views did not converge on {want}\n{seen}")
 
     def view_of(self, node: NodeProc) -> list[str] | None:
         try:
