@@ -446,6 +446,9 @@ class LocalCluster:
             f"meshpush-{self.cluster}",
             "--log-level",
             "warn",
+            # only leases live here (membership): a killed process loses nothing, and no
+            # fsync means no WAL stall behind JetStream's batch fsyncs on a shared disk
+            "--unsafe-no-fsync",
         ]
 
     def _nats_argv(self, member: Member) -> list[str]:
