@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from meshpush.local.devcluster import LocalCluster, NodeProc, Proc, free_port, wait_tcp
+from meshpush.local.devcluster import LocalCluster, NodeProc, free_port
 from meshpush.settings import Settings
 
 
@@ -78,12 +78,12 @@ def echo_server() -> Iterator[int]:
 
 
 @pytest.fixture
-def proxy(echo_server: int, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def proxy(echo_server: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
     argv = [sys.executable, "-m", "meshpush.local.faultproxy", f"{port}=127.0.0.1:{echo_server}"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
     try:
-        wait_tcp(port, 10, Proc("proxy", proc, tmp_path / "none.log"))
+        assert _said(proc, b"listening")  # its port is bound
         yield proc, port
     finally:
         proc.terminate()

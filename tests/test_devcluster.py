@@ -153,3 +153,41 @@ def test_a_node_port_taken_before_it_is_bound_gets_new_ports(
         assert taken not in (node.settings.ws_port, node.settings.http_port)
         assert [n.id for n in cluster.live()] == ["n1"]
     assert "n1: a port was taken before it was bound" in caplog.text
+
+
+def test_a_proxy_port_taken_before_it_is_bound_gets_new_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same for a node's fault proxy (the chaos suite's): the first port handed to the
+    proxy of its NATS link is taken, so the proxy exits and starts again on new ports; a
+    port that answers is not taken for a proxy that listens (it says so)."""
+    import socket
+
+    from meshpush.local import devcluster
+    from meshpush.settings import Settings
+
+    real = devcluster.free_port
+    armed: list[bool] = []
+    with (
+        socket.socket() as squatter,
+        devcluster.LocalCluster(tmp_path, nodes=0, proxied=True) as cluster,
+    ):
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        settings_for = cluster.settings_for
+
+        def settings_then_arm(node_id: str) -> Settings:
+            settings = settings_for(node_id)
+            armed.append(True)  # the next port handed out is the proxies' first
+            return settings
+
+        def taken_when_armed() -> int:
+            return taken if armed and armed.pop() else real()
+
+        monkeypatch.setattr(cluster, "settings_for", settings_then_arm)
+        monkeypatch.setattr(devcluster, "free_port", taken_when_armed)
+        node = cluster.start_node()
+        assert node.proc.alive() and all(p.alive() for p in node.proxies.values())
+        assert f":{taken}" not in node.settings.nats_url
+    assert "n1-proxy-nats: a port was taken before it was bound" in caplog.text

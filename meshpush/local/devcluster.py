@@ -210,6 +210,18 @@ def wait_tcp(port: int, timeout: float, proc: Proc) -> None:
     raise ClusterError(f"{proc.name} not listening on {port} after {timeout}s")
 
 
+def wait_said(proc: Proc, line: str, timeout: float) -> None:
+    """Wait until ``proc`` has written ``line`` (a whole line) to its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if line in proc.log().splitlines():
+            return
+        if not proc.alive():
+            raise ClusterError(f"{proc.name} exited:\n{proc.log()[-3000:]}")
+        time.sleep(0.02)
+    raise ClusterError(f"{proc.name} did not say {line!r} after {timeout}s")
+
+
 @dataclass
 class Member:
     """One backend server process (an etcd member or a nats-server) and its fixed ports."""
@@ -530,23 +542,42 @@ class LocalCluster:
             "etcd": [m.address for m in self.etcd_members],
             "clients": [f"127.0.0.1:{settings.ws_port}"],
         }
-        proxies: dict[str, Proc] = {}
-        local: dict[str, list[int]] = {}
-        for link in LINKS:
-            ports = [free_port() for _ in upstreams[link]]
-            argv = [sys.executable, "-m", "meshpush.local.faultproxy"]
-            argv += [f"{p}={up}" for p, up in zip(ports, upstreams[link], strict=True)]
-            proxies[link] = spawn(f"{node_id}-proxy-{link}", argv, self.workdir)
-            local[link] = ports
-        for link in LINKS:
-            for port in local[link]:
-                wait_tcp(port, 10, proxies[link])
+        started = {link: self._spawn_proxy(node_id, link, upstreams[link]) for link in LINKS}
+        for link in LINKS:  # all started at once, then each waited for
+            started[link] = self._proxy_listening(node_id, link, upstreams[link], *started[link])
+        proxies = {link: proc for link, (proc, _) in started.items()}
+        local = {link: ports for link, (_, ports) in started.items()}
         settings = settings.replace(
             etcd=",".join(f"127.0.0.1:{p}" for p in local["etcd"]),
             nats_url=",".join(f"nats://127.0.0.1:{p}" for p in local["nats"]),
             public_ws_url=f"ws://127.0.0.1:{local['clients'][0]}/ws",
         )
         return settings, proxies
+
+    def _spawn_proxy(self, node_id: str, link: str, upstreams: list[str]) -> tuple[Proc, list[int]]:
+        ports = [free_port() for _ in upstreams]
+        argv = [sys.executable, "-m", "meshpush.local.faultproxy"]
+        argv += [f"{p}={up}" for p, up in zip(ports, upstreams, strict=True)]
+        return spawn(f"{node_id}-proxy-{link}", argv, self.workdir), ports
+
+    def _proxy_listening(
+        self, node_id: str, link: str, upstreams: list[str], proc: Proc, ports: list[int]
+    ) -> tuple[Proc, list[int]]:
+        """Wait until a proxy has bound every port (it says "listening": a port that answers
+        may be another process's). One that exited because a port was taken meanwhile starts
+        again on new ports (bounded)."""
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                wait_said(proc, "listening", 10)
+                return proc, ports
+            except ClusterError:
+                if attempt == PORT_ATTEMPTS - 1 or not _lost_a_port(proc):
+                    proc.stop()
+                    raise
+            log.warning("%s: a port was taken before it was bound; new ports", proc.name)
+            proc.log_path.unlink(missing_ok=True)  # the next one's log is read afresh
+            proc, ports = self._spawn_proxy(node_id, link, upstreams)
+        raise AssertionError("unreachable")
 
     def cut(self, node: NodeProc, link: str) -> None:
         """Blackhole one link of ``node`` (bytes stop moving, nothing is closed)."""

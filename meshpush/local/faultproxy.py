@@ -124,6 +124,7 @@ def main(argv: list[str]) -> int:
         listener.bind(("127.0.0.1", local))
         listener.listen(128)
         threading.Thread(target=_serve, args=(listener, upstream, gate), daemon=True).start()
+    print("listening", flush=True)  # every port bound (LocalCluster waits for this line)
     while not stop.is_set():
         stop.wait(0.5)
     return 0
