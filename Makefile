@@ -20,8 +20,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check meshpush chaos tests bench
-	$(BIN)/ruff format --check meshpush chaos tests bench
+	$(BIN)/ruff check meshpush chaos tests bench deploy
+	$(BIN)/ruff format --check meshpush chaos tests bench deploy
 	$(BIN)/mypy meshpush
 
 bench: $(STAMP)

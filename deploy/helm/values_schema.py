@@ -95,16 +95,19 @@ def config_schema() -> dict[str, Any]:
         "description": "Node settings (docs/operations.md, section 6): MESHPUSH_<KEY> env vars",
         "additionalProperties": False,
         "properties": {
-            f.name: setting_schema(f)
-            for f in dataclasses.fields(Settings)
-            if f.name not in managed
+            f.name: setting_schema(f) for f in dataclasses.fields(Settings) if f.name not in managed
         },
     }
 
 
 def obj(properties: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """An object with known keys only (typos are refused)."""
-    return {"type": "object", "additionalProperties": False, "properties": properties or {}, **extra}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": properties or {},
+        **extra,
+    }
 
 
 ANY_OBJECT = {"type": "object"}  # a Kubernetes type (resources, affinity, ...): not re-checked
