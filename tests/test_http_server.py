@@ -161,6 +161,31 @@ async def test_a_slow_request_gets_408_and_an_idle_connection_is_closed(port: in
     assert await exchange(port, b"") == b""  # idle: closed after idle_timeout, quietly
 
 
+async def slow(request: Request) -> Response:
+    await trio.sleep(1.0)  # twice the idle timeout: handling a request is not being idle
+    return JSONResponse({"slow": True})
+
+
+async def test_a_handler_slower_than_the_idle_timeout_is_answered_then_idle_closes(
+    nursery: trio.Nursery,
+) -> None:
+    r = routes()
+    r.add("/slow", ["GET"], slow)
+    server = HttpServer(r, max_body=MAX_BODY, request_timeout=0.5, idle_timeout=0.5)
+    port = await nursery.start(server.run, "127.0.0.1", 0)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET /slow HTTP/1.1\r\n\r\n")
+        with trio.fail_after(5):
+            data = await stream.receive_some(65536)
+        assert answers(data) == [(200, {"slow": True})]
+        answered = trio.current_time()
+        with trio.fail_after(5):
+            assert await stream.receive_some(65536) == b""  # idle, then closed quietly
+        idle = trio.current_time() - answered
+    assert 0.45 <= idle < 3  # not before idle_timeout (as the client sees it); then a tick
+
+
 async def test_connections_are_bounded(port: int) -> None:
     held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(4)]
     try:

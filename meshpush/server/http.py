@@ -10,7 +10,8 @@ parses a request in a few µs (docs/decisions.md, docs/performance.md).
   ``MAX_HEAD`` bytes (431), bodies up to ``max_body`` bytes (413, the body is drained within
   the request timeout so the client reads the answer rather than a reset), a request must
   arrive whole within ``request_timeout`` (408) and an idle keep-alive connection is closed
-  after ``idle_timeout``.
+  after ``idle_timeout`` (at most ``min(IDLE_TICK, idle_timeout / 4)`` later: one task ends
+  the idle connections, rather than a deadline moved twice per request).
 * Every error is JSON ``{"error", "detail"}``: a malformed request 400 ``bad_request``, an
   unknown path 404 ``not_found``, a wrong method 405 ``method_not_allowed`` (with ``Allow``),
   an unexpected exception 500 ``internal_error`` (logged).
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 16 * 1024
 MAX_HEADERS = 100
 RECEIVE = 65536
+IDLE_TICK = 1.0  # seconds between two looks for idle connections (at most)
 REASONS = {s.value: s.phrase for s in HTTPStatus}
 ERROR_CODES = {
     400: "bad_request",
@@ -266,8 +268,10 @@ class _Conn:
     scheduler turns and two deadline moves per request less (docs/performance.md,
     "Single-publish CPU")."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, guard: trio.CancelScope) -> None:
         self.stream = stream
+        self.guard = guard  # cancelled: idle too long, or an answer not taken
+        self.idle_until = math.inf  # while it waits for a request: when it is idle too long
         self.buf = bytearray()
         self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
 
@@ -290,8 +294,9 @@ class _Conn:
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
-    async def send(self, data: bytes, guard: trio.CancelScope, timeout: float) -> None:
-        """Send an answer; a client that does not take it within ``timeout`` cancels ``guard``."""
+    async def send(self, data: bytes, timeout: float) -> None:
+        """Send an answer; a client that does not take it within ``timeout`` cancels the
+        connection's guard."""
         if self.fd >= 0:
             try:
                 sent = os.write(self.fd, data)
@@ -302,9 +307,9 @@ class _Conn:
             if sent == len(data):
                 return
             data = data[sent:]
-        guard.deadline = trio.current_time() + timeout
+        self.guard.deadline = trio.current_time() + timeout
         await self.stream.send_all(data)
-        guard.deadline = math.inf
+        self.guard.deadline = math.inf
 
     async def line(self, limit: int) -> bytes:
         while (end := self.buf.find(b"\r\n")) < 0:
@@ -362,6 +367,7 @@ class HttpServer:
         self.idle_timeout = idle_timeout
         self.ssl_context = ssl_context
         self._slots = trio.Semaphore(max_connections)
+        self._conns: set[_Conn] = set()
         self.requests = 0
 
     async def run(
@@ -370,8 +376,18 @@ class HttpServer:
         listeners = await trio.open_tcp_listeners(port, host=host or None)
         bound = int(listeners[0].socket.getsockname()[1])
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._close_idle)
             await nursery.start(trio.serve_listeners, self._connection, listeners)
             task_status.started(bound)
+
+    async def _close_idle(self) -> None:
+        """End the connections that waited for a request longer than ``idle_timeout``."""
+        tick = min(IDLE_TICK, self.idle_timeout / 4)
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for conn in [c for c in self._conns if c.idle_until <= now]:
+                conn.guard.cancel()
 
     async def _connection(self, tcp: trio.SocketStream) -> None:
         try:
@@ -383,7 +399,7 @@ class HttpServer:
             stream: trio.abc.Stream = tcp
             if self.ssl_context is not None:
                 stream = trio.SSLStream(tcp, self.ssl_context, server_side=True)
-            await self._serve(_Conn(stream))
+            await self._serve(stream)
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
             pass
         except OSError as exc:
@@ -404,19 +420,25 @@ class HttpServer:
                 pass
         await trio.aclose_forcefully(tcp)
 
-    async def _serve(self, conn: _Conn) -> None:
-        """Serve requests until the connection ends. One cancel scope per connection holds
-        the idle and answer timeouts (its deadline moved per request): two scopes entered
-        and left per request were ~2% of a node's CPU at ~1,000 single publishes/s."""
-        with trio.CancelScope() as guard:  # cancelled: idle too long, or an answer not taken
-            await self._requests(conn, guard)
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        """Serve requests until the connection ends. One cancel scope per connection ends it
+        when it is idle too long (:meth:`_close_idle`) or an answer is not taken: two scopes
+        entered and left per request were ~2% of a node's CPU at ~1,000 single publishes/s,
+        and so were the two deadline moves per request that replaced them."""
+        with trio.CancelScope() as guard:
+            conn = _Conn(stream, guard)
+            self._conns.add(conn)
+            try:
+                await self._requests(conn)
+            finally:
+                self._conns.discard(conn)
 
-    async def _requests(self, conn: _Conn, guard: trio.CancelScope) -> None:
+    async def _requests(self, conn: _Conn) -> None:
         while True:
             if not conn.buf:
-                guard.deadline = trio.current_time() + self.idle_timeout
+                conn.idle_until = trio.current_time() + self.idle_timeout
                 await conn.fill()
-                guard.deadline = math.inf
+                conn.idle_until = math.inf
                 if not conn.buf:
                     return
             failed: BadRequest | None = None
@@ -443,7 +465,7 @@ class HttpServer:
             self.requests += 1
             response = await self.routes.dispatch(request)
             answer = render(response, keep_alive, request.method == "HEAD")
-            await conn.send(answer, guard, self.request_timeout)
+            await conn.send(answer, self.request_timeout)
             if not keep_alive:
                 return
             if conn.buf:  # pipelined requests: let others run between answers
