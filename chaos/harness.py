@@ -27,7 +27,6 @@ short-lived worker threads.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import signal
@@ -44,7 +43,7 @@ from meshpush.client import Client, ClientEvent, State
 from meshpush.core.auth import issue_token
 from meshpush.core.ring import Ring
 from meshpush.local.devcluster import ClusterError, LocalCluster, NodeProc, Proc
-from meshpush.publisher import AsyncPublisher, PublishError, _Reply, _Step
+from meshpush.publisher import AsyncPublisher, Attempt, PublishError
 
 from .checker import check_placement, missing
 from .events import (
@@ -135,32 +134,26 @@ def read_rss_mb(pid: int) -> float | None:
     return None
 
 
-class CountingPublisher(AsyncPublisher):
+def counting_publisher(
+    urls: Sequence[str], api_key: str, counters: dict[str, int], retries: int
+) -> AsyncPublisher:
     """The SDK's AsyncPublisher, counting every failed attempt (and every per-item error of a
     202) by reason into the harness's counters, so its silent retries show in the report."""
 
-    def __init__(
-        self, urls: Sequence[str], api_key: str, counters: dict[str, int], retries: int
-    ) -> None:
-        super().__init__(urls, api_key, timeout=3.0, retries=retries, backoff=0.1)
-        self._counters = counters
+    def count(name: str) -> None:
+        counters[name] = counters.get(name, 0) + 1
 
-    def _count(self, name: str) -> None:
-        self._counters[name] = self._counters.get(name, 0) + 1
+    def on_attempt(attempt: Attempt) -> None:
+        if attempt.error:
+            count(f"sdk_{attempt.error.split(':')[0]}")
+        elif attempt.status // 100 != 2:
+            count(f"sdk_http_{attempt.status}")
+        for code in attempt.item_errors:
+            count(f"sdk_item_{code}")
 
-    async def _perform(self, step: _Step) -> _Reply | None:
-        reply = await super()._perform(step)
-        if reply is None:
-            return None
-        if reply.error:
-            self._count(f"sdk_{reply.error.split(':')[0]}")
-        elif reply.status // 100 != 2:
-            self._count(f"sdk_http_{reply.status}")
-        elif b'"error"' in reply.content:
-            for item in json.loads(reply.content).get("results", []):
-                if isinstance(item, dict) and "error" in item:
-                    self._count(f"sdk_item_{item['error']}")
-        return reply
+    return AsyncPublisher(
+        urls, api_key, timeout=3.0, retries=retries, backoff=0.1, on_attempt=on_attempt
+    )
 
 
 # ---------------------------------------------------------------- devices
@@ -339,7 +332,7 @@ class Harness:
         self.counters: dict[str, int] = {}  # publish retries by reason
         self._bursts = 0
         self._plan = LoadPlan(self.users, config.seed)
-        self._publishers: list[CountingPublisher] = []  # the last one is current
+        self._publishers: list[AsyncPublisher] = []  # the last one is current
 
     # ------------------------------------------------------------ small services for faults
 
@@ -403,7 +396,7 @@ class Harness:
         urls = [n.http_url for n in self.cluster.members if n.id not in self._gone]
         self._rng.shuffle(urls)
         self._publishers.append(
-            CountingPublisher(urls, self.cluster.api_key, self.counters, self.config.sdk_retries)
+            counting_publisher(urls, self.cluster.api_key, self.counters, self.config.sdk_retries)
         )
 
     def inject(self, spec: FaultSpec, affected: list[str], measure: str = "new") -> FaultRecord:

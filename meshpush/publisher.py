@@ -16,6 +16,8 @@ node's dedup answers ``duplicate: true`` if the first attempt had been stored. O
 (400, 401, 413) are the caller's to fix and raise :class:`PublishError` at once. A node that
 answered with ``Retry-After`` is not asked again before that time (at most
 ``max_retry_after`` seconds): the retry goes to another node, or waits for the soonest one.
+Retries are silent; to see them, pass ``on_attempt``: it is called with an :class:`Attempt`
+after every request, answered or not.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from meshpush.core.protocol import retry_after
 
 __all__ = [
     "AsyncPublisher",
+    "Attempt",
     "Failed",
     "Message",
     "PublishError",
@@ -99,6 +102,26 @@ class PublishError(Exception):
     def outcome_unknown(self) -> bool:
         """True when the message may have been stored (retry with the same id to know)."""
         return self.code in ("store_timeout", "unreachable")
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One request the publisher made (``on_attempt``): to ``url``, answered ``status`` (0:
+    no answer, then ``error`` says why, e.g. ``"ConnectTimeout: ..."``); a 2xx batch answer's
+    per-item error codes in ``item_errors`` (those items are retried if retryable)."""
+
+    url: str
+    status: int
+    error: str = ""
+    item_errors: tuple[str, ...] = ()
+
+    @property
+    def failed(self) -> bool:
+        """No answer, an error status, or items not stored."""
+        return bool(self.error) or self.status // 100 != 2 or bool(self.item_errors)
+
+
+OnAttempt = Callable[[Attempt], None]
 
 
 # ---------------------------------------------------------------- sans-IO core
@@ -289,6 +312,23 @@ def _reply(resp: httpx.Response) -> _Reply:
     return _Reply(resp.status_code, resp.content, "", retry_after(resp.headers.get("retry-after")))
 
 
+def _attempt(step: _Post, reply: _Reply) -> Attempt:
+    return Attempt(step.url, reply.status, reply.error, _item_errors(reply))
+
+
+def _item_errors(reply: _Reply) -> tuple[str, ...]:
+    """The per-item error codes of a 2xx batch answer (a plain answer has none)."""
+    if reply.status // 100 != 2 or b'"error"' not in reply.content:
+        return ()
+    try:
+        results = json.loads(reply.content).get("results")
+    except (ValueError, AttributeError):
+        return ()
+    if not isinstance(results, list):
+        return ()
+    return tuple(str(r["error"]) for r in results if isinstance(r, dict) and "error" in r)
+
+
 def _headers(api_key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {api_key}", "content-type": "application/json"}
 
@@ -309,9 +349,11 @@ class Publisher:
         backoff: float = 0.1,
         max_batch: int = 1000,
         max_retry_after: float = MAX_RETRY_AFTER,
+        on_attempt: OnAttempt | None = None,
     ) -> None:
         self._core = _Core(urls, retries, backoff, max_batch, max_retry_after)
         self._http = httpx.Client(timeout=timeout, headers=_headers(api_key))
+        self._on_attempt = on_attempt
 
     def publish(self, user: str, data: Any, *, id: str | None = None) -> Published:
         return self._run(self._core.publish("/v1/publish", {"user": user, "data": data, "id": id}))
@@ -351,10 +393,12 @@ class Publisher:
             time.sleep(step.seconds)
             return None
         try:
-            resp = self._http.post(step.url, content=step.body)
+            reply = _reply(self._http.post(step.url, content=step.body))
         except httpx.TransportError as exc:
-            return _Reply(error=f"{type(exc).__name__}: {exc}")
-        return _reply(resp)
+            reply = _Reply(error=f"{type(exc).__name__}: {exc}")
+        if self._on_attempt is not None:
+            self._on_attempt(_attempt(step, reply))
+        return reply
 
     def close(self) -> None:
         self._http.close()
@@ -380,10 +424,12 @@ class AsyncPublisher:
         max_batch: int = 1000,
         max_connections: int = 100,
         max_retry_after: float = MAX_RETRY_AFTER,
+        on_attempt: OnAttempt | None = None,
     ) -> None:
         self._core = _Core(urls, retries, backoff, max_batch, max_retry_after)
         limits = httpx.Limits(max_connections=max_connections)
         self._http = httpx.AsyncClient(timeout=timeout, headers=_headers(api_key), limits=limits)
+        self._on_attempt = on_attempt
 
     async def publish(self, user: str, data: Any, *, id: str | None = None) -> Published:
         body = {"user": user, "data": data, "id": id}
@@ -420,10 +466,12 @@ class AsyncPublisher:
             await anyio.sleep(step.seconds)
             return None
         try:
-            resp = await self._http.post(step.url, content=step.body)
+            reply = _reply(await self._http.post(step.url, content=step.body))
         except httpx.TransportError as exc:
-            return _Reply(error=f"{type(exc).__name__}: {exc}")
-        return _reply(resp)
+            reply = _Reply(error=f"{type(exc).__name__}: {exc}")
+        if self._on_attempt is not None:
+            self._on_attempt(_attempt(step, reply))
+        return reply
 
     async def aclose(self) -> None:
         await self._http.aclose()

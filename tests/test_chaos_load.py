@@ -13,7 +13,7 @@ import httpx
 from chaos import report
 from chaos.checker import check
 from chaos.events import USER, DeviceLog, EventLog, Instance, NodeSnapshot, Published, Received
-from chaos.harness import CountingPublisher
+from chaos.harness import counting_publisher
 from chaos.load import BATCH, MAX_ITEMS, MULTI, SINGLE, LoadPlan, Request, gave_up, outcome
 from meshpush.publisher import Failed
 from meshpush.publisher import Published as Stored
@@ -187,7 +187,7 @@ async def test_the_counting_publisher_retries_with_the_same_ids_and_counts_why()
         return httpx.Response(202, json={"results": results})
 
     counters: dict[str, int] = {}
-    publisher = CountingPublisher(["http://127.0.0.1:9"], "key", counters, retries=3)
+    publisher = counting_publisher(["http://127.0.0.1:9"], "key", counters, retries=3)
     publisher._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     async with publisher:
         results = await publisher.publish_many(

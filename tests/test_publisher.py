@@ -14,7 +14,7 @@ from test_publish import stored_count
 
 from meshpush import cli
 from meshpush.local.devcluster import LocalCluster, free_port
-from meshpush.publisher import AsyncPublisher, Failed, Message, Published, Publisher
+from meshpush.publisher import AsyncPublisher, Attempt, Failed, Message, Published, Publisher
 
 pytestmark = pytest.mark.cluster
 
@@ -42,8 +42,12 @@ def test_sync_publisher_publishes_batches_users_and_broadcasts(cluster: LocalClu
 
 
 def test_asyncio_publisher_publishes(cluster: LocalCluster) -> None:
+    attempts: list[Attempt] = []
+
     async def go() -> None:
-        async with AsyncPublisher(urls(cluster), cluster.api_key) as pub:
+        async with AsyncPublisher(
+            urls(cluster), cluster.api_key, on_attempt=attempts.append
+        ) as pub:
             first = await pub.publish("sdk-aio", 1)
             results = await pub.publish_many([Message("sdk-aio", i) for i in range(2500)])
             assert all(isinstance(r, Published) for r in results)  # 3 batches of <= 1000
@@ -54,13 +58,22 @@ def test_asyncio_publisher_publishes(cluster: LocalCluster) -> None:
             assert (await pub.broadcast("x")).seq > 0
 
     asyncio.run(go())
+    assert len(attempts) == 6 and not any(a.failed for a in attempts)  # 1 + 3 batches + 1 + 1
 
 
 def test_publisher_fails_over_to_a_live_node(cluster: LocalCluster) -> None:
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there: a node that is down
-    with Publisher([down, *urls(cluster)], cluster.api_key, backoff=0.01) as pub:
+    attempts: list[Attempt] = []
+    with Publisher(
+        [down, *urls(cluster)], cluster.api_key, backoff=0.01, on_attempt=attempts.append
+    ) as pub:
         for i in range(3):
             assert not pub.publish("sdk-failover", i).duplicate
+    refused = attempts[0]  # the retry is silent, but on_attempt sees it
+    assert refused.url.startswith(down) and refused.status == 0 and refused.failed
+    assert refused.error.startswith("ConnectError")
+    assert [a.status for a in attempts[1:]] == [202, 202, 202]
+    assert not any(a.failed for a in attempts[1:])
 
 
 @contextlib.contextmanager
@@ -103,12 +116,23 @@ def test_retry_after_a_timeout_does_not_duplicate(cluster: LocalCluster) -> None
     node = cluster.live()[0]
     port = int(node.http_url.rsplit(":", 1)[1])
     before = stored_count(cluster)
+    attempts: list[Attempt] = []
     with (
         black_hole(port) as hole,
-        Publisher([hole, node.http_url], cluster.api_key, timeout=1.0, backoff=0.01) as pub,
+        Publisher(
+            [hole, node.http_url],
+            cluster.api_key,
+            timeout=1.0,
+            backoff=0.01,
+            on_attempt=attempts.append,
+        ) as pub,
     ):
         done = pub.publish("sdk-timeout", {"once": True})
     assert done.duplicate  # the first attempt was stored; the retry (same id) found it
+    assert [(a.status, a.error.split(":")[0]) for a in attempts] == [
+        (0, "ReadTimeout"),
+        (202, ""),
+    ]
     assert stored_count(cluster) == before + 1
 
 

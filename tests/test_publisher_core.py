@@ -13,6 +13,7 @@ from meshpush.publisher import (
     Failed,
     Published,
     PublishError,
+    _attempt,
     _Core,
     _Plan,
     _Post,
@@ -245,3 +246,17 @@ def test_retry_after_is_capped() -> None:
 )
 def test_retry_after_header_values(header: str | None, seconds: float) -> None:
     assert retry_after(header) == seconds
+
+
+def test_an_attempt_says_what_failed_even_inside_a_202() -> None:
+    post = _Post("http://n1/v1/publish/batch", b"{}")
+    mixed = reply(202, {"results": [{"seq": 1}, {"error": "store_unavailable", "detail": "x"}]})
+    assert _attempt(post, mixed).item_errors == ("store_unavailable",)
+    assert _attempt(post, mixed).failed  # the publisher retries that item
+    whole = _attempt(post, reply(202, {"seq": 1, "duplicate": False, "id": "a"}))
+    assert (whole.url, whole.status, whole.item_errors, whole.failed) == (post.url, 202, (), False)
+    assert _attempt(post, reply(503, {"error": "store_unavailable", "detail": ""})).failed
+    lost = _attempt(post, _Reply(error="ReadTimeout: timed out"))
+    assert (lost.status, lost.error, lost.failed) == (0, "ReadTimeout: timed out", True)
+    for garbled in (b'{"error" nope', b'["error"]', b'{"results": {"error": 1}}'):
+        assert _attempt(post, _Reply(202, garbled)).item_errors == ()  # no crash, no codes
