@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 import trio
 from conftest import FAST, make_cluster
@@ -32,6 +33,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from support import (
     connected,
     in_process_nodes,
@@ -58,7 +60,8 @@ from meshpush.observe.metrics import Metrics
 from meshpush.server.hub import Hub
 from meshpush.server.node import Node
 from meshpush.server.sessions import Context, Session
-from meshpush.settings import env_for
+from meshpush.server.webhook import Webhook
+from meshpush.settings import Settings, env_for
 
 UPSTREAM_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 UPSTREAM_SPAN = "00f067aa0ba902b7"
@@ -455,7 +458,7 @@ async def test_one_trace_from_publish_on_one_node_to_delivery_on_another(
                 with trio.fail_after(10):
                     assert (await other.receive()).seq == msg.seq
 
-    spans = exporter.get_finished_spans()
+    spans = tuple(s for s in exporter.get_finished_spans() if s.name != "meshpush.handshake")
     traced = [s for s in spans if s.name != "meshpush.replay"]  # a replay starts its own
     assert {s.context.trace_id for s in traced if s.context} == {int(UPSTREAM_TRACE, 16)}
     named = by_name(spans)
@@ -617,3 +620,109 @@ async def test_node_processes_export_one_trace_over_otlp_set_by_otel_variables(
     }
     [deliver] = [s for s in trace if s[1] == "meshpush.deliver" and s[0] == second.id]
     assert deliver[4] == store[3]  # b's delivery hangs under a's store (JetStream republished)
+
+
+# ---------------------------------------------------------------- handshakes and the webhook
+
+
+async def raw_handshake(node: Node, query: str, *headers: str, wait: bool = True) -> bytes:
+    """A WebSocket upgrade request to ``node`` (``query``, extra header lines); what the node
+    sent until it closed (at most 5 s), or nothing if ``wait`` is false (the client leaves)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", node.settings.ws_port)
+    lines = [f"GET /ws?{query} HTTP/1.1", "Host: 127.0.0.1", "Upgrade: websocket"]
+    lines += ["Connection: Upgrade", "Sec-WebSocket-Version: 13"]
+    lines += ["Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", *headers]
+    data = b""
+    async with stream:
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+        with trio.move_on_after(5 if wait else 0.3):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    return data
+
+
+def handshakes(exporter: InMemorySpanExporter, node: str) -> list[dict[str, Any]]:
+    spans = [s for s in exporter.get_finished_spans() if s.name == "meshpush.handshake"]
+    return [
+        dict(s.attributes or {}) for s in spans if (s.attributes or {}).get("meshpush.node") == node
+    ]
+
+
+@in_process_nodes
+async def test_each_handshake_is_a_span_that_names_its_outcome(
+    backends: LocalCluster, exporter: InMemorySpanExporter
+) -> None:
+    async with two_nodes(backends) as (a, b):
+        user = user_of(b, via=a)
+        async with online(backends, a, user):  # a redirects the client to b, which accepts it
+            pass
+        upstream = f"traceparent: 00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"
+        refused = await raw_handshake(a, "token=forged&device=d", upstream)
+        assert b"bad_token" in refused or b"invalid" in refused, refused
+        await raw_handshake(a, "device=d", wait=False)  # no token, no auth frame: it left
+
+    [accepted] = handshakes(exporter, "b")
+    assert accepted["meshpush.outcome"] == "accepted"
+    assert accepted["meshpush.user_hash"] == user_hash(user)
+    assert isinstance(accepted["meshpush.recovered"], bool)
+    on_a = sorted(handshakes(exporter, "a"), key=lambda h: str(h["meshpush.outcome"]))
+    assert [h["meshpush.outcome"] for h in on_a] == ["gone", "redirected", "refused"]
+    assert on_a[1]["meshpush.redirect.node"] == "b"
+    assert on_a[2]["http.response.status_code"] == 401 and on_a[2]["error.type"]
+    [refusal] = [
+        s
+        for s in exporter.get_finished_spans()
+        if (s.attributes or {}).get("meshpush.outcome") == "refused"
+    ]
+    assert refusal.kind is SpanKind.SERVER
+    assert parent_of(refusal) == int(UPSTREAM_SPAN, 16)  # the client's trace continues
+    assert refusal.status.status_code is not StatusCode.ERROR  # a 4xx is the client's
+    for span in exporter.get_finished_spans():
+        assert user not in repr(dict(span.attributes or {})), span.name
+
+
+async def test_a_webhook_post_is_a_client_span_linked_to_its_messages(
+    exporter: InMemorySpanExporter, autojump_clock: trio.abc.Clock
+) -> None:
+    """Each attempt is a ``meshpush.webhook`` span (a new trace: a batch holds many messages'
+    traces, so it links to them); its traceparent goes with the POST."""
+    seen: list[httpx.Request] = []
+    statuses = iter([500, 204])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(next(statuses))
+
+    settings = Settings(
+        node_id="n1",
+        offline_webhook_url="http://hook.test:8080/h",
+        offline_webhook_secret="whsec-test",
+        offline_webhook_delay=1.0,
+        offline_webhook_retries=3,
+    )
+    hook = Webhook(settings, Metrics("n1"), lambda user: True, httpx.MockTransport(handler))
+    upstream = f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"
+    parent = TraceContextTextMapPropagator().extract({"traceparent": upstream})
+    traced = Notification("user", "a", 1, 0, "id-1", 0.0, '"hi"', tracing.Trace(parent, upstream))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hook.run)
+        hook.notified(traced)
+        hook.notified(Notification("user", "b", 2, 0, "id-2", 0.0, '"x"'))  # untraced
+        await trio.sleep(60)
+        nursery.cancel_scope.cancel()
+
+    failed, taken = [s for s in exporter.get_finished_spans() if s.name == "meshpush.webhook"]
+    for span in (failed, taken):
+        assert span.kind is SpanKind.CLIENT and span.parent is None
+        assert span.attributes is not None and span.attributes["meshpush.messages"] == 2
+        assert span.attributes["server.address"] == "hook.test"
+        assert span.attributes["server.port"] == 8080
+        assert [link.context.span_id for link in span.links] == [int(UPSTREAM_SPAN, 16)]
+    assert failed.attributes is not None and failed.attributes["http.response.status_code"] == 500
+    assert failed.status.status_code is StatusCode.ERROR
+    assert taken.attributes is not None and taken.attributes["http.request.resend_count"] == 1
+    assert taken.status.status_code is not StatusCode.ERROR
+    for request, span in zip(seen, (failed, taken), strict=True):
+        assert span.context is not None
+        ids = f"{span.context.trace_id:032x}-{span.context.span_id:016x}"
+        assert request.headers["traceparent"] == f"00-{ids}-{span.context.trace_flags:02x}"

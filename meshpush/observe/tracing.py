@@ -22,8 +22,11 @@ stored message. On the owner node ``meshpush.deliver`` (consumer,
 from the moment the notification arrived) -> per session (at most :data:`SESSION_SPANS`)
 ``meshpush.feed`` (the feed's verdict) -> ``meshpush.write`` (the frame handed to the socket).
 A batch replayed from the stream is a ``meshpush.replay`` span linked to its messages' stores.
-Attributes name the node, channel, seq, message id and the user's hash (as the logs do);
-never a token, a user id in clear or a body.
+Around them: each WebSocket handshake is a ``meshpush.handshake`` server span (its outcome:
+accepted, redirected, refused with its code, or gone), and each POST of the offline webhook
+a ``meshpush.webhook`` client span linked to its messages' stores, whose ``traceparent`` goes
+with the request. Attributes name the node, channel, seq, message id and the user's hash (as
+the logs do); never a token, a user id in clear or a body.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import functools
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -54,6 +58,7 @@ if TYPE_CHECKING:
 ON = False
 STOP_TIMEOUT = 3.0  # seconds stop() waits for the last batch of spans to be exported
 SESSION_SPANS = 16  # feed/write spans per delivery at most (a broadcast reaches thousands)
+MAX_LINKS = 64  # links of a replay or webhook span at most (to its messages' publishes)
 EXPORTER_GROUP = "opentelemetry_traces_exporter"
 OTLP_PROTOCOLS = {"grpc": "otlp_proto_grpc", "http/protobuf": "otlp_proto_http"}
 
@@ -209,6 +214,7 @@ def stop(timeout: float = STOP_TIMEOUT) -> None:
 # ---------------------------------------------------------------- publishing node
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+T = TypeVar("T")
 
 
 def http(route: str) -> Callable[[Handler], Handler]:
@@ -494,13 +500,7 @@ def replayed(session: Any, ch: str, batch: Sequence[StoredMessage], node: str) -
     state = _state
     if state is None or not batch:
         return
-    links = [
-        state.link(
-            state.current_span(state.propagator.extract({"traceparent": tp})).get_span_context()
-        )
-        for tp in (m.traceparent for m in batch)
-        if tp
-    ]
+    links = _links(state, [m.traceparent for m in batch])
     if not links:  # nothing in it was traced (stored untraced, or not sampled)
         return
     attributes: dict[str, Any] = {
@@ -514,3 +514,129 @@ def replayed(session: Any, ch: str, batch: Sequence[StoredMessage], node: str) -
     if ch == "user":
         attributes["meshpush.user_hash"] = user_hash(session.user)
     state.tracer.start_span("meshpush.replay", links=links, attributes=attributes).end()
+
+
+def _links(state: _State, traceparents: Sequence[str | None]) -> list[Any]:
+    """Links to the spans these traceparents name (the empty ones skipped; at most
+    :data:`MAX_LINKS`)."""
+    extract, current = state.propagator.extract, state.current_span
+    return [
+        state.link(current(extract({"traceparent": tp})).get_span_context())
+        for tp in traceparents
+        if tp
+    ][:MAX_LINKS]
+
+
+# ---------------------------------------------------------------- handshakes
+
+
+async def handshake(run: Callable[[], Awaitable[T]], traceparent: str | None, node: str) -> T:
+    """``run()``, one WebSocket handshake, inside a ``meshpush.handshake`` server span (it
+    continues the client's trace if the upgrade request carried a ``traceparent``). The
+    gateway says how it ended (:func:`handshake_accepted`, :func:`handshake_redirected`,
+    :func:`handshake_refused`); a client that left first leaves ``meshpush.outcome`` "gone".
+    The span ends when the handshake does, before the session runs."""
+    state = _state
+    if state is None:
+        return await run()
+    span = state.tracer.start_span(
+        "meshpush.handshake",
+        context=state.propagator.extract({"traceparent": traceparent} if traceparent else {}),
+        kind=state.kinds.SERVER,
+        attributes={"meshpush.node": node, "meshpush.outcome": "gone"},
+    )
+    with state.use_span(
+        span, end_on_exit=True, record_exception=False, set_status_on_exception=False
+    ):
+        try:
+            return await run()
+        except BaseException as exc:  # the transport broke, the node stops, or a bug
+            span.set_attribute("meshpush.outcome", "failed")
+            span.set_attribute("error.type", type(exc).__name__)
+            span.set_status(state.error)
+            raise
+
+
+def _handshake_ended(outcome: str, attributes: dict[str, Any]) -> Span | None:
+    state = _state
+    span = state.current_span() if state is not None else None
+    if span is None or not span.is_recording():
+        return None
+    span.set_attribute("meshpush.outcome", outcome)
+    span.set_attributes(attributes)
+    return span
+
+
+def handshake_accepted(user: str, session_id: int, recovered: bool, redirected: bool) -> None:
+    """The handshake opened a session (``redirected``: the ring moved meanwhile, so it is
+    redirected at once instead of welcomed)."""
+    if ON:
+        attributes: dict[str, Any] = {"meshpush.user_hash": user_hash(user)}
+        attributes.update({"meshpush.session": session_id, "meshpush.recovered": recovered})
+        _handshake_ended("redirected" if redirected else "accepted", attributes)
+
+
+def handshake_redirected(node: str, reason: str) -> None:
+    """The handshake sent the client to the user's owner ``node``."""
+    if ON:
+        attributes = {"meshpush.redirect.node": node, "meshpush.redirect.reason": reason}
+        _handshake_ended("redirected", attributes)
+
+
+def handshake_refused(code: str, status: int) -> None:
+    """The handshake was refused (``code``: the documented error code); a 5xx is an error."""
+    if ON:
+        attributes = {"error.type": code, "http.response.status_code": status}
+        span = _handshake_ended("refused", attributes)
+        if span is not None and status >= 500 and _state is not None:
+            span.set_status(_state.error)
+
+
+# ---------------------------------------------------------------- offline webhook
+
+WebhookAnswer = int | str  # the HTTP status, or the name of the error that left none
+
+
+async def webhook(
+    send: Callable[[dict[str, str]], Awaitable[WebhookAnswer]],
+    headers: dict[str, str],
+    url: str,
+    traceparents: Sequence[str | None],
+    attempt: int,
+    node: str,
+) -> WebhookAnswer:
+    """``send(headers)``, one POST of the offline webhook, inside a ``meshpush.webhook``
+    client span linked to the publishes of its messages (those traced); the span's
+    ``traceparent`` goes with the request, so the receiving backend can continue the trace."""
+    state = _state
+    if state is None:
+        return await send(headers)
+    parts = urllib.parse.urlsplit(url)
+    attributes: dict[str, Any] = {
+        "meshpush.node": node,
+        "meshpush.messages": len(traceparents),
+        "http.request.method": "POST",
+        "server.address": parts.hostname or "",
+        "server.port": parts.port or (443 if parts.scheme == "https" else 80),
+    }
+    if attempt:
+        attributes["http.request.resend_count"] = attempt
+    span = state.tracer.start_span(
+        "meshpush.webhook",
+        kind=state.kinds.CLIENT,
+        links=_links(state, traceparents),
+        attributes=attributes,
+    )
+    _, traceparent = state.child(span)
+    try:
+        answer = await send({**headers, "traceparent": traceparent})
+    except BaseException as exc:
+        _failed(span, type(exc).__name__)
+        raise
+    if isinstance(answer, int):
+        span.set_attribute("http.response.status_code", answer)
+    if isinstance(answer, int) and 200 <= answer < 300:
+        span.end()
+    else:  # for a client span any other answer is an error (the batch is sent again)
+        _failed(span, str(answer))
+    return answer

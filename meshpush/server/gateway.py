@@ -12,6 +12,7 @@ and hands the connection to ``Session.run`` in the same task.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import urllib.parse
@@ -29,6 +30,7 @@ from meshpush.core.limits import origin_allowed
 from meshpush.core.machine import Limits
 from meshpush.core.protocol import Close
 from meshpush.core.stats import Tally, snapshot
+from meshpush.observe import tracing
 from meshpush.observe.metrics import Metrics
 from meshpush.server import listener
 from meshpush.server.delivery import BadResume, Feeder
@@ -228,6 +230,10 @@ class Gateway:
         """One handshake; the session the listener then runs in the same task (its end is
         ``_ended``). Nothing a client does may escape into the server."""
         try:
+            if tracing.ON:
+                run = functools.partial(self._handshake, request)
+                tp = request.header(b"traceparent")
+                return await tracing.handshake(run, tp, self.settings.node_id)
             return await self._handshake(request)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise  # the transport failed: the listener counts it
@@ -337,6 +343,7 @@ class Gateway:
             self.registry.remove(session)
             raise
         self.stats.handshakes["accepted"] += 1
+        tracing.handshake_accepted(hello.user, session.id, recovered, redirected=closing)
         session.open(wire, welcome, first)
         return session
 
@@ -393,12 +400,14 @@ class Gateway:
 
     async def _reject(self, door: Door, rej: Refusal) -> None:
         self.stats.handshakes[rej.code] += 1
+        tracing.handshake_refused(rej.code, rej.status)
         self.doorman.sampled.log(trio.current_time(), rej.code, "handshake refused: %s", rej.code)
         await door.refuse(rej)
 
     async def _redirect_now(self, wire: Wire, node: str, url: str, reason: str) -> None:
         self.stats.handshakes["redirect"] += 1
         self.stats.redirects[reason] += 1
+        tracing.handshake_redirected(node, reason)
         frame = encode_text(protocol.redirect(node=node, url=url, reason=reason))
         with trio.move_on_after(2):
             await wire.stream.send_all(frame + wire.close_frame(Close.REDIRECT, reason))

@@ -17,6 +17,7 @@ migration (the receiver can deduplicate by ``(user, seq)``). docs/protocol.md sa
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -30,6 +31,7 @@ import httpx
 import trio
 
 from meshpush.core.stats import Tally, snapshot
+from meshpush.observe import tracing
 from meshpush.settings import Settings
 from meshpush.webhook_verify import HEADER, sign
 
@@ -50,6 +52,7 @@ class Pending:
     id: str
     data_json: str
     arrived: float  # monotonic
+    traceparent: str | None = None  # its publish's span, when traced (the webhook span links it)
 
 
 def check_settings(settings: Settings) -> None:
@@ -214,7 +217,9 @@ class Webhook:
         if note.ch != "user" or note.user is None or not self.owns(note.user):
             return
         now = trio.current_time()
-        self.tracker.notified(Pending(note.user, note.seq, note.id, note.data_json, now))
+        traceparent = note.trace.traceparent if note.trace is not None else None
+        pending = Pending(note.user, note.seq, note.id, note.data_json, now, traceparent)
+        self.tracker.notified(pending)
 
     def reached(self, user: str, seq: int) -> None:
         """Seq ``seq`` of ``user`` was queued to one of its sessions (hooks in delivery)."""
@@ -260,26 +265,39 @@ class Webhook:
         for attempt in range(s.offline_webhook_retries + 1):
             if attempt:
                 await trio.sleep(backoff(attempt, s.offline_webhook_backoff, random.uniform))
-            if await self._post(http, body):
+            if await self._post(http, body, batch, attempt):
                 self.stats.webhook_messages["sent"] += len(batch)
                 return
         log.warning("offline webhook: dropping %d messages after %d tries", len(batch), attempt + 1)
         self.stats.webhook_messages["dropped_retries"] += len(batch)
 
-    async def _post(self, http: httpx.AsyncClient, body: bytes) -> bool:
-        headers = {
-            "content-type": "application/json",
-            HEADER: sign(self.settings.offline_webhook_secret, body),
-        }
+    async def _post(
+        self, http: httpx.AsyncClient, body: bytes, batch: list[Pending], attempt: int
+    ) -> bool:
+        """One attempt: True if the receiver took the batch (2xx)."""
+        s = self.settings
+        headers = {"content-type": "application/json", HEADER: sign(s.offline_webhook_secret, body)}
+        send = functools.partial(self._send, http, body)
+        if tracing.ON:
+            traceparents = [m.traceparent for m in batch]
+            url, node = s.offline_webhook_url, s.node_id
+            answer = await tracing.webhook(send, headers, url, traceparents, attempt, node)
+        else:
+            answer = await send(headers)
+        return isinstance(answer, int) and 200 <= answer < 300
+
+    async def _send(
+        self, http: httpx.AsyncClient, body: bytes, headers: dict[str, str]
+    ) -> int | str:
+        """POST ``body``: the answer's status, or the name of the error that left none."""
         url = self.settings.offline_webhook_url
         try:  # streamed and never read: a receiver's answer body cannot take memory
             async with http.stream("POST", url, content=body, headers=headers) as resp:
-                ok = resp.is_success
                 status = resp.status_code
         except httpx.HTTPError as exc:
             self.stats.webhook_requests[type(exc).__name__] += 1
             self.stats.backend_errors["webhook"] += 1
             log.info("offline webhook request failed: %r", exc)
-            return False
-        self.stats.webhook_requests["ok" if ok else str(status)] += 1
-        return ok
+            return type(exc).__name__
+        self.stats.webhook_requests["ok" if 200 <= status < 300 else str(status)] += 1
+        return status
