@@ -17,12 +17,14 @@ node's dedup answers ``duplicate: true`` if the first attempt had been stored. O
 answered with ``Retry-After`` is not asked again before that time (at most
 ``max_retry_after`` seconds): the retry goes to another node, or waits for the soonest one.
 Retries are silent; to see them, pass ``on_attempt``: it is called with an :class:`Attempt`
-after every request, answered or not.
+after every request that was answered or failed in transport (connection, timeout); an
+error raised by the callback is logged and never fails the publish.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 import uuid
@@ -51,6 +53,7 @@ RETRYABLE_CODES = frozenset({"store_unavailable", "store_timeout", "unreachable"
 #: the longest ``Retry-After`` honoured by default (a node asking for more is asked sooner)
 MAX_RETRY_AFTER = 5.0
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +315,16 @@ def _reply(resp: httpx.Response) -> _Reply:
     return _Reply(resp.status_code, resp.content, "", retry_after(resp.headers.get("retry-after")))
 
 
+def _observe(on_attempt: OnAttempt | None, step: _Post, reply: _Reply) -> None:
+    """Tell ``on_attempt`` about a request; its errors are logged, never the caller's."""
+    if on_attempt is None:
+        return
+    try:
+        on_attempt(_attempt(step, reply))
+    except Exception:
+        log.exception("publisher: the on_attempt callback failed")
+
+
 def _attempt(step: _Post, reply: _Reply) -> Attempt:
     return Attempt(step.url, reply.status, reply.error, _item_errors(reply))
 
@@ -396,8 +409,7 @@ class Publisher:
             reply = _reply(self._http.post(step.url, content=step.body))
         except httpx.TransportError as exc:
             reply = _Reply(error=f"{type(exc).__name__}: {exc}")
-        if self._on_attempt is not None:
-            self._on_attempt(_attempt(step, reply))
+        _observe(self._on_attempt, step, reply)
         return reply
 
     def close(self) -> None:
@@ -469,8 +481,7 @@ class AsyncPublisher:
             reply = _reply(await self._http.post(step.url, content=step.body))
         except httpx.TransportError as exc:
             reply = _Reply(error=f"{type(exc).__name__}: {exc}")
-        if self._on_attempt is not None:
-            self._on_attempt(_attempt(step, reply))
+        _observe(self._on_attempt, step, reply)
         return reply
 
     async def aclose(self) -> None:

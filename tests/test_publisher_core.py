@@ -6,12 +6,15 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from meshpush.core.protocol import retry_after
 from meshpush.publisher import (
+    Attempt,
     Failed,
     Published,
+    Publisher,
     PublishError,
     _attempt,
     _Core,
@@ -260,3 +263,19 @@ def test_an_attempt_says_what_failed_even_inside_a_202() -> None:
     assert (lost.status, lost.error, lost.failed) == (0, "ReadTimeout: timed out", True)
     for garbled in (b'{"error" nope', b'["error"]', b'{"results": {"error": 1}}'):
         assert _attempt(post, _Reply(202, garbled)).item_errors == ()  # no crash, no codes
+
+
+def test_an_on_attempt_callback_that_raises_does_not_fail_the_publish(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def boom(attempt: Attempt) -> None:
+        raise RuntimeError("metrics down")
+
+    def stored_here(request: httpx.Request) -> httpx.Response:
+        sent = json.loads(request.content)
+        return httpx.Response(202, json={"seq": 3, "duplicate": False, "id": sent["id"]})
+
+    with Publisher(["http://n1"], "key", on_attempt=boom) as pub:
+        pub._http = httpx.Client(transport=httpx.MockTransport(stored_here))
+        assert pub.publish("alice", 1).seq == 3  # stored: the callback's error is not ours
+    assert "on_attempt callback failed" in caplog.text

@@ -668,7 +668,7 @@ async def test_each_handshake_is_a_span_that_names_its_outcome(
     on_a = sorted(handshakes(exporter, "a"), key=lambda h: str(h["meshpush.outcome"]))
     assert [h["meshpush.outcome"] for h in on_a] == ["gone", "redirected", "refused"]
     assert on_a[1]["meshpush.redirect.node"] == "b"
-    assert on_a[2]["http.response.status_code"] == 401 and on_a[2]["error.type"]
+    assert on_a[2]["meshpush.refusal.status"] == 401 and on_a[2]["error.type"]
     [refusal] = [
         s
         for s in exporter.get_finished_spans()

@@ -140,6 +140,8 @@ def test_backoff_is_capped_full_jitter() -> None:
     [
         {"offline_webhook_url": "ftp://x"},
         {"offline_webhook_url": "http://"},
+        {"offline_webhook_url": "http://hook:99999/h"},  # a port that cannot be
+        {"offline_webhook_url": "http://hook:port/h"},
         {"offline_webhook_secret": ""},
         {"offline_webhook_queue": 0},
         {"offline_webhook_batch": 0},

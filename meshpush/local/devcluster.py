@@ -543,8 +543,14 @@ class LocalCluster:
             "clients": [f"127.0.0.1:{settings.ws_port}"],
         }
         started = {link: self._spawn_proxy(node_id, link, upstreams[link]) for link in LINKS}
-        for link in LINKS:  # all started at once, then each waited for
-            started[link] = self._proxy_listening(node_id, link, upstreams[link], *started[link])
+        try:
+            for link in LINKS:  # all started at once, then each waited for
+                proc, ports = started[link]
+                started[link] = self._proxy_listening(node_id, link, upstreams[link], proc, ports)
+        except BaseException:
+            for proc, _ in started.values():
+                proc.stop()
+            raise
         proxies = {link: proc for link, (proc, _) in started.items()}
         local = {link: ports for link, (_, ports) in started.items()}
         settings = settings.replace(

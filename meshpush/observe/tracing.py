@@ -23,14 +23,16 @@ from the moment the notification arrived) -> per session (at most :data:`SESSION
 ``meshpush.feed`` (the feed's verdict) -> ``meshpush.write`` (the frame handed to the socket).
 A batch replayed from the stream is a ``meshpush.replay`` span linked to its messages' stores.
 Around them: each WebSocket handshake is a ``meshpush.handshake`` server span (its outcome:
-accepted, redirected, refused with its code, or gone), and each POST of the offline webhook
-a ``meshpush.webhook`` client span linked to its messages' stores, whose ``traceparent`` goes
-with the request. Attributes name the node, channel, seq, message id and the user's hash (as
-the logs do); never a token, a user id in clear or a body.
+accepted, redirected, refused with its code, gone or failed), and each POST of the offline
+webhook a ``meshpush.webhook`` client span linked to its messages' publishing spans (at most
+:data:`MAX_LINKS`), whose ``traceparent`` goes with the request. Attributes name the node,
+channel, seq, message id and the user's hash (as the logs do); never a token, a user id in
+clear or a body.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -534,7 +536,8 @@ async def handshake(run: Callable[[], Awaitable[T]], traceparent: str | None, no
     """``run()``, one WebSocket handshake, inside a ``meshpush.handshake`` server span (it
     continues the client's trace if the upgrade request carried a ``traceparent``). The
     gateway says how it ended (:func:`handshake_accepted`, :func:`handshake_redirected`,
-    :func:`handshake_refused`); a client that left first leaves ``meshpush.outcome`` "gone".
+    :func:`handshake_refused`); a client that left first leaves ``meshpush.outcome`` "gone",
+    an exception (the transport broke, the node stops) makes it "failed".
     The span ends when the handshake does, before the session runs."""
     state = _state
     if state is None:
@@ -584,15 +587,29 @@ def handshake_redirected(node: str, reason: str) -> None:
 
 
 def handshake_refused(code: str, status: int) -> None:
-    """The handshake was refused (``code``: the documented error code); a 5xx is an error."""
+    """The handshake was refused (``code``: the documented error code, ``status`` the HTTP
+    status it maps to: answered as such, or as the 4000 + status close after the upgrade);
+    a 5xx is an error."""
     if ON:
-        attributes = {"error.type": code, "http.response.status_code": status}
+        attributes = {"error.type": code, "meshpush.refusal.status": status}
         span = _handshake_ended("refused", attributes)
         if span is not None and status >= 500 and _state is not None:
             span.set_status(_state.error)
 
 
 # ---------------------------------------------------------------- offline webhook
+
+
+@functools.lru_cache(maxsize=8)
+def _server(url: str) -> dict[str, Any]:
+    """``server.address`` and ``server.port`` of a URL (the port: the scheme's if none, or
+    none at all if it cannot be read: a span never fails the request it describes)."""
+    parts = urllib.parse.urlsplit(url)
+    server: dict[str, Any] = {"server.address": parts.hostname or ""}
+    with contextlib.suppress(ValueError):
+        server["server.port"] = parts.port or (443 if parts.scheme == "https" else 80)
+    return server
+
 
 WebhookAnswer = int | str  # the HTTP status, or the name of the error that left none
 
@@ -611,13 +628,11 @@ async def webhook(
     state = _state
     if state is None:
         return await send(headers)
-    parts = urllib.parse.urlsplit(url)
     attributes: dict[str, Any] = {
         "meshpush.node": node,
         "meshpush.messages": len(traceparents),
         "http.request.method": "POST",
-        "server.address": parts.hostname or "",
-        "server.port": parts.port or (443 if parts.scheme == "https" else 80),
+        **_server(url),
     }
     if attempt:
         attributes["http.request.resend_count"] = attempt

@@ -258,7 +258,8 @@ def _buffered(buf: bytearray, max_body: int) -> tuple[Request, bool] | None:
 
 
 class _Conn:
-    """One connection's buffered reads and its answers (bounded by the caller's deadlines).
+    """One connection's buffered reads and its answers (bounded by its guard: the server's
+    idle sweeper, the request timeout, the answer timeout).
 
     On a plain TCP connection (``fd`` >= 0) reads wait for the socket first and then read
     (a keep-alive client's next request is rarely there already: trio's ``receive_some``
@@ -285,7 +286,7 @@ class _Conn:
         self.buf += data
 
     async def _read_socket(self) -> bytes:
-        while True:  # bounded by the caller's deadline; a spurious wake-up only loops
+        while True:  # bounded by the guard or the caller's timeout; a spurious wake-up loops
             await trio.lowlevel.wait_readable(self.fd)
             try:
                 return os.read(self.fd, RECEIVE)
@@ -382,7 +383,7 @@ class HttpServer:
 
     async def _close_idle(self) -> None:
         """End the connections that waited for a request longer than ``idle_timeout``."""
-        tick = min(IDLE_TICK, self.idle_timeout / 4)
+        tick = max(0.01, min(IDLE_TICK, self.idle_timeout / 4))
         while True:
             await trio.sleep(tick)
             now = trio.current_time()

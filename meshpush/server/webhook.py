@@ -60,6 +60,10 @@ def check_settings(settings: Settings) -> None:
     url = urllib.parse.urlsplit(settings.offline_webhook_url)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ValueError("offline_webhook_url must be an http:// or https:// URL")
+    try:
+        url.port  # noqa: B018 - raises for a port that is not a number in 0..65535
+    except ValueError:
+        raise ValueError("offline_webhook_url has an invalid port") from None
     if not settings.offline_webhook_secret:
         raise ValueError("offline_webhook_url needs offline_webhook_secret (requests are signed)")
     if settings.offline_webhook_delay < 0 or settings.offline_webhook_timeout <= 0:
