@@ -1,7 +1,8 @@
 """Cluster membership in etcd: an ephemeral registration under a lease, and a watched view.
 
 The node grants a lease (TTL ``lease_ttl``), puts ``/meshpush/<cluster>/nodes/<id>`` under it,
-keeps it alive every TTL/3 and watches the prefix; every change (and a periodic re-list, as a
+keeps it alive every TTL/3 and watches the prefix (from just after the revision of the list
+its view came from: no change slips between them); every change (and a periodic re-list, as a
 safety net) becomes a full view passed to ``on_view``. Before registering, the node hands the
 view *with itself added* to ``on_view`` so it subscribes its future slots before anyone is
 redirected to it. If etcd fails, the node keeps its last view (and its sessions), retries with
@@ -139,6 +140,7 @@ class Membership:
         self.stepped_out = False
         self._changed = trio.Event()
         self._leases: dict[str, int] = {}  # node id -> lease id of its key, from the last list
+        self._listed_at = 0  # the etcd revision of the last list (the watch starts after it)
         self._probed: dict[str, float] = {}  # node id -> when it was last probed
         self._nursery: trio.Nursery | None = None
         #: told of a peer found dead, before its lease is revoked (Router.peer_dead)
@@ -283,7 +285,11 @@ class Membership:
             self._lease_at = sent_at
 
     async def _watch(self) -> None:
-        watch = await aio(self._client.watch_prefix)(self.prefix)
+        """Every change after the list the current view came from (a peer that registered
+        between that list and this watch is an event too, not a wait for the re-list)."""
+        watch = await aio(self._client.watch_prefix)(
+            self.prefix, start_revision=self._listed_at + 1
+        )
         try:
             async for _event in trio_asyncio.aio_as_trio(watch):
                 self._changed.set()
@@ -314,6 +320,7 @@ class Membership:
             except (ValueError, KeyError) as exc:
                 log.warning("ignoring bad membership entry %r: %r", kv.key, exc)
         self._leases = {kv.key[len(self.prefix) :].decode(): int(kv.lease) for kv in result}
+        self._listed_at = int(result.header.revision)
         return view
 
     def suspect(self, node_id: str) -> None:
