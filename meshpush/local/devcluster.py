@@ -199,27 +199,33 @@ def _stream_leader(jsz: Any, stream: str | None) -> str | None:
     return None
 
 
-def wait_tcp(port: int, timeout: float, proc: Proc) -> None:
+def _wait_for(proc: Proc, ready: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``ready()`` until true (bounded); fail early if ``proc`` died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
             raise ClusterError(f"{proc.name} exited:\n{proc.log()[-3000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        if ready():
             return
         time.sleep(0.05)
-    raise ClusterError(f"{proc.name} not listening on {port} after {timeout}s")
+    raise ClusterError(f"{proc.name} {what} after {timeout}s")
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.5).close()
+    except OSError:
+        return False
+    return True
+
+
+def wait_tcp(port: int, timeout: float, proc: Proc) -> None:
+    _wait_for(proc, lambda: _answers(port), timeout, f"not listening on {port}")
 
 
 def wait_said(proc: Proc, line: str, timeout: float) -> None:
     """Wait until ``proc`` has written ``line`` (a whole line) to its log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if line in proc.log().splitlines():
-            return
-        if not proc.alive():
-            raise ClusterError(f"{proc.name} exited:\n{proc.log()[-3000:]}")
-        time.sleep(0.02)
-    raise ClusterError(f"{proc.name} did not say {line!r} after {timeout}s")
+    _wait_for(proc, lambda: line in proc.log().splitlines(), timeout, f"did not say {line!r}")
 
 
 @dataclass

@@ -574,8 +574,11 @@ def handshake_accepted(user: str, session_id: int, recovered: bool, redirected: 
     """The handshake opened a session (``redirected``: the ring moved meanwhile, so it is
     redirected at once instead of welcomed)."""
     if ON:
-        attributes: dict[str, Any] = {"meshpush.user_hash": user_hash(user)}
-        attributes.update({"meshpush.session": session_id, "meshpush.recovered": recovered})
+        attributes = {
+            "meshpush.user_hash": user_hash(user),
+            "meshpush.session": session_id,
+            "meshpush.recovered": recovered,
+        }
         _handshake_ended("redirected" if redirected else "accepted", attributes)
 
 
