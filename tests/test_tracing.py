@@ -46,10 +46,12 @@ from support import (
     wait_until,
 )
 from support import publish as publish_to
+from test_webhook import Receiver, serve_receiver
 
 from meshpush.backends.bus import Notification
 from meshpush.backends.store import Outcome, Outgoing, Stored, StoreUnavailable, _publish
 from meshpush.client import Client, Message
+from meshpush.core.auth import issue_token
 from meshpush.core.feed import Verdict
 from meshpush.core.machine import Limits
 from meshpush.core.ring import slot
@@ -660,15 +662,22 @@ async def test_each_handshake_is_a_span_that_names_its_outcome(
         refused = await raw_handshake(a, "token=forged&device=d", upstream)
         assert b"bad_token" in refused or b"invalid" in refused, refused
         await raw_handshake(a, "device=d", wait=False)  # no token, no auth frame: it left
+        mine = user_of(a, via=b, prefix="own")
+        token = issue_token(backends.token_secret, mine, 600)
+        welcomed = await raw_handshake(
+            a, f"token={token}&device=d", "traceparent: 00-zz", wait=False
+        )
+        assert b"welcome" in welcomed  # a malformed traceparent is ignored, never refused
 
     [accepted] = handshakes(exporter, "b")
     assert accepted["meshpush.outcome"] == "accepted"
     assert accepted["meshpush.user_hash"] == user_hash(user)
     assert isinstance(accepted["meshpush.recovered"], bool)
     on_a = sorted(handshakes(exporter, "a"), key=lambda h: str(h["meshpush.outcome"]))
-    assert [h["meshpush.outcome"] for h in on_a] == ["gone", "redirected", "refused"]
-    assert on_a[1]["meshpush.redirect.node"] == "b"
-    assert on_a[2]["meshpush.refusal.status"] == 401 and on_a[2]["error.type"]
+    assert [h["meshpush.outcome"] for h in on_a] == ["accepted", "gone", "redirected", "refused"]
+    assert on_a[0]["meshpush.user_hash"] == user_hash(mine)
+    assert on_a[2]["meshpush.redirect.node"] == "b"
+    assert on_a[3]["meshpush.refusal.status"] == 401 and on_a[3]["error.type"]
     [refusal] = [
         s
         for s in exporter.get_finished_spans()
@@ -677,6 +686,12 @@ async def test_each_handshake_is_a_span_that_names_its_outcome(
     assert refusal.kind is SpanKind.SERVER
     assert parent_of(refusal) == int(UPSTREAM_SPAN, 16)  # the client's trace continues
     assert refusal.status.status_code is not StatusCode.ERROR  # a 4xx is the client's
+    [own] = [
+        s
+        for s in exporter.get_finished_spans()
+        if (s.attributes or {}).get("meshpush.user_hash") == user_hash(mine)
+    ]
+    assert own.parent is None  # the garbled traceparent started no trace of the client's
     for span in exporter.get_finished_spans():
         assert user not in repr(dict(span.attributes or {})), span.name
 
@@ -726,3 +741,48 @@ async def test_a_webhook_post_is_a_client_span_linked_to_its_messages(
         assert span.context is not None
         ids = f"{span.context.trace_id:032x}-{span.context.span_id:016x}"
         assert request.headers["traceparent"] == f"00-{ids}-{span.context.trace_flags:02x}"
+
+
+@in_process_nodes
+async def test_a_traced_message_nobody_got_reaches_the_webhook_with_its_span(
+    backends: LocalCluster, exporter: InMemorySpanExporter
+) -> None:
+    """Through a real node (etcd, NATS, JetStream's republish) to a real receiver: the POST
+    carries the ``meshpush.webhook`` span's traceparent, and that span links the message's
+    store span."""
+    receiver = Receiver()
+    server = serve_receiver(receiver)
+    receiver.port = server.server_address[1]
+    settings = backends.settings_for("w").replace(
+        cluster="trw",  # alone: the other tests' nodes may still be registered for a lease
+        offline_webhook_url=f"http://127.0.0.1:{receiver.port}/push",
+        offline_webhook_secret="whsec-test",
+        offline_webhook_delay=0.2,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            node = await nursery.start(Node(settings).run)
+            try:
+                await wait_until(lambda: node.router.ready, timeout=30)
+                upstream = f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"
+                key = backends.api_key
+                await publish_via(node, key, "offline-1", {"n": 1}, traceparent=upstream)
+                await wait_until(lambda: receiver.messages("offline-1"), timeout=15)
+            finally:
+                with trio.move_on_after(10):
+                    await node.stop()
+                nursery.cancel_scope.cancel()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    [(headers, _)] = receiver.requests_for("offline-1")
+    spans = exporter.get_finished_spans()
+    [store] = [s for s in spans if s.name == "meshpush.store"]
+    [post] = [s for s in spans if s.name == "meshpush.webhook"]
+    assert post.context is not None and post.parent is None
+    sent = {k.lower(): v for k, v in headers.items()}["traceparent"]
+    assert sent.split("-")[1:3] == [f"{post.context.trace_id:032x}", f"{span_id(post):016x}"]
+    assert [link.context.span_id for link in post.links] == [span_id(store)]
+    assert post.attributes is not None and post.attributes["http.response.status_code"] == 204
+    assert post.attributes["meshpush.node"] == "w"
